@@ -1,0 +1,9 @@
+//! sevplace agent library: topology, placement, enforcement and the API of
+//! `sevplaced`, and the client side used by `sevplacectl`.
+
+pub mod cpuset;
+pub mod topology;
+pub mod types;
+
+pub use cpuset::CpuSet;
+pub use types::{ConfidentialClass, VmId};
