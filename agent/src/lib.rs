@@ -1,7 +1,15 @@
 //! sevplace agent library: topology, placement, enforcement and the API of
 //! `sevplaced`, and the client side used by `sevplacectl`.
 
+pub mod api;
+pub mod client;
+pub mod config;
 pub mod cpuset;
+pub mod ctl;
+pub mod daemon;
+pub mod kmod;
+pub mod metrics;
+pub mod server;
 pub mod topology;
 pub mod types;
 

@@ -1,1 +1,28 @@
-fn main() {}
+//! sevplacectl: command-line client of sevplaced. Exit status: 0 on
+//! success, 2 on bad usage, 1 with a one-line error otherwise.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use sevplace::ctl::{self, Cli};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("sevplacectl: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(ctl::run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sevplacectl: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,299 @@
+//! Settings of `sevplaced`: embedded defaults, then a TOML file (default
+//! `/etc/sevplace/sevplaced.toml`, a missing file is fine), then
+//! `SEVPLACE__SECTION__KEY` environment variables, then command-line flags.
+//!
+//! Unknown keys and bad values fail at start with the key named.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use crate::cpuset::CpuSet;
+
+/// The embedded defaults; also the list of known keys.
+pub const DEFAULTS_TOML: &str = include_str!("defaults.toml");
+
+/// Default config file.
+pub const DEFAULT_CONFIG_FILE: &str = "/etc/sevplace/sevplaced.toml";
+
+/// Prefix of environment overrides: `SEVPLACE__SERVER__SOCKET`.
+pub const ENV_PREFIX: &str = "SEVPLACE";
+
+/// Why the settings could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("unknown config key `{key}` (from {origin})")]
+    UnknownKey { key: String, origin: String },
+    #[error("bad value for config key `{key}`: {reason}")]
+    BadValue { key: String, reason: String },
+    #[error("cannot read config file {path}: {source}")]
+    File {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config: {0}")]
+    Load(#[from] config::ConfigError),
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Validated settings.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Settings {
+    pub socket: PathBuf,
+    pub socket_mode: u32,
+    pub socket_group: Option<String>,
+    pub listen_tcp: Option<SocketAddr>,
+    pub metrics_addr: Option<SocketAddr>,
+    pub host_root: PathBuf,
+    pub state_dir: PathBuf,
+    pub reserved_cpus: CpuSet,
+    pub reconcile_period_ms: u64,
+    pub log_format: LogFormat,
+    pub log_level: String,
+}
+
+impl Settings {
+    /// A host path under `host_root`: `host_path("/sys")`.
+    pub fn host_path(&self, abs: &str) -> PathBuf {
+        self.host_root.join(abs.trim_start_matches('/'))
+    }
+}
+
+/// Overrides given as command-line flags; `None` leaves the value alone.
+#[derive(Debug, Clone, Default)]
+pub struct FlagOverrides {
+    pub socket: Option<PathBuf>,
+    pub listen_tcp: Option<String>,
+    pub metrics_addr: Option<String>,
+    pub host_root: Option<PathBuf>,
+    pub state_dir: Option<PathBuf>,
+    pub log_format: Option<String>,
+}
+
+/// The default socket path for this user: `/run/sevplace/sevplaced.sock`
+/// for root, else under `$XDG_RUNTIME_DIR` or `/tmp/sevplace-UID`.
+pub fn default_socket() -> PathBuf {
+    let uid = nix::unistd::Uid::effective();
+    if uid.is_root() {
+        return PathBuf::from("/run/sevplace/sevplaced.sock");
+    }
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(d) if !d.is_empty() => PathBuf::from(d).join("sevplace/sevplaced.sock"),
+        _ => PathBuf::from(format!("/tmp/sevplace-{uid}/sevplaced.sock")),
+    }
+}
+
+fn known_keys() -> Result<BTreeSet<String>, ConfigError> {
+    let table: toml::Table =
+        DEFAULTS_TOML
+            .parse()
+            .map_err(|e: toml::de::Error| ConfigError::BadValue {
+                key: "<embedded defaults>".into(),
+                reason: e.to_string(),
+            })?;
+    let mut keys = BTreeSet::new();
+    for (section, v) in table {
+        if let toml::Value::Table(t) = v {
+            for k in t.keys() {
+                keys.insert(format!("{section}.{k}"));
+            }
+        }
+    }
+    Ok(keys)
+}
+
+/// Lists `section.key` paths of a config value tree.
+fn key_paths(prefix: &str, v: &config::Value, out: &mut Vec<String>) {
+    match &v.kind {
+        config::ValueKind::Table(t) => {
+            for (k, child) in t {
+                let p = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                key_paths(&p, child, out);
+            }
+        }
+        _ => out.push(prefix.to_string()),
+    }
+}
+
+fn check_keys(
+    source: &dyn config::Source,
+    origin: &str,
+    known: &BTreeSet<String>,
+) -> Result<(), ConfigError> {
+    let map = source.collect()?;
+    let mut keys = Vec::new();
+    for (k, v) in &map {
+        key_paths(k, v, &mut keys);
+    }
+    match keys.into_iter().find(|k| !known.contains(k)) {
+        Some(key) => Err(ConfigError::UnknownKey {
+            origin: origin.to_string(),
+            key,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Builds the settings. `file`: an explicit `--config` (must exist) or the
+/// default file (may be absent). `env`: the environment to read overrides
+/// from (the process environment in the daemon, a map in tests).
+pub fn load(
+    file: Option<&Path>,
+    env: &[(String, String)],
+    flags: &FlagOverrides,
+) -> Result<Settings, ConfigError> {
+    let known = known_keys()?;
+    let mut builder = config::Config::builder().add_source(config::File::from_str(
+        DEFAULTS_TOML,
+        config::FileFormat::Toml,
+    ));
+
+    let (path, required) = match file {
+        Some(p) => (p.to_path_buf(), true),
+        None => (PathBuf::from(DEFAULT_CONFIG_FILE), false),
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let src = config::File::from_str(&text, config::FileFormat::Toml);
+            check_keys(&src, &path.display().to_string(), &known)?;
+            builder = builder.add_source(src);
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => {}
+        Err(source) => return Err(ConfigError::File { path, source }),
+    }
+
+    let env_map: std::collections::HashMap<String, String> = env
+        .iter()
+        .filter(|(k, _)| k.starts_with(&format!("{ENV_PREFIX}__")))
+        .cloned()
+        .collect();
+    let env_src = config::Environment::with_prefix(ENV_PREFIX)
+        .prefix_separator("__")
+        .separator("__")
+        .source(Some(env_map));
+    check_keys(&env_src, "environment", &known)?;
+    builder = builder.add_source(env_src);
+
+    let flag_values: [(&str, Option<String>); 6] = [
+        (
+            "server.socket",
+            flags.socket.as_ref().map(|p| p.display().to_string()),
+        ),
+        ("server.listen_tcp", flags.listen_tcp.clone()),
+        ("metrics.addr", flags.metrics_addr.clone()),
+        (
+            "host.root",
+            flags.host_root.as_ref().map(|p| p.display().to_string()),
+        ),
+        (
+            "state.dir",
+            flags.state_dir.as_ref().map(|p| p.display().to_string()),
+        ),
+        ("log.format", flags.log_format.clone()),
+    ];
+    for (key, value) in flag_values {
+        if let Some(v) = value {
+            builder = builder.set_override(key, v)?;
+        }
+    }
+    let cfg = builder.build()?;
+    validate(&cfg)
+}
+
+fn get_string(cfg: &config::Config, key: &str) -> Result<String, ConfigError> {
+    cfg.get_string(key).map_err(|e| ConfigError::BadValue {
+        key: key.to_string(),
+        reason: e.to_string(),
+    })
+}
+
+fn bad(key: &str, reason: impl std::fmt::Display) -> ConfigError {
+    ConfigError::BadValue {
+        key: key.to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+fn optional_addr(cfg: &config::Config, key: &str) -> Result<Option<SocketAddr>, ConfigError> {
+    let s = get_string(cfg, key)?;
+    if s.trim().is_empty() {
+        return Ok(None);
+    }
+    s.trim()
+        .parse()
+        .map(Some)
+        .map_err(|e| bad(key, format!("{s:?} is not an IP:port address ({e})")))
+}
+
+fn validate(cfg: &config::Config) -> Result<Settings, ConfigError> {
+    let socket = get_string(cfg, "server.socket")?;
+    let socket = if socket.is_empty() {
+        default_socket()
+    } else {
+        PathBuf::from(socket)
+    };
+    let mode_s = get_string(cfg, "server.socket_mode")?;
+    let socket_mode = u32::from_str_radix(mode_s.trim_start_matches("0o"), 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| {
+            bad(
+                "server.socket_mode",
+                format!("{mode_s:?} is not octal permission bits"),
+            )
+        })?;
+    let group = get_string(cfg, "server.socket_group")?;
+    let host_root = PathBuf::from(get_string(cfg, "host.root")?);
+    if !host_root.is_absolute() {
+        return Err(bad("host.root", "must be an absolute path"));
+    }
+    let state_dir = PathBuf::from(get_string(cfg, "state.dir")?);
+    if !state_dir.is_absolute() {
+        return Err(bad("state.dir", "must be an absolute path"));
+    }
+    let reserved = get_string(cfg, "placement.reserved_cpus")?;
+    let reserved_cpus = CpuSet::parse(&reserved).map_err(|e| bad("placement.reserved_cpus", e))?;
+    let period = cfg
+        .get_int("reconcile.period_ms")
+        .map_err(|e| bad("reconcile.period_ms", e))?;
+    if !(100..=3_600_000).contains(&period) {
+        return Err(bad(
+            "reconcile.period_ms",
+            format!("{period} is outside 100..=3600000"),
+        ));
+    }
+    let log_format = match get_string(cfg, "log.format")?.as_str() {
+        "text" => LogFormat::Text,
+        "json" => LogFormat::Json,
+        other => return Err(bad("log.format", format!("{other:?} is not text or json"))),
+    };
+    let log_level = get_string(cfg, "log.level")?;
+    tracing_subscriber::EnvFilter::try_new(&log_level).map_err(|e| bad("log.level", e))?;
+    Ok(Settings {
+        socket,
+        socket_mode,
+        socket_group: (!group.is_empty()).then_some(group),
+        listen_tcp: optional_addr(cfg, "server.listen_tcp")?,
+        metrics_addr: optional_addr(cfg, "metrics.addr")?,
+        host_root,
+        state_dir,
+        reserved_cpus,
+        reconcile_period_ms: period as u64,
+        log_format,
+        log_level,
+    })
+}
+
+#[cfg(test)]
+mod tests;

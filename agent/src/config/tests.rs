@@ -1,0 +1,114 @@
+use super::*;
+
+fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn write_file(text: &str) -> tempfile::NamedTempFile {
+    let f = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(f.path(), text).unwrap();
+    f
+}
+
+#[test]
+fn embedded_defaults() {
+    let missing = Path::new("/nonexistent/sevplaced.toml");
+    // An explicit file must exist.
+    assert!(matches!(
+        load(Some(missing), &[], &FlagOverrides::default()),
+        Err(ConfigError::File { .. })
+    ));
+    let f = write_file("");
+    let s = load(Some(f.path()), &[], &FlagOverrides::default()).unwrap();
+    assert_eq!(s.socket, default_socket());
+    assert_eq!(s.socket_mode, 0o660);
+    assert_eq!(s.metrics_addr, Some("127.0.0.1:9478".parse().unwrap()));
+    assert_eq!(s.listen_tcp, None);
+    assert_eq!(s.host_root, PathBuf::from("/"));
+    assert_eq!(s.state_dir, PathBuf::from("/var/lib/sevplace"));
+    assert_eq!(s.reconcile_period_ms, 2000);
+    assert_eq!(s.log_format, LogFormat::Text);
+    assert!(s.reserved_cpus.is_empty());
+    assert_eq!(s.host_path("/sys"), PathBuf::from("/sys"));
+}
+
+#[test]
+fn precedence_file_then_env_then_flag() {
+    let f = write_file(
+        "[server]\nsocket = \"/file.sock\"\n[metrics]\naddr = \"127.0.0.1:1\"\n[reconcile]\nperiod_ms = 500\n[placement]\nreserved_cpus = \"0-1\"\n",
+    );
+    let flags = FlagOverrides::default();
+    let s = load(Some(f.path()), &[], &flags).unwrap();
+    assert_eq!(s.socket, PathBuf::from("/file.sock"));
+    assert_eq!(s.metrics_addr, Some("127.0.0.1:1".parse().unwrap()));
+    assert_eq!(s.reconcile_period_ms, 500);
+    assert_eq!(s.reserved_cpus.to_string(), "0-1");
+
+    let e = env(&[
+        ("SEVPLACE__SERVER__SOCKET", "/env.sock"),
+        ("SEVPLACE__RECONCILE__PERIOD_MS", "700"),
+        ("SEVPLACE__PLACEMENT__RESERVED_CPUS", "0"),
+        ("UNRELATED", "x"),
+    ]);
+    let s = load(Some(f.path()), &e, &flags).unwrap();
+    assert_eq!(s.socket, PathBuf::from("/env.sock"));
+    assert_eq!(s.reconcile_period_ms, 700);
+    assert_eq!(s.reserved_cpus.to_string(), "0");
+    assert_eq!(s.metrics_addr, Some("127.0.0.1:1".parse().unwrap()));
+
+    let flags = FlagOverrides {
+        socket: Some("/flag.sock".into()),
+        metrics_addr: Some(String::new()),
+        log_format: Some("json".into()),
+        ..Default::default()
+    };
+    let s = load(Some(f.path()), &e, &flags).unwrap();
+    assert_eq!(s.socket, PathBuf::from("/flag.sock"));
+    assert_eq!(s.metrics_addr, None);
+    assert_eq!(s.log_format, LogFormat::Json);
+    assert_eq!(s.reconcile_period_ms, 700);
+}
+
+#[test]
+fn unknown_keys_are_named() {
+    let f = write_file("[server]\nsockt = \"/x\"\n");
+    let err = load(Some(f.path()), &[], &FlagOverrides::default()).unwrap_err();
+    assert!(err.to_string().contains("`server.sockt`"), "{err}");
+
+    let f = write_file("[nosuch]\nkey = 1\n");
+    let err = load(Some(f.path()), &[], &FlagOverrides::default()).unwrap_err();
+    assert!(err.to_string().contains("`nosuch.key`"), "{err}");
+
+    let f = write_file("");
+    let e = env(&[("SEVPLACE__METRICS__ADR", "x")]);
+    let err = load(Some(f.path()), &e, &FlagOverrides::default()).unwrap_err();
+    assert!(err.to_string().contains("`metrics.adr`"), "{err}");
+    assert!(err.to_string().contains("environment"), "{err}");
+}
+
+#[test]
+fn bad_values_are_named() {
+    let cases = [
+        ("[metrics]\naddr = \"localhost\"\n", "metrics.addr"),
+        ("[server]\nsocket_mode = \"999\"\n", "server.socket_mode"),
+        ("[reconcile]\nperiod_ms = 5\n", "reconcile.period_ms"),
+        ("[reconcile]\nperiod_ms = \"soon\"\n", "reconcile.period_ms"),
+        (
+            "[placement]\nreserved_cpus = \"0-x\"\n",
+            "placement.reserved_cpus",
+        ),
+        ("[log]\nformat = \"xml\"\n", "log.format"),
+        ("[host]\nroot = \"relative\"\n", "host.root"),
+        ("[server]\nlisten_tcp = \"1.2.3.4\"\n", "server.listen_tcp"),
+    ];
+    for (text, key) in cases {
+        let f = write_file(text);
+        let err = load(Some(f.path()), &[], &FlagOverrides::default()).unwrap_err();
+        assert!(err.to_string().contains(key), "{text:?}: {err}");
+    }
+    let f = write_file("this is [not toml");
+    assert!(load(Some(f.path()), &[], &FlagOverrides::default()).is_err());
+}

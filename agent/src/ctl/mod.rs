@@ -1,0 +1,241 @@
+//! `sevplacectl`: the command-line client. Commands print a human table by
+//! default and one JSON document (protobuf JSON mapping) with `--json`.
+
+pub mod render;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use sevplace_proto::v1 as pb;
+use tokio_stream::StreamExt;
+
+use crate::api::convert;
+use crate::client;
+use crate::types::ConfidentialClass;
+
+/// Command-line client of sevplaced.
+#[derive(Parser, Debug)]
+#[command(name = "sevplacectl", version)]
+pub struct Cli {
+    /// Unix socket of sevplaced (default: the daemon's default for this user).
+    #[arg(long, value_name = "PATH", global = true)]
+    pub socket: Option<PathBuf>,
+    /// Print one JSON document instead of a table.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Host topology, pools, capacity and module status.
+    Host,
+    /// List VMs.
+    Vms {
+        /// Only this class (none, sev, sev-es, sev-snp); repeatable.
+        #[arg(long = "class")]
+        classes: Vec<ConfidentialClass>,
+    },
+    /// Show one VM.
+    Vm { id: String },
+    /// Place a VM (or, with --validate-only, show where it would go).
+    Place {
+        id: String,
+        /// PID of the VM's process.
+        #[arg(long)]
+        pid: Option<u32>,
+        /// libvirt domain name of the VM.
+        #[arg(long)]
+        domain: Option<String>,
+        /// Number of vCPUs.
+        #[arg(long)]
+        vcpus: u32,
+        /// Confidential class (none, sev, sev-es, sev-snp); default: classify.
+        #[arg(long)]
+        confidential: Option<ConfidentialClass>,
+        /// Overcommitted VM: float within the pool instead of dedicated cores.
+        #[arg(long)]
+        shared: bool,
+        /// Preferred NUMA node.
+        #[arg(long)]
+        numa: Option<u32>,
+        /// Only compute the placement.
+        #[arg(long)]
+        validate_only: bool,
+    },
+    /// Release a VM's placement.
+    Release { id: String },
+    /// Flush the CPUs a VM dirtied since its last flush.
+    Scrub { id: String },
+    /// Stream events.
+    Watch {
+        /// Only events of this VM.
+        #[arg(long)]
+        vm: Option<String>,
+    },
+}
+
+/// Why a command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CtlError {
+    #[error("{0}")]
+    Connect(#[from] client::ConnectError),
+    #[error("{}: {}", code_name(.0.code()), .0.message())]
+    Rpc(#[from] tonic::Status),
+    #[error("cannot encode JSON: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+fn code_name(c: tonic::Code) -> String {
+    format!("{c:?}")
+}
+
+fn print_json<T: serde::Serialize>(v: &T) -> Result<(), CtlError> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+/// Runs one command against the daemon.
+pub async fn run(cli: Cli) -> Result<(), CtlError> {
+    let socket = cli
+        .socket
+        .clone()
+        .unwrap_or_else(crate::config::default_socket);
+    let mut c = client::connect(&socket).await?;
+    match cli.command {
+        Command::Host => {
+            let r = c.get_host(pb::GetHostRequest {}).await?.into_inner();
+            if cli.json {
+                print_json(&r)?;
+            } else if let Some(h) = &r.host {
+                print!("{}", render::host(h));
+            }
+        }
+        Command::Vms { classes } => {
+            let mut all = Vec::new();
+            let mut token = String::new();
+            loop {
+                let r = c
+                    .list_vms(pb::ListVmsRequest {
+                        page_size: 500,
+                        page_token: token.clone(),
+                        filter: Some(pb::ListVmsFilter {
+                            confidential_classes: classes
+                                .iter()
+                                .map(|&k| convert::class_to_pb(k) as i32)
+                                .collect(),
+                            states: Vec::new(),
+                        }),
+                    })
+                    .await?
+                    .into_inner();
+                all.extend(r.vms);
+                if r.next_page_token.is_empty() {
+                    break;
+                }
+                token = r.next_page_token;
+            }
+            if cli.json {
+                print_json(&pb::ListVmsResponse {
+                    total_size: all.len() as u32,
+                    vms: all,
+                    next_page_token: String::new(),
+                })?;
+            } else {
+                print!("{}", render::vms(&all));
+            }
+        }
+        Command::Vm { id } => {
+            let r = c.get_vm(pb::GetVmRequest { vm_id: id }).await?.into_inner();
+            if cli.json {
+                print_json(&r)?;
+            } else if let Some(vm) = &r.vm {
+                print!("{}", render::vm(vm));
+            }
+        }
+        Command::Place {
+            id,
+            pid,
+            domain,
+            vcpus,
+            confidential,
+            shared,
+            numa,
+            validate_only,
+        } => {
+            let selector = match (pid, domain) {
+                (Some(p), _) => Some(pb::vm_selector::Selector::Pid(p)),
+                (None, Some(d)) => Some(pb::vm_selector::Selector::LibvirtDomain(d)),
+                (None, None) => None,
+            };
+            let r = c
+                .place_vm(pb::PlaceVmRequest {
+                    vm_id: id,
+                    selector: selector.map(|s| pb::VmSelector { selector: Some(s) }),
+                    vcpus,
+                    confidential_class: confidential
+                        .map_or(pb::ConfidentialClass::Unspecified, convert::class_to_pb)
+                        as i32,
+                    shared,
+                    numa_node: numa,
+                    validate_only,
+                })
+                .await?
+                .into_inner();
+            if cli.json {
+                print_json(&r)?;
+            } else if let Some(vm) = &r.vm {
+                if r.validated_only {
+                    println!("validate only: nothing changed");
+                }
+                print!("{}", render::vm(vm));
+            }
+        }
+        Command::Release { id } => {
+            let r = c
+                .release_vm(pb::ReleaseVmRequest { vm_id: id.clone() })
+                .await?
+                .into_inner();
+            if cli.json {
+                print_json(&r)?;
+            } else {
+                println!("released {id}: CPUs {}", render::cpulist(&r.released_cpus));
+            }
+        }
+        Command::Scrub { id } => {
+            let r = c
+                .scrub_vm(pb::ScrubVmRequest { vm_id: id.clone() })
+                .await?
+                .into_inner();
+            if cli.json {
+                print_json(&r)?;
+            } else {
+                let us = r
+                    .duration
+                    .map_or(0, |d| d.seconds * 1_000_000 + i64::from(d.nanos) / 1000);
+                println!(
+                    "scrubbed {id}: flushed CPUs {} in {us} µs",
+                    render::cpulist(&r.flushed_cpus)
+                );
+            }
+        }
+        Command::Watch { vm } => {
+            let mut stream = c
+                .watch_events(pb::WatchEventsRequest {
+                    vm_id: vm.unwrap_or_default(),
+                })
+                .await?
+                .into_inner();
+            while let Some(ev) = stream.next().await {
+                let ev = ev?;
+                if cli.json {
+                    println!("{}", serde_json::to_string(&ev)?);
+                } else if let Some(e) = &ev.event {
+                    println!("{}", render::event(e));
+                }
+            }
+        }
+    }
+    Ok(())
+}

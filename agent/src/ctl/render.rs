@@ -1,0 +1,254 @@
+//! Human-readable tables of API messages.
+
+use std::fmt::Write;
+
+use sevplace_proto::v1 as pb;
+
+use crate::cpuset::CpuSet;
+
+/// `repeated uint32` CPU ids as a cpulist; `-` when empty.
+pub fn cpulist(ids: &[u32]) -> String {
+    let s = ids.iter().copied().collect::<CpuSet>().to_string();
+    if s.is_empty() {
+        "-".into()
+    } else {
+        s
+    }
+}
+
+fn enum_name<E: std::fmt::Debug>(v: Result<E, prost::UnknownEnumValue>) -> String {
+    match v {
+        Ok(e) => format!("{e:?}").to_lowercase(),
+        Err(e) => format!("unknown({})", e.0),
+    }
+}
+
+pub fn class(c: i32) -> String {
+    match pb::ConfidentialClass::try_from(c) {
+        Ok(pb::ConfidentialClass::SevEs) => "sev-es".into(),
+        Ok(pb::ConfidentialClass::SevSnp) => "sev-snp".into(),
+        other => enum_name(other),
+    }
+}
+
+/// `sevplacectl host`.
+pub fn host(h: &pb::Host) -> String {
+    let mut o = String::new();
+    let _ = writeln!(o, "host        {}", h.hostname);
+    let _ = writeln!(o, "agent       {}", h.agent_version);
+    if let Some(t) = &h.topology {
+        let _ = writeln!(
+            o,
+            "cpus        {} online ({}), {} cores, {} threads/core, isolated {}",
+            t.online_cpus.len(),
+            cpulist(&t.online_cpus),
+            t.core_count,
+            t.threads_per_core,
+            cpulist(&t.isolated_cpus)
+        );
+        let _ = writeln!(o, "reserved    {}", cpulist(&h.reserved_cpus));
+        let _ = writeln!(
+            o,
+            "numa        {}",
+            t.numa_nodes
+                .iter()
+                .map(|n| format!("node{}={}", n.id, cpulist(&n.cpus)))
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+        let _ = writeln!(o, "l3 domains  {}", t.l3_domains.len());
+        let _ = writeln!(
+            o,
+            "  {:>4}  {:>4}  {:>4}  {:<13}  {:<24}  free",
+            "L3", "node", "pkg", "pool", "cpus"
+        );
+        for d in &t.l3_domains {
+            let pool = match pb::Pool::try_from(d.pool) {
+                Ok(pb::Pool::Confidential) => "confidential",
+                Ok(pb::Pool::General) => "general",
+                _ => "-",
+            };
+            let _ = writeln!(
+                o,
+                "  {:>4}  {:>4}  {:>4}  {:<13}  {:<24}  {}",
+                d.index,
+                d.numa_node,
+                d.package,
+                pool,
+                cpulist(&d.cpus),
+                cpulist(&d.free_cpus)
+            );
+        }
+    }
+    if !h.capacity.is_empty() {
+        let _ = writeln!(o, "capacity");
+        for c in &h.capacity {
+            let fits = c
+                .fits
+                .iter()
+                .map(|f| format!("{}x{}v", f.count, f.vcpus))
+                .collect::<Vec<_>>()
+                .join(" ");
+            let _ = writeln!(
+                o,
+                "  {:<8} free {:>4} cpus, largest VM {:>4} vCPUs, fits {}",
+                class(c.confidential_class),
+                c.free_cpus,
+                c.largest_vm_vcpus,
+                fits
+            );
+        }
+    }
+    let _ = writeln!(
+        o,
+        "confidential pool L3 domains  {}",
+        cpulist(&h.confidential_pool_l3_domains)
+    );
+    if let Some(m) = &h.module {
+        let state = enum_name(pb::ModuleState::try_from(m.state));
+        let _ = write!(o, "sevflush    {state}");
+        if m.state == pb::ModuleState::Loaded as i32 {
+            let _ = write!(
+                o,
+                " abi {} mode {} flushes {} (cpus {}) full {} scrubs {}",
+                m.abi_version,
+                m.mode,
+                m.flushes_total,
+                m.flushed_cpus_total,
+                m.full_flushes_total,
+                m.scrubs_total
+            );
+        } else if !m.message.is_empty() {
+            let _ = write!(o, ": {}", m.message);
+        }
+        let _ = writeln!(o);
+    }
+    o
+}
+
+/// `sevplacectl vms`.
+pub fn vms(vms: &[pb::Vm]) -> String {
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "{:<24} {:>8} {:<8} {:<10} {:>5} {:<16} {:<16} {:>6}",
+        "VM", "PID", "CLASS", "STATE", "VCPUS", "PINNED", "DIRTY", "L3HIT"
+    );
+    for vm in vms {
+        let pinned = vm
+            .placement
+            .as_ref()
+            .map_or("-".into(), |p| cpulist(&p.cpus));
+        let (dirty, l3) =
+            vm.flush
+                .as_ref()
+                .filter(|f| f.tracked)
+                .map_or(("-".into(), "-".into()), |f| {
+                    (
+                        cpulist(&f.dirty_cpus),
+                        f.blast_radius_l3_domains.to_string(),
+                    )
+                });
+        let _ = writeln!(
+            o,
+            "{:<24} {:>8} {:<8} {:<10} {:>5} {:<16} {:<16} {:>6}",
+            vm.vm_id,
+            vm.pid,
+            class(vm.confidential_class),
+            enum_name(pb::VmState::try_from(vm.state)),
+            vm.vcpus,
+            pinned,
+            dirty,
+            l3
+        );
+    }
+    o
+}
+
+/// `sevplacectl vm ID`.
+pub fn vm(vm: &pb::Vm) -> String {
+    let mut o = String::new();
+    let _ = writeln!(o, "vm          {}", vm.vm_id);
+    let _ = writeln!(o, "pid         {}", vm.pid);
+    if !vm.libvirt_domain.is_empty() {
+        let _ = writeln!(o, "domain      {}", vm.libvirt_domain);
+    }
+    let _ = writeln!(o, "class       {}", class(vm.confidential_class));
+    let _ = writeln!(
+        o,
+        "state       {}",
+        enum_name(pb::VmState::try_from(vm.state))
+    );
+    let _ = writeln!(
+        o,
+        "vcpus       {}{}",
+        vm.vcpus,
+        if vm.shared { " (shared)" } else { "" }
+    );
+    if let Some(p) = &vm.placement {
+        let _ = writeln!(o, "cpus        {}", cpulist(&p.cpus));
+        let _ = writeln!(o, "l3 domains  {}", cpulist(&p.l3_domains));
+        let _ = writeln!(o, "numa nodes  {}", cpulist(&p.numa_nodes));
+        if p.shares_confidential_domain {
+            let _ = writeln!(
+                o,
+                "note        shares an L3 domain of the confidential pool"
+            );
+        }
+        for v in &p.vcpus {
+            let _ = writeln!(o, "  vcpu {:<3} -> {}", v.index, cpulist(&v.cpus));
+        }
+    }
+    for t in &vm.vcpu_threads {
+        let _ = writeln!(
+            o,
+            "  thread {:<7} vcpu {:<3} allowed {:<16} last cpu {}",
+            t.tid,
+            t.index,
+            cpulist(&t.allowed_cpus),
+            t.last_cpu
+        );
+    }
+    if let Some(f) = vm.flush.as_ref().filter(|f| f.tracked) {
+        let _ = writeln!(o, "dirty cpus  {}", cpulist(&f.dirty_cpus));
+        let _ = writeln!(o, "ran cpus    {}", cpulist(&f.ran_cpus));
+        let _ = writeln!(o, "flushes     {} ({} cpus)", f.flushes, f.flushed_cpus);
+        let _ = writeln!(
+            o,
+            "blast       {} L3 domains, {} cpus",
+            f.blast_radius_l3_domains, f.blast_radius_cpus
+        );
+    }
+    o
+}
+
+/// One line per event for `sevplacectl watch`.
+pub fn event(e: &pb::Event) -> String {
+    use pb::event::Kind;
+    let what = match &e.kind {
+        Some(Kind::Placed(p)) => format!(
+            "placed cpus {}",
+            p.placement
+                .as_ref()
+                .map_or("-".into(), |p| cpulist(&p.cpus))
+        ),
+        Some(Kind::Released(r)) => format!("released cpus {}", cpulist(&r.released_cpus)),
+        Some(Kind::Drift(d)) => format!(
+            "drift {} tid {} {} -> {}",
+            d.reason,
+            d.tid,
+            cpulist(&d.observed_cpus),
+            cpulist(&d.enforced_cpus)
+        ),
+        Some(Kind::Flush(f)) => format!("flush {} cpus {}", f.kind, f.flushed_cpus),
+        Some(Kind::Exited(x)) => format!("exited pid {}", x.pid),
+        Some(Kind::Discovered(d)) => format!(
+            "discovered pid {} class {} vcpus {}",
+            d.pid,
+            class(d.confidential_class),
+            d.vcpus
+        ),
+        None => "unknown".into(),
+    };
+    format!("{:>6} {} {}", e.sequence, e.vm_id, what)
+}

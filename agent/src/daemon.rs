@@ -1,0 +1,161 @@
+//! `sevplaced`: builds every part from the settings and runs until SIGTERM
+//! or SIGINT.
+
+use std::sync::Arc;
+
+use sevplace_proto::v1::sevplace_service_server::SevplaceServiceServer;
+use tokio::sync::watch;
+use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+
+use crate::api::{AgentContext, SevplaceApi};
+use crate::config::Settings;
+use crate::kmod::ModuleReader;
+use crate::metrics::Metrics;
+use crate::server::{self, ListenError, OwnedSocket};
+use crate::topology::{Topology, TopologyError};
+
+/// Why the daemon stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("host topology: {0}")]
+    Topology(#[from] TopologyError),
+    #[error("{0}")]
+    Listen(#[from] ListenError),
+    #[error("reserved CPUs {reserved} are not all online (online: {online})")]
+    Reserved { reserved: String, online: String },
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("gRPC reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("signal handler: {0}")]
+    Signal(std::io::Error),
+}
+
+/// How long in-flight calls may run after SIGTERM.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Resolves when SIGTERM or SIGINT arrives.
+async fn shutdown_signal() -> Result<(), DaemonError> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signal)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signal)?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+    Ok(())
+}
+
+/// Runs the daemon until a shutdown signal.
+pub async fn run(settings: Settings) -> Result<(), DaemonError> {
+    let topology = Topology::from_sysfs(&settings.host_path("/sys"))?;
+    if !settings.reserved_cpus.is_subset(&topology.online) {
+        return Err(DaemonError::Reserved {
+            reserved: settings.reserved_cpus.to_string(),
+            online: topology.online.to_string(),
+        });
+    }
+    tracing::info!(
+        cpus = %topology.online,
+        l3_domains = topology.l3_domains.len(),
+        numa_nodes = topology.numa_nodes.len(),
+        "host topology read"
+    );
+    let metrics = Arc::new(Metrics::new());
+    metrics.set_topology(&topology, settings.reserved_cpus.len());
+    let module = ModuleReader::new(settings.host_path("/sys/kernel/sevflush"));
+    let status = module.status();
+    tracing::info!(state = ?status.state, message = %status.message, "sevflush module");
+
+    let ctx = Arc::new(AgentContext {
+        topology,
+        reserved_cpus: settings.reserved_cpus.clone(),
+        metrics: metrics.clone(),
+        module,
+    });
+
+    let (socket, unix_listener) = OwnedSocket::bind(
+        &settings.socket,
+        settings.socket_mode,
+        settings.socket_group.as_deref(),
+    )?;
+    let tcp_listener = match settings.listen_tcp {
+        Some(addr) => Some(server::bind_tcp(addr).await?),
+        None => None,
+    };
+    let metrics_listener = match settings.metrics_addr {
+        Some(addr) => Some(server::bind_tcp(addr).await?),
+        None => None,
+    };
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<SevplaceServiceServer<SevplaceApi>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(sevplace_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let router = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(SevplaceServiceServer::new(SevplaceApi::new(ctx.clone())));
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let wait = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+
+    let mut tasks = tokio::task::JoinSet::new();
+    if let Some(l) = metrics_listener {
+        tracing::info!(addr = ?l.local_addr().ok(), "serving /metrics");
+        tasks.spawn(server::serve_metrics(l, metrics.clone(), stop_rx.clone()));
+    }
+    if let Some(l) = tcp_listener {
+        tracing::warn!(addr = ?l.local_addr().ok(), "serving gRPC on plain TCP");
+        let r = router.clone();
+        let rx = stop_rx.clone();
+        tasks.spawn(async move {
+            if let Err(e) = r
+                .serve_with_incoming_shutdown(TcpListenerStream::new(l), wait(rx))
+                .await
+            {
+                tracing::error!(error = %e, "TCP gRPC server failed");
+            }
+        });
+    }
+    tracing::info!(socket = %socket.path().display(), "serving gRPC");
+    let unix = router.serve_with_incoming_shutdown(
+        UnixListenerStream::new(unix_listener),
+        wait(stop_rx.clone()),
+    );
+    tokio::pin!(unix);
+    let result = tokio::select! {
+        r = &mut unix => r.map_err(DaemonError::from),
+        s = shutdown_signal() => {
+            s?;
+            let _ = stop_tx.send(true);
+            // In-flight calls get a grace period; idle client connections
+            // do not hold the exit.
+            match tokio::time::timeout(SHUTDOWN_GRACE, &mut unix).await {
+                Ok(r) => r.map_err(DaemonError::from),
+                Err(_) => {
+                    tracing::warn!(grace = ?SHUTDOWN_GRACE, "connections still open after the grace period; closing them");
+                    Ok(())
+                }
+            }
+        }
+    };
+    let _ = stop_tx.send(true);
+    if tokio::time::timeout(SHUTDOWN_GRACE, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await
+    .is_err()
+    {
+        tasks.abort_all();
+    }
+    drop(socket);
+    tracing::info!("stopped");
+    result
+}

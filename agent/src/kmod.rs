@@ -1,0 +1,251 @@
+//! Client of the sevflush kernel module's sysfs ABI (`/sys/kernel/sevflush`,
+//! see docs/abi.md), read from an injectable root.
+//!
+//! A missing module is a state, not an error; an ABI version this agent
+//! does not know turns module features off with a message naming both
+//! versions.
+
+use std::path::{Path, PathBuf};
+
+use crate::cpuset::{CpuListError, CpuSet};
+
+/// The sysfs ABI versions this agent speaks.
+pub const SUPPORTED_ABI: &[u32] = &[1];
+
+/// Why a module file could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ModuleError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("bad value {value:?} in {path}: {reason}")]
+    Value {
+        path: PathBuf,
+        value: String,
+        reason: &'static str,
+    },
+    #[error("bad cpulist in {path}: {source}")]
+    CpuList { path: PathBuf, source: CpuListError },
+    #[error("sevflush ABI version {found} is not supported (this agent speaks {supported:?})")]
+    AbiMismatch { found: u32, supported: Vec<u32> },
+    #[error("the sevflush module is not loaded ({0} does not exist)")]
+    Absent(PathBuf),
+}
+
+/// Whether module features are available.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ModuleState {
+    Absent,
+    Loaded,
+    AbiMismatch,
+    Error,
+}
+
+/// Module state and global counters.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ModuleStatus {
+    pub state: ModuleState,
+    pub abi_version: u32,
+    pub mode: String,
+    pub flushes_total: u64,
+    pub flushed_cpus_total: u64,
+    pub full_flushes_total: u64,
+    pub scrubs_total: u64,
+    pub scrubbed_cpus_total: u64,
+    pub message: String,
+}
+
+impl ModuleStatus {
+    fn without_counters(state: ModuleState, abi_version: u32, message: String) -> Self {
+        Self {
+            state,
+            abi_version,
+            mode: String::new(),
+            flushes_total: 0,
+            flushed_cpus_total: 0,
+            full_flushes_total: 0,
+            scrubs_total: 0,
+            scrubbed_cpus_total: 0,
+            message,
+        }
+    }
+}
+
+/// Reads the module's sysfs tree.
+#[derive(Debug, Clone)]
+pub struct ModuleReader {
+    dir: PathBuf,
+}
+
+fn read_value(path: &Path) -> Result<String, ModuleError> {
+    std::fs::read_to_string(path)
+        .map(|s| s.trim_end_matches('\n').to_string())
+        .map_err(|source| ModuleError::Read {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+fn read_u64(path: &Path) -> Result<u64, ModuleError> {
+    let v = read_value(path)?;
+    v.parse().map_err(|_| ModuleError::Value {
+        path: path.to_path_buf(),
+        value: v,
+        reason: "not an unsigned integer",
+    })
+}
+
+impl ModuleReader {
+    /// `dir` is the module's directory, normally `/sys/kernel/sevflush`.
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self { dir: dir.into() }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Reads and checks `abi_version`.
+    pub fn abi_version(&self) -> Result<u32, ModuleError> {
+        if !self.dir.exists() {
+            return Err(ModuleError::Absent(self.dir.clone()));
+        }
+        let path = self.dir.join("abi_version");
+        let v = read_u64(&path)?;
+        let v = u32::try_from(v).map_err(|_| ModuleError::Value {
+            path,
+            value: v.to_string(),
+            reason: "out of range",
+        })?;
+        if !SUPPORTED_ABI.contains(&v) {
+            return Err(ModuleError::AbiMismatch {
+                found: v,
+                supported: SUPPORTED_ABI.to_vec(),
+            });
+        }
+        Ok(v)
+    }
+
+    fn read_status(&self, abi: u32) -> Result<ModuleStatus, ModuleError> {
+        let mode = read_value(&self.dir.join("mode"))?;
+        if mode != "observe" && mode != "targeted" {
+            return Err(ModuleError::Value {
+                path: self.dir.join("mode"),
+                value: mode,
+                reason: "not observe or targeted",
+            });
+        }
+        let n = |name: &str| read_u64(&self.dir.join(name));
+        Ok(ModuleStatus {
+            state: ModuleState::Loaded,
+            abi_version: abi,
+            mode,
+            flushes_total: n("flushes_total")?,
+            flushed_cpus_total: n("flushed_cpus_total")?,
+            full_flushes_total: n("full_flushes_total")?,
+            scrubs_total: n("scrubs_total")?,
+            scrubbed_cpus_total: n("scrubbed_cpus_total")?,
+            message: String::new(),
+        })
+    }
+
+    /// The module's state; never fails: problems become the state and its
+    /// message.
+    pub fn status(&self) -> ModuleStatus {
+        match self.abi_version().and_then(|abi| self.read_status(abi)) {
+            Ok(s) => s,
+            Err(e @ ModuleError::Absent(_)) => {
+                ModuleStatus::without_counters(ModuleState::Absent, 0, e.to_string())
+            }
+            Err(e @ ModuleError::AbiMismatch { found, .. }) => {
+                ModuleStatus::without_counters(ModuleState::AbiMismatch, found, e.to_string())
+            }
+            Err(e) => ModuleStatus::without_counters(ModuleState::Error, 0, e.to_string()),
+        }
+    }
+
+    /// Reads a cpulist file of a VM record (`dirty_cpus`, `ran_cpus`).
+    pub fn read_cpulist(&self, rel: &str) -> Result<CpuSet, ModuleError> {
+        let path = self.dir.join(rel);
+        let v = read_value(&path)?;
+        CpuSet::parse(&v).map_err(|source| ModuleError::CpuList { path, source })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tree(files: &[(&str, &str)]) -> tempfile::TempDir {
+        let d = tempfile::tempdir().unwrap();
+        for (name, v) in files {
+            let p = d.path().join(name);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, v).unwrap();
+        }
+        d
+    }
+
+    const GOOD: &[(&str, &str)] = &[
+        ("abi_version", "1\n"),
+        ("mode", "targeted\n"),
+        ("flushes_total", "10\n"),
+        ("flushed_cpus_total", "40\n"),
+        ("full_flushes_total", "2\n"),
+        ("scrubs_total", "1\n"),
+        ("scrubbed_cpus_total", "4\n"),
+        ("vms/1/dirty_cpus", "0-3,8\n"),
+        ("vms/1/ran_cpus", "\n"),
+    ];
+
+    #[test]
+    fn loaded_module() {
+        let d = tree(GOOD);
+        let r = ModuleReader::new(d.path());
+        let s = r.status();
+        assert_eq!(s.state, ModuleState::Loaded, "{}", s.message);
+        assert_eq!(
+            (s.mode.as_str(), s.flushes_total, s.full_flushes_total),
+            ("targeted", 10, 2)
+        );
+        assert_eq!(
+            r.read_cpulist("vms/1/dirty_cpus").unwrap().to_string(),
+            "0-3,8"
+        );
+        assert!(r.read_cpulist("vms/1/ran_cpus").unwrap().is_empty());
+    }
+
+    #[test]
+    fn absent_mismatch_and_garbage() {
+        let r = ModuleReader::new("/nonexistent/sevflush");
+        assert_eq!(r.status().state, ModuleState::Absent);
+
+        let d = tree(&[("abi_version", "7\n")]);
+        let s = ModuleReader::new(d.path()).status();
+        assert_eq!((s.state, s.abi_version), (ModuleState::AbiMismatch, 7));
+        assert!(s.message.contains("ABI version 7"), "{}", s.message);
+
+        let mut files = GOOD.to_vec();
+        files[2] = ("flushes_total", "lots\n");
+        let d = tree(&files);
+        let s = ModuleReader::new(d.path()).status();
+        assert_eq!(s.state, ModuleState::Error);
+        assert!(s.message.contains("flushes_total"), "{}", s.message);
+
+        let mut files = GOOD.to_vec();
+        files[7] = ("vms/1/dirty_cpus", "0-\n");
+        let d = tree(&files);
+        let e = ModuleReader::new(d.path())
+            .read_cpulist("vms/1/dirty_cpus")
+            .unwrap_err();
+        assert!(e.to_string().contains("dirty_cpus"), "{e}");
+    }
+}

@@ -1,0 +1,219 @@
+//! Prometheus metrics of the agent (`/metrics`), in the text exposition
+//! format, with the `sevplace_` prefix and base units.
+
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use crate::topology::Topology;
+
+/// Labels of `sevplace_build_info`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BuildLabels {
+    pub version: String,
+}
+
+/// Labels of `sevplace_cpus`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CpuStateLabels {
+    /// `online`, `isolated` or `reserved`.
+    pub state: String,
+}
+
+/// Labels of the gRPC request metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GrpcLabels {
+    pub method: String,
+    pub code: String,
+}
+
+/// Labels of the gRPC latency histogram.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MethodLabels {
+    pub method: String,
+}
+
+/// Every metric the agent exports, registered once.
+pub struct Metrics {
+    registry: Registry,
+    pub cpus: Family<CpuStateLabels, Gauge>,
+    pub l3_domains: Gauge,
+    pub numa_nodes: Gauge,
+    pub grpc_requests: Family<GrpcLabels, Counter>,
+    pub grpc_duration: Family<MethodLabels, Histogram>,
+    pub confidential_pool_l3_domains: Gauge,
+}
+
+fn latency_buckets() -> Histogram {
+    // 50 µs to about 1.6 s, doubling.
+    Histogram::new((0..16).map(|i| 50e-6 * f64::powi(2.0, i)))
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("sevplace");
+        let build = Family::<BuildLabels, Gauge>::default();
+        build
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION").to_string(),
+            })
+            .set(1);
+        registry.register("build_info", "Agent build information (always 1)", build);
+        let cpus = Family::<CpuStateLabels, Gauge>::default();
+        registry.register("cpus", "Logical CPUs of the host by state", cpus.clone());
+        let l3_domains = Gauge::default();
+        registry.register(
+            "l3_domains",
+            "L3 cache domains of the host",
+            l3_domains.clone(),
+        );
+        let numa_nodes = Gauge::default();
+        registry.register("numa_nodes", "NUMA nodes of the host", numa_nodes.clone());
+        let confidential_pool_l3_domains = Gauge::default();
+        registry.register(
+            "confidential_pool_l3_domains",
+            "L3 domains currently in the confidential pool",
+            confidential_pool_l3_domains.clone(),
+        );
+        let grpc_requests = Family::<GrpcLabels, Counter>::default();
+        registry.register(
+            "grpc_requests",
+            "gRPC requests handled, by method and status code",
+            grpc_requests.clone(),
+        );
+        let grpc_duration =
+            Family::<MethodLabels, Histogram>::new_with_constructor(latency_buckets as fn() -> _);
+        registry.register_with_unit(
+            "grpc_request_duration",
+            "Time to handle a gRPC request",
+            prometheus_client::registry::Unit::Seconds,
+            grpc_duration.clone(),
+        );
+        Self {
+            registry,
+            cpus,
+            l3_domains,
+            numa_nodes,
+            grpc_requests,
+            grpc_duration,
+            confidential_pool_l3_domains,
+        }
+    }
+
+    /// Sets the topology gauges.
+    pub fn set_topology(&self, topo: &Topology, reserved: usize) {
+        let set = |state: &str, v: usize| {
+            self.cpus
+                .get_or_create(&CpuStateLabels {
+                    state: state.to_string(),
+                })
+                .set(v as i64);
+        };
+        set("online", topo.online.len());
+        set("isolated", topo.isolated.len());
+        set("reserved", reserved);
+        self.l3_domains.set(topo.l3_domains.len() as i64);
+        self.numa_nodes.set(topo.numa_nodes.len() as i64);
+    }
+
+    /// Records one gRPC call.
+    pub fn observe_grpc(&self, method: &str, code: tonic::Code, elapsed: Duration) {
+        self.grpc_requests
+            .get_or_create(&GrpcLabels {
+                method: method.to_string(),
+                code: format!("{code:?}"),
+            })
+            .inc();
+        self.grpc_duration
+            .get_or_create(&MethodLabels {
+                method: method.to_string(),
+            })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// Every metric in the OpenMetrics text format.
+    pub fn encode_openmetrics(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    /// Every metric in the Prometheus text format 0.0.4.
+    pub fn encode_prometheus(&self) -> String {
+        openmetrics_to_prometheus(&self.encode_openmetrics())
+    }
+}
+
+/// Rewrites OpenMetrics text as Prometheus text 0.0.4: a counter family
+/// `x` becomes `x_total` (its samples already carry the suffix), `info`
+/// families become gauges named `x_info`, and `# UNIT` and `# EOF` lines,
+/// which 0.0.4 does not have, are dropped.
+pub fn openmetrics_to_prometheus(text: &str) -> String {
+    let mut kinds = std::collections::HashMap::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            if let Some((name, kind)) = rest.split_once(' ') {
+                kinds.insert(name.to_string(), kind.to_string());
+            }
+        }
+    }
+    let rename = |name: &str| match kinds.get(name).map(String::as_str) {
+        Some("counter") => (format!("{name}_total"), "counter"),
+        Some("info") => (format!("{name}_info"), "gauge"),
+        Some("histogram") => (name.to_string(), "histogram"),
+        Some("gauge") => (name.to_string(), "gauge"),
+        _ => (name.to_string(), "untyped"),
+    };
+    let mut out = String::with_capacity(text.len());
+    for line in text.lines() {
+        if line.starts_with("# UNIT ") || line == "# EOF" {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let name = rest.split_once(' ').map_or(rest, |(n, _)| n);
+            let (new, kind) = rename(name);
+            out.push_str(&format!("# TYPE {new} {kind}\n"));
+        } else if let Some(rest) = line.strip_prefix("# HELP ") {
+            let (name, help) = rest.split_once(' ').unwrap_or((rest, ""));
+            out.push_str(&format!("# HELP {} {help}\n", rename(name).0));
+        } else {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prometheus_text_renames_counters_and_drops_openmetrics_lines() {
+        let m = Metrics::new();
+        m.observe_grpc("GetHost", tonic::Code::Ok, Duration::from_micros(70));
+        let om = m.encode_openmetrics();
+        assert!(om.contains("# TYPE sevplace_grpc_requests counter"));
+        assert!(om.ends_with("# EOF\n"));
+        let text = m.encode_prometheus();
+        assert!(
+            text.contains("# TYPE sevplace_grpc_requests_total counter"),
+            "{text}"
+        );
+        assert!(text.contains("sevplace_grpc_requests_total{method=\"GetHost\",code=\"Ok\"} 1"));
+        assert!(text.contains("# TYPE sevplace_build_info gauge"));
+        assert!(!text.contains("# EOF") && !text.contains("# UNIT"));
+    }
+}

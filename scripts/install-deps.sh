@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Installs what the build and the tests need on Debian 12, idempotently:
+# apt packages (only the missing ones) and rustup components. Needs root
+# for apt; without root it only reports what is missing.
+set -euo pipefail
+
+APT_PACKAGES=(
+  build-essential pkg-config python3 curl ca-certificates
+  util-linux   # taskset
+  prometheus   # promtool: checks /metrics output and alert rules
+)
+if [ -n "${SEVPLACE_EXTRA_APT:-}" ]; then
+  # shellcheck disable=SC2206
+  APT_PACKAGES+=(${SEVPLACE_EXTRA_APT})
+fi
+
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "install-deps: missing apt packages (run as root to install): ${missing[*]}" >&2
+    exit 1
+  fi
+  echo "install-deps: apt-get install ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if command -v rustup >/dev/null 2>&1; then
+  for c in rustfmt clippy; do
+    rustup component list --installed 2>/dev/null | grep -q "^$c" || rustup component add "$c"
+  done
+fi
