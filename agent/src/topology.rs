@@ -22,10 +22,7 @@ pub enum TopologyError {
         source: std::io::Error,
     },
     #[error("bad cpulist in {path}: {source}")]
-    CpuList {
-        path: PathBuf,
-        source: CpuListError,
-    },
+    CpuList { path: PathBuf, source: CpuListError },
     #[error("bad value {value:?} in {path}: {reason}")]
     Value {
         path: PathBuf,
@@ -178,7 +175,9 @@ impl Topology {
             let package = read_u32(&topo.join("physical_package_id"))?.unwrap_or(0);
             raw.push(RawCpu {
                 id,
-                siblings: siblings.intersection(&online).union(&[id].into_iter().collect()),
+                siblings: siblings
+                    .intersection(&online)
+                    .union(&[id].into_iter().collect()),
                 package,
                 l3: read_l3(&dir.join("cache"))?,
             });
@@ -205,7 +204,10 @@ impl Topology {
         let mut domain_sets: BTreeMap<u32, (CpuSet, bool)> = BTreeMap::new();
         for r in &raw {
             let (set, from_cache) = match &r.l3 {
-                Some(s) => (s.intersection(&online).union(&[r.id].into_iter().collect()), true),
+                Some(s) => (
+                    s.intersection(&online).union(&[r.id].into_iter().collect()),
+                    true,
+                ),
                 None => (package_cpus[&r.package].clone(), false),
             };
             let first = set.first().unwrap_or(r.id);
@@ -355,6 +357,32 @@ impl Topology {
         Self::build(online, CpuSet::new(), raw, &numa)
     }
 
+    /// This topology with `offline` CPUs taken offline, `isolated` as the
+    /// isolated set, and, when `cache_info` is false, no L3 entries (domains
+    /// fall back to packages). Reproduces what sysfs shows for such a host,
+    /// so named topologies can stand for fixtures with offline CPUs.
+    pub fn with_changes(&self, offline: &CpuSet, isolated: &CpuSet, cache_info: bool) -> Self {
+        let online = self.online.difference(offline);
+        let numa: BTreeMap<u32, u32> = self
+            .cpus
+            .iter()
+            .filter(|c| online.contains(c.id))
+            .map(|c| (c.id, c.numa))
+            .collect();
+        let raw = self
+            .cpus
+            .iter()
+            .filter(|c| online.contains(c.id))
+            .map(|c| RawCpu {
+                id: c.id,
+                siblings: self.cores[c.core].cpus.intersection(&online),
+                package: c.package,
+                l3: cache_info.then(|| self.l3_domains[c.l3].cpus.intersection(&online)),
+            })
+            .collect();
+        Self::build(online, isolated.clone(), raw, &numa)
+    }
+
     /// The CPU with this id, if online.
     pub fn cpu(&self, id: u32) -> Option<&Cpu> {
         self.by_id
@@ -371,7 +399,11 @@ impl Topology {
 
     /// L3 domains (indices) that hold any CPU of `set`.
     pub fn l3_domains_of(&self, set: &CpuSet) -> Vec<usize> {
-        let mut out: Vec<usize> = set.iter().filter_map(|c| self.cpu(c)).map(|c| c.l3).collect();
+        let mut out: Vec<usize> = set
+            .iter()
+            .filter_map(|c| self.cpu(c))
+            .map(|c| c.l3)
+            .collect();
         out.sort_unstable();
         out.dedup();
         out
