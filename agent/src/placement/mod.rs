@@ -18,9 +18,11 @@
 //! - Non-confidential VMs stay off confidential domains (and confidential
 //!   VMs off general ones) while other room exists; when they must mix, the
 //!   placement says so in `shares_confidential_domain`.
-//! - Shared (overcommitted) VMs float over all usable CPUs of their domains;
-//!   a domain holds either exclusive cores or floating VMs, never both, so a
-//!   floating VM's set never changes under it.
+//! - Shared (overcommitted) VMs float over a set of cores that other shared
+//!   VMs may float over too (each CPU carries up to
+//!   `Reservations::shared_vcpus_per_cpu` floating vCPUs); they fill cores
+//!   that already carry floating vCPUs first. Exclusive cores never carry
+//!   floating vCPUs, and a floating VM's set never changes once placed.
 
 mod select;
 #[cfg(test)]
@@ -111,6 +113,11 @@ pub struct Placement {
     pub l3_domains: Vec<usize>,
     /// vCPUs counted against each domain of `l3_domains` (same order).
     pub vcpus_per_domain: Vec<u32>,
+    /// Physical cores used, as indices into `Topology::cores`: held whole
+    /// by an exclusive VM, or shared with other floating VMs.
+    pub cores: Vec<usize>,
+    /// vCPUs counted against each core of `cores` (same order).
+    pub vcpus_per_core: Vec<u32>,
     /// NUMA nodes of `l3_domains`, ascending.
     pub numa_nodes: Vec<u32>,
     pub pool: Pool,

@@ -11,24 +11,44 @@ use crate::cpuset::CpuSet;
 use crate::topology::Topology;
 use crate::types::{ConfidentialClass, VmId};
 
+/// One physical core as the engine sees it.
+#[derive(Debug, Clone)]
+struct CoreView {
+    index: usize,
+    /// SMT threads (online CPUs) of the core.
+    threads: u32,
+    /// CPUs a floating VM may use on this core (not reserved, not isolated).
+    shared_cpus: CpuSet,
+    /// Floating vCPUs the core carries at most.
+    shared_capacity: u32,
+    /// Floating vCPUs placed on it.
+    load: u32,
+    /// Held by an exclusive VM.
+    owned: bool,
+    /// Has a reserved CPU: never given to an exclusive VM.
+    reserved: bool,
+}
+
+impl CoreView {
+    fn free_for_exclusive(&self) -> bool {
+        !self.owned && !self.reserved && self.load == 0
+    }
+
+    fn spare(&self) -> u32 {
+        if self.owned {
+            0
+        } else {
+            self.shared_capacity.saturating_sub(self.load)
+        }
+    }
+}
+
 /// One L3 domain as the engine sees it.
 #[derive(Debug, Clone)]
 struct DomainView {
     index: usize,
     numa: u32,
-    /// Cores free for an exclusive VM, in the order they are taken: most
-    /// threads first, then by index.
-    free_cores: Vec<usize>,
-    /// SMT threads of `free_cores`.
-    free_threads: u32,
-    /// CPUs a floating VM of this domain may use.
-    shared_cpus: CpuSet,
-    /// Floating vCPUs the domain carries at most.
-    shared_capacity: u32,
-    /// Floating vCPUs placed here.
-    shared_load: u32,
-    exclusive_vms: u32,
-    shared_vms: u32,
+    cores: Vec<CoreView>,
     confidential_vms: u32,
     general_vms: u32,
 }
@@ -38,18 +58,17 @@ impl DomainView {
         self.confidential_vms == 0 && self.general_vms == 0
     }
 
-    /// Room for `req`'s kind of VM, in vCPUs.
+    /// Room for a VM, in vCPUs: threads of free cores for an exclusive VM,
+    /// spare floating capacity for a shared one.
     fn room(&self, exclusive: bool) -> u32 {
         if exclusive {
-            if self.shared_vms > 0 {
-                0
-            } else {
-                self.free_threads
-            }
-        } else if self.exclusive_vms > 0 {
-            0
+            self.cores
+                .iter()
+                .filter(|c| c.free_for_exclusive())
+                .map(|c| c.threads)
+                .sum()
         } else {
-            self.shared_capacity.saturating_sub(self.shared_load)
+            self.cores.iter().map(CoreView::spare).sum()
         }
     }
 
@@ -74,15 +93,15 @@ impl DomainView {
 struct HostView<'t> {
     topo: &'t Topology,
     domains: Vec<DomainView>,
+    /// `core index -> (domain, position in that domain's cores)`.
+    core_at: Vec<(usize, usize)>,
 }
 
-/// A domain taken by a decision, with the vCPUs it carries and, for
-/// exclusive VMs, the cores taken.
+/// A domain taken by a decision: the cores and the vCPUs put on each.
 #[derive(Debug, Clone)]
 struct Take {
     domain: usize,
-    vcpus: u32,
-    cores: Vec<usize>,
+    cores: Vec<(usize, u32)>,
 }
 
 #[derive(Debug, Clone)]
@@ -115,83 +134,71 @@ enum Shape {
 
 impl<'t> HostView<'t> {
     fn build(topo: &'t Topology, state: &PlacementState, reservations: &Reservations) -> Self {
-        let max_id = topo.online.iter().last().unwrap_or(0) as usize;
-        let mut blocked = vec![false; max_id + 1];
-        for c in reservations.host.iter() {
-            if let Some(b) = blocked.get_mut(c as usize) {
-                *b = true;
-            }
-        }
-        let reserved_only = blocked.clone();
-        for p in state.iter().filter(|p| p.exclusive) {
-            for c in p.cpus.iter() {
-                if let Some(b) = blocked.get_mut(c as usize) {
-                    *b = true;
-                }
-            }
-        }
         let ratio = reservations.shared_vcpus_per_cpu;
+        let mut core_at = vec![(0, 0); topo.cores.len()];
         let mut domains: Vec<DomainView> = topo
             .l3_domains
             .iter()
             .map(|d| {
-                let mut free_cores: Vec<usize> = d
+                let cores = d
                     .cores
                     .iter()
-                    .copied()
-                    .filter(|&ci| {
-                        topo.cores[ci]
-                            .cpus
+                    .enumerate()
+                    .map(|(pos, &ci)| {
+                        core_at[ci] = (d.index, pos);
+                        let cpus = &topo.cores[ci].cpus;
+                        let shared_cpus: CpuSet = cpus
                             .iter()
-                            .all(|c| !blocked.get(c as usize).copied().unwrap_or(true))
-                    })
-                    .collect();
-                free_cores.sort_by_key(|&ci| (Reverse(topo.cores[ci].cpus.len()), ci));
-                let free_threads = free_cores
-                    .iter()
-                    .map(|&ci| topo.cores[ci].cpus.len() as u32)
-                    .sum();
-                let shared_cpus: CpuSet = d
-                    .cpus
-                    .iter()
-                    .filter(|&c| {
-                        !reserved_only.get(c as usize).copied().unwrap_or(true)
-                            && !topo.isolated.contains(c)
+                            .filter(|&c| {
+                                !reservations.host.contains(c) && !topo.isolated.contains(c)
+                            })
+                            .collect();
+                        CoreView {
+                            index: ci,
+                            threads: cpus.len() as u32,
+                            shared_capacity: shared_cpus.len() as u32 * ratio,
+                            shared_cpus,
+                            load: 0,
+                            owned: false,
+                            reserved: !cpus.is_disjoint(&reservations.host),
+                        }
                     })
                     .collect();
                 DomainView {
                     index: d.index,
                     numa: d.numa,
-                    free_cores,
-                    free_threads,
-                    shared_capacity: shared_cpus.len() as u32 * ratio,
-                    shared_cpus,
-                    shared_load: 0,
-                    exclusive_vms: 0,
-                    shared_vms: 0,
+                    cores,
                     confidential_vms: 0,
                     general_vms: 0,
                 }
             })
             .collect();
         for p in state.iter() {
-            for (&d, &n) in p.l3_domains.iter().zip(&p.vcpus_per_domain) {
-                let Some(v) = domains.get_mut(d) else {
+            for (&ci, &n) in p.cores.iter().zip(&p.vcpus_per_core) {
+                let Some(&(d, pos)) = core_at.get(ci) else {
                     continue;
                 };
+                let core = &mut domains[d].cores[pos];
                 if p.exclusive {
-                    v.exclusive_vms += 1;
+                    core.owned = true;
                 } else {
-                    v.shared_vms += 1;
-                    v.shared_load += n;
+                    core.load += n;
                 }
-                match p.pool {
-                    Pool::Confidential => v.confidential_vms += 1,
-                    Pool::General => v.general_vms += 1,
+            }
+            for &d in &p.l3_domains {
+                if let Some(v) = domains.get_mut(d) {
+                    match p.pool {
+                        Pool::Confidential => v.confidential_vms += 1,
+                        Pool::General => v.general_vms += 1,
+                    }
                 }
             }
         }
-        Self { topo, domains }
+        Self {
+            topo,
+            domains,
+            core_at,
+        }
     }
 
     fn in_tier(&self, d: &DomainView, pool: Pool, tier: Tier) -> bool {
@@ -261,7 +268,9 @@ impl<'t> HostView<'t> {
         None
     }
 
-    /// Fills `domains` in order with `req`'s vCPUs.
+    /// Fills `domains` in order with `req`'s vCPUs: exclusive VMs take free
+    /// cores, most threads first; floating VMs fill cores that already carry
+    /// floating vCPUs first (packing), then free ones.
     fn take(&self, req: &PlacementRequest, domains: &[usize], mixes_pools: bool) -> Choice {
         let exclusive = req.exclusive_cores();
         let mut left = req.vcpus;
@@ -271,24 +280,32 @@ impl<'t> HostView<'t> {
                 break;
             }
             let d = &self.domains[di];
-            let n = d.room(exclusive).min(left);
             let mut cores = Vec::new();
             if exclusive {
-                let mut got = 0u32;
-                for &ci in &d.free_cores {
-                    if got >= n {
+                let mut free: Vec<&CoreView> =
+                    d.cores.iter().filter(|c| c.free_for_exclusive()).collect();
+                free.sort_by_key(|c| (Reverse(c.threads), c.index));
+                for c in free {
+                    if left == 0 {
                         break;
                     }
-                    got += self.topo.cores[ci].cpus.len() as u32;
-                    cores.push(ci);
+                    let n = c.threads.min(left);
+                    cores.push((c.index, n));
+                    left -= n;
+                }
+            } else {
+                let mut open: Vec<&CoreView> = d.cores.iter().filter(|c| c.spare() > 0).collect();
+                open.sort_by_key(|c| (c.load == 0, c.spare(), c.index));
+                for c in open {
+                    if left == 0 {
+                        break;
+                    }
+                    let n = c.spare().min(left);
+                    cores.push((c.index, n));
+                    left -= n;
                 }
             }
-            takes.push(Take {
-                domain: di,
-                vcpus: n,
-                cores,
-            });
-            left -= n;
+            takes.push(Take { domain: di, cores });
         }
         Choice { takes, mixes_pools }
     }
@@ -298,20 +315,16 @@ impl<'t> HostView<'t> {
     fn commit(&mut self, req: &PlacementRequest, choice: &Choice) {
         let exclusive = req.exclusive_cores();
         for t in &choice.takes {
-            let topo = self.topo;
-            let d = &mut self.domains[t.domain];
-            if exclusive {
-                d.exclusive_vms += 1;
-                d.free_cores.retain(|c| !t.cores.contains(c));
-                d.free_threads = d
-                    .free_cores
-                    .iter()
-                    .map(|&ci| topo.cores[ci].cpus.len() as u32)
-                    .sum();
-            } else {
-                d.shared_vms += 1;
-                d.shared_load += t.vcpus;
+            for &(ci, n) in &t.cores {
+                let (d, pos) = self.core_at[ci];
+                let core = &mut self.domains[d].cores[pos];
+                if exclusive {
+                    core.owned = true;
+                } else {
+                    core.load += n;
+                }
             }
+            let d = &mut self.domains[t.domain];
             match req.pool() {
                 Pool::Confidential => d.confidential_vms += 1,
                 Pool::General => d.general_vms += 1,
@@ -323,15 +336,20 @@ impl<'t> HostView<'t> {
         let exclusive = req.exclusive_cores();
         let mut cpus = CpuSet::new();
         let mut ordered: Vec<u32> = Vec::new();
+        let mut cores = Vec::new();
+        let mut vcpus_per_core = Vec::new();
         for t in &choice.takes {
-            if exclusive {
-                for &ci in &t.cores {
-                    let core = &self.topo.cores[ci].cpus;
-                    cpus = cpus.union(core);
-                    ordered.extend(core.iter());
+            for &(ci, n) in &t.cores {
+                cores.push(ci);
+                vcpus_per_core.push(n);
+                if exclusive {
+                    let set = &self.topo.cores[ci].cpus;
+                    cpus = cpus.union(set);
+                    ordered.extend(set.iter());
+                } else {
+                    let (d, pos) = self.core_at[ci];
+                    cpus = cpus.union(&self.domains[d].cores[pos].shared_cpus);
                 }
-            } else {
-                cpus = cpus.union(&self.domains[t.domain].shared_cpus);
             }
         }
         let vcpu_cpus: Vec<CpuSet> = if req.dedicated {
@@ -351,9 +369,15 @@ impl<'t> HostView<'t> {
             vm_id: req.vm_id.clone(),
             cpus,
             vcpu_cpus,
-            vcpus_per_domain: choice.takes.iter().map(|t| t.vcpus).collect(),
+            vcpus_per_domain: choice
+                .takes
+                .iter()
+                .map(|t| t.cores.iter().map(|c| c.1).sum())
+                .collect(),
             l3_domains,
             numa_nodes,
+            cores,
+            vcpus_per_core,
             pool: req.pool(),
             exclusive,
             shares_confidential_domain: choice.mixes_pools,

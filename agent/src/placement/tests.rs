@@ -76,12 +76,14 @@ fn milan_table() {
             ok(req("d", 8, "sev-es", true), "60-63,124-127", &[7], false),
             // Larger than a domain: two empty domains, pool grows downwards.
             ok(req("e", 32, "sev", true), "40-55,104-119", &[6, 5], false),
-            // Shared general VM: a whole empty domain to float over.
-            ok(req("f", 2, "none", false), "16-23,80-87", &[2], false),
-            // Best fit: the 12 free CPUs of domain 0.
-            ok(req("g", 12, "none", true), "2-7,66-71", &[0], false),
-            // A second shared VM joins the shared domain.
-            ok(req("h", 6, "none", false), "16-23,80-87", &[2], false),
+            // Shared general VM: best fit is domain 0; it floats over one core.
+            ok(req("f", 2, "none", false), "2,66", &[0], false),
+            // Domain 0 has 10 free CPUs left: 12 goes to the next empty domain.
+            ok(req("g", 12, "none", true), "16-21,80-85", &[2], false),
+            ok(req("h", 6, "none", false), "3-5,67-69", &[0], false),
+            // Floating VMs share cores: 1 vCPU fills the half-used core first.
+            ok(req("i", 1, "none", false), "6,70", &[0], false),
+            ok(req("j", 1, "none", false), "6,70", &[0], false),
         ],
     );
 }
@@ -191,11 +193,12 @@ fn rome_offline_isolated_and_reserved() {
         &t,
         &res,
         vec![
-            // Best fit: domain 1 has 5 CPUs left after offlining.
-            ok(req("a", 2, "none", false), "4,6-7,68-69", &[1], false),
-            // Domain 1 floats; dedicated VMs may use the isolated core 0.
-            ok(req("b", 2, "none", true), "0,64", &[0], false),
-            ok(req("c", 3, "none", true), "1-2,65-66", &[0], false),
+            // Best fit: domain 1 has 5 CPUs left after offlining; the
+            // floating VM takes its two one-thread cores.
+            ok(req("a", 2, "none", false), "6-7", &[1], false),
+            ok(req("b", 2, "none", true), "4,68", &[1], false),
+            // Dedicated VMs may use the isolated core 0.
+            ok(req("c", 3, "none", true), "0-1,64-65", &[0], false),
         ],
     );
     // Dedicated VMs may use isolated CPUs.
@@ -215,7 +218,9 @@ fn rome_offline_isolated_and_reserved() {
         &req("e", 2, "none", false),
     )
     .unwrap();
-    assert_eq!(p.cpus.to_string(), "2-3,65-67");
+    // Floating: core 0 is isolated, CPU 1 reserved; the half-usable core
+    // (65) is filled first.
+    assert_eq!(p.cpus.to_string(), "2,65-66");
 }
 
 #[test]
@@ -446,6 +451,23 @@ fn check_invariants(
             }
         }
     }
+    // Floating load never exceeds a core's capacity.
+    for core in &topo.cores {
+        let load: u32 = all
+            .iter()
+            .filter(|p| !p.exclusive)
+            .flat_map(|p| p.cores.iter().zip(&p.vcpus_per_core))
+            .filter(|(c, _)| **c == core.index)
+            .map(|(_, n)| *n)
+            .sum();
+        let cap = core
+            .cpus
+            .difference(&res.host)
+            .difference(&topo.isolated)
+            .len() as u32
+            * res.shared_vcpus_per_cpu;
+        prop_assert!(load <= cap, "core {} load {load} > {cap}", core.index);
+    }
     // Floating load never exceeds a domain's capacity.
     for d in &topo.l3_domains {
         let load: u32 = all
@@ -467,11 +489,11 @@ fn check_invariants(
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(96))]
+    #![proptest_config(ProptestConfig::with_cases(128))]
 
     #[test]
-    fn placement_properties((topo, reserved) in topology(), ops in proptest::collection::vec(op(), 1..40)) {
-        let res = Reservations { host: reserved, shared_vcpus_per_cpu: 1 };
+    fn placement_properties((topo, reserved) in topology(), ratio in 1u32..=3, ops in proptest::collection::vec(op(), 1..40)) {
+        let res = Reservations { host: reserved, shared_vcpus_per_cpu: ratio };
         let mut state = PlacementState::new();
         for op in ops {
             match op {
