@@ -15,3 +15,5 @@ pub mod types;
 
 pub use cpuset::CpuSet;
 pub use types::{ConfidentialClass, VmId};
+pub mod placement;
+pub mod simulate;

@@ -357,6 +357,32 @@ impl Topology {
         Self::build(online, CpuSet::new(), raw, &numa)
     }
 
+    /// This topology with `offline` CPUs taken offline, `isolated` as the
+    /// isolated set, and, when `cache_info` is false, no L3 entries (domains
+    /// fall back to packages). Reproduces what sysfs shows for such a host,
+    /// so named topologies can stand for fixtures with offline CPUs.
+    pub fn with_changes(&self, offline: &CpuSet, isolated: &CpuSet, cache_info: bool) -> Self {
+        let online = self.online.difference(offline);
+        let numa: BTreeMap<u32, u32> = self
+            .cpus
+            .iter()
+            .filter(|c| online.contains(c.id))
+            .map(|c| (c.id, c.numa))
+            .collect();
+        let raw = self
+            .cpus
+            .iter()
+            .filter(|c| online.contains(c.id))
+            .map(|c| RawCpu {
+                id: c.id,
+                siblings: self.cores[c.core].cpus.intersection(&online),
+                package: c.package,
+                l3: cache_info.then(|| self.l3_domains[c.l3].cpus.intersection(&online)),
+            })
+            .collect();
+        Self::build(online, isolated.clone(), raw, &numa)
+    }
+
     /// The CPU with this id, if online.
     pub fn cpu(&self, id: u32) -> Option<&Cpu> {
         self.by_id

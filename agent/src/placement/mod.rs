@@ -1,0 +1,335 @@
+//! Placement: which CPUs the vCPUs of each VM may run on.
+//!
+//! A pure function of the topology, the current placements, the host
+//! reservations and a request. No I/O, no protobuf types: the API layer
+//! converts at its edge.
+//!
+//! Policy (details and ordering rules in `docs/placement.md`):
+//! - Confidential VMs (sev, sev-es, sev-snp) go to the confidential pool: the
+//!   L3 domains that hold a confidential VM. The pool grows by the domain that
+//!   fits best and shrinks when a domain empties (it is derived from the
+//!   placements, so there is nothing to shrink by hand).
+//! - A VM stays in one L3 domain when one fits; else it takes the fewest
+//!   domains of one NUMA node; across nodes only as a last resort.
+//! - Exclusive VMs (dedicated, and every sev-snp VM) get whole physical
+//!   cores: all SMT siblings of a core go to one VM.
+//! - Best fit: the domain with the least room that still fits, so large free
+//!   domains stay whole.
+//! - Non-confidential VMs stay off confidential domains (and confidential
+//!   VMs off general ones) while other room exists; when they must mix, the
+//!   placement says so in `shares_confidential_domain`.
+//! - Shared (overcommitted) VMs float over a set of cores that other shared
+//!   VMs may float over too (each CPU carries up to
+//!   `Reservations::shared_vcpus_per_cpu` floating vCPUs); they fill cores
+//!   that already carry floating vCPUs first. Exclusive cores never carry
+//!   floating vCPUs, and a floating VM's set never changes once placed.
+
+mod select;
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use crate::cpuset::CpuSet;
+use crate::topology::Topology;
+use crate::types::{ConfidentialClass, VmId};
+
+pub use select::{capacity, place};
+
+/// Which pool a VM belongs to.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum Pool {
+    /// sev, sev-es and sev-snp VMs: whole L3 domains set aside for them.
+    Confidential,
+    /// Every other VM.
+    General,
+}
+
+impl Pool {
+    pub fn of(class: ConfidentialClass) -> Self {
+        if class.is_confidential() {
+            Self::Confidential
+        } else {
+            Self::General
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Confidential => "confidential",
+            Self::General => "general",
+        }
+    }
+}
+
+impl fmt::Display for Pool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What the orchestrator asks for one VM.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PlacementRequest {
+    pub vm_id: VmId,
+    pub vcpus: u32,
+    pub class: ConfidentialClass,
+    /// True: one CPU per vCPU, pinned, on cores of its own. False: shared
+    /// (overcommitted), the vCPUs float over the VM's set.
+    pub dedicated: bool,
+    /// NUMA node to try first.
+    pub numa_preference: Option<u32>,
+}
+
+impl PlacementRequest {
+    /// Whether the VM gets cores of its own: dedicated VMs, and sev-snp VMs
+    /// always (an SNP guest never shares a physical core with another VM).
+    pub fn exclusive_cores(&self) -> bool {
+        self.dedicated || self.class == ConfidentialClass::SevSnp
+    }
+
+    pub fn pool(&self) -> Pool {
+        Pool::of(self.class)
+    }
+}
+
+/// Where one VM runs.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Placement {
+    pub vm_id: VmId,
+    /// Every CPU the VM may run on (for exclusive VMs: all CPUs of its cores).
+    pub cpus: CpuSet,
+    /// One entry per vCPU: a single CPU for dedicated VMs, `cpus` for
+    /// floating ones.
+    pub vcpu_cpus: Vec<CpuSet>,
+    /// L3 domains used, as indices into `Topology::l3_domains`, in the order
+    /// the vCPUs fill them.
+    pub l3_domains: Vec<usize>,
+    /// vCPUs counted against each domain of `l3_domains` (same order).
+    pub vcpus_per_domain: Vec<u32>,
+    /// Physical cores used, as indices into `Topology::cores`: held whole
+    /// by an exclusive VM, or shared with other floating VMs.
+    pub cores: Vec<usize>,
+    /// vCPUs counted against each core of `cores` (same order).
+    pub vcpus_per_core: Vec<u32>,
+    /// NUMA nodes of `l3_domains`, ascending.
+    pub numa_nodes: Vec<u32>,
+    pub pool: Pool,
+    /// The VM holds whole cores of its own (dedicated or sev-snp).
+    pub exclusive: bool,
+    /// The VM was placed in an L3 domain that also holds VMs of the other
+    /// pool (a non-confidential VM in a confidential domain, or the reverse),
+    /// because no other room existed.
+    pub shares_confidential_domain: bool,
+    /// The request this placement answers.
+    pub request: PlacementRequest,
+}
+
+impl Placement {
+    /// Whether the VM spans NUMA nodes (the last resort).
+    pub fn spans_numa_nodes(&self) -> bool {
+        self.numa_nodes.len() > 1
+    }
+}
+
+/// What the host keeps for itself, and how far shared VMs overcommit.
+///
+/// Isolated CPUs (`isolcpus`, `Topology::isolated`) are used only by
+/// dedicated, pinned vCPUs: the scheduler does not balance tasks onto them,
+/// so a floating vCPU on one would be stuck there. Exclusive placements may
+/// use them; floating sets exclude them.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Reservations {
+    /// CPUs never given to a VM. A core with any reserved CPU is not given
+    /// to an exclusive VM either (its siblings would share with the host).
+    pub host: CpuSet,
+    /// How many floating vCPUs one CPU carries (1 = no overcommit).
+    pub shared_vcpus_per_cpu: u32,
+}
+
+impl Default for Reservations {
+    fn default() -> Self {
+        Self {
+            host: CpuSet::new(),
+            shared_vcpus_per_cpu: 1,
+        }
+    }
+}
+
+/// The placements in force, by VM id. Everything else (pool domains, free
+/// cores, loads) is derived from them on each decision.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PlacementState {
+    placements: BTreeMap<VmId, Placement>,
+}
+
+impl PlacementState {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn get(&self, vm: &VmId) -> Option<&Placement> {
+        self.placements.get(vm)
+    }
+
+    /// Placements in VM id order.
+    pub fn iter(&self) -> impl Iterator<Item = &Placement> {
+        self.placements.values()
+    }
+
+    pub fn len(&self) -> usize {
+        self.placements.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.placements.is_empty()
+    }
+
+    /// Records a placement. The same placement twice is a no-op; a
+    /// different placement for a placed VM, or an exclusive set that
+    /// overlaps another VM's exclusive set, is a `Conflict`.
+    pub fn apply(&mut self, placement: Placement) -> Result<(), PlaceError> {
+        if let Some(old) = self.placements.get(&placement.vm_id) {
+            if *old == placement {
+                return Ok(());
+            }
+            return Err(PlaceError::Conflict {
+                vm_id: placement.vm_id.clone(),
+                reason: "already placed with a different request or CPU set".into(),
+            });
+        }
+        if placement.exclusive {
+            if let Some(other) = self
+                .placements
+                .values()
+                .find(|p| p.exclusive && !p.cpus.is_disjoint(&placement.cpus))
+            {
+                return Err(PlaceError::Conflict {
+                    vm_id: placement.vm_id.clone(),
+                    reason: format!(
+                        "CPUs {} are held by {}",
+                        other.cpus.intersection(&placement.cpus),
+                        other.vm_id
+                    ),
+                });
+            }
+        }
+        self.placements.insert(placement.vm_id.clone(), placement);
+        Ok(())
+    }
+
+    /// Removes a VM's placement; its CPUs are free again.
+    pub fn release(&mut self, vm: &VmId) -> Option<Placement> {
+        self.placements.remove(vm)
+    }
+
+    /// Places and records in one step.
+    pub fn place(
+        &mut self,
+        topo: &Topology,
+        reservations: &Reservations,
+        request: &PlacementRequest,
+    ) -> Result<Placement, PlaceError> {
+        let p = place(topo, self, reservations, request)?;
+        self.apply(p.clone())?;
+        Ok(p)
+    }
+
+    /// The confidential pool: L3 domains that hold a confidential VM,
+    /// ascending.
+    pub fn confidential_domains(&self) -> Vec<usize> {
+        let mut out: Vec<usize> = self
+            .placements
+            .values()
+            .filter(|p| p.pool == Pool::Confidential)
+            .flat_map(|p| p.l3_domains.iter().copied())
+            .collect();
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+}
+
+/// CPUs free for a new dedicated VM of each pool, without mixing pools.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FreeCpus {
+    /// Free CPUs in confidential pool domains and in empty domains.
+    pub confidential: u32,
+    /// Free CPUs in domains without confidential VMs.
+    pub general: u32,
+}
+
+impl fmt::Display for FreeCpus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "free for confidential VMs: {} CPUs, for general VMs: {} CPUs",
+            self.confidential, self.general
+        )
+    }
+}
+
+/// Why a VM could not be placed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PlaceError {
+    #[error(
+        "not enough capacity for {requested} {kind} vCPUs of class {class}: {free}",
+        kind = if *dedicated { "dedicated" } else { "shared" }
+    )]
+    NotEnoughCapacity {
+        class: ConfidentialClass,
+        dedicated: bool,
+        requested: u32,
+        free: FreeCpus,
+    },
+    #[error("invalid request: {field}: {reason}")]
+    InvalidRequest { field: &'static str, reason: String },
+    #[error("conflict for VM {vm_id}: {reason}")]
+    Conflict { vm_id: VmId, reason: String },
+}
+
+/// How many more VMs of one size fit.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SizeFit {
+    pub vcpus: u32,
+    pub count: u32,
+}
+
+/// Room for one confidential class.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClassCapacity {
+    pub class: ConfidentialClass,
+    pub pool: Pool,
+    /// CPUs a dedicated VM of this class could use without mixing pools.
+    pub free_cpus: u32,
+    /// For each common size: dedicated VMs that would still be placed, one
+    /// after the other, without mixing pools.
+    pub fits: Vec<SizeFit>,
+    /// vCPUs of the largest dedicated VM placeable without mixing pools.
+    pub largest_vm: u32,
+}
+
+/// What the host can still take, per class, from the same engine that
+/// places.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CapacitySummary {
+    pub classes: Vec<ClassCapacity>,
+    /// The confidential pool: L3 domains holding a confidential VM.
+    pub confidential_domains: Vec<usize>,
+    /// L3 domains with no VM at all.
+    pub empty_domains: Vec<usize>,
+}
+
+/// Sizes reported by `capacity`.
+pub const COMMON_SIZES: [u32; 6] = [1, 2, 4, 8, 16, 32];

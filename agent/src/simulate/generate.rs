@@ -1,0 +1,162 @@
+//! Generated traces: the shipped ones in `agent/traces/` come from
+//! [`shipped_trace_specs`] (the `shipped_traces_are_current` test rewrites
+//! them when `SEVPLACE_REGENERATE_TRACES=1`).
+
+use super::rng::XorShift;
+use super::trace::{Event, Trace};
+use crate::types::{ConfidentialClass, VmId};
+
+/// Parameters of a generated trace.
+#[derive(Debug, Clone)]
+pub struct TraceSpec {
+    pub name: &'static str,
+    pub description: &'static str,
+    /// File name under `agent/traces/` (the extension picks the format).
+    pub file: &'static str,
+    /// Fixture the trace is meant for.
+    pub topology: &'static str,
+    pub seed: u64,
+    pub duration: f64,
+    /// VMs arriving at time 0 (a host that is already busy).
+    pub initial_vms: u32,
+    /// Arrivals per second after time 0.
+    pub arrival_rate: f64,
+    /// Mean lifetime in seconds (exponential); `None`: VMs never leave.
+    pub mean_lifetime: Option<f64>,
+    /// Fraction of VMs that are confidential; of those, sev : sev-es :
+    /// sev-snp is 2 : 1 : 1.
+    pub confidential_fraction: f64,
+    /// Sizes in vCPUs and their weights.
+    pub sizes: &'static [(u32, u32)],
+    /// Fraction of VMs with dedicated CPUs.
+    pub dedicated_fraction: f64,
+    /// Reclaims per second of each confidential VM.
+    pub reclaim_rate: f64,
+    /// vCPU migrations per second of each VM.
+    pub migration_rate: f64,
+}
+
+fn weighted(rng: &mut XorShift, sizes: &[(u32, u32)]) -> u32 {
+    let total: u32 = sizes.iter().map(|s| s.1).sum();
+    let mut x = rng.below(total as usize) as u32;
+    for &(v, w) in sizes {
+        if x < w {
+            return v;
+        }
+        x -= w;
+    }
+    sizes.last().map_or(1, |s| s.0)
+}
+
+/// Builds the trace described by `spec`.
+pub fn generate_trace(spec: &TraceSpec) -> Trace {
+    let mut rng = XorShift::new(spec.seed);
+    let mut arrivals = Vec::new();
+    let mut t = 0.0;
+    let mut n = 0u32;
+    loop {
+        if n >= spec.initial_vms {
+            t += rng.exp(spec.arrival_rate);
+        }
+        if t >= spec.duration {
+            break;
+        }
+        n += 1;
+        arrivals.push((n, (t * 1000.0_f64).round() / 1000.0));
+    }
+    let mut events = Vec::new();
+    for (n, at) in arrivals {
+        let Ok(vm) = VmId::new(format!("vm-{n:04}")) else {
+            continue;
+        };
+        let confidential = rng.unit() <= spec.confidential_fraction;
+        let class = if confidential {
+            match rng.below(4) {
+                0 | 1 => ConfidentialClass::Sev,
+                2 => ConfidentialClass::SevEs,
+                _ => ConfidentialClass::SevSnp,
+            }
+        } else {
+            ConfidentialClass::None
+        };
+        let vcpus = weighted(&mut rng, spec.sizes);
+        let dedicated = rng.unit() <= spec.dedicated_fraction;
+        events.push(Event::Arrive {
+            at,
+            vm: vm.clone(),
+            vcpus,
+            class,
+            dedicated,
+            reclaim_rate: if confidential { spec.reclaim_rate } else { 0.0 },
+            migration_rate: spec.migration_rate,
+        });
+        if let Some(life) = spec.mean_lifetime {
+            let end = ((at + rng.exp(1.0 / life)) * 1000.0).round() / 1000.0;
+            if end < spec.duration {
+                events.push(Event::Depart { at: end, vm });
+            }
+        }
+    }
+    events.sort_by(|a, b| a.at().total_cmp(&b.at()));
+    Trace {
+        name: spec.name.to_string(),
+        description: spec.description.to_string(),
+        seed: spec.seed,
+        duration: Some(spec.duration),
+        events,
+    }
+}
+
+/// The traces shipped in `agent/traces/`.
+pub fn shipped_trace_specs() -> Vec<TraceSpec> {
+    vec![
+        TraceSpec {
+            name: "mixed-host",
+            description: "Mixed host: 20% confidential VMs, 2-32 vCPUs, 70% dedicated, churn until the host is full",
+            file: "mixed-host.json",
+            topology: "genoa-2x96-nps1",
+            seed: 20,
+            duration: 1200.0,
+            initial_vms: 20,
+            arrival_rate: 0.25,
+            mean_lifetime: Some(900.0),
+            confidential_fraction: 0.2,
+            sizes: &[(2, 30), (4, 30), (8, 20), (16, 15), (32, 5)],
+            dedicated_fraction: 0.7,
+            reclaim_rate: 0.5,
+            migration_rate: 2.0,
+        },
+        TraceSpec {
+            name: "confidential-heavy",
+            description: "Confidential-heavy host: 80% confidential VMs, 2-16 vCPUs, churn",
+            file: "confidential-heavy.yaml",
+            topology: "milan-64c",
+            seed: 80,
+            duration: 900.0,
+            initial_vms: 10,
+            arrival_rate: 0.1,
+            mean_lifetime: Some(600.0),
+            confidential_fraction: 0.8,
+            sizes: &[(2, 30), (4, 35), (8, 25), (16, 10)],
+            dedicated_fraction: 0.6,
+            reclaim_rate: 1.0,
+            migration_rate: 2.0,
+        },
+        TraceSpec {
+            name: "long-running-migrations",
+            description: "Long-running host: VMs stay for the whole trace, vCPUs migrate often, reclaims are rare",
+            file: "long-running-migrations.json",
+            topology: "genoa-2x96-nps4",
+            seed: 7,
+            duration: 3600.0,
+            initial_vms: 40,
+            arrival_rate: 0.0,
+            mean_lifetime: None,
+            confidential_fraction: 0.3,
+            sizes: &[(2, 30), (4, 30), (8, 25), (16, 15)],
+            dedicated_fraction: 0.5,
+            reclaim_rate: 0.05,
+            migration_rate: 2.0,
+        },
+    ]
+}
