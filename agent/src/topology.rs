@@ -22,10 +22,7 @@ pub enum TopologyError {
         source: std::io::Error,
     },
     #[error("bad cpulist in {path}: {source}")]
-    CpuList {
-        path: PathBuf,
-        source: CpuListError,
-    },
+    CpuList { path: PathBuf, source: CpuListError },
     #[error("bad value {value:?} in {path}: {reason}")]
     Value {
         path: PathBuf,
@@ -178,7 +175,9 @@ impl Topology {
             let package = read_u32(&topo.join("physical_package_id"))?.unwrap_or(0);
             raw.push(RawCpu {
                 id,
-                siblings: siblings.intersection(&online).union(&[id].into_iter().collect()),
+                siblings: siblings
+                    .intersection(&online)
+                    .union(&[id].into_iter().collect()),
                 package,
                 l3: read_l3(&dir.join("cache"))?,
             });
@@ -205,7 +204,10 @@ impl Topology {
         let mut domain_sets: BTreeMap<u32, (CpuSet, bool)> = BTreeMap::new();
         for r in &raw {
             let (set, from_cache) = match &r.l3 {
-                Some(s) => (s.intersection(&online).union(&[r.id].into_iter().collect()), true),
+                Some(s) => (
+                    s.intersection(&online).union(&[r.id].into_iter().collect()),
+                    true,
+                ),
                 None => (package_cpus[&r.package].clone(), false),
             };
             let first = set.first().unwrap_or(r.id);
@@ -371,7 +373,11 @@ impl Topology {
 
     /// L3 domains (indices) that hold any CPU of `set`.
     pub fn l3_domains_of(&self, set: &CpuSet) -> Vec<usize> {
-        let mut out: Vec<usize> = set.iter().filter_map(|c| self.cpu(c)).map(|c| c.l3).collect();
+        let mut out: Vec<usize> = set
+            .iter()
+            .filter_map(|c| self.cpu(c))
+            .map(|c| c.l3)
+            .collect();
         out.sort_unstable();
         out.dedup();
         out

@@ -4,7 +4,9 @@ use std::fmt;
 use std::str::FromStr;
 
 /// The orchestrator's name for a VM: 1 to 128 bytes of `[A-Za-z0-9._:-]`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 #[serde(try_from = "String", into = "String")]
 pub struct VmId(String);
 

@@ -39,7 +39,11 @@ fn fixtures() {
             cores: 192,
             l3: 24,
             numa: 2,
-            members: &[(0, "0-7,192-199"), (12, "96-103,288-295"), (23, "184-191,376-383")],
+            members: &[
+                (0, "0-7,192-199"),
+                (12, "96-103,288-295"),
+                (23, "184-191,376-383"),
+            ],
         },
         Case {
             name: "genoa-2x96-nps4",
@@ -84,19 +88,32 @@ fn fixtures() {
         },
     ];
     for c in cases {
-        let t = Topology::from_sysfs(&fixture(c.name)).unwrap_or_else(|e| panic!("{}: {e}", c.name));
+        let t =
+            Topology::from_sysfs(&fixture(c.name)).unwrap_or_else(|e| panic!("{}: {e}", c.name));
         assert_eq!(t.online.len(), c.cpus, "{} cpus", c.name);
         assert_eq!(t.cores.len(), c.cores, "{} cores", c.name);
         assert_eq!(t.l3_domains.len(), c.l3, "{} l3", c.name);
         assert_eq!(t.numa_nodes.len(), c.numa, "{} numa", c.name);
         for (i, cpus) in c.members {
-            assert_eq!(t.l3_domains[*i].cpus.to_string(), *cpus, "{} domain {i}", c.name);
+            assert_eq!(
+                t.l3_domains[*i].cpus.to_string(),
+                *cpus,
+                "{} domain {i}",
+                c.name
+            );
         }
         // Domains partition the online CPUs; cores sit inside one domain.
-        let all = t.l3_domains.iter().fold(CpuSet::new(), |a, d| a.union(&d.cpus));
+        let all = t
+            .l3_domains
+            .iter()
+            .fold(CpuSet::new(), |a, d| a.union(&d.cpus));
         assert_eq!(all, t.online, "{}", c.name);
         for core in &t.cores {
-            assert!(core.cpus.is_subset(&t.l3_domains[core.l3].cpus), "{}", c.name);
+            assert!(
+                core.cpus.is_subset(&t.l3_domains[core.l3].cpus),
+                "{}",
+                c.name
+            );
         }
     }
 }
@@ -135,7 +152,10 @@ fn real_host() {
     let n = std::thread::available_parallelism().map_or(1, |n| n.get());
     assert!(t.online.len() >= n, "online {} < parallelism {n}", t.online);
     assert!(!t.l3_domains.is_empty());
-    let all = t.l3_domains.iter().fold(CpuSet::new(), |a, d| a.union(&d.cpus));
+    let all = t
+        .l3_domains
+        .iter()
+        .fold(CpuSet::new(), |a, d| a.union(&d.cpus));
     assert_eq!(all, t.online);
 }
 
@@ -161,11 +181,18 @@ fn garbage_files_name_the_file() {
     std::fs::remove_file(cpu.join("cpu0/topology/physical_package_id")).unwrap();
     std::fs::create_dir_all(cpu.join("cpu0/cache/index3")).unwrap();
     std::fs::write(cpu.join("cpu0/cache/index3/level"), "3\n").unwrap();
-    std::fs::write(cpu.join("cpu0/cache/index3/shared_cpu_list"), "\u{0}\u{1}garbage").unwrap();
+    std::fs::write(
+        cpu.join("cpu0/cache/index3/shared_cpu_list"),
+        "\u{0}\u{1}garbage",
+    )
+    .unwrap();
     match Topology::from_sysfs(dir.path()) {
         Err(TopologyError::CpuList { path, .. }) => assert!(path.ends_with("shared_cpu_list")),
         other => panic!("{other:?}"),
     }
     std::fs::write(cpu.join("online"), "\n").unwrap();
-    assert!(matches!(Topology::from_sysfs(dir.path()), Err(TopologyError::NoCpus(_))));
+    assert!(matches!(
+        Topology::from_sysfs(dir.path()),
+        Err(TopologyError::NoCpus(_))
+    ));
 }

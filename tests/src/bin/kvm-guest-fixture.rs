@@ -90,7 +90,9 @@ fn parse_args() -> Result<Args, String> {
 
 /// Points the vCPU at the guest code in 16-bit real mode.
 fn setup_vcpu(vcpu: &VcpuFd) -> Result<(), String> {
-    let mut sregs = vcpu.get_sregs().map_err(|e| format!("KVM_GET_SREGS: {e}"))?;
+    let mut sregs = vcpu
+        .get_sregs()
+        .map_err(|e| format!("KVM_GET_SREGS: {e}"))?;
     sregs.cs.base = 0;
     sregs.cs.selector = 0;
     vcpu.set_sregs(&sregs)
@@ -153,7 +155,10 @@ fn run() -> Result<(), String> {
         )
     };
     if mem == libc::MAP_FAILED {
-        return Err(format!("mmap guest memory: {}", std::io::Error::last_os_error()));
+        return Err(format!(
+            "mmap guest memory: {}",
+            std::io::Error::last_os_error()
+        ));
     }
     // SAFETY: `mem` is a fresh writable mapping of GUEST_MEM_SIZE bytes.
     unsafe {
