@@ -12,11 +12,14 @@
 //!    `16 0xFD 0xae80 ...` while a thread waits in `ioctl(FD, KVM_RUN)` (an
 //!    idle, halted vCPU); `FD` is a `kvm-vcpu:N` fd. A thread executing at
 //!    that instant reads `running` and is mapped on a later scan.
-//! 3. **Thread order** — when neither rule mapped any vCPU and the number of
-//!    candidate threads (not the main thread, not a kernel worker) equals the
-//!    number of `kvm-vcpu` fds, threads are matched to indices in tid order
-//!    (VMMs create vCPU threads in index order). Marked
-//!    [`VcpuMatch::ThreadOrder`]: a guess the caller can refuse.
+//! 3. **Thread order** — when the threads left after rules 1 and 2 (not the
+//!    main thread, not a kernel worker) are exactly as many as the vCPU
+//!    indices left without a thread, they are matched in tid order (VMMs
+//!    create vCPU threads in index order). Marked [`VcpuMatch::ThreadOrder`]:
+//!    a guess the caller can refuse. With any extra thread (an I/O thread)
+//!    the counts differ and those vCPUs stay unmatched
+//!    ([`DiscoveredVm::unmatched_vcpus`]). Not applied when rule 1 matched
+//!    any thread: a VMM that names its vCPU threads has no unnamed ones.
 //!
 //! Every other thread is an emulator or I/O thread ([`DiscoveredVm::other_threads`]).
 //! KVM's kernel workers (`kvm-nx-lpage-re`, flags `PF_USER_WORKER` or
@@ -329,18 +332,26 @@ impl VmScanner {
                 _ => unmatched.push(t),
             }
         }
-        // Rule 3: tid order, only when nothing else matched and counts agree.
+        // Rule 3: tid order, only when the remaining candidate threads and
+        // the unmatched vCPU indices are equal in number.
         let candidates: Vec<usize> = unmatched
             .iter()
             .enumerate()
             .filter(|(_, t)| t.tid != pid)
             .map(|(i, _)| i)
             .collect();
+        let open_indices: Vec<u32> = vcpu_fds
+            .iter()
+            .copied()
+            .filter(|i| !vcpus.iter().any(|v| v.index == *i))
+            .collect();
         let mut other_threads = Vec::new();
-        if vcpus.is_empty() && !vcpu_fds.is_empty() && candidates.len() == vcpu_fds.len() {
+        // A VMM that names its vCPU threads (QEMU) never has unnamed vCPUs.
+        let named = vcpus.iter().any(|v| v.matched_by == VcpuMatch::ThreadName);
+        if !named && !open_indices.is_empty() && candidates.len() == open_indices.len() {
             for (n, t) in unmatched.into_iter().enumerate() {
                 match candidates.iter().position(|&c| c == n) {
-                    Some(k) => vcpus.push(t.into_vcpu(vcpu_fds[k], VcpuMatch::ThreadOrder)),
+                    Some(k) => vcpus.push(t.into_vcpu(open_indices[k], VcpuMatch::ThreadOrder)),
                     None => other_threads.push(t.into_info()),
                 }
             }

@@ -10,7 +10,8 @@
 //! what `sevplace::discovery` and `sevplace::cgroup` are tested against.
 //!
 //! Usage: `kvm-guest-fixture [--vcpus N] [--seconds S] [--exit-sleep-us U]
-//! [anything else]`. Unknown arguments are ignored so a test can put
+//! [--thread-prefix P] [anything else]`. `--thread-prefix P` names vCPU
+//! threads `P0`, `P1`, ... instead of QEMU's `CPU N/KVM`. Unknown arguments are ignored so a test can put
 //! QEMU-style flags (`-name guest=foo -object sev-guest,...`) on the command
 //! line. Once every vCPU has completed one guest round trip the fixture prints
 //! `ready pid=<pid>` on stdout. It runs until killed or for `S` seconds.
@@ -45,6 +46,8 @@ const GUEST_CODE: [u8; 11] = [
 
 struct Args {
     vcpus: u8,
+    /// `None`: QEMU's `CPU N/KVM`; `Some(p)`: `pN` (another VMM's naming).
+    thread_prefix: Option<String>,
     seconds: Option<u64>,
     exit_sleep: Duration,
 }
@@ -52,6 +55,7 @@ struct Args {
 fn parse_args() -> Result<Args, String> {
     let mut args = Args {
         vcpus: 2,
+        thread_prefix: None,
         seconds: None,
         exit_sleep: Duration::from_micros(5000),
     };
@@ -66,6 +70,9 @@ fn parse_args() -> Result<Args, String> {
                 if args.vcpus == 0 {
                     return Err("--vcpus must be at least 1".into());
                 }
+            }
+            "--thread-prefix" => {
+                args.thread_prefix = Some(it.next().ok_or("--thread-prefix needs a value")?);
             }
             "--seconds" => {
                 let v = it.next().ok_or("--seconds needs a value")?;
@@ -107,9 +114,18 @@ fn setup_vcpu(vcpu: &VcpuFd) -> Result<(), String> {
 }
 
 /// Runs one vCPU forever: enter the guest, handle the port write, sleep, repeat.
-fn run_vcpu(index: u8, mut vcpu: VcpuFd, entered: Arc<AtomicUsize>, exit_sleep: Duration) {
+fn run_vcpu(
+    index: u8,
+    mut vcpu: VcpuFd,
+    entered: Arc<AtomicUsize>,
+    exit_sleep: Duration,
+    thread_prefix: Option<String>,
+) {
     // QEMU names its vCPU threads "CPU N/KVM"; discovery maps indices by it.
-    let name = format!("CPU {index}/KVM");
+    let name = match thread_prefix {
+        None => format!("CPU {index}/KVM"),
+        Some(p) => format!("{p}{index}"),
+    };
     if let Ok(cname) = std::ffi::CString::new(name) {
         let _ = nix::sys::prctl::set_name(&cname);
     }
@@ -184,8 +200,9 @@ fn run() -> Result<(), String> {
         setup_vcpu(&vcpu)?;
         let entered = Arc::clone(&entered);
         let sleep = args.exit_sleep;
+        let prefix = args.thread_prefix.clone();
         let h = std::thread::Builder::new()
-            .spawn(move || run_vcpu(i, vcpu, entered, sleep))
+            .spawn(move || run_vcpu(i, vcpu, entered, sleep, prefix))
             .map_err(|e| format!("spawn vCPU thread {i}: {e}"))?;
         handles.push(h);
     }
