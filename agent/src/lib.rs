@@ -2,18 +2,21 @@
 //! `sevplaced`, and the client side used by `sevplacectl`.
 
 pub mod api;
+pub mod cgroup;
 pub mod client;
 pub mod config;
 pub mod cpuset;
 pub mod ctl;
 pub mod daemon;
+pub mod discovery;
 pub mod kmod;
 pub mod metrics;
+pub mod placement;
 pub mod server;
+pub mod simulate;
+pub mod state;
 pub mod topology;
 pub mod types;
 
 pub use cpuset::CpuSet;
 pub use types::{ConfidentialClass, VmId};
-pub mod placement;
-pub mod simulate;

@@ -1,0 +1,490 @@
+//! VM discovery from procfs.
+//!
+//! A VM is a process holding a file descriptor whose link target is
+//! `anon_inode:kvm-vm` (every KVM VMM: QEMU, cloud-hypervisor, firecracker,
+//! crosvm, the test fixture). KVM numbers its vCPUs by the fds
+//! `anon_inode:kvm-vcpu:N`; fds belong to the process, not to a thread, so the
+//! vCPU index of each thread is found by these rules, in order:
+//!
+//! 1. **Thread name** — QEMU names vCPU threads `CPU N/KVM` (with
+//!    `debug-threads=on`, and always in the `comm` of recent QEMU).
+//! 2. **Blocked in `KVM_RUN`** — `/proc/<pid>/task/<tid>/syscall` reads
+//!    `16 0xFD 0xae80 ...` while a thread waits in `ioctl(FD, KVM_RUN)` (an
+//!    idle, halted vCPU); `FD` is a `kvm-vcpu:N` fd. A thread executing at
+//!    that instant reads `running` and is mapped on a later scan.
+//! 3. **Thread order** — when the threads left after rules 1 and 2 (not the
+//!    main thread, not a kernel worker) are exactly as many as the vCPU
+//!    indices left without a thread, they are matched in tid order (VMMs
+//!    create vCPU threads in index order). Marked [`VcpuMatch::ThreadOrder`]:
+//!    a guess the caller can refuse. With any extra thread (an I/O thread)
+//!    the counts differ and those vCPUs stay unmatched
+//!    ([`DiscoveredVm::unmatched_vcpus`]). Not applied when rule 1 matched
+//!    any thread: a VMM that names its vCPU threads has no unnamed ones.
+//!
+//! Every other thread is an emulator or I/O thread ([`DiscoveredVm::other_threads`]).
+//! KVM's kernel workers (`kvm-nx-lpage-re`, flags `PF_USER_WORKER` or
+//! `PF_KTHREAD`) are listed in `task/` of the VM process on recent kernels
+//! and are excluded from both lists. Kernel threads themselves are
+//! processes with no fds, so the VM test never matches them.
+//!
+//! A process or thread that exits during a scan is skipped (logged at debug
+//! level); an entry that cannot be parsed is skipped with a `warn!` naming
+//! its path.
+
+pub mod cgroup_path;
+pub mod cmdline;
+pub mod fake_procfs;
+pub mod procfs;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+pub use cgroup_path::{
+    parse_libvirt_path, parse_proc_cgroup, CgroupLocation, Hierarchy, LibvirtCgroup, LibvirtLayout,
+};
+pub use cmdline::{classify_cmdline, Classification};
+use procfs::ProcReadError;
+
+use crate::{ConfidentialClass, CpuSet};
+
+/// The procfs root used when none is configured.
+pub const DEFAULT_PROC_ROOT: &str = "/proc";
+
+/// How a vCPU thread's index was found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum VcpuMatch {
+    /// QEMU's `CPU N/KVM` thread name.
+    ThreadName,
+    /// The thread was blocked in `ioctl(kvm-vcpu:N fd, KVM_RUN)`.
+    KvmRunSyscall,
+    /// Matched by tid order (rule 3 of the module documentation).
+    ThreadOrder,
+}
+
+/// A vCPU thread of a VM.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct VcpuThread {
+    /// KVM's vCPU index (`kvm-vcpu:N`, QEMU's `CPU N/KVM`).
+    pub index: u32,
+    pub tid: u32,
+    pub comm: String,
+    /// `Cpus_allowed_list` from `task/<tid>/status`.
+    pub cpus_allowed: CpuSet,
+    /// The CPU the thread last ran on (stat field 39).
+    pub last_cpu: Option<u32>,
+    /// The thread's own cgroups (libvirt puts each vCPU in `vcpuN`).
+    pub cgroup: CgroupLocation,
+    pub matched_by: VcpuMatch,
+}
+
+/// A non-vCPU thread of a VM (emulator, I/O, RCU, worker threads of the VMM).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ThreadInfo {
+    pub tid: u32,
+    pub comm: String,
+    pub cpus_allowed: CpuSet,
+    pub last_cpu: Option<u32>,
+}
+
+/// A KVM VM process found in procfs.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DiscoveredVm {
+    pub pid: u32,
+    /// Stat field 22 of the process: with `pid`, identifies it across pid reuse.
+    pub start_time: u64,
+    pub comm: String,
+    pub cmdline: Vec<String>,
+    /// vCPU indices KVM knows, from the `kvm-vcpu:N` fds, ascending.
+    pub vcpu_fds: Vec<u32>,
+    /// vCPU threads whose index was found, by index.
+    pub vcpus: Vec<VcpuThread>,
+    /// All other threads of the process, kernel workers excluded.
+    pub other_threads: Vec<ThreadInfo>,
+    /// From the command line; `None` when the VMM is not recognised.
+    pub class: Option<ConfidentialClass>,
+    /// `-name guest=NAME`.
+    pub guest_name: Option<String>,
+    /// The libvirt domain: from the libvirt cgroup layout, else the guest
+    /// name when the command line carries libvirt's paths
+    /// (`/var/lib/libvirt/` or `/run/libvirt/`).
+    pub libvirt_domain: Option<String>,
+    /// The cgroups of the main thread.
+    pub cgroup: CgroupLocation,
+}
+
+impl DiscoveredVm {
+    /// vCPU indices with a `kvm-vcpu` fd but no thread found for them.
+    pub fn unmatched_vcpus(&self) -> Vec<u32> {
+        self.vcpu_fds
+            .iter()
+            .copied()
+            .filter(|i| !self.vcpus.iter().any(|v| v.index == *i))
+            .collect()
+    }
+}
+
+/// Errors from discovery.
+#[derive(Debug, thiserror::Error)]
+pub enum DiscoveryError {
+    /// The procfs root itself cannot be listed.
+    #[error("cannot list procfs root {path}: {source}")]
+    ProcRoot {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The process exited (or its pid now names another process).
+    #[error("process {pid} is gone ({path})")]
+    VmGone { pid: u32, path: PathBuf },
+    /// The process holds no `kvm-vm` fd.
+    #[error("process {pid} is not a KVM VM: no anon_inode:kvm-vm fd under {path}")]
+    NotAVm { pid: u32, path: PathBuf },
+    /// EACCES/EPERM on a procfs file.
+    #[error("{path}: permission denied")]
+    Permission { path: PathBuf },
+    /// A procfs file with unexpected content.
+    #[error("{path}: {what}")]
+    Malformed { path: PathBuf, what: String },
+    /// Any other I/O error.
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+impl DiscoveryError {
+    fn from_proc(pid: u32, e: ProcReadError) -> Self {
+        match e {
+            ProcReadError::Gone { path } => Self::VmGone { pid, path },
+            ProcReadError::Permission { path } => Self::Permission { path },
+            ProcReadError::Malformed { path, what } => Self::Malformed { path, what },
+            ProcReadError::Io { path, source } => Self::Io { path, source },
+        }
+    }
+
+    /// The process exited: a normal event, not a fault.
+    pub fn is_gone(&self) -> bool {
+        matches!(self, Self::VmGone { .. })
+    }
+}
+
+/// Scans a procfs tree for KVM VMs.
+#[derive(Debug, Clone)]
+pub struct VmScanner {
+    proc_root: PathBuf,
+}
+
+impl Default for VmScanner {
+    fn default() -> Self {
+        Self::new(DEFAULT_PROC_ROOT)
+    }
+}
+
+/// The KVM fds of a process.
+struct KvmFds {
+    has_vm: bool,
+    /// fd number -> vCPU index.
+    vcpus: BTreeMap<u32, u32>,
+}
+
+impl VmScanner {
+    pub fn new(proc_root: impl Into<PathBuf>) -> Self {
+        Self {
+            proc_root: proc_root.into(),
+        }
+    }
+
+    pub fn proc_root(&self) -> &Path {
+        &self.proc_root
+    }
+
+    /// Every KVM VM process under the root. Processes that vanish or cannot
+    /// be read are skipped and logged; only an unreadable root is an error.
+    pub fn scan(&self) -> Result<Vec<DiscoveredVm>, DiscoveryError> {
+        let entries =
+            std::fs::read_dir(&self.proc_root).map_err(|source| DiscoveryError::ProcRoot {
+                path: self.proc_root.clone(),
+                source,
+            })?;
+        let mut pids: Vec<u32> = entries
+            .filter_map(|e| e.ok())
+            .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse().ok()))
+            .collect();
+        pids.sort_unstable();
+        let mut vms = Vec::new();
+        for pid in pids {
+            match self.inspect(pid) {
+                Ok(vm) => vms.push(vm),
+                Err(DiscoveryError::NotAVm { .. }) => {}
+                Err(e @ DiscoveryError::VmGone { .. }) => {
+                    tracing::debug!(pid, error = %e, "process exited during scan");
+                }
+                Err(e @ DiscoveryError::Permission { .. }) => {
+                    tracing::debug!(pid, error = %e, "process not readable");
+                }
+                Err(e) => {
+                    tracing::warn!(pid, error = %e, "skipping unreadable procfs entry");
+                }
+            }
+        }
+        Ok(vms)
+    }
+
+    fn pid_dir(&self, pid: u32) -> PathBuf {
+        self.proc_root.join(pid.to_string())
+    }
+
+    fn kvm_fds(&self, pid: u32) -> Result<KvmFds, DiscoveryError> {
+        let dir = self.pid_dir(pid).join("fd");
+        let entries = std::fs::read_dir(&dir)
+            .map_err(|e| DiscoveryError::from_proc(pid, ProcReadError::from_io(&dir, e)))?;
+        let mut fds = KvmFds {
+            has_vm: false,
+            vcpus: BTreeMap::new(),
+        };
+        for entry in entries {
+            let Ok(entry) = entry else { continue };
+            // An fd closed between readdir and readlink is skipped.
+            let Ok(target) = std::fs::read_link(entry.path()) else {
+                continue;
+            };
+            let target = target.to_string_lossy();
+            if procfs::is_vm_fd(&target) {
+                fds.has_vm = true;
+            } else if let Some(index) = procfs::vcpu_fd_index(&target) {
+                if let Some(fd) = entry.file_name().to_str().and_then(|n| n.parse().ok()) {
+                    fds.vcpus.insert(fd, index);
+                }
+            }
+        }
+        Ok(fds)
+    }
+
+    /// Whether `pid` is still the process that started at `start_time`.
+    pub fn is_same_process(&self, pid: u32, start_time: u64) -> Result<bool, DiscoveryError> {
+        match procfs::read_task_stat(&self.proc_root, pid, pid) {
+            Ok(st) => Ok(st.start_time == start_time),
+            Err(ProcReadError::Gone { .. }) => Ok(false),
+            Err(e) => Err(DiscoveryError::from_proc(pid, e)),
+        }
+    }
+
+    /// Inspects one process. `NotAVm` when it holds no `kvm-vm` fd,
+    /// `VmGone` when it exited.
+    pub fn inspect(&self, pid: u32) -> Result<DiscoveredVm, DiscoveryError> {
+        let fds = self.kvm_fds(pid)?;
+        if !fds.has_vm {
+            return Err(DiscoveryError::NotAVm {
+                pid,
+                path: self.pid_dir(pid).join("fd"),
+            });
+        }
+        let root = &self.proc_root;
+        let err = |e| DiscoveryError::from_proc(pid, e);
+
+        let main = procfs::read_task_stat(root, pid, pid).map_err(err)?;
+        let cmdline_path = self.pid_dir(pid).join("cmdline");
+        let cmdline: Vec<String> = procfs::read_text(&cmdline_path)
+            .map_err(err)?
+            .split('\0')
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .collect();
+        let cgroup_path = self.pid_dir(pid).join("cgroup");
+        let cgroup_text = procfs::read_text(&cgroup_path).map_err(err)?;
+        let cgroup = parse_proc_cgroup(&cgroup_text).map_err(|e| DiscoveryError::Malformed {
+            path: cgroup_path.clone(),
+            what: e.to_string(),
+        })?;
+
+        let threads = self.threads(pid)?;
+        let classification = classify_cmdline(&cmdline);
+
+        let mut vcpus: Vec<VcpuThread> = Vec::new();
+        let mut rest: Vec<ThreadRecord> = Vec::new();
+        // Rule 1: QEMU thread names.
+        for t in threads {
+            match qemu_vcpu_index(&t.stat.comm) {
+                Some(index) if !vcpus.iter().any(|v| v.index == index) => {
+                    vcpus.push(t.into_vcpu(index, VcpuMatch::ThreadName));
+                }
+                _ => rest.push(t),
+            }
+        }
+        let vcpu_fds: Vec<u32> = {
+            let mut v: Vec<u32> = fds.vcpus.values().copied().collect();
+            v.sort_unstable();
+            v.dedup();
+            v
+        };
+        // Rule 2: threads blocked in KVM_RUN on a vCPU fd.
+        let mut unmatched: Vec<ThreadRecord> = Vec::new();
+        for t in rest {
+            let syscall = procfs::read_text(&procfs::task_file(root, pid, t.tid, "syscall"))
+                .ok()
+                .and_then(|s| procfs::parse_syscall_kvm_run_fd(&s))
+                .and_then(|fd| fds.vcpus.get(&fd).copied());
+            match syscall {
+                Some(index) if t.tid != pid && !vcpus.iter().any(|v| v.index == index) => {
+                    vcpus.push(t.into_vcpu(index, VcpuMatch::KvmRunSyscall));
+                }
+                _ => unmatched.push(t),
+            }
+        }
+        // Rule 3: tid order, only when the remaining candidate threads and
+        // the unmatched vCPU indices are equal in number.
+        let candidates: Vec<usize> = unmatched
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| t.tid != pid)
+            .map(|(i, _)| i)
+            .collect();
+        let open_indices: Vec<u32> = vcpu_fds
+            .iter()
+            .copied()
+            .filter(|i| !vcpus.iter().any(|v| v.index == *i))
+            .collect();
+        let mut other_threads = Vec::new();
+        // A VMM that names its vCPU threads (QEMU) never has unnamed vCPUs.
+        let named = vcpus.iter().any(|v| v.matched_by == VcpuMatch::ThreadName);
+        if !named && !open_indices.is_empty() && candidates.len() == open_indices.len() {
+            for (n, t) in unmatched.into_iter().enumerate() {
+                match candidates.iter().position(|&c| c == n) {
+                    Some(k) => vcpus.push(t.into_vcpu(open_indices[k], VcpuMatch::ThreadOrder)),
+                    None => other_threads.push(t.into_info()),
+                }
+            }
+        } else {
+            other_threads.extend(unmatched.into_iter().map(ThreadRecord::into_info));
+        }
+        vcpus.sort_by_key(|v| v.index);
+
+        let libvirt_domain = cgroup
+            .libvirt
+            .as_ref()
+            .map(|lv| match &classification.guest_name {
+                // The cgroup may carry a shortened name; the full one is on the command line.
+                Some(g) if g.starts_with(&lv.domain_name) => g.clone(),
+                _ => lv.domain_name.clone(),
+            })
+            .or_else(|| {
+                let libvirt_launched = cmdline
+                    .iter()
+                    .any(|a| a.contains("/var/lib/libvirt/") || a.contains("/run/libvirt/"));
+                if libvirt_launched {
+                    classification.guest_name.clone()
+                } else {
+                    None
+                }
+            });
+
+        Ok(DiscoveredVm {
+            pid,
+            start_time: main.start_time,
+            comm: main.comm,
+            cmdline,
+            vcpu_fds,
+            vcpus,
+            other_threads,
+            class: classification.class,
+            guest_name: classification.guest_name,
+            libvirt_domain,
+            cgroup,
+        })
+    }
+
+    /// The process's threads with their stat, affinity and cgroup, kernel
+    /// workers excluded, in tid order. Threads that exit meanwhile are
+    /// skipped; the main thread exiting means the VM is gone.
+    fn threads(&self, pid: u32) -> Result<Vec<ThreadRecord>, DiscoveryError> {
+        let root = &self.proc_root;
+        let dir = self.pid_dir(pid).join("task");
+        let entries = std::fs::read_dir(&dir)
+            .map_err(|e| DiscoveryError::from_proc(pid, ProcReadError::from_io(&dir, e)))?;
+        let mut tids: Vec<u32> = entries
+            .filter_map(|e| e.ok())
+            .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse().ok()))
+            .collect();
+        tids.sort_unstable();
+        let mut out = Vec::new();
+        for tid in tids {
+            let read = || -> Result<ThreadRecord, ProcReadError> {
+                let stat = procfs::read_task_stat(root, pid, tid)?;
+                let cpus_allowed = procfs::read_cpus_allowed(root, pid, tid)?;
+                let cg_path = procfs::task_file(root, pid, tid, "cgroup");
+                let cgroup = match procfs::read_text(&cg_path) {
+                    Ok(text) => parse_proc_cgroup(&text).map_err(|e| ProcReadError::Malformed {
+                        path: cg_path.clone(),
+                        what: e.to_string(),
+                    })?,
+                    Err(ProcReadError::Permission { .. }) => CgroupLocation::default(),
+                    Err(e) => return Err(e),
+                };
+                Ok(ThreadRecord {
+                    tid,
+                    stat,
+                    cpus_allowed,
+                    cgroup,
+                })
+            };
+            match read() {
+                Ok(t) if t.stat.is_kernel_worker() => {}
+                Ok(t) => out.push(t),
+                Err(ProcReadError::Gone { path }) if tid == pid => {
+                    return Err(DiscoveryError::VmGone { pid, path });
+                }
+                Err(ProcReadError::Gone { path }) => {
+                    tracing::debug!(pid, tid, path = %path.display(), "thread exited during scan");
+                }
+                Err(e) if tid == pid => return Err(DiscoveryError::from_proc(pid, e)),
+                Err(e) => {
+                    tracing::warn!(pid, tid, error = %e, "skipping unreadable thread");
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// One thread as read from procfs, before classification.
+struct ThreadRecord {
+    tid: u32,
+    stat: procfs::TaskStat,
+    cpus_allowed: CpuSet,
+    cgroup: CgroupLocation,
+}
+
+impl ThreadRecord {
+    fn into_vcpu(self, index: u32, matched_by: VcpuMatch) -> VcpuThread {
+        VcpuThread {
+            index,
+            tid: self.tid,
+            comm: self.stat.comm,
+            cpus_allowed: self.cpus_allowed,
+            last_cpu: self.stat.last_cpu,
+            cgroup: self.cgroup,
+            matched_by,
+        }
+    }
+
+    fn into_info(self) -> ThreadInfo {
+        ThreadInfo {
+            tid: self.tid,
+            comm: self.stat.comm,
+            cpus_allowed: self.cpus_allowed,
+            last_cpu: self.stat.last_cpu,
+        }
+    }
+}
+
+/// The vCPU index in a QEMU vCPU thread name `CPU N/KVM`.
+pub fn qemu_vcpu_index(comm: &str) -> Option<u32> {
+    comm.strip_prefix("CPU ")?
+        .strip_suffix("/KVM")?
+        .parse()
+        .ok()
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,261 @@
+//! Parsers for the procfs files discovery reads, and readers that take the
+//! procfs root as a parameter so tests point them at a fake tree.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use crate::CpuSet;
+
+/// `PF_KTHREAD` in `/proc/<pid>/stat` field 9 (flags): a kernel thread.
+pub const PF_KTHREAD: u64 = 0x0020_0000;
+/// `PF_USER_WORKER`: a kernel worker attached to a user process (KVM's
+/// `kvm-nx-lpage-re` recovery thread is one on kernels >= 6.13), listed in
+/// `/proc/<pid>/task/` beside the process's own threads.
+pub const PF_USER_WORKER: u64 = 0x0000_4000;
+
+/// Names of KVM's kernel worker threads that can appear among a VM
+/// process's tasks; they are never vCPUs.
+pub const KVM_WORKER_PREFIXES: [&str; 2] = ["kvm-nx-lpage-re", "kvm-pit"];
+
+/// The fields of `/proc/<pid>/stat` (or `task/<tid>/stat`) that discovery
+/// uses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskStat {
+    /// Field 2, between the first `(` and the last `)`.
+    pub comm: String,
+    /// Field 3.
+    pub state: char,
+    /// Field 9: `PF_*` flags.
+    pub flags: u64,
+    /// Field 22: start time in clock ticks after boot; with the pid it
+    /// identifies a process across pid reuse.
+    pub start_time: u64,
+    /// Field 39: the CPU the task last ran on.
+    pub last_cpu: Option<u32>,
+}
+
+impl TaskStat {
+    /// A kernel thread, or a kernel worker attached to a user process.
+    pub fn is_kernel_worker(&self) -> bool {
+        self.flags & (PF_KTHREAD | PF_USER_WORKER) != 0
+            || KVM_WORKER_PREFIXES.iter().any(|p| self.comm.starts_with(p))
+    }
+}
+
+/// Parses a stat line. The comm field may contain spaces and parentheses
+/// (QEMU's `CPU 0/KVM`), so fields are counted after the last `)`.
+pub fn parse_stat(text: &str) -> Result<TaskStat, String> {
+    let open = text.find('(').ok_or("no '(' before comm")?;
+    let close = text.rfind(')').ok_or("no ')' after comm")?;
+    if close < open {
+        return Err("')' before '('".into());
+    }
+    let comm = text[open + 1..close].to_string();
+    let rest: Vec<&str> = text[close + 1..].split_whitespace().collect();
+    // rest[0] is field 3; field N is rest[N - 3].
+    let field = |n: usize| -> Result<&str, String> {
+        rest.get(n - 3)
+            .copied()
+            .ok_or_else(|| format!("field {n} missing"))
+    };
+    let num = |n: usize| -> Result<u64, String> {
+        let f = field(n)?;
+        f.parse::<u64>()
+            .map_err(|_| format!("field {n} ({f:?}) is not a number"))
+    };
+    let state = field(3)?.chars().next().ok_or("empty state field")?;
+    let flags = num(9)?;
+    let start_time = num(22)?;
+    // Field 39 exists since Linux 2.2; a missing or negative value means unknown.
+    let last_cpu = rest
+        .get(39 - 3)
+        .and_then(|f| f.parse::<i64>().ok())
+        .and_then(|c| u32::try_from(c).ok());
+    Ok(TaskStat {
+        comm,
+        state,
+        flags,
+        start_time,
+        last_cpu,
+    })
+}
+
+/// Extracts `Cpus_allowed_list` from the text of a status file.
+pub fn parse_status_cpus_allowed(text: &str) -> Result<CpuSet, String> {
+    let line = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .ok_or("no Cpus_allowed_list line")?;
+    CpuSet::parse(line.trim()).map_err(|e| format!("Cpus_allowed_list: {e}"))
+}
+
+/// The vCPU index of a `kvm-vcpu:N` fd link target, if it is one.
+pub fn vcpu_fd_index(link_target: &str) -> Option<u32> {
+    link_target
+        .strip_prefix("anon_inode:kvm-vcpu:")?
+        .parse()
+        .ok()
+}
+
+/// Whether an fd link target is a KVM VM.
+pub fn is_vm_fd(link_target: &str) -> bool {
+    link_target == "anon_inode:kvm-vm"
+}
+
+/// `KVM_RUN` ioctl request number (`_IO(0xAE, 0x80)`).
+pub const KVM_RUN: u64 = 0xAE80;
+/// `ioctl` system call number on x86-64.
+pub const SYS_IOCTL_X86_64: u64 = 16;
+
+/// Parses `/proc/<pid>/task/<tid>/syscall`; returns the fd when the thread
+/// is blocked in `ioctl(fd, KVM_RUN)`. A thread executing (in the guest or
+/// in user space) reads `running` and gives `None`.
+pub fn parse_syscall_kvm_run_fd(text: &str) -> Option<u32> {
+    let mut f = text.split_whitespace();
+    let nr: u64 = f.next()?.parse().ok()?;
+    if nr != SYS_IOCTL_X86_64 {
+        return None;
+    }
+    let hex = |s: &str| u64::from_str_radix(s.trim_start_matches("0x"), 16).ok();
+    let fd = hex(f.next()?)?;
+    let req = hex(f.next()?)?;
+    if req != KVM_RUN {
+        return None;
+    }
+    u32::try_from(fd).ok()
+}
+
+/// Path of `/proc/<pid>/task/<tid>/<file>` under `proc_root`.
+pub fn task_file(proc_root: &Path, pid: u32, tid: u32, file: &str) -> PathBuf {
+    proc_root
+        .join(pid.to_string())
+        .join("task")
+        .join(tid.to_string())
+        .join(file)
+}
+
+/// Why a procfs read failed, classified for the caller.
+#[derive(Debug, thiserror::Error)]
+pub enum ProcReadError {
+    /// The task exited (ENOENT or ESRCH).
+    #[error("{path}: task is gone")]
+    Gone { path: PathBuf },
+    /// EACCES or EPERM.
+    #[error("{path}: permission denied")]
+    Permission { path: PathBuf },
+    /// The file does not have the expected format.
+    #[error("{path}: {what}")]
+    Malformed { path: PathBuf, what: String },
+    /// Any other I/O error.
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+}
+
+impl ProcReadError {
+    pub(crate) fn from_io(path: &Path, e: io::Error) -> Self {
+        let path = path.to_path_buf();
+        match e.raw_os_error() {
+            Some(libc_errno::ENOENT) | Some(libc_errno::ESRCH) => Self::Gone { path },
+            Some(libc_errno::EACCES) | Some(libc_errno::EPERM) => Self::Permission { path },
+            _ if e.kind() == io::ErrorKind::NotFound => Self::Gone { path },
+            _ => Self::Io { path, source: e },
+        }
+    }
+}
+
+/// errno values used to classify I/O errors (Linux numbering, from nix).
+pub(crate) mod libc_errno {
+    use nix::errno::Errno;
+    pub const ENOENT: i32 = Errno::ENOENT as i32;
+    pub const ESRCH: i32 = Errno::ESRCH as i32;
+    pub const EACCES: i32 = Errno::EACCES as i32;
+    pub const EPERM: i32 = Errno::EPERM as i32;
+}
+
+/// Reads a procfs file to a string.
+pub fn read_text(path: &Path) -> Result<String, ProcReadError> {
+    std::fs::read_to_string(path).map_err(|e| ProcReadError::from_io(path, e))
+}
+
+/// Reads and parses `task/<tid>/stat` of process `pid`.
+pub fn read_task_stat(proc_root: &Path, pid: u32, tid: u32) -> Result<TaskStat, ProcReadError> {
+    let path = task_file(proc_root, pid, tid, "stat");
+    let text = read_text(&path)?;
+    parse_stat(&text).map_err(|what| ProcReadError::Malformed { path, what })
+}
+
+/// Reads a thread's `Cpus_allowed_list` (its affinity mask, which also
+/// reflects its cpuset).
+pub fn read_cpus_allowed(proc_root: &Path, pid: u32, tid: u32) -> Result<CpuSet, ProcReadError> {
+    let path = task_file(proc_root, pid, tid, "status");
+    let text = read_text(&path)?;
+    parse_status_cpus_allowed(&text).map_err(|what| ProcReadError::Malformed { path, what })
+}
+
+/// Reads the CPU a thread last ran on (stat field 39).
+pub fn read_last_cpu(proc_root: &Path, pid: u32, tid: u32) -> Result<Option<u32>, ProcReadError> {
+    Ok(read_task_stat(proc_root, pid, tid)?.last_cpu)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const VCPU_STAT: &str = "7014 (CPU 0/KVM) S 1 7012 7012 0 -1 4194368 9 0 0 0 51 1 0 0 20 0 5 0 12345 205944 577 18446744073709551615 1 1 0 0 0 0 0 4096 0 0 0 0 -1 1 0 0 0 0 0 0 0 0 0 0 0 0 0";
+
+    #[test]
+    fn stat_with_spaces_and_parens_in_comm() {
+        let s = parse_stat(VCPU_STAT).unwrap();
+        assert_eq!(s.comm, "CPU 0/KVM");
+        assert_eq!(s.state, 'S');
+        assert_eq!(s.flags, 4194368);
+        assert_eq!(s.start_time, 12345);
+        assert_eq!(s.last_cpu, Some(1));
+        assert!(!s.is_kernel_worker());
+
+        let odd = VCPU_STAT.replace("(CPU 0/KVM)", "(a) b) (c)");
+        assert_eq!(parse_stat(&odd).unwrap().comm, "a) b) (c");
+    }
+
+    #[test]
+    fn workers_and_bad_stat() {
+        let nx = VCPU_STAT
+            .replace("(CPU 0/KVM)", "(kvm-nx-lpage-re)")
+            .replace(" 4194368 ", " 4210752 ");
+        assert!(parse_stat(&nx).unwrap().is_kernel_worker());
+        assert!(parse_stat("garbage").is_err());
+        assert!(parse_stat("1 (x) S 1 2").is_err());
+        assert!(parse_stat("1 (x) S 1 2 3 4 5 notanumber 0 0 0 0 0 0 0 0 0 0 0 0 5").is_err());
+        // Field 39 missing: last CPU unknown, not an error.
+        let short: String = VCPU_STAT.split(' ').take(30).collect::<Vec<_>>().join(" ");
+        assert_eq!(parse_stat(&short).unwrap().last_cpu, None);
+    }
+
+    #[test]
+    fn status_and_fds() {
+        let st = "Name:\tCPU 0/KVM\nCpus_allowed:\t3\nCpus_allowed_list:\t0-1\n";
+        assert_eq!(parse_status_cpus_allowed(st).unwrap(), CpuSet::range(0, 1));
+        assert!(parse_status_cpus_allowed("Name: x\n").is_err());
+        assert!(parse_status_cpus_allowed("Cpus_allowed_list:\tzz\n").is_err());
+        assert_eq!(vcpu_fd_index("anon_inode:kvm-vcpu:12"), Some(12));
+        assert_eq!(vcpu_fd_index("anon_inode:kvm-vcpu:"), None);
+        assert_eq!(vcpu_fd_index("anon_inode:kvm-vm"), None);
+        assert!(is_vm_fd("anon_inode:kvm-vm"));
+        assert!(!is_vm_fd("/dev/kvm"));
+    }
+
+    #[test]
+    fn syscall_file() {
+        assert_eq!(
+            parse_syscall_kvm_run_fd("16 0x7 0xae80 0x0 0x0 0x0 0x0 0x7ffd 0x7f00\n"),
+            Some(7)
+        );
+        assert_eq!(parse_syscall_kvm_run_fd("running\n"), None);
+        assert_eq!(
+            parse_syscall_kvm_run_fd("16 0x7 0x5401 0 0 0 0 0 0\n"),
+            None
+        );
+        assert_eq!(parse_syscall_kvm_run_fd("230 0x1 0x0 0 0 0 0 0 0\n"), None);
+        assert_eq!(parse_syscall_kvm_run_fd(""), None);
+    }
+}

@@ -1,0 +1,208 @@
+//! Discovery against fake procfs trees.
+
+use super::fake_procfs::{write_process, write_thread, FakeProcess, FakeThread};
+use super::*;
+
+const SEV_ES_QEMU: &[&str] = &[
+    "/usr/bin/qemu-system-x86_64",
+    "-name",
+    "guest=sev-vm,debug-threads=on",
+    "-object",
+    "sev-guest,id=sev0,cbitpos=47,reduced-phys-bits=1,policy=0x5",
+    "-machine",
+    "q35,confidential-guest-support=sev0",
+    "-chardev",
+    "socket,id=charmonitor,path=/var/lib/libvirt/qemu/domain-3-sev-vm/monitor.sock",
+];
+
+#[test]
+fn finds_qemu_vm_and_skips_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut vm = FakeProcess::qemu_vm(100, 3, SEV_ES_QEMU);
+    vm.cgroup =
+        "0::/machine.slice/machine-qemu\\x2d3\\x2dsev\\x2dvm.scope/libvirt/emulator\n".into();
+    for t in vm.threads.iter_mut() {
+        if let Some(i) = qemu_vcpu_index(&t.comm) {
+            t.cgroup = format!(
+                "0::/machine.slice/machine-qemu\\x2d3\\x2dsev\\x2dvm.scope/libvirt/vcpu{i}\n"
+            );
+            t.cpus_allowed = format!("{i}");
+            t.last_cpu = i;
+        }
+    }
+    write_process(dir.path(), &vm).unwrap();
+    write_process(dir.path(), &FakeProcess::plain(1, "init")).unwrap();
+    write_process(dir.path(), &FakeProcess::plain(50, "sshd")).unwrap();
+    // Non-pid entries are ignored.
+    std::fs::create_dir_all(dir.path().join("sys")).unwrap();
+    std::fs::write(dir.path().join("uptime"), "1 1\n").unwrap();
+
+    let vms = VmScanner::new(dir.path()).scan().unwrap();
+    assert_eq!(vms.len(), 1);
+    let v = &vms[0];
+    assert_eq!(v.pid, 100);
+    assert_eq!(v.start_time, 1100);
+    assert_eq!(v.comm, "qemu-system-x86");
+    assert_eq!(v.cmdline.len(), SEV_ES_QEMU.len());
+    assert_eq!(v.class, Some(ConfidentialClass::SevEs));
+    assert_eq!(v.guest_name.as_deref(), Some("sev-vm"));
+    assert_eq!(v.libvirt_domain.as_deref(), Some("sev-vm"));
+    assert_eq!(v.vcpu_fds, vec![0, 1, 2]);
+    let idx: Vec<(u32, u32)> = v.vcpus.iter().map(|c| (c.index, c.tid)).collect();
+    assert_eq!(idx, vec![(0, 102), (1, 103), (2, 104)]);
+    for c in &v.vcpus {
+        assert_eq!(c.matched_by, VcpuMatch::ThreadName);
+        assert_eq!(c.cpus_allowed, CpuSet::range(c.index, c.index));
+        assert_eq!(c.last_cpu, Some(c.index));
+        assert_eq!(
+            c.cgroup
+                .unified
+                .as_deref()
+                .and_then(cgroup_path::libvirt_vcpu_index),
+            Some(c.index)
+        );
+    }
+    // Main thread and call_rcu are "other"; the NX worker is excluded.
+    let others: Vec<&str> = v.other_threads.iter().map(|t| t.comm.as_str()).collect();
+    assert_eq!(others, vec!["qemu-system-x86", "call_rcu"]);
+    let lv = v.cgroup.libvirt.as_ref().unwrap();
+    assert_eq!(lv.layout, LibvirtLayout::ScopeWithLibvirtDir);
+    assert_eq!(lv.domain_id, Some(3));
+    assert!(v.unmatched_vcpus().is_empty());
+}
+
+#[test]
+fn non_qemu_vmm_by_kvm_run_syscall_and_by_thread_order() {
+    let dir = tempfile::tempdir().unwrap();
+    // A VMM with unnamed vCPU threads and an extra I/O thread; vCPU 1 is
+    // blocked in KVM_RUN on fd 21, vCPU 0 is running.
+    let mut p = FakeProcess::qemu_vm(200, 2, &["/usr/bin/some-vmm", "--cpus", "2"]);
+    p.threads = vec![
+        FakeThread::new(200, "some-vmm"),
+        FakeThread::new(201, "vcpu-a"),
+        FakeThread::new(202, "vcpu-b"),
+        FakeThread::new(203, "io"),
+    ];
+    p.threads[2].syscall = "16 0x15 0xae80 0x0 0x0 0x0 0x0 0x7ffd 0x7f00\n".into();
+    write_process(dir.path(), &p).unwrap();
+    let v = VmScanner::new(dir.path()).inspect(200).unwrap();
+    assert_eq!(v.class, None, "unknown VMM");
+    assert_eq!(v.vcpus.len(), 1);
+    assert_eq!(
+        (v.vcpus[0].index, v.vcpus[0].tid, v.vcpus[0].matched_by),
+        (1, 202, VcpuMatch::KvmRunSyscall)
+    );
+    assert_eq!(v.unmatched_vcpus(), vec![0]);
+    assert_eq!(v.other_threads.len(), 3);
+
+    // Same VMM without the I/O thread and no syscall hint: tid order.
+    let dir = tempfile::tempdir().unwrap();
+    p.threads.truncate(3);
+    p.threads[2].syscall = "running\n".into();
+    write_process(dir.path(), &p).unwrap();
+    let v = VmScanner::new(dir.path()).inspect(200).unwrap();
+    let got: Vec<(u32, u32, VcpuMatch)> = v
+        .vcpus
+        .iter()
+        .map(|c| (c.index, c.tid, c.matched_by))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (0, 201, VcpuMatch::ThreadOrder),
+            (1, 202, VcpuMatch::ThreadOrder)
+        ]
+    );
+    assert_eq!(v.other_threads.len(), 1);
+}
+
+#[test]
+fn garbage_and_vanished_entries_are_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = FakeProcess::qemu_vm(300, 2, &["qemu-system-x86_64"]);
+    write_process(dir.path(), &good).unwrap();
+
+    // A VM whose main stat is garbage: skipped with a warning.
+    let bad = FakeProcess::qemu_vm(400, 1, &["qemu-system-x86_64"]);
+    write_process(dir.path(), &bad).unwrap();
+    std::fs::write(dir.path().join("400/task/400/stat"), "garbage").unwrap();
+
+    // A VM whose process directory lost its task dir (exited mid-scan).
+    let gone = FakeProcess::qemu_vm(500, 1, &["qemu-system-x86_64"]);
+    write_process(dir.path(), &gone).unwrap();
+    std::fs::remove_dir_all(dir.path().join("500/task")).unwrap();
+
+    // A VM with one garbage vCPU thread: the thread is skipped, the VM kept.
+    let mut partial = FakeProcess::qemu_vm(600, 2, &["qemu-system-x86_64"]);
+    partial.threads[3].cpus_allowed = "zz".into();
+    write_process(dir.path(), &partial).unwrap();
+
+    // A pid directory with no fd dir at all.
+    std::fs::create_dir_all(dir.path().join("700")).unwrap();
+
+    let scanner = VmScanner::new(dir.path());
+    let vms = scanner.scan().unwrap();
+    let pids: Vec<u32> = vms.iter().map(|v| v.pid).collect();
+    assert_eq!(pids, vec![300, 600]);
+    assert_eq!(vms[1].vcpus.len(), 1);
+    assert_eq!(vms[1].unmatched_vcpus(), vec![1]);
+
+    assert!(matches!(
+        scanner.inspect(400),
+        Err(DiscoveryError::Malformed { .. })
+    ));
+    assert!(scanner.inspect(500).unwrap_err().is_gone());
+    assert!(scanner.inspect(700).unwrap_err().is_gone());
+    assert!(matches!(
+        scanner.inspect(1),
+        Err(DiscoveryError::VmGone { .. })
+    ));
+}
+
+#[test]
+fn pid_reuse_detected_by_start_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = FakeProcess::qemu_vm(42, 1, &["qemu-system-x86_64"]);
+    write_process(dir.path(), &p).unwrap();
+    let s = VmScanner::new(dir.path());
+    let v = s.inspect(42).unwrap();
+    assert!(s.is_same_process(42, v.start_time).unwrap());
+    // The pid now names another process.
+    write_thread(
+        dir.path(),
+        42,
+        v.start_time + 7,
+        &FakeThread::new(42, "other"),
+    )
+    .unwrap();
+    assert!(!s.is_same_process(42, v.start_time).unwrap());
+    assert!(!s.is_same_process(43, 1).unwrap());
+}
+
+#[test]
+fn missing_root_is_an_error() {
+    let s = VmScanner::new("/nonexistent/sevplace/proc");
+    assert!(matches!(s.scan(), Err(DiscoveryError::ProcRoot { .. })));
+}
+
+#[test]
+fn libvirt_v1_partition_layout() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut vm = FakeProcess::qemu_vm(800, 1, &["qemu-system-x86_64", "-name", "guest=web1"]);
+    vm.cgroup = "4:cpuset:/machine/qemu-2-web1.libvirt-qemu/emulator\n0::/\n".into();
+    write_process(dir.path(), &vm).unwrap();
+    let v = VmScanner::new(dir.path()).inspect(800).unwrap();
+    assert_eq!(v.libvirt_domain.as_deref(), Some("web1"));
+    let lv = v.cgroup.libvirt.unwrap();
+    assert_eq!(lv.hierarchy, Hierarchy::V1Cpuset);
+    assert_eq!(lv.vcpu_path(0), "/machine/qemu-2-web1.libvirt-qemu/vcpu0");
+}
+
+#[test]
+fn qemu_names() {
+    assert_eq!(qemu_vcpu_index("CPU 0/KVM"), Some(0));
+    assert_eq!(qemu_vcpu_index("CPU 127/KVM"), Some(127));
+    assert_eq!(qemu_vcpu_index("CPU x/KVM"), None);
+    assert_eq!(qemu_vcpu_index("CPU 1/TCG"), None);
+    assert_eq!(qemu_vcpu_index("qemu-system-x86"), None);
+}

@@ -1,0 +1,359 @@
+//! The intent checkpoint: what the orchestrator asked for and the placement
+//! chosen for it, persisted before any pin is applied.
+//!
+//! File format (one JSON document, default `/var/lib/sevplace/checkpoint.json`):
+//!
+//! ```json
+//! {"format":"sevplace-checkpoint","version":1,"crc32":"8c2a5f0e",
+//!  "payload":{"generation":3,"intents":[ ... ]}}
+//! ```
+//!
+//! `crc32` is CRC-32 (IEEE) of the exact bytes of `payload` as stored in the
+//! file, in lowercase hex. The payload is kept byte for byte when loading
+//! (`RawValue`), so the checksum does not depend on re-serialisation.
+//!
+//! Writes are atomic and durable: the document goes to `<file>.tmp`, which
+//! is fsynced, renamed over `<file>`, and the directory is fsynced, so after
+//! a crash the file is either the old or the new checkpoint, never a mix. A
+//! leftover `<file>.tmp` is ignored and overwritten by the next save.
+//!
+//! Loading: a missing file is an empty checkpoint. A file that is truncated,
+//! not JSON, fails its checksum, or has a newer `version` is an error naming
+//! the file and the fault; it is never dropped silently.
+//! [`CheckpointStore::reset`] moves such a file aside to
+//! `<file>.bad-<unix seconds>` so an operator can start fresh and keep the
+//! evidence.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{ConfidentialClass, CpuSet, VmId};
+
+/// Directory of the checkpoint when none is configured.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/sevplace";
+/// File name of the checkpoint inside the state directory.
+pub const CHECKPOINT_FILE: &str = "checkpoint.json";
+/// The `format` field of the document.
+pub const CHECKPOINT_FORMAT: &str = "sevplace-checkpoint";
+/// The newest format version this build reads and the one it writes.
+pub const CHECKPOINT_VERSION: u32 = 1;
+
+/// How the orchestrator identified the VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum VmSelector {
+    /// A process; `start_time` (stat field 22) guards against pid reuse.
+    Process { pid: u32, start_time: Option<u64> },
+    /// A libvirt domain by name.
+    LibvirtDomain { name: String },
+    /// A cgroup path (as in `/proc/<pid>/cgroup`).
+    CgroupPath { path: String },
+}
+
+/// The request fields of a PlaceVm call.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlacementRequest {
+    pub vcpus: u32,
+    /// Declared by the orchestrator; `None`: taken from discovery.
+    pub class: Option<ConfidentialClass>,
+    /// Whole cores for this VM (no sharing with other VMs).
+    pub dedicated: bool,
+    /// Preferred NUMA node.
+    pub numa_node: Option<u32>,
+}
+
+/// The placement chosen for an intent: one CPU set per vCPU, by index, and
+/// the set for emulator and I/O threads.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlacementRecord {
+    pub vcpu_cpus: Vec<CpuSet>,
+    pub emulator_cpus: Option<CpuSet>,
+}
+
+impl PlacementRecord {
+    /// Every CPU the placement uses.
+    pub fn all_cpus(&self) -> CpuSet {
+        self.vcpu_cpus
+            .iter()
+            .chain(self.emulator_cpus.iter())
+            .fold(CpuSet::new(), |acc, s| acc.union(s))
+    }
+}
+
+/// One intent: a VM, the request, and the placement once chosen.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IntentRecord {
+    pub vm_id: VmId,
+    pub selector: VmSelector,
+    pub request: PlacementRequest,
+    /// `None` until the engine has chosen (or for a validate-only request,
+    /// which is never stored).
+    pub placement: Option<PlacementRecord>,
+}
+
+/// The checkpoint payload.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// Increases by one on every save.
+    pub generation: u64,
+    /// Sorted by `vm_id`, one per VM.
+    pub intents: Vec<IntentRecord>,
+}
+
+impl Checkpoint {
+    pub fn get(&self, vm: &VmId) -> Option<&IntentRecord> {
+        self.intents.iter().find(|i| &i.vm_id == vm)
+    }
+
+    /// Inserts or replaces the intent of `intent.vm_id`; returns the old one.
+    pub fn upsert(&mut self, intent: IntentRecord) -> Option<IntentRecord> {
+        match self
+            .intents
+            .binary_search_by(|i| i.vm_id.cmp(&intent.vm_id))
+        {
+            Ok(pos) => Some(std::mem::replace(&mut self.intents[pos], intent)),
+            Err(pos) => {
+                self.intents.insert(pos, intent);
+                None
+            }
+        }
+    }
+
+    /// Removes the intent of `vm`.
+    pub fn remove(&mut self, vm: &VmId) -> Option<IntentRecord> {
+        let pos = self.intents.iter().position(|i| &i.vm_id == vm)?;
+        Some(self.intents.remove(pos))
+    }
+}
+
+/// Errors from loading or saving the checkpoint.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    /// The file exists but cannot be trusted.
+    #[error("checkpoint {path} is corrupt: {what}; it was left untouched: reset the checkpoint to move it aside to {}.bad-<time> and start without intents", path.display())]
+    Corrupt { path: PathBuf, what: String },
+    /// Written by a newer sevplace.
+    #[error("checkpoint {path} has format version {found}, newer than version {supported} this sevplaced reads; run the newer sevplaced, or reset the checkpoint to move it aside and start without intents", path = path.display())]
+    NewerVersion {
+        path: PathBuf,
+        found: u64,
+        supported: u32,
+    },
+    /// An I/O error, with the operation that failed.
+    #[error("checkpoint {op} {path}: {source}", path = path.display())]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// The on-disk document, for writing.
+#[derive(Serialize)]
+struct EnvelopeOut<'a> {
+    format: &'static str,
+    version: u32,
+    crc32: String,
+    payload: &'a serde_json::value::RawValue,
+}
+
+/// The on-disk document, for reading.
+#[derive(Deserialize)]
+struct EnvelopeIn {
+    format: String,
+    crc32: String,
+    payload: Box<serde_json::value::RawValue>,
+}
+
+fn crc_hex(bytes: &[u8]) -> String {
+    format!("{:08x}", crc32fast::hash(bytes))
+}
+
+/// Reads and writes the checkpoint file.
+#[derive(Debug, Clone)]
+pub struct CheckpointStore {
+    path: PathBuf,
+}
+
+impl Default for CheckpointStore {
+    fn default() -> Self {
+        Self::in_dir(DEFAULT_STATE_DIR)
+    }
+}
+
+impl CheckpointStore {
+    /// A store at an explicit file path.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self { path: path.into() }
+    }
+
+    /// A store at `<dir>/checkpoint.json`.
+    pub fn in_dir(dir: impl AsRef<Path>) -> Self {
+        Self::new(dir.as_ref().join(CHECKPOINT_FILE))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn tmp_path(&self) -> PathBuf {
+        let mut s = self.path.clone().into_os_string();
+        s.push(".tmp");
+        PathBuf::from(s)
+    }
+
+    fn dir(&self) -> PathBuf {
+        match self.path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        }
+    }
+
+    fn io(&self, op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError {
+        let path = path.to_path_buf();
+        move |source| CheckpointError::Io { op, path, source }
+    }
+
+    /// Loads the checkpoint; a missing file is an empty checkpoint.
+    pub fn load(&self) -> Result<Checkpoint, CheckpointError> {
+        let bytes = match std::fs::read(&self.path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Checkpoint::default()),
+            Err(e) => return Err(self.io("read", &self.path)(e)),
+        };
+        decode(&bytes).map_err(|fault| match fault {
+            DecodeFault::Corrupt(what) => CheckpointError::Corrupt {
+                path: self.path.clone(),
+                what,
+            },
+            DecodeFault::Newer(found) => CheckpointError::NewerVersion {
+                path: self.path.clone(),
+                found,
+                supported: CHECKPOINT_VERSION,
+            },
+        })
+    }
+
+    /// Saves `checkpoint` atomically and durably (temp file, fsync, rename,
+    /// fsync of the directory). Creates the directory when missing.
+    pub fn save(&self, checkpoint: &Checkpoint) -> Result<(), CheckpointError> {
+        let bytes = encode(checkpoint).map_err(|e| CheckpointError::Io {
+            op: "encode",
+            path: self.path.clone(),
+            source: std::io::Error::other(e),
+        })?;
+        let dir = self.dir();
+        std::fs::create_dir_all(&dir).map_err(self.io("create directory", &dir))?;
+        let tmp = self.tmp_path();
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)
+                .map_err(self.io("create", &tmp))?;
+            f.write_all(&bytes).map_err(self.io("write", &tmp))?;
+            f.sync_all().map_err(self.io("fsync", &tmp))?;
+        }
+        std::fs::rename(&tmp, &self.path).map_err(self.io("rename", &tmp))?;
+        sync_dir(&dir).map_err(self.io("fsync directory", &dir))?;
+        Ok(())
+    }
+
+    /// Moves the checkpoint file aside to `<file>.bad-<unix seconds>` (a
+    /// numeric suffix is added if that name is taken) and returns the new
+    /// path; `None` when there was no file. The file is never deleted.
+    pub fn reset(&self) -> Result<Option<PathBuf>, CheckpointError> {
+        if !self.path.exists() {
+            return Ok(None);
+        }
+        let secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let mut base = self.path.clone().into_os_string();
+        base.push(format!(".bad-{secs}"));
+        let mut target = PathBuf::from(&base);
+        let mut n = 1;
+        while target.exists() {
+            let mut s = base.clone();
+            s.push(format!(".{n}"));
+            target = PathBuf::from(s);
+            n += 1;
+        }
+        std::fs::rename(&self.path, &target).map_err(self.io("move aside", &self.path))?;
+        let dir = self.dir();
+        sync_dir(&dir).map_err(self.io("fsync directory", &dir))?;
+        tracing::warn!(from = %self.path.display(), to = %target.display(), "checkpoint moved aside");
+        Ok(Some(target))
+    }
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Serialises a checkpoint into the on-disk document.
+pub fn encode(checkpoint: &Checkpoint) -> Result<Vec<u8>, serde_json::Error> {
+    let payload = serde_json::to_string(checkpoint)?;
+    let raw = serde_json::value::RawValue::from_string(payload)?;
+    let doc = EnvelopeOut {
+        format: CHECKPOINT_FORMAT,
+        version: CHECKPOINT_VERSION,
+        crc32: crc_hex(raw.get().as_bytes()),
+        payload: &raw,
+    };
+    let mut out = serde_json::to_vec(&doc)?;
+    out.push(b'\n');
+    Ok(out)
+}
+
+enum DecodeFault {
+    Corrupt(String),
+    Newer(u64),
+}
+
+fn decode(bytes: &[u8]) -> Result<Checkpoint, DecodeFault> {
+    // The version is checked first: a newer format may change the rest.
+    let generic: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| {
+        DecodeFault::Corrupt(if e.is_eof() {
+            format!("truncated ({} bytes): {e}", bytes.len())
+        } else {
+            format!("not valid JSON: {e}")
+        })
+    })?;
+    let version = generic
+        .get("version")
+        .and_then(serde_json::Value::as_u64)
+        .ok_or_else(|| DecodeFault::Corrupt("no numeric \"version\" field".into()))?;
+    if version > u64::from(CHECKPOINT_VERSION) {
+        return Err(DecodeFault::Newer(version));
+    }
+    if version == 0 {
+        return Err(DecodeFault::Corrupt("version 0 does not exist".into()));
+    }
+    let env: EnvelopeIn = serde_json::from_slice(bytes)
+        .map_err(|e| DecodeFault::Corrupt(format!("bad envelope: {e}")))?;
+    if env.format != CHECKPOINT_FORMAT {
+        return Err(DecodeFault::Corrupt(format!(
+            "format is {:?}, expected {CHECKPOINT_FORMAT:?}",
+            env.format
+        )));
+    }
+    let computed = crc_hex(env.payload.get().as_bytes());
+    if !env.crc32.eq_ignore_ascii_case(&computed) {
+        return Err(DecodeFault::Corrupt(format!(
+            "checksum mismatch: stored crc32 {}, computed {computed}",
+            env.crc32
+        )));
+    }
+    serde_json::from_str(env.payload.get())
+        .map_err(|e| DecodeFault::Corrupt(format!("bad payload: {e}")))
+}
+
+#[cfg(test)]
+mod tests;

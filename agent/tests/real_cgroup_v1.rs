@@ -1,0 +1,270 @@
+//! Real cgroup v1 cpuset tests: a cgroup under `/sys/fs/cgroup/cpuset`,
+//! created and removed by the test, real threads of this process moved in,
+//! `cpuset.cpus` applied and read back from `/proc/self/task/<tid>/status`.
+//! Skipped with a printed reason when not root or no v1 cpuset is mounted.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use sevplace::cgroup::{self, CgroupError, CgroupKind, CpusetWriter};
+use sevplace::discovery::Hierarchy;
+use sevplace::CpuSet;
+
+const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+
+fn v1_writer_or_skip(test: &str) -> Option<CpusetWriter> {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIP {test}: not root");
+        return None;
+    }
+    if !Path::new(CGROUP_ROOT).join("cpuset/cpuset.cpus").is_file() {
+        eprintln!("SKIP {test}: no cgroup v1 cpuset hierarchy at {CGROUP_ROOT}/cpuset");
+        return None;
+    }
+    match CpusetWriter::detect(CGROUP_ROOT) {
+        Ok(w) if w.hierarchy() == Hierarchy::V1Cpuset => Some(w),
+        Ok(_) => {
+            eprintln!("SKIP {test}: the cpuset controller is on cgroup v2 here");
+            None
+        }
+        Err(e) => {
+            eprintln!("SKIP {test}: {e}");
+            None
+        }
+    }
+}
+
+/// Removes the test cgroup tree on drop, after moving any task left in it
+/// back to the root cgroup.
+struct CgroupGuard {
+    writer: CpusetWriter,
+    base: String,
+}
+
+impl Drop for CgroupGuard {
+    fn drop(&mut self) {
+        let Ok(dir) = self.writer.dir_of(&self.base) else {
+            return;
+        };
+        for entry in walk(&dir) {
+            if let Ok(tasks) = std::fs::read_to_string(entry.join("tasks")) {
+                for t in tasks.lines() {
+                    let _ = std::fs::write(self.writer.host().mount.join("tasks"), t);
+                }
+            }
+        }
+        if let Err(e) = self.writer.remove(&self.base) {
+            eprintln!("cleanup of {}: {e}", self.base);
+        }
+    }
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = vec![dir.to_path_buf()];
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                out.extend(walk(&e.path()));
+            }
+        }
+    }
+    out
+}
+
+fn unique_base() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!("/sevplace-test-{}-{nanos:x}", std::process::id())
+}
+
+/// Threads that alternate short bursts of work and sleep until stopped.
+struct Workers {
+    tids: Vec<u32>,
+    stop: Arc<AtomicBool>,
+    handles: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Workers {
+    fn spawn(n: usize) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = mpsc::channel();
+        let mut handles = Vec::new();
+        for _ in 0..n {
+            let tx = tx.clone();
+            let stop = Arc::clone(&stop);
+            handles.push(std::thread::spawn(move || {
+                tx.send(nix::unistd::gettid().as_raw() as u32).unwrap();
+                while !stop.load(Ordering::Relaxed) {
+                    let t = Instant::now();
+                    while t.elapsed() < Duration::from_micros(300) {
+                        std::hint::spin_loop();
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            }));
+        }
+        let tids = (0..n).map(|_| rx.recv().unwrap()).collect();
+        Self {
+            tids,
+            stop,
+            handles,
+        }
+    }
+
+    fn stop(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for h in self.handles {
+            h.join().unwrap();
+        }
+    }
+}
+
+fn proc_self() -> &'static Path {
+    Path::new("/proc")
+}
+
+/// Samples the thread's last CPU `n` times and returns those outside `set`.
+fn stray_samples(pid: u32, tid: u32, set: &CpuSet, n: usize) -> Vec<u32> {
+    let mut stray = Vec::new();
+    for _ in 0..n {
+        if let Ok(Some(cpu)) = cgroup::read_thread_last_cpu(proc_self(), pid, tid) {
+            if !set.contains(cpu) {
+                stray.push(cpu);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    stray
+}
+
+#[test]
+fn v1_cpuset_moves_threads_and_applies_cpus() {
+    let Some(writer) = v1_writer_or_skip("v1_cpuset_moves_threads_and_applies_cpus") else {
+        return;
+    };
+    let pid = std::process::id();
+    let host_cpus = writer.read_cpus("/").unwrap();
+    let cpu_a = host_cpus.first().unwrap();
+    let cpu_b = host_cpus.iter().last().unwrap();
+    let base = unique_base();
+    let guard = CgroupGuard {
+        writer: writer.clone(),
+        base: base.clone(),
+    };
+    let workers = Workers::spawn(2);
+
+    let set_a: CpuSet = [cpu_a].into_iter().collect();
+    let set_b: CpuSet = [cpu_b].into_iter().collect();
+    let t0 = format!("{base}/t0");
+    let t1 = format!("{base}/t1");
+    writer
+        .pin_thread(&t0, workers.tids[0], &set_a, None)
+        .unwrap();
+    writer
+        .pin_thread(&t1, workers.tids[1], &set_b, None)
+        .unwrap();
+
+    assert_eq!(writer.read_cpus(&t0).unwrap(), set_a);
+    assert_eq!(writer.read_effective_cpus(&t1).unwrap(), set_b);
+    assert_eq!(writer.read_threads(&t0).unwrap(), vec![workers.tids[0]]);
+    for (tid, set) in [(workers.tids[0], &set_a), (workers.tids[1], &set_b)] {
+        assert_eq!(
+            &cgroup::read_thread_cpus_allowed(proc_self(), pid, tid).unwrap(),
+            set
+        );
+        assert_eq!(&cgroup::get_thread_affinity(tid).unwrap(), set);
+        let stray = stray_samples(pid, tid, set, 20);
+        assert!(stray.is_empty(), "tid {tid} ran on {stray:?} outside {set}");
+    }
+
+    // Re-pin t0 to the other CPU: the kernel updates the thread's mask.
+    writer.set_cpus(&t0, &set_b).unwrap();
+    assert_eq!(
+        cgroup::read_thread_cpus_allowed(proc_self(), pid, workers.tids[0]).unwrap(),
+        set_b
+    );
+    std::thread::sleep(Duration::from_millis(20));
+    assert!(stray_samples(pid, workers.tids[0], &set_b, 10).is_empty());
+
+    // rmdir of a cgroup that holds tasks is EBUSY.
+    assert!(matches!(writer.remove(&t0), Err(CgroupError::Busy { .. })));
+
+    workers.stop();
+    drop(guard);
+    assert!(!writer.dir_of(&base).unwrap().exists());
+    println!("real v1 cpuset: pinned 2 threads to {set_a} and {set_b}, read back, cleaned up");
+}
+
+#[test]
+fn v1_cpuset_errors_are_typed() {
+    let Some(writer) = v1_writer_or_skip("v1_cpuset_errors_are_typed") else {
+        return;
+    };
+    let host_cpus = writer.read_cpus("/").unwrap();
+    let base = unique_base();
+    let guard = CgroupGuard {
+        writer: writer.clone(),
+        base: base.clone(),
+    };
+    let workers = Workers::spawn(1);
+    let tid = workers.tids[0];
+
+    // ENOSPC: a fresh v1 cgroup has no CPUs or memory nodes.
+    let empty = format!("{base}/empty");
+    std::fs::create_dir_all(writer.dir_of(&empty).unwrap()).unwrap();
+    let err = writer.move_thread(&empty, tid).unwrap_err();
+    assert!(matches!(err, CgroupError::NoSpace { .. }), "{err:?}");
+    assert!(err.to_string().contains("empty/tasks"), "{err}");
+
+    // ESRCH: a thread that has exited.
+    let dead = std::thread::spawn(|| nix::unistd::gettid().as_raw() as u32)
+        .join()
+        .unwrap();
+    let ok = format!("{base}/ok");
+    writer
+        .ensure_cpuset(&ok, &host_cpus, None, CgroupKind::Threaded)
+        .unwrap();
+    let err = writer.move_thread(&ok, dead).unwrap_err();
+    assert!(err.is_gone(), "{err:?}");
+    let err = cgroup::set_thread_affinity(dead, &host_cpus).unwrap_err();
+    assert!(err.is_gone(), "{err:?}");
+
+    // EINVAL: a child set outside its parent's (needs two CPUs).
+    if host_cpus.len() >= 2 {
+        let first: CpuSet = host_cpus.first().into_iter().collect();
+        let last: CpuSet = host_cpus.iter().last().into_iter().collect();
+        let narrow = format!("{base}/narrow");
+        let child = format!("{narrow}/child");
+        writer
+            .ensure_cpuset(&narrow, &first, None, CgroupKind::Domain)
+            .unwrap();
+        writer
+            .ensure_cpuset(&child, &first, None, CgroupKind::Threaded)
+            .unwrap();
+        let err = writer.set_cpus(&child, &last).unwrap_err();
+        assert!(matches!(err, CgroupError::InvalidSet { .. }), "{err:?}");
+        // ensure_cpuset widens the parent first, so the same request succeeds.
+        writer
+            .ensure_cpuset(&child, &last, None, CgroupKind::Threaded)
+            .unwrap();
+        assert_eq!(writer.read_cpus(&child).unwrap(), last);
+        assert!(last.is_subset(&writer.read_cpus(&narrow).unwrap()));
+    } else {
+        eprintln!("SKIP EINVAL case: only one CPU");
+    }
+
+    // sched_setaffinity for a thread with no cgroup of its own.
+    let one: CpuSet = host_cpus.iter().last().into_iter().collect();
+    cgroup::set_thread_affinity(tid, &one).unwrap();
+    assert_eq!(
+        cgroup::read_thread_cpus_allowed(proc_self(), std::process::id(), tid).unwrap(),
+        one
+    );
+
+    workers.stop();
+    drop(guard);
+}
