@@ -1,7 +1,8 @@
 //! `sevplaced`: builds every part from the settings and runs until SIGTERM
 //! or SIGINT.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use sevplace_proto::v1::sevplace_service_server::SevplaceServiceServer;
 use tokio::sync::watch;
@@ -9,7 +10,14 @@ use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 
 use crate::api::{AgentContext, SevplaceApi};
 use crate::config::Settings;
+use crate::cgroup::CpusetWriter;
+use crate::discovery::VmScanner;
 use crate::kmod::ModuleReader;
+use crate::placement::Reservations;
+use crate::reconcile::enforce::SchedAffinity;
+use crate::reconcile::events::EventBus;
+use crate::reconcile::{AgentCore, AgentError, HostAccess};
+use crate::state::CheckpointStore;
 use crate::metrics::Metrics;
 use crate::server::{self, ListenError, OwnedSocket};
 use crate::topology::{Topology, TopologyError};
@@ -27,6 +35,8 @@ pub enum DaemonError {
     Transport(#[from] tonic::transport::Error),
     #[error("gRPC reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    #[error("{0}; to start anyway, run sevplaced --reset-state")]
+    Core(#[from] AgentError),
     #[error("signal handler: {0}")]
     Signal(std::io::Error),
 }
@@ -46,8 +56,53 @@ async fn shutdown_signal() -> Result<(), DaemonError> {
     Ok(())
 }
 
+/// Start-up choices that are not settings.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Move a checkpoint that cannot be loaded aside and start without
+    /// intents.
+    pub reset_state: bool,
+}
+
+/// One reconcile pass: the scan runs without the core's lock.
+pub async fn reconcile_once(ctx: &Arc<AgentContext>) {
+    let ctx = ctx.clone();
+    let r = tokio::task::spawn_blocking(move || {
+        let scanner = ctx.lock().scanner();
+        match scanner.scan() {
+            Ok(scan) => {
+                let report = ctx.lock().reconcile(scan);
+                for e in &report.errors {
+                    tracing::warn!(error = %e, "reconcile");
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "host scan failed"),
+        }
+    })
+    .await;
+    if let Err(e) = r {
+        tracing::error!(error = %e, "reconcile pass panicked");
+    }
+}
+
+async fn reconcile_loop(ctx: Arc<AgentContext>, period: Duration, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        let stopping = tokio::select! {
+            _ = stop.wait_for(|s| *s) => true,
+            _ = tick.tick() => false,
+        };
+        if stopping {
+            return;
+        }
+        reconcile_once(&ctx).await;
+    }
+}
+
 /// Runs the daemon until a shutdown signal.
-pub async fn run(settings: Settings) -> Result<(), DaemonError> {
+pub async fn run(settings: Settings, options: RunOptions) -> Result<(), DaemonError> {
     let topology = Topology::from_sysfs(&settings.host_path("/sys"))?;
     if !settings.reserved_cpus.is_subset(&topology.online) {
         return Err(DaemonError::Reserved {
@@ -67,12 +122,49 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
     let status = module.status();
     tracing::info!(state = ?status.state, message = %status.message, "sevflush module");
 
+    let cgroups = match CpusetWriter::detect(settings.host_path("/sys/fs/cgroup")) {
+        Ok(w) => {
+            tracing::info!(hierarchy = ?w.hierarchy(), "cpuset cgroups");
+            Some(w)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "no cpuset hierarchy: pinning by affinity only");
+            None
+        }
+    };
+    let store = CheckpointStore::in_dir(&settings.state_dir);
+    if options.reset_state {
+        match store.reset() {
+            Ok(Some(moved)) => tracing::warn!(to = %moved.display(), "checkpoint moved aside; starting without intents"),
+            Ok(None) => tracing::info!("no checkpoint to reset"),
+            Err(e) => return Err(DaemonError::Core(e.into())),
+        }
+    }
+    let events = Arc::new(EventBus::new(1024));
+    let core = AgentCore::new(
+        Arc::new(topology),
+        Reservations {
+            host: settings.reserved_cpus.clone(),
+            ..Reservations::default()
+        },
+        HostAccess {
+            scanner: VmScanner::new(settings.host_path("/proc")),
+            cgroups,
+            module,
+            affinity: Arc::new(SchedAffinity),
+        },
+        store,
+        metrics.clone(),
+        events.clone(),
+    )?;
     let ctx = Arc::new(AgentContext {
-        topology,
-        reserved_cpus: settings.reserved_cpus.clone(),
+        core: Arc::new(Mutex::new(core)),
+        events,
         metrics: metrics.clone(),
-        module,
     });
+    // The first pass runs before the socket is bound, so the first answer
+    // already reflects the host.
+    reconcile_once(&ctx).await;
 
     let (socket, unix_listener) = OwnedSocket::bind(
         &settings.socket,
@@ -107,6 +199,11 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
     };
 
     let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(reconcile_loop(
+        ctx.clone(),
+        Duration::from_millis(settings.reconcile_period_ms),
+        stop_rx.clone(),
+    ));
     if let Some(l) = metrics_listener {
         tracing::info!(addr = ?l.local_addr().ok(), "serving /metrics");
         tasks.spawn(server::serve_metrics(l, metrics.clone(), stop_rx.clone()));

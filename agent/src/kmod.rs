@@ -79,6 +79,20 @@ impl ModuleStatus {
     }
 }
 
+/// One VM record of the module.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ModuleVm {
+    pub id: u64,
+    pub pid: u32,
+    pub dirty_cpus: CpuSet,
+    pub ran_cpus: CpuSet,
+    pub flushes: u64,
+    pub flushed_cpus: u64,
+    pub confidential: String,
+    /// `None` when the module does not export `unknown_past`.
+    pub unknown_past: Option<bool>,
+}
+
 /// Reads the module's sysfs tree.
 #[derive(Debug, Clone)]
 pub struct ModuleReader {
@@ -172,6 +186,80 @@ impl ModuleReader {
         }
     }
 
+    /// Every VM record (`vms/<id>/`), ordered by id. A record that vanishes
+    /// while it is read (its VM was destroyed) is left out.
+    pub fn vm_records(&self) -> Result<Vec<ModuleVm>, ModuleError> {
+        self.abi_version()?;
+        let dir = self.dir.join("vms");
+        let entries = std::fs::read_dir(&dir).map_err(|source| ModuleError::Read {
+            path: dir.clone(),
+            source,
+        })?;
+        let mut ids: Vec<u64> = entries
+            .filter_map(|e| e.ok())
+            .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse().ok()))
+            .collect();
+        ids.sort_unstable();
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            match self.vm_record(id) {
+                Ok(r) => out.push(r),
+                Err(ModuleError::Read { source, .. })
+                    if source.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+
+    /// One VM record.
+    pub fn vm_record(&self, id: u64) -> Result<ModuleVm, ModuleError> {
+        let rel = |f: &str| format!("vms/{id}/{f}");
+        let n = |f: &str| read_u64(&self.dir.join(rel(f)));
+        let pid_path = self.dir.join(rel("pid"));
+        let pid = u32::try_from(n("pid")?).map_err(|_| ModuleError::Value {
+            path: pid_path,
+            value: String::new(),
+            reason: "pid out of range",
+        })?;
+        let unknown_past = match read_value(&self.dir.join(rel("unknown_past"))) {
+            Ok(v) => Some(v == "1"),
+            Err(ModuleError::Read { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                None
+            }
+            Err(e) => return Err(e),
+        };
+        Ok(ModuleVm {
+            id,
+            pid,
+            dirty_cpus: self.read_cpulist(&rel("dirty_cpus"))?,
+            ran_cpus: self.read_cpulist(&rel("ran_cpus"))?,
+            flushes: n("flushes")?,
+            flushed_cpus: n("flushed_cpus")?,
+            confidential: read_value(&self.dir.join(rel("confidential")))?,
+            unknown_past,
+        })
+    }
+
+    /// Writes the agent's classification to `vms/<id>/confidential`.
+    pub fn set_confidential(
+        &self,
+        id: u64,
+        class: crate::types::ConfidentialClass,
+    ) -> Result<(), ModuleError> {
+        let path = self.dir.join(format!("vms/{id}/confidential"));
+        std::fs::write(&path, format!("{}\n", class.as_str()))
+            .map_err(|source| ModuleError::Write { path, source })
+    }
+
+    /// Asks the module to flush the VM's dirty set now (`vms/<id>/scrub`).
+    pub fn scrub(&self, id: u64) -> Result<(), ModuleError> {
+        let path = self.dir.join(format!("vms/{id}/scrub"));
+        std::fs::write(&path, "1\n").map_err(|source| ModuleError::Write { path, source })
+    }
+
     /// Reads a cpulist file of a VM record (`dirty_cpus`, `ran_cpus`).
     pub fn read_cpulist(&self, rel: &str) -> Result<CpuSet, ModuleError> {
         let path = self.dir.join(rel);
@@ -204,6 +292,11 @@ mod tests {
         ("scrubbed_cpus_total", "4\n"),
         ("vms/1/dirty_cpus", "0-3,8\n"),
         ("vms/1/ran_cpus", "\n"),
+        ("vms/1/pid", "4242\n"),
+        ("vms/1/flushes", "3\n"),
+        ("vms/1/flushed_cpus", "12\n"),
+        ("vms/1/confidential", "unknown\n"),
+        ("vms/1/scrub", ""),
     ];
 
     #[test]
@@ -221,6 +314,14 @@ mod tests {
             "0-3,8"
         );
         assert!(r.read_cpulist("vms/1/ran_cpus").unwrap().is_empty());
+        let vms = r.vm_records().unwrap();
+        assert_eq!(vms.len(), 1);
+        assert_eq!((vms[0].pid, vms[0].flushes, vms[0].flushed_cpus), (4242, 3, 12));
+        assert_eq!(vms[0].unknown_past, None);
+        r.set_confidential(1, crate::types::ConfidentialClass::SevEs).unwrap();
+        assert_eq!(r.vm_record(1).unwrap().confidential, "sev-es");
+        r.scrub(1).unwrap();
+        assert_eq!(std::fs::read_to_string(d.path().join("vms/1/scrub")).unwrap(), "1\n");
     }
 
     #[test]

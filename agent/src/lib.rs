@@ -12,6 +12,7 @@ pub mod discovery;
 pub mod kmod;
 pub mod metrics;
 pub mod placement;
+pub mod reconcile;
 pub mod server;
 pub mod simulate;
 pub mod state;

@@ -47,6 +47,14 @@ pub struct Metrics {
     pub grpc_requests: Family<GrpcLabels, Counter>,
     pub grpc_duration: Family<MethodLabels, Histogram>,
     pub confidential_pool_l3_domains: Gauge,
+    pub drift_corrections: Family<ReasonLabels, Counter>,
+    pub reconcile_duration: Histogram,
+}
+
+/// Labels of `sevplace_drift_corrections_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: String,
 }
 
 fn latency_buckets() -> Histogram {
@@ -88,13 +96,26 @@ impl Metrics {
         );
         let grpc_duration =
             Family::<MethodLabels, Histogram>::new_with_constructor(latency_buckets as fn() -> _);
-        registry.register_with_unit(
-            "grpc_request_duration",
+        registry.register(
+            "grpc_request_duration_seconds",
             "Time to handle a gRPC request",
-            prometheus_client::registry::Unit::Seconds,
             grpc_duration.clone(),
         );
+        let drift_corrections = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "drift_corrections",
+            "Threads or cgroups put back into their placement, by reason",
+            drift_corrections.clone(),
+        );
+        let reconcile_duration = latency_buckets();
+        registry.register(
+            "reconcile_duration_seconds",
+            "Time of one reconcile pass",
+            reconcile_duration.clone(),
+        );
         Self {
+            drift_corrections,
+            reconcile_duration,
             registry,
             cpus,
             l3_domains,
@@ -119,6 +140,20 @@ impl Metrics {
         set("reserved", reserved);
         self.l3_domains.set(topo.l3_domains.len() as i64);
         self.numa_nodes.set(topo.numa_nodes.len() as i64);
+    }
+
+    /// Records one drift correction.
+    pub fn observe_drift(&self, reason: &str) {
+        self.drift_corrections
+            .get_or_create(&ReasonLabels {
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
+
+    /// Records one reconcile pass.
+    pub fn observe_reconcile(&self, elapsed: Duration) {
+        self.reconcile_duration.observe(elapsed.as_secs_f64());
     }
 
     /// Records one gRPC call.

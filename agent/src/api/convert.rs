@@ -3,8 +3,13 @@
 
 use sevplace_proto::v1 as pb;
 
+use std::time::SystemTime;
+
 use crate::cpuset::CpuSet;
-use crate::kmod::{ModuleState, ModuleStatus};
+use crate::kmod::{ModuleState, ModuleStatus, ModuleVm};
+use crate::placement::{Placement, Pool};
+use crate::reconcile::events::{Event, EventKind};
+use crate::reconcile::{AgentCore, ClassSource, VmState, VmView};
 use crate::topology::Topology;
 use crate::types::ConfidentialClass;
 
@@ -85,5 +90,207 @@ pub fn module_status(s: &ModuleStatus) -> pb::ModuleStatus {
         scrubs_total: s.scrubs_total,
         scrubbed_cpus_total: s.scrubbed_cpus_total,
         message: s.message.clone(),
+    }
+}
+
+fn timestamp(t: SystemTime) -> sevplace_proto::pbjson_types::Timestamp {
+    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    sevplace_proto::pbjson_types::Timestamp {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+    }
+}
+
+fn pool(p: Pool) -> pb::Pool {
+    match p {
+        Pool::Confidential => pb::Pool::Confidential,
+        Pool::General => pb::Pool::General,
+    }
+}
+
+fn indices(v: &[usize]) -> Vec<u32> {
+    v.iter().map(|&i| i as u32).collect()
+}
+
+pub fn placement(p: &Placement) -> pb::Placement {
+    pb::Placement {
+        cpus: cpus(&p.cpus),
+        vcpus: p
+            .vcpu_cpus
+            .iter()
+            .enumerate()
+            .map(|(i, s)| pb::VcpuPlacement {
+                index: i as u32,
+                cpus: cpus(s),
+            })
+            .collect(),
+        l3_domains: indices(&p.l3_domains),
+        numa_nodes: p.numa_nodes.clone(),
+        pool: pool(p.pool) as i32,
+        shares_confidential_domain: p.shares_confidential_domain,
+    }
+}
+
+fn state(s: VmState) -> pb::VmState {
+    match s {
+        VmState::Pending => pb::VmState::Pending,
+        VmState::Placed => pb::VmState::Placed,
+        VmState::Drifted => pb::VmState::Drifted,
+        VmState::Unmanaged => pb::VmState::Unmanaged,
+        VmState::Exited => pb::VmState::Exited,
+    }
+}
+
+/// Flush tracking of a VM from its module record: the blast radius of the
+/// next flush is every L3 domain that holds a dirty CPU.
+pub fn flush_status(topo: &Topology, record: Option<&ModuleVm>) -> pb::FlushStatus {
+    let Some(r) = record else {
+        return pb::FlushStatus::default();
+    };
+    let domains = topo.l3_domains_of(&r.dirty_cpus);
+    pb::FlushStatus {
+        tracked: true,
+        dirty_cpus: cpus(&r.dirty_cpus),
+        ran_cpus: cpus(&r.ran_cpus),
+        flushes: r.flushes,
+        flushed_cpus: r.flushed_cpus,
+        blast_radius_l3_domains: domains.len() as u32,
+        blast_radius_cpus: topo.cpus_of_l3(&domains).len() as u32,
+    }
+}
+
+pub fn vm(topo: &Topology, v: &VmView, record: Option<&ModuleVm>) -> pb::Vm {
+    pb::Vm {
+        vm_id: v.vm_id.clone(),
+        pid: v.pid,
+        libvirt_domain: v.libvirt_domain.clone().unwrap_or_default(),
+        confidential_class: v
+            .class
+            .map_or(pb::ConfidentialClass::Unspecified, class_to_pb) as i32,
+        class_source: match v.class_source {
+            ClassSource::Orchestrator => pb::ClassSource::Orchestrator,
+            ClassSource::CommandLine => pb::ClassSource::CommandLine,
+            ClassSource::Unknown => pb::ClassSource::Unspecified,
+        } as i32,
+        state: state(v.state) as i32,
+        vcpus: v.vcpus,
+        placement: v.placement.as_ref().map(placement),
+        vcpu_threads: v
+            .threads
+            .iter()
+            .map(|t| pb::VcpuThread {
+                index: t.index,
+                tid: t.tid,
+                allowed_cpus: cpus(&t.cpus_allowed),
+                last_cpu: t.last_cpu.unwrap_or(0),
+            })
+            .collect(),
+        flush: Some(flush_status(topo, record)),
+        placed_at: v.placed_at.map(timestamp),
+        shared: v.shared,
+    }
+}
+
+/// GetHost from the core: topology, pools, capacity, module status.
+pub fn host(core: &AgentCore) -> pb::Host {
+    let topo = core.topology();
+    let reserved = &core.reservations().host;
+    let conf = core.placements().confidential_domains();
+    let taken = core
+        .placements()
+        .iter()
+        .filter(|p| p.exclusive)
+        .fold(reserved.clone(), |a, p| a.union(&p.cpus));
+    let cap = core.capacity();
+    pb::Host {
+        hostname: nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .unwrap_or_default(),
+        agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        topology: Some(topology(
+            topo,
+            |d| {
+                if conf.contains(&d) {
+                    pb::Pool::Confidential
+                } else {
+                    pb::Pool::General
+                }
+            },
+            |d| topo.l3_domains[d].cpus.difference(&taken),
+        )),
+        reserved_cpus: cpus(reserved),
+        confidential_pool_l3_domains: indices(&cap.confidential_domains),
+        capacity: cap
+            .classes
+            .iter()
+            .map(|c| pb::ClassCapacity {
+                confidential_class: class_to_pb(c.class) as i32,
+                free_cpus: c.free_cpus,
+                largest_vm_vcpus: c.largest_vm,
+                fits: c
+                    .fits
+                    .iter()
+                    .map(|f| pb::SizeFit {
+                        vcpus: f.vcpus,
+                        count: f.count,
+                    })
+                    .collect(),
+            })
+            .collect(),
+        module: Some(module_status(&core.module().status())),
+        vm_count: core.vm_count() as u32,
+    }
+}
+
+pub fn event(e: &Event) -> pb::Event {
+    use pb::event::Kind;
+    let kind = match &e.kind {
+        EventKind::Placed {
+            cpus: c,
+            vcpu_cpus,
+            l3_domains,
+        } => Kind::Placed(pb::VmPlaced {
+            placement: Some(pb::Placement {
+                cpus: cpus(c),
+                vcpus: vcpu_cpus
+                    .iter()
+                    .enumerate()
+                    .map(|(i, s)| pb::VcpuPlacement {
+                        index: i as u32,
+                        cpus: cpus(s),
+                    })
+                    .collect(),
+                l3_domains: indices(l3_domains),
+                ..Default::default()
+            }),
+        }),
+        EventKind::Released { cpus: c } => Kind::Released(pb::VmReleased {
+            released_cpus: cpus(c),
+        }),
+        EventKind::Drift {
+            reason,
+            tid,
+            observed,
+            enforced,
+        } => Kind::Drift(pb::DriftCorrected {
+            reason: reason.as_str().to_string(),
+            tid: *tid,
+            observed_cpus: cpus(observed),
+            enforced_cpus: cpus(enforced),
+        }),
+        EventKind::Exited { pid } => Kind::Exited(pb::VmExited { pid: *pid }),
+        EventKind::Discovered { pid, class, vcpus } => Kind::Discovered(pb::VmDiscovered {
+            pid: *pid,
+            confidential_class: class.map_or(pb::ConfidentialClass::Unspecified, class_to_pb)
+                as i32,
+            vcpus: *vcpus,
+        }),
+    };
+    pb::Event {
+        sequence: e.sequence,
+        time: Some(timestamp(e.time)),
+        vm_id: e.vm_id.clone(),
+        kind: Some(kind),
     }
 }

@@ -1,33 +1,116 @@
-//! The `sevplace.v1` gRPC service.
+//! The `sevplace.v1` gRPC service: validates requests at the edge, runs
+//! the agent core's operations off the async threads, and converts results
+//! and errors (gRPC status codes with field details).
 
 pub mod convert;
 
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use sevplace_proto::v1 as pb;
 use sevplace_proto::v1::sevplace_service_server::SevplaceService;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
+use tonic_types::{ErrorDetails, StatusExt};
 
-use crate::cpuset::CpuSet;
-use crate::kmod::ModuleReader;
+use crate::kmod::ModuleVm;
 use crate::metrics::Metrics;
-use crate::topology::Topology;
+use crate::placement::PlaceError;
+use crate::reconcile::events::EventBus;
+use crate::reconcile::{AgentCore, AgentError, PlaceCall};
+use crate::state::VmSelector;
+use crate::types::VmId;
 
 /// What the service reads and acts on.
 pub struct AgentContext {
-    pub topology: Topology,
-    pub reserved_cpus: CpuSet,
+    pub core: Arc<Mutex<AgentCore>>,
+    pub events: Arc<EventBus>,
     pub metrics: Arc<Metrics>,
-    pub module: ModuleReader,
+}
+
+impl AgentContext {
+    /// The core, even if a panic poisoned its lock: every mutation is
+    /// checkpointed before it is applied, so the state stays consistent.
+    pub fn lock(&self) -> MutexGuard<'_, AgentCore> {
+        self.core.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// The gRPC service implementation.
 pub struct SevplaceApi {
     ctx: Arc<AgentContext>,
 }
+
+fn invalid(field: &str, reason: impl Into<String>) -> Status {
+    let reason = reason.into();
+    Status::with_error_details(
+        tonic::Code::InvalidArgument,
+        format!("invalid {field}: {reason}"),
+        ErrorDetails::with_bad_request_violation(field, reason),
+    )
+}
+
+/// Maps core errors to gRPC status codes.
+pub fn status_of(e: AgentError) -> Status {
+    match e {
+        AgentError::InvalidArgument { field, reason } => invalid(field, reason),
+        AgentError::NotFound(m) => Status::not_found(m),
+        AgentError::AlreadyExists(m) => Status::already_exists(m),
+        AgentError::FailedPrecondition(m) => Status::failed_precondition(m),
+        AgentError::Place(PlaceError::InvalidRequest { field, reason }) => invalid(field, reason),
+        AgentError::Place(e @ PlaceError::NotEnoughCapacity { .. }) => {
+            Status::resource_exhausted(e.to_string())
+        }
+        AgentError::Place(e @ PlaceError::Conflict { .. }) => Status::already_exists(e.to_string()),
+        AgentError::Checkpoint(e) => Status::unavailable(e.to_string()),
+        AgentError::Discovery(e) => Status::internal(e.to_string()),
+    }
+}
+
+fn vm_id(s: &str) -> Result<VmId, Status> {
+    VmId::new(s).map_err(|e| invalid("vm_id", e.to_string()))
+}
+
+/// Validates a PlaceVm request.
+pub fn place_call(r: &pb::PlaceVmRequest) -> Result<PlaceCall, Status> {
+    let selector = match r.selector.as_ref().and_then(|s| s.selector.as_ref()) {
+        None => None,
+        Some(pb::vm_selector::Selector::Pid(0)) => return Err(invalid("selector.pid", "must not be 0")),
+        Some(pb::vm_selector::Selector::Pid(p)) => Some(VmSelector::Process {
+            pid: *p,
+            start_time: None,
+        }),
+        Some(pb::vm_selector::Selector::LibvirtDomain(d)) => {
+            if d.is_empty() || d.len() > 256 || d.contains('/') {
+                return Err(invalid("selector.libvirt_domain", "1-256 bytes, no '/'"));
+            }
+            Some(VmSelector::LibvirtDomain { name: d.clone() })
+        }
+        Some(pb::vm_selector::Selector::CgroupPath(p)) => {
+            if !p.starts_with('/') || p.split('/').any(|c| c == "..") {
+                return Err(invalid("selector.cgroup_path", "must be absolute, without '..'"));
+            }
+            Some(VmSelector::CgroupPath { path: p.clone() })
+        }
+    };
+    let class = pb::ConfidentialClass::try_from(r.confidential_class)
+        .map_err(|_| invalid("confidential_class", format!("unknown value {}", r.confidential_class)))?;
+    if r.vcpus == 0 {
+        return Err(invalid("vcpus", "must be at least 1"));
+    }
+    Ok(PlaceCall {
+        vm_id: vm_id(&r.vm_id)?,
+        selector,
+        vcpus: r.vcpus,
+        class: convert::class_from_pb(class),
+        shared: r.shared,
+        numa_node: r.numa_node,
+        validate_only: r.validate_only,
+    })
+}
+
+const PAGE_TOKEN_PREFIX: &str = "after:";
 
 impl SevplaceApi {
     pub fn new(ctx: Arc<AgentContext>) -> Self {
@@ -42,31 +125,26 @@ impl SevplaceApi {
         self.ctx.metrics.observe_grpc(method, code, start.elapsed());
     }
 
-    fn host(&self) -> pb::Host {
-        let ctx = &self.ctx;
-        let reserved = &ctx.reserved_cpus;
-        pb::Host {
-            hostname: nix::unistd::gethostname()
-                .ok()
-                .and_then(|h| h.into_string().ok())
-                .unwrap_or_default(),
-            agent_version: env!("CARGO_PKG_VERSION").to_string(),
-            topology: Some(convert::topology(
-                &ctx.topology,
-                |_| pb::Pool::General,
-                |d| ctx.topology.l3_domains[d].cpus.difference(reserved),
-            )),
-            reserved_cpus: convert::cpus(reserved),
-            confidential_pool_l3_domains: Vec::new(),
-            capacity: Vec::new(),
-            module: Some(convert::module_status(&ctx.module.status())),
-            vm_count: 0,
-        }
+    /// Runs `f` on the core on a blocking thread.
+    async fn with_core<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut AgentCore) -> Result<T, Status> + Send + 'static,
+    ) -> Result<T, Status> {
+        let ctx = self.ctx.clone();
+        tokio::task::spawn_blocking(move || f(&mut ctx.lock()))
+            .await
+            .map_err(|e| Status::internal(format!("worker failed: {e}")))?
     }
 }
 
-fn unimplemented(rpc: &str) -> Status {
-    Status::unimplemented(format!("{rpc} is not implemented by this agent version"))
+/// Module VM records, or none when the module is absent or unusable.
+fn module_records(core: &AgentCore) -> Vec<ModuleVm> {
+    core.module().vm_records().unwrap_or_default()
+}
+
+fn vm_pb(core: &AgentCore, v: &crate::reconcile::VmView, records: &[ModuleVm]) -> pb::Vm {
+    let record = records.iter().find(|r| v.pid != 0 && r.pid == v.pid);
+    convert::vm(core.topology(), v, record)
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEventsResponse, Status>> + Send>>;
@@ -78,72 +156,234 @@ impl SevplaceService for SevplaceApi {
         _req: Request<pb::GetHostRequest>,
     ) -> Result<Response<pb::GetHostResponse>, Status> {
         let start = Instant::now();
-        let r = Ok(pb::GetHostResponse {
-            host: Some(self.host()),
-        });
+        let r = self
+            .with_core(|core| Ok(pb::GetHostResponse { host: Some(convert::host(core)) }))
+            .await;
         self.observe("GetHost", start, &r);
         r.map(Response::new)
     }
 
     async fn place_vm(
         &self,
-        _req: Request<pb::PlaceVmRequest>,
+        req: Request<pb::PlaceVmRequest>,
     ) -> Result<Response<pb::PlaceVmResponse>, Status> {
         let start = Instant::now();
-        let r = Err(unimplemented("PlaceVm"));
+        let r = match place_call(req.get_ref()) {
+            Ok(call) => {
+                let validate_only = call.validate_only;
+                self.with_core(move |core| {
+                    let view = core.place(call).map_err(status_of)?;
+                    let records = module_records(core);
+                    Ok(pb::PlaceVmResponse {
+                        vm: Some(vm_pb(core, &view, &records)),
+                        validated_only: validate_only,
+                    })
+                })
+                .await
+            }
+            Err(s) => Err(s),
+        };
         self.observe("PlaceVm", start, &r);
-        r
+        r.map(Response::new)
     }
 
     async fn release_vm(
         &self,
-        _req: Request<pb::ReleaseVmRequest>,
+        req: Request<pb::ReleaseVmRequest>,
     ) -> Result<Response<pb::ReleaseVmResponse>, Status> {
         let start = Instant::now();
-        let r = Err(unimplemented("ReleaseVm"));
+        let r = match vm_id(&req.get_ref().vm_id) {
+            Ok(id) => {
+                self.with_core(move |core| {
+                    let cpus = core.release(&id).map_err(status_of)?;
+                    Ok(pb::ReleaseVmResponse {
+                        released_cpus: cpus.to_vec(),
+                    })
+                })
+                .await
+            }
+            Err(s) => Err(s),
+        };
         self.observe("ReleaseVm", start, &r);
-        r
+        r.map(Response::new)
     }
 
     async fn get_vm(
         &self,
-        _req: Request<pb::GetVmRequest>,
+        req: Request<pb::GetVmRequest>,
     ) -> Result<Response<pb::GetVmResponse>, Status> {
         let start = Instant::now();
-        let r = Err(unimplemented("GetVm"));
+        let id = req.into_inner().vm_id;
+        let r = self
+            .with_core(move |core| {
+                let view = core
+                    .view(&id)
+                    .ok_or_else(|| Status::not_found(format!("no VM {id:?}")))?;
+                let records = module_records(core);
+                Ok(pb::GetVmResponse {
+                    vm: Some(vm_pb(core, &view, &records)),
+                })
+            })
+            .await;
         self.observe("GetVm", start, &r);
-        r
+        r.map(Response::new)
     }
 
     async fn list_vms(
         &self,
-        _req: Request<pb::ListVmsRequest>,
+        req: Request<pb::ListVmsRequest>,
     ) -> Result<Response<pb::ListVmsResponse>, Status> {
         let start = Instant::now();
-        let r = Err(unimplemented("ListVms"));
+        let q = req.into_inner();
+        let r = self
+            .with_core(move |core| {
+                let page_size = match q.page_size {
+                    0 => 100,
+                    n => n.min(1000),
+                } as usize;
+                let after = if q.page_token.is_empty() {
+                    None
+                } else {
+                    Some(
+                        q.page_token
+                            .strip_prefix(PAGE_TOKEN_PREFIX)
+                            .ok_or_else(|| invalid("page_token", "not a token from ListVms"))?
+                            .to_string(),
+                    )
+                };
+                let filter = q.filter.unwrap_or_default();
+                let records = module_records(core);
+                let matching: Vec<pb::Vm> = core
+                    .views()
+                    .iter()
+                    .map(|v| vm_pb(core, v, &records))
+                    .filter(|vm| {
+                        (filter.confidential_classes.is_empty()
+                            || filter.confidential_classes.contains(&vm.confidential_class))
+                            && (filter.states.is_empty() || filter.states.contains(&vm.state))
+                    })
+                    .collect();
+                let total = matching.len() as u32;
+                let page: Vec<pb::Vm> = matching
+                    .into_iter()
+                    .filter(|vm| after.as_ref().is_none_or(|a| vm.vm_id.as_str() > a.as_str()))
+                    .take(page_size + 1)
+                    .collect();
+                let (vms, next) = if page.len() > page_size {
+                    let mut vms = page;
+                    vms.truncate(page_size);
+                    let last = vms.last().map(|v| v.vm_id.clone()).unwrap_or_default();
+                    (vms, format!("{PAGE_TOKEN_PREFIX}{last}"))
+                } else {
+                    (page, String::new())
+                };
+                Ok(pb::ListVmsResponse {
+                    vms,
+                    next_page_token: next,
+                    total_size: total,
+                })
+            })
+            .await;
         self.observe("ListVms", start, &r);
-        r
+        r.map(Response::new)
     }
 
     async fn scrub_vm(
         &self,
-        _req: Request<pb::ScrubVmRequest>,
+        req: Request<pb::ScrubVmRequest>,
     ) -> Result<Response<pb::ScrubVmResponse>, Status> {
         let start = Instant::now();
-        let r = Err(unimplemented("ScrubVm"));
+        let id = req.into_inner().vm_id;
+        let r = self
+            .with_core(move |core| {
+                let view = core
+                    .view(&id)
+                    .ok_or_else(|| Status::not_found(format!("no VM {id:?}")))?;
+                if view.pid == 0 {
+                    return Err(Status::failed_precondition(format!(
+                        "VM {id} has no running process"
+                    )));
+                }
+                let module = core.module();
+                let records = module
+                    .vm_records()
+                    .map_err(|e| Status::failed_precondition(e.to_string()))?;
+                let before = records
+                    .into_iter()
+                    .find(|r| r.pid == view.pid)
+                    .ok_or_else(|| {
+                        Status::failed_precondition(format!(
+                            "the sevflush module does not track VM {id} (pid {})",
+                            view.pid
+                        ))
+                    })?;
+                let t0 = Instant::now();
+                module
+                    .scrub(before.id)
+                    .map_err(|e| Status::internal(e.to_string()))?;
+                let took = t0.elapsed();
+                Ok(pb::ScrubVmResponse {
+                    flushed_cpus: before.dirty_cpus.to_vec(),
+                    duration: Some(sevplace_proto::pbjson_types::Duration {
+                        seconds: took.as_secs() as i64,
+                        nanos: took.subsec_nanos() as i32,
+                    }),
+                })
+            })
+            .await;
         self.observe("ScrubVm", start, &r);
-        r
+        r.map(Response::new)
     }
 
     type WatchEventsStream = EventStream;
 
     async fn watch_events(
         &self,
-        _req: Request<pb::WatchEventsRequest>,
+        req: Request<pb::WatchEventsRequest>,
     ) -> Result<Response<Self::WatchEventsStream>, Status> {
         let start = Instant::now();
-        let r: Result<Response<EventStream>, Status> = Err(unimplemented("WatchEvents"));
+        let only = req.into_inner().vm_id;
+        let mut rx = self.ctx.events.subscribe();
+        let stream = async_stream_events(move |tx| async move {
+            loop {
+                match rx.recv().await {
+                    Ok(ev) => {
+                        if !only.is_empty() && ev.vm_id != only {
+                            continue;
+                        }
+                        let msg = pb::WatchEventsResponse {
+                            event: Some(convert::event(&ev)),
+                        };
+                        if tx.send(Ok(msg)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        let _ = tx
+                            .send(Err(Status::resource_exhausted(format!(
+                                "this watcher fell {n} events behind and was dropped; reconnect"
+                            ))))
+                            .await;
+                        return;
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+        let r: Result<Response<EventStream>, Status> = Ok(Response::new(stream));
         self.observe("WatchEvents", start, &r);
         r
     }
+}
+
+/// A stream fed by a task through a small bounded channel; the task ends
+/// when the client goes away.
+fn async_stream_events<F, Fut>(f: F) -> EventStream
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Result<pb::WatchEventsResponse, Status>>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(f(tx));
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
 }

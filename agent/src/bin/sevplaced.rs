@@ -33,6 +33,10 @@ struct Args {
     /// Log format.
     #[arg(long, value_name = "FORMAT", value_parser = ["text", "json"])]
     log_format: Option<String>,
+    /// Move an unreadable (corrupt or newer) checkpoint aside to
+    /// checkpoint.json.bad-<time> and start without intents.
+    #[arg(long)]
+    reset_state: bool,
     /// Print the effective settings as JSON and exit.
     #[arg(long)]
     print_config: bool,
@@ -84,7 +88,12 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(sevplace::daemon::run(settings)) {
+    match runtime.block_on(sevplace::daemon::run(
+        settings,
+        sevplace::daemon::RunOptions {
+            reset_state: args.reset_state,
+        },
+    )) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "sevplaced failed");

@@ -91,6 +91,11 @@ pub struct IntentRecord {
     /// `None` until the engine has chosen (or for a validate-only request,
     /// which is never stored).
     pub placement: Option<PlacementRecord>,
+    /// The placement engine's whole decision (domains, cores, pool), so a
+    /// restart restores the engine state exactly; `placement` is what is
+    /// enforced on threads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine: Option<crate::placement::Placement>,
 }
 
 /// The checkpoint payload.

@@ -17,6 +17,7 @@ fn intent(id: &str, pid: u32) -> IntentRecord {
             vcpu_cpus: vec![CpuSet::range(0, 0), CpuSet::range(1, 1)],
             emulator_cpus: Some(CpuSet::range(2, 3)),
         }),
+        engine: None,
     }
 }
 
@@ -37,6 +38,7 @@ fn sample() -> Checkpoint {
             numa_node: Some(1),
         },
         placement: None,
+        engine: None,
     });
     c.upsert(IntentRecord {
         vm_id: VmId::new("vm-d").unwrap(),
@@ -50,6 +52,7 @@ fn sample() -> Checkpoint {
             numa_node: None,
         },
         placement: None,
+        engine: None,
     });
     c
 }

@@ -1,0 +1,658 @@
+//! The agent's core: intents (checkpointed), the placement engine's state,
+//! the VMs discovered on the host, and the one loop that makes the host
+//! match the intents (observe, compare, act, record).
+//!
+//! Every mutation of intents is written to the checkpoint (write, fsync,
+//! rename) before any thread is pinned, so an acknowledged PlaceVm survives
+//! `kill -9`. Observed state is always re-read from procfs, never assumed
+//! from what was last written.
+
+pub mod enforce;
+pub mod events;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use crate::cgroup::{CgroupError, CpusetWriter};
+use crate::cpuset::CpuSet;
+use crate::discovery::{DiscoveredVm, DiscoveryError, VmScanner};
+use crate::kmod::ModuleReader;
+use crate::metrics::Metrics;
+use crate::placement::{self, PlaceError, Placement, PlacementRequest, PlacementState, Reservations};
+use crate::state::{
+    self, Checkpoint, CheckpointError, CheckpointStore, IntentRecord, PlacementRecord, VmSelector,
+};
+use crate::topology::Topology;
+use crate::types::{ConfidentialClass, VmId};
+
+use events::{EventBus, EventKind};
+
+/// Lifecycle of a VM as the agent sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum VmState {
+    Pending,
+    Placed,
+    Drifted,
+    Unmanaged,
+    Exited,
+}
+
+/// Where a VM's class came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClassSource {
+    Orchestrator,
+    CommandLine,
+    Unknown,
+}
+
+/// A PlaceVm call, validated at the API edge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlaceCall {
+    pub vm_id: VmId,
+    /// `None`: wait for a VM whose libvirt domain or guest name is `vm_id`.
+    pub selector: Option<VmSelector>,
+    pub vcpus: u32,
+    pub class: Option<ConfidentialClass>,
+    pub shared: bool,
+    pub numa_node: Option<u32>,
+    pub validate_only: bool,
+}
+
+/// A VM as reported by GetVm and ListVms.
+#[derive(Debug, Clone)]
+pub struct VmView {
+    pub vm_id: String,
+    pub pid: u32,
+    pub libvirt_domain: Option<String>,
+    pub class: Option<ConfidentialClass>,
+    pub class_source: ClassSource,
+    pub state: VmState,
+    pub vcpus: u32,
+    pub shared: bool,
+    pub placement: Option<Placement>,
+    pub threads: Vec<crate::discovery::VcpuThread>,
+    pub placed_at: Option<SystemTime>,
+}
+
+/// Why an operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("invalid {field}: {reason}")]
+    InvalidArgument { field: &'static str, reason: String },
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Place(#[from] PlaceError),
+    #[error("{0}")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("the intent could not be saved, nothing was changed: {0}")]
+    Checkpoint(#[from] CheckpointError),
+    #[error("host scan failed: {0}")]
+    Discovery(#[from] DiscoveryError),
+}
+
+/// Runtime facts of one intent.
+#[derive(Debug, Clone, Default)]
+struct Runtime {
+    /// The VM process matched to the intent, from the last observation.
+    observed: Option<DiscoveredVm>,
+    /// vCPU thread ids pinned so far.
+    pinned_tids: BTreeSet<u32>,
+    drifted: bool,
+    placed_at: Option<SystemTime>,
+    /// Consecutive failed enforcement attempts, for backoff.
+    failures: u32,
+    /// Passes to skip before the next attempt.
+    backoff: u32,
+}
+
+/// What one reconcile pass did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct PassReport {
+    pub vms_seen: usize,
+    pub corrections: usize,
+    pub released: Vec<String>,
+    pub errors: Vec<String>,
+}
+
+/// Host access of the core.
+pub struct HostAccess {
+    pub scanner: VmScanner,
+    /// `None` when the host has no usable cpuset hierarchy: affinity only.
+    pub cgroups: Option<CpusetWriter>,
+    pub module: ModuleReader,
+    pub affinity: Arc<dyn enforce::ThreadAffinity>,
+}
+
+/// The agent's state and the operations on it.
+pub struct AgentCore {
+    topology: Arc<Topology>,
+    reservations: Reservations,
+    host: HostAccess,
+    store: CheckpointStore,
+    checkpoint: Checkpoint,
+    placements: PlacementState,
+    runtime: BTreeMap<VmId, Runtime>,
+    unmanaged: BTreeMap<u32, DiscoveredVm>,
+    pub events: Arc<EventBus>,
+    metrics: Arc<Metrics>,
+}
+
+/// Whether `vm` is the process `selector` names.
+fn selector_matches(selector: &VmSelector, vm: &DiscoveredVm) -> bool {
+    match selector {
+        VmSelector::Process { pid, start_time } => {
+            vm.pid == *pid && start_time.is_none_or(|t| t == vm.start_time)
+        }
+        VmSelector::LibvirtDomain { name } => {
+            vm.libvirt_domain.as_deref() == Some(name) || vm.guest_name.as_deref() == Some(name)
+        }
+        VmSelector::CgroupPath { path } => {
+            let p = path.trim_end_matches('/');
+            [&vm.cgroup.v1_cpuset, &vm.cgroup.unified]
+                .into_iter()
+                .flatten()
+                .any(|c| c == p || c.starts_with(&format!("{p}/")))
+        }
+    }
+}
+
+/// The emulator threads of a confidential VM run outside the confidential
+/// pool's domains when such CPUs exist, so they neither dirty nor are
+/// disturbed by the pool's flushes.
+fn emulator_cpus(topo: &Topology, placements: &PlacementState, res: &Reservations, p: &Placement) -> Option<CpuSet> {
+    if !p.request.class.is_confidential() {
+        return None;
+    }
+    let pool = topo.cpus_of_l3(&placements.confidential_domains());
+    let outside = topo.online.difference(&pool).difference(&res.host);
+    (!outside.is_empty()).then_some(outside)
+}
+
+impl AgentCore {
+    /// Loads the checkpoint and restores the engine state from it. A
+    /// corrupt or newer checkpoint is an error: it is never dropped.
+    pub fn new(
+        topology: Arc<Topology>,
+        reservations: Reservations,
+        host: HostAccess,
+        store: CheckpointStore,
+        metrics: Arc<Metrics>,
+        events: Arc<EventBus>,
+    ) -> Result<Self, AgentError> {
+        let checkpoint = store.load()?;
+        let mut placements = PlacementState::new();
+        let mut runtime = BTreeMap::new();
+        for intent in &checkpoint.intents {
+            if let Some(p) = &intent.engine {
+                placements.apply(p.clone())?;
+            }
+            runtime.insert(intent.vm_id.clone(), Runtime::default());
+        }
+        let core = Self {
+            topology,
+            reservations,
+            host,
+            store,
+            checkpoint,
+            placements,
+            runtime,
+            unmanaged: BTreeMap::new(),
+            events,
+            metrics,
+        };
+        core.update_pool_metric();
+        Ok(core)
+    }
+
+    pub fn topology(&self) -> &Topology {
+        &self.topology
+    }
+
+    pub fn reservations(&self) -> &Reservations {
+        &self.reservations
+    }
+
+    pub fn placements(&self) -> &PlacementState {
+        &self.placements
+    }
+
+    pub fn module(&self) -> &ModuleReader {
+        &self.host.module
+    }
+
+    pub fn checkpoint(&self) -> &Checkpoint {
+        &self.checkpoint
+    }
+
+    fn update_pool_metric(&self) {
+        self.metrics
+            .confidential_pool_l3_domains
+            .set(self.placements.confidential_domains().len() as i64);
+    }
+
+    /// Capacity summary from the engine.
+    pub fn capacity(&self) -> placement::CapacitySummary {
+        placement::capacity(&self.topology, &self.placements, &self.reservations)
+    }
+
+    /// Writes `next` as the checkpoint, then adopts it.
+    fn commit(&mut self, mut next: Checkpoint) -> Result<(), CheckpointError> {
+        next.generation = self.checkpoint.generation + 1;
+        self.store.save(&next)?;
+        self.checkpoint = next;
+        Ok(())
+    }
+
+    fn find_process(&self, selector: &VmSelector) -> Result<Option<DiscoveredVm>, AgentError> {
+        if let VmSelector::Process { pid, .. } = selector {
+            return match self.host.scanner.inspect(*pid) {
+                Ok(vm) => Ok(Some(vm)),
+                Err(e) if e.is_gone() => Err(AgentError::NotFound(format!(
+                    "no process with pid {pid}"
+                ))),
+                Err(DiscoveryError::NotAVm { pid, .. }) => Err(AgentError::InvalidArgument {
+                    field: "selector.pid",
+                    reason: format!("process {pid} is not a KVM VM"),
+                }),
+                Err(e) => Err(e.into()),
+            };
+        }
+        let known = self
+            .unmanaged
+            .values()
+            .chain(self.runtime.values().filter_map(|r| r.observed.as_ref()));
+        Ok(known.into_iter().find(|vm| selector_matches(selector, vm)).cloned())
+    }
+
+    /// PlaceVm: idempotent by vm_id.
+    pub fn place(&mut self, call: PlaceCall) -> Result<VmView, AgentError> {
+        if call.vcpus == 0 {
+            return Err(AgentError::InvalidArgument {
+                field: "vcpus",
+                reason: "must be at least 1".into(),
+            });
+        }
+        let selector = call.selector.clone().unwrap_or(VmSelector::LibvirtDomain {
+            name: call.vm_id.to_string(),
+        });
+        let found = self.find_process(&selector)?;
+        let selector = match (&selector, &found) {
+            (VmSelector::Process { pid, .. }, Some(vm)) => VmSelector::Process {
+                pid: *pid,
+                start_time: Some(vm.start_time),
+            },
+            _ => selector,
+        };
+        let (class, source) = match (call.class, found.as_ref().and_then(|v| v.class)) {
+            (Some(c), _) => (c, ClassSource::Orchestrator),
+            (None, Some(c)) => (c, ClassSource::CommandLine),
+            (None, None) => {
+                return Err(AgentError::InvalidArgument {
+                    field: "confidential_class",
+                    reason: "unspecified, and no VM process was found to classify".into(),
+                })
+            }
+        };
+        let request = PlacementRequest {
+            vm_id: call.vm_id.clone(),
+            vcpus: call.vcpus,
+            class,
+            dedicated: !call.shared,
+            numa_preference: call.numa_node,
+        };
+        let stored_request = state::PlacementRequest {
+            vcpus: call.vcpus,
+            class: call.class,
+            dedicated: !call.shared,
+            numa_node: call.numa_node,
+        };
+
+        if let Some(existing) = self.checkpoint.get(&call.vm_id) {
+            let same_selector = match (&existing.selector, &selector) {
+                (
+                    VmSelector::Process { pid: a, .. },
+                    VmSelector::Process { pid: b, .. },
+                ) => a == b,
+                (a, b) => a == b,
+            };
+            if existing.request == stored_request && same_selector {
+                return self
+                    .view(call.vm_id.as_str())
+                    .ok_or_else(|| AgentError::NotFound(call.vm_id.to_string()));
+            }
+            return Err(AgentError::AlreadyExists(format!(
+                "VM {} is already placed with a different request; release it first",
+                call.vm_id
+            )));
+        }
+
+        let p = placement::place(&self.topology, &self.placements, &self.reservations, &request)?;
+        if call.validate_only {
+            return Ok(VmView {
+                vm_id: call.vm_id.to_string(),
+                pid: found.as_ref().map_or(0, |v| v.pid),
+                libvirt_domain: found.as_ref().and_then(|v| v.libvirt_domain.clone()),
+                class: Some(class),
+                class_source: source,
+                state: VmState::Pending,
+                vcpus: call.vcpus,
+                shared: call.shared,
+                threads: found.map(|v| v.vcpus).unwrap_or_default(),
+                placement: Some(p),
+                placed_at: None,
+            });
+        }
+
+        let mut after = self.placements.clone();
+        after.apply(p.clone())?;
+        let record = PlacementRecord {
+            vcpu_cpus: p.vcpu_cpus.clone(),
+            emulator_cpus: emulator_cpus(&self.topology, &after, &self.reservations, &p),
+        };
+        let mut next = self.checkpoint.clone();
+        next.upsert(IntentRecord {
+            vm_id: call.vm_id.clone(),
+            selector,
+            request: stored_request,
+            placement: Some(record),
+            engine: Some(p.clone()),
+        });
+        self.commit(next)?;
+        self.placements = after;
+        self.update_pool_metric();
+        self.runtime.insert(
+            call.vm_id.clone(),
+            Runtime {
+                placed_at: Some(SystemTime::now()),
+                ..Runtime::default()
+            },
+        );
+        if let Some(vm) = &found {
+            self.unmanaged.remove(&vm.pid);
+        }
+        self.events.publish(
+            call.vm_id.as_str(),
+            EventKind::Placed {
+                cpus: p.cpus.clone(),
+                vcpu_cpus: p.vcpu_cpus.clone(),
+                l3_domains: p.l3_domains.clone(),
+            },
+        );
+        if let Some(vm) = found {
+            if let Err(e) = self.enforce(&call.vm_id, vm) {
+                if e.is_gone() {
+                    let _ = self.release_internal(&call.vm_id, true);
+                    return Err(AgentError::FailedPrecondition(format!(
+                        "VM {} exited while it was being pinned; its placement was released",
+                        call.vm_id
+                    )));
+                }
+                tracing::warn!(vm = %call.vm_id, error = %e, "pinning failed; the reconcile loop retries");
+            }
+        }
+        self.view(call.vm_id.as_str())
+            .ok_or_else(|| AgentError::NotFound(call.vm_id.to_string()))
+    }
+
+    /// Pins `vm`'s threads to the intent's placement; records what it did.
+    fn enforce(&mut self, vm_id: &VmId, vm: DiscoveredVm) -> Result<usize, CgroupError> {
+        let Some(record) = self.checkpoint.get(vm_id).and_then(|i| i.placement.clone()) else {
+            return Ok(0);
+        };
+        let rt = self.runtime.entry(vm_id.clone()).or_default();
+        let fixes = enforce::desired_sets(
+            &vm,
+            &record,
+            &rt.pinned_tids,
+            self.host.cgroups.as_ref().map(|w| w.hierarchy()),
+        );
+        let first_pin = rt.pinned_tids.is_empty();
+        let mut result = Ok(0);
+        let mut applied = 0;
+        for fix in &fixes {
+            match enforce::apply(fix, self.host.cgroups.as_ref(), self.host.affinity.as_ref()) {
+                Ok(cgroup_rewritten) => {
+                    applied += 1;
+                    let reason = if cgroup_rewritten {
+                        events::DriftReason::CgroupRecreated
+                    } else {
+                        fix.reason
+                    };
+                    // The first pin of a VM is its placement, not drift.
+                    if !first_pin || reason != events::DriftReason::NewThread {
+                        self.metrics.observe_drift(reason.as_str());
+                        self.events.publish(
+                            vm_id.as_str(),
+                            EventKind::Drift {
+                                reason,
+                                tid: fix.tid,
+                                observed: fix.observed.clone(),
+                                enforced: fix.desired.clone(),
+                            },
+                        );
+                    }
+                }
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        let rt = self.runtime.entry(vm_id.clone()).or_default();
+        rt.pinned_tids = vm.vcpus.iter().map(|t| t.tid).collect();
+        rt.drifted = result.is_err();
+        rt.observed = Some(vm);
+        match &result {
+            Ok(_) => {
+                rt.failures = 0;
+                rt.backoff = 0;
+            }
+            Err(_) => {
+                rt.failures = rt.failures.saturating_add(1);
+                rt.backoff = (1u32 << rt.failures.min(6)) - 1;
+            }
+        }
+        result.map(|_| applied)
+    }
+
+    /// ReleaseVm.
+    pub fn release(&mut self, vm_id: &VmId) -> Result<CpuSet, AgentError> {
+        self.release_internal(vm_id, false)
+    }
+
+    fn release_internal(&mut self, vm_id: &VmId, exited: bool) -> Result<CpuSet, AgentError> {
+        if self.checkpoint.get(vm_id).is_none() {
+            return Err(AgentError::NotFound(format!("VM {vm_id} is not placed")));
+        }
+        let mut next = self.checkpoint.clone();
+        next.remove(vm_id);
+        self.commit(next)?;
+        let cpus = self
+            .placements
+            .release(vm_id)
+            .map(|p| p.cpus)
+            .unwrap_or_default();
+        self.update_pool_metric();
+        let rt = self.runtime.remove(vm_id).unwrap_or_default();
+        if exited {
+            if let Some(vm) = &rt.observed {
+                self.events
+                    .publish(vm_id.as_str(), EventKind::Exited { pid: vm.pid });
+            }
+        } else if let Some(vm) = rt.observed {
+            // The process lives on, unmanaged.
+            self.unmanaged.insert(vm.pid, vm);
+        }
+        self.events
+            .publish(vm_id.as_str(), EventKind::Released { cpus: cpus.clone() });
+        Ok(cpus)
+    }
+
+    /// One reconcile pass over a fresh scan of the host.
+    pub fn reconcile(&mut self, scan: Vec<DiscoveredVm>) -> PassReport {
+        let start = Instant::now();
+        let mut report = PassReport {
+            vms_seen: scan.len(),
+            ..PassReport::default()
+        };
+        let mut by_pid: BTreeMap<u32, DiscoveredVm> = scan.into_iter().map(|v| (v.pid, v)).collect();
+
+        let intents: Vec<IntentRecord> = self.checkpoint.intents.clone();
+        for intent in intents {
+            let matched = by_pid
+                .values()
+                .find(|vm| selector_matches(&intent.selector, vm))
+                .map(|vm| vm.pid);
+            let rt = self.runtime.entry(intent.vm_id.clone()).or_default();
+            match matched.and_then(|pid| by_pid.remove(&pid)) {
+                Some(vm) => {
+                    if rt.backoff > 0 {
+                        rt.backoff -= 1;
+                        rt.observed = Some(vm);
+                        continue;
+                    }
+                    match self.enforce(&intent.vm_id, vm) {
+                        Ok(n) => report.corrections += n,
+                        Err(e) if e.is_gone() => {
+                            if self.release_internal(&intent.vm_id, true).is_ok() {
+                                report.released.push(intent.vm_id.to_string());
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(vm = %intent.vm_id, error = %e, "pinning failed; retrying with backoff");
+                            report.errors.push(format!("{}: {e}", intent.vm_id));
+                        }
+                    }
+                }
+                None => {
+                    // A VM seen before and gone now exited; one never seen
+                    // stays pending. A process selector whose pid is gone
+                    // names an exited VM too.
+                    let exited = rt.observed.is_some()
+                        || matches!(intent.selector, VmSelector::Process { start_time: Some(_), .. });
+                    if exited {
+                        match self.release_internal(&intent.vm_id, true) {
+                            Ok(_) => report.released.push(intent.vm_id.to_string()),
+                            Err(e) => report.errors.push(format!("{}: {e}", intent.vm_id)),
+                        }
+                    }
+                }
+            }
+        }
+
+        // Whatever is left is unmanaged.
+        for (pid, vm) in &by_pid {
+            if !self.unmanaged.contains_key(pid) {
+                self.events.publish(
+                    &format!("pid-{pid}"),
+                    EventKind::Discovered {
+                        pid: *pid,
+                        class: vm.class,
+                        vcpus: vm.vcpus.len() as u32,
+                    },
+                );
+            }
+        }
+        let gone: Vec<u32> = self
+            .unmanaged
+            .keys()
+            .filter(|p| !by_pid.contains_key(p))
+            .copied()
+            .collect();
+        for pid in gone {
+            self.events
+                .publish(&format!("pid-{pid}"), EventKind::Exited { pid });
+        }
+        self.unmanaged = by_pid;
+        self.metrics.observe_reconcile(start.elapsed());
+        report
+    }
+
+    /// Scans the host (the slow part; callers run it without holding the
+    /// core's lock).
+    pub fn scanner(&self) -> VmScanner {
+        self.host.scanner.clone()
+    }
+
+    /// One VM by id (`pid-N` for unmanaged VMs).
+    pub fn view(&self, vm_id: &str) -> Option<VmView> {
+        if let Some(pid) = vm_id.strip_prefix("pid-").and_then(|p| p.parse::<u32>().ok()) {
+            if let Some(vm) = self.unmanaged.get(&pid) {
+                return Some(Self::unmanaged_view(vm));
+            }
+        }
+        let id = VmId::new(vm_id).ok()?;
+        let intent = self.checkpoint.get(&id)?;
+        let rt = self.runtime.get(&id);
+        let observed = rt.and_then(|r| r.observed.as_ref());
+        let placement = self.placements.get(&id).cloned();
+        let state = match (observed, rt.is_some_and(|r| r.drifted)) {
+            (None, _) => VmState::Pending,
+            (Some(_), true) => VmState::Drifted,
+            (Some(_), false) => VmState::Placed,
+        };
+        let class = placement.as_ref().map(|p| p.request.class);
+        Some(VmView {
+            vm_id: id.to_string(),
+            pid: observed.map_or(0, |v| v.pid),
+            libvirt_domain: observed.and_then(|v| v.libvirt_domain.clone()),
+            class,
+            class_source: if intent.request.class.is_some() {
+                ClassSource::Orchestrator
+            } else {
+                ClassSource::CommandLine
+            },
+            state,
+            vcpus: intent.request.vcpus,
+            shared: !intent.request.dedicated,
+            placement,
+            threads: observed.map(|v| v.vcpus.clone()).unwrap_or_default(),
+            placed_at: rt.and_then(|r| r.placed_at),
+        })
+    }
+
+    fn unmanaged_view(vm: &DiscoveredVm) -> VmView {
+        VmView {
+            vm_id: format!("pid-{}", vm.pid),
+            pid: vm.pid,
+            libvirt_domain: vm.libvirt_domain.clone(),
+            class: vm.class,
+            class_source: if vm.class.is_some() {
+                ClassSource::CommandLine
+            } else {
+                ClassSource::Unknown
+            },
+            state: VmState::Unmanaged,
+            vcpus: vm.vcpus.len() as u32,
+            shared: false,
+            placement: None,
+            threads: vm.vcpus.clone(),
+            placed_at: None,
+        }
+    }
+
+    /// Every VM, ordered by id.
+    pub fn views(&self) -> Vec<VmView> {
+        let mut out: Vec<VmView> = self
+            .checkpoint
+            .intents
+            .iter()
+            .filter_map(|i| self.view(i.vm_id.as_str()))
+            .chain(self.unmanaged.values().map(Self::unmanaged_view))
+            .collect();
+        out.sort_by(|a, b| a.vm_id.cmp(&b.vm_id));
+        out
+    }
+
+    /// Number of VMs known.
+    pub fn vm_count(&self) -> usize {
+        self.checkpoint.intents.len() + self.unmanaged.len()
+    }
+}
+
+#[cfg(test)]
+mod tests;
