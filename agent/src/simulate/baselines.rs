@@ -340,8 +340,9 @@ impl<'t> Accumulator<'t> {
         sockets
     }
 
-    /// Core ids (kubelet numbers a core by its lowest CPU) of `node` that
-    /// have available CPUs, sorted by available CPUs ascending.
+    /// Cores with available CPUs: node by node in kubelet's node order,
+    /// within a node by available CPUs ascending, then by core id (kubelet
+    /// numbers a core by its lowest CPU).
     fn sorted_cores(&self) -> Vec<usize> {
         let mut out = Vec::new();
         for n in self.sorted_nodes() {
