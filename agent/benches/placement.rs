@@ -61,10 +61,24 @@ fn bench(c: &mut Criterion) {
     assert!(place(&topo, &state, &res, &dedicated_sev).is_ok());
     assert!(place(&topo, &state, &res, &shared_plain).is_ok());
     c.bench_function("place 8-vCPU dedicated sev, 192 CPUs, 200 VMs", |b| {
-        b.iter(|| place(black_box(&topo), black_box(&state), &res, black_box(&dedicated_sev)))
+        b.iter(|| {
+            place(
+                black_box(&topo),
+                black_box(&state),
+                &res,
+                black_box(&dedicated_sev),
+            )
+        })
     });
     c.bench_function("place 4-vCPU shared none, 192 CPUs, 200 VMs", |b| {
-        b.iter(|| place(black_box(&topo), black_box(&state), &res, black_box(&shared_plain)))
+        b.iter(|| {
+            place(
+                black_box(&topo),
+                black_box(&state),
+                &res,
+                black_box(&shared_plain),
+            )
+        })
     });
     c.bench_function("capacity summary, 192 CPUs, 200 VMs", |b| {
         b.iter(|| capacity(black_box(&topo), black_box(&state), &res))

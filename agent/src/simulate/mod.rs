@@ -193,7 +193,10 @@ impl Report {
             .find(|c| c.placement == p && c.flush == f)
     }
 
-    /// A table for humans.
+    /// A table for humans. Columns: reclaims that flushed; CPUs flushed,
+    /// L3 domains disturbed and non-confidential vCPUs in those domains per
+    /// reclaim; the limit; mean flushed over mean limit; VMs placed before
+    /// the first rejection; rejections; placements that mixed pools.
     pub fn to_table(&self) -> String {
         let mut out = String::new();
         let t = &self.topology;
@@ -219,7 +222,7 @@ impl Report {
         for c in &self.combinations {
             let _ = writeln!(
                 out,
-                "{:<15} {:<14} {:>8} {:>15} {:>13} {:>15} {:>13} {:>8.2} {:>9} {:>9}",
+                "{:<15} {:<14} {:>8} {:>16} {:>12} {:>16} {:>14} {:>7.2} {:>4} {:>8} {:>5}",
                 c.placement.as_str(),
                 c.flush.as_str(),
                 c.reclaims,
@@ -236,6 +239,7 @@ impl Report {
                 c.flushed_over_limit,
                 c.vms_before_first_rejection,
                 c.rejected,
+                c.mixed_pool_placements,
             );
         }
         out
