@@ -226,6 +226,7 @@ impl PlacementModel for Sevplace<'_> {
         self.state.release(vm);
     }
 
+    /// Unused: every sevplace vCPU has its own allowed set.
     fn shared_pool(&self) -> CpuSet {
         CpuSet::new()
     }
