@@ -369,21 +369,37 @@ fn op() -> impl Strategy<Value = Op> {
 
 fn topology() -> impl Strategy<Value = (Topology, CpuSet)> {
     (
-        1u32..=2,
-        1u32..=5,
-        1u32..=4,
-        1u32..=2,
-        1u32..=2,
+        (1u32..=2, 1u32..=5, 1u32..=4, 1u32..=2, 1u32..=2),
         proptest::collection::vec(0u32..80, 0..4),
+        proptest::collection::vec(0u32..80, 0..6),
+        proptest::collection::vec(0u32..80, 0..3),
+        any::<bool>(),
     )
-        .prop_map(|(p, l, c, t, n, reserved)| {
-            let topo = Topology::synthetic(p, l, c, t, n.min(l));
-            let reserved: CpuSet = reserved
-                .into_iter()
-                .filter(|&x| topo.online.contains(x))
-                .collect();
-            (topo, reserved)
-        })
+        .prop_map(
+            |((p, l, c, t, n), reserved, offline, isolated, cache_info)| {
+                let base = Topology::synthetic(p, l, c, t, n.min(l));
+                // Offline some CPUs (never all), isolate some, and sometimes drop
+                // the L3 entries, as real hosts and VMs do.
+                let mut offline: CpuSet = offline
+                    .into_iter()
+                    .filter(|&x| base.online.contains(x))
+                    .collect();
+                if offline.len() == base.online.len() {
+                    offline = CpuSet::new();
+                }
+                let isolated: CpuSet = isolated.into_iter().collect();
+                let topo = base.with_changes(
+                    &offline,
+                    &isolated.intersection(&base.online.difference(&offline)),
+                    cache_info,
+                );
+                let reserved: CpuSet = reserved
+                    .into_iter()
+                    .filter(|&x| topo.online.contains(x))
+                    .collect();
+                (topo, reserved)
+            },
+        )
 }
 
 fn request_of(
