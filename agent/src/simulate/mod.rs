@@ -161,6 +161,9 @@ pub struct Combination {
     pub rejected: u32,
     /// Placements the engine reported as mixing pools in an L3 domain.
     pub mixed_pool_placements: u32,
+    /// Of those, placements made before the first rejection (while the
+    /// host still had room for every VM).
+    pub mixed_pool_placements_before_first_rejection: u32,
     pub checks: Checks,
 }
 
@@ -492,6 +495,7 @@ struct Run<'a> {
     rejected: u32,
     before_first_rejection: u32,
     mixed: u32,
+    mixed_before_first_rejection: u32,
 }
 
 impl Run<'_> {
@@ -528,6 +532,9 @@ impl Run<'_> {
         }
         if admitted.shares_confidential_domain {
             self.mixed += 1;
+            if self.rejected == 0 {
+                self.mixed_before_first_rejection += 1;
+            }
         }
         let mut r = Running {
             admitted,
@@ -691,6 +698,7 @@ pub fn simulate(topo: &Topology, trace: &Trace, opts: &SimOptions) -> Result<Rep
             rejected: 0,
             before_first_rejection: 0,
             mixed: 0,
+            mixed_before_first_rejection: 0,
         };
         for &step in &steps {
             match step {
@@ -720,6 +728,7 @@ pub fn simulate(topo: &Topology, trace: &Trace, opts: &SimOptions) -> Result<Rep
                 admitted: run.admitted,
                 rejected: run.rejected,
                 mixed_pool_placements: run.mixed,
+                mixed_pool_placements_before_first_rejection: run.mixed_before_first_rejection,
                 checks: s.checks,
             });
         }
