@@ -460,7 +460,7 @@ fn pick(cands: &[Cand], need: u32, shape: Shape, numa_pref: Option<u32>) -> Opti
 
 /// The fewest domains whose room covers `need`; among those, the set that
 /// uses the fewest empty domains, then wastes the least room. Returns the
-/// score `(count, empty domains, leftover)` and the domains, fullest first.
+/// score `(count, empty domains, leftover)` and the domains, roomiest first.
 fn fewest(cands: &[Cand], need: u32) -> Option<((usize, usize, u32), Vec<usize>)> {
     let mut sorted: Vec<Cand> = cands.to_vec();
     sorted.sort_by_key(|c| (Reverse(c.room), c.tie));
