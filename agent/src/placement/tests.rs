@@ -89,6 +89,29 @@ fn milan_table() {
 }
 
 #[test]
+fn placement_json_uses_lower_camel_case() {
+    let t = fixture("ci-host-2cpu");
+    let p = place(
+        &t,
+        &PlacementState::new(),
+        &Reservations::default(),
+        &req("a", 1, "sev-es", true),
+    )
+    .unwrap();
+    let v = serde_json::to_value(&p).unwrap();
+    assert_eq!(v["vmId"], "a");
+    assert_eq!(v["cpus"], "0");
+    assert_eq!(v["vcpuCpus"][0], "0");
+    assert_eq!(v["l3Domains"][0], 0);
+    assert_eq!(v["pool"], "confidential");
+    assert_eq!(v["sharesConfidentialDomain"], false);
+    assert_eq!(v["request"]["class"], "sev-es");
+    assert_eq!(v["request"]["numaPreference"], serde_json::Value::Null);
+    let back: Placement = serde_json::from_value(v).unwrap();
+    assert_eq!(back, p);
+}
+
+#[test]
 fn milan_vcpu_order_is_sibling_pairs() {
     let t = fixture("milan-64c");
     let p = place(

@@ -677,6 +677,21 @@ impl Run<'_> {
 /// Replays `trace` on `topo` for every placement model and flush policy.
 pub fn simulate(topo: &Topology, trace: &Trace, opts: &SimOptions) -> Result<Report, SimError> {
     trace.check(&trace.name)?;
+    // A VM larger than the host is a mistake in the trace, not a rejection.
+    let online = topo.online.len();
+    for (i, e) in trace.events.iter().enumerate() {
+        if let Event::Arrive { vcpus, vm, .. } = e {
+            if *vcpus as usize > online {
+                return Err(SimError::Invalid {
+                    origin: trace.name.clone(),
+                    field: format!("events[{i}].vcpus"),
+                    reason: format!(
+                        "{vm} asks for {vcpus} vCPUs; the topology has {online} online CPUs"
+                    ),
+                });
+            }
+        }
+    }
     let (vms, steps, reclaim_events, migration_events) = expand(trace);
     let mut combinations = Vec::new();
     for kind in PlacementModelKind::ALL {
