@@ -67,6 +67,11 @@ fn shipped_traces_keep_the_invariants() {
             fit("sevplace"),
             fit("kubelet-static")
         );
+        // On the mixed host, pools mix only once the host is full (on the
+        // small, 80%-confidential Milan host one plain VM must mix earlier).
+        if name == "mixed-host" {
+            assert_eq!(sp["mixedPoolPlacementsBeforeFirstRejection"], 0, "{name}");
+        }
         // Stock disturbs every domain; sevplace far fewer.
         let stock = combo(&report, "floating", "stock");
         assert!(
@@ -75,10 +80,14 @@ fn shipped_traces_keep_the_invariants() {
             "{name}"
         );
         eprintln!("{name} on {} in {secs:.2}s", spec.topology);
-        eprintln!(
-            "{}",
-            run_simulate_cli(&trace, spec.topology, false).unwrap()
-        );
+        // The tables in docs/benchmarks.md come from the release build:
+        // `cargo test --release -p sevplace-agent --test simulate -- --nocapture`.
+        if !cfg!(debug_assertions) {
+            eprintln!(
+                "{}",
+                run_simulate_cli(&trace, spec.topology, false).unwrap()
+            );
+        }
     }
 }
 

@@ -441,7 +441,7 @@ fn pick(cands: &[Cand], need: u32, shape: Shape, numa_pref: Option<u32>) -> Opti
                     return Some(v);
                 }
             }
-            let mut best: Option<((usize, usize, u32, usize), Vec<usize>)> = None;
+            let mut best: Option<(NodeScore, Vec<usize>)> = None;
             for n in nodes {
                 let in_node: Vec<Cand> = cands.iter().copied().filter(|c| c.numa == n).collect();
                 if let Some((score, v)) = fewest(&in_node, need) {
@@ -460,7 +460,7 @@ fn pick(cands: &[Cand], need: u32, shape: Shape, numa_pref: Option<u32>) -> Opti
 
 /// The fewest domains whose room covers `need`; among those, the set that
 /// uses the fewest empty domains, then wastes the least room. Returns the
-/// score `(count, empty domains, leftover)` and the domains, fullest first.
+/// score `(count, empty domains, leftover)` and the domains, roomiest first.
 fn fewest(cands: &[Cand], need: u32) -> Option<((usize, usize, u32), Vec<usize>)> {
     let mut sorted: Vec<Cand> = cands.to_vec();
     sorted.sort_by_key(|c| (Reverse(c.room), c.tie));
@@ -477,7 +477,7 @@ fn fewest(cands: &[Cand], need: u32) -> Option<((usize, usize, u32), Vec<usize>)
         return None;
     }
     let chosen: Vec<Cand> = if binomial(sorted.len() as u64, k as u64) <= MAX_SUBSETS {
-        let mut best: Option<((usize, u32, Vec<usize>), Vec<Cand>)> = None;
+        let mut best: Best = None;
         let mut cur = Vec::with_capacity(k);
         search(&sorted, 0, k, need, &mut cur, &mut best);
         best.map(|(_, v)| v)?
@@ -504,7 +504,12 @@ fn fewest(cands: &[Cand], need: u32) -> Option<((usize, usize, u32), Vec<usize>)
     ))
 }
 
+/// Best subset so far: (empty domains, leftover, sorted tie keys) and the
+/// subset.
 type Best = Option<((usize, u32, Vec<usize>), Vec<Cand>)>;
+
+/// Score of a node's best set: (domains, empty domains, leftover, tie).
+type NodeScore = (usize, usize, u32, usize);
 
 /// Exhaustive search over `k`-subsets of `cands` (sorted roomiest first)
 /// that cover `need`, keeping the one with the fewest empty domains, then

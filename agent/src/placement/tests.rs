@@ -89,6 +89,29 @@ fn milan_table() {
 }
 
 #[test]
+fn placement_json_uses_lower_camel_case() {
+    let t = fixture("ci-host-2cpu");
+    let p = place(
+        &t,
+        &PlacementState::new(),
+        &Reservations::default(),
+        &req("a", 1, "sev-es", true),
+    )
+    .unwrap();
+    let v = serde_json::to_value(&p).unwrap();
+    assert_eq!(v["vmId"], "a");
+    assert_eq!(v["cpus"], "0");
+    assert_eq!(v["vcpuCpus"][0], "0");
+    assert_eq!(v["l3Domains"][0], 0);
+    assert_eq!(v["pool"], "confidential");
+    assert_eq!(v["sharesConfidentialDomain"], false);
+    assert_eq!(v["request"]["class"], "sev-es");
+    assert_eq!(v["request"]["numaPreference"], serde_json::Value::Null);
+    let back: Placement = serde_json::from_value(v).unwrap();
+    assert_eq!(back, p);
+}
+
+#[test]
 fn milan_vcpu_order_is_sibling_pairs() {
     let t = fixture("milan-64c");
     let p = place(
@@ -369,21 +392,37 @@ fn op() -> impl Strategy<Value = Op> {
 
 fn topology() -> impl Strategy<Value = (Topology, CpuSet)> {
     (
-        1u32..=2,
-        1u32..=5,
-        1u32..=4,
-        1u32..=2,
-        1u32..=2,
+        (1u32..=2, 1u32..=5, 1u32..=4, 1u32..=2, 1u32..=2),
         proptest::collection::vec(0u32..80, 0..4),
+        proptest::collection::vec(0u32..80, 0..6),
+        proptest::collection::vec(0u32..80, 0..3),
+        any::<bool>(),
     )
-        .prop_map(|(p, l, c, t, n, reserved)| {
-            let topo = Topology::synthetic(p, l, c, t, n.min(l));
-            let reserved: CpuSet = reserved
-                .into_iter()
-                .filter(|&x| topo.online.contains(x))
-                .collect();
-            (topo, reserved)
-        })
+        .prop_map(
+            |((p, l, c, t, n), reserved, offline, isolated, cache_info)| {
+                let base = Topology::synthetic(p, l, c, t, n.min(l));
+                // Offline some CPUs (never all), isolate some, and sometimes drop
+                // the L3 entries, as real hosts and VMs do.
+                let mut offline: CpuSet = offline
+                    .into_iter()
+                    .filter(|&x| base.online.contains(x))
+                    .collect();
+                if offline.len() == base.online.len() {
+                    offline = CpuSet::new();
+                }
+                let isolated: CpuSet = isolated.into_iter().collect();
+                let topo = base.with_changes(
+                    &offline,
+                    &isolated.intersection(&base.online.difference(&offline)),
+                    cache_info,
+                );
+                let reserved: CpuSet = reserved
+                    .into_iter()
+                    .filter(|&x| topo.online.contains(x))
+                    .collect();
+                (topo, reserved)
+            },
+        )
 }
 
 fn request_of(

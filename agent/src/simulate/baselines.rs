@@ -226,6 +226,7 @@ impl PlacementModel for Sevplace<'_> {
         self.state.release(vm);
     }
 
+    /// Unused: every sevplace vCPU has its own allowed set.
     fn shared_pool(&self) -> CpuSet {
         CpuSet::new()
     }
@@ -340,8 +341,9 @@ impl<'t> Accumulator<'t> {
         sockets
     }
 
-    /// Core ids (kubelet numbers a core by its lowest CPU) of `node` that
-    /// have available CPUs, sorted by available CPUs ascending.
+    /// Cores with available CPUs: node by node in kubelet's node order,
+    /// within a node by available CPUs ascending, then by core id (kubelet
+    /// numbers a core by its lowest CPU).
     fn sorted_cores(&self) -> Vec<usize> {
         let mut out = Vec::new();
         for n in self.sorted_nodes() {

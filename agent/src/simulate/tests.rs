@@ -192,3 +192,17 @@ fn shipped_traces_are_current() {
         assert_eq!(Trace::load(&path).unwrap(), trace, "{}", spec.file);
     }
 }
+
+#[test]
+fn a_vm_larger_than_the_host_names_the_field() {
+    let text = "name: big\nevents:\n  - {event: arrive, at: 0, vm: a, vcpus: 1, class: sev}\n  - {event: arrive, at: 0, vm: b, vcpus: 3, class: none}\n";
+    let trace = Trace::parse(text, Format::Yaml, "big").unwrap();
+    let topo = named_topology("ci-host-2cpu").unwrap();
+    let e = simulate(&topo, &trace, &SimOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        e,
+        "big: events[1].vcpus: b asks for 3 vCPUs; the topology has 2 online CPUs"
+    );
+}
