@@ -9,17 +9,17 @@ use tokio::sync::watch;
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 
 use crate::api::{AgentContext, SevplaceApi};
-use crate::config::Settings;
 use crate::cgroup::CpusetWriter;
+use crate::config::Settings;
 use crate::discovery::VmScanner;
 use crate::kmod::ModuleReader;
+use crate::metrics::Metrics;
 use crate::placement::Reservations;
 use crate::reconcile::enforce::SchedAffinity;
 use crate::reconcile::events::EventBus;
 use crate::reconcile::{AgentCore, AgentError, HostAccess};
-use crate::state::CheckpointStore;
-use crate::metrics::Metrics;
 use crate::server::{self, ListenError, OwnedSocket};
+use crate::state::CheckpointStore;
 use crate::topology::{Topology, TopologyError};
 
 /// Why the daemon stopped with an error.
@@ -135,7 +135,9 @@ pub async fn run(settings: Settings, options: RunOptions) -> Result<(), DaemonEr
     let store = CheckpointStore::in_dir(&settings.state_dir);
     if options.reset_state {
         match store.reset() {
-            Ok(Some(moved)) => tracing::warn!(to = %moved.display(), "checkpoint moved aside; starting without intents"),
+            Ok(Some(moved)) => {
+                tracing::warn!(to = %moved.display(), "checkpoint moved aside; starting without intents")
+            }
             Ok(None) => tracing::info!("no checkpoint to reset"),
             Err(e) => return Err(DaemonError::Core(e.into())),
         }

@@ -316,12 +316,19 @@ mod tests {
         assert!(r.read_cpulist("vms/1/ran_cpus").unwrap().is_empty());
         let vms = r.vm_records().unwrap();
         assert_eq!(vms.len(), 1);
-        assert_eq!((vms[0].pid, vms[0].flushes, vms[0].flushed_cpus), (4242, 3, 12));
+        assert_eq!(
+            (vms[0].pid, vms[0].flushes, vms[0].flushed_cpus),
+            (4242, 3, 12)
+        );
         assert_eq!(vms[0].unknown_past, None);
-        r.set_confidential(1, crate::types::ConfidentialClass::SevEs).unwrap();
+        r.set_confidential(1, crate::types::ConfidentialClass::SevEs)
+            .unwrap();
         assert_eq!(r.vm_record(1).unwrap().confidential, "sev-es");
         r.scrub(1).unwrap();
-        assert_eq!(std::fs::read_to_string(d.path().join("vms/1/scrub")).unwrap(), "1\n");
+        assert_eq!(
+            std::fs::read_to_string(d.path().join("vms/1/scrub")).unwrap(),
+            "1\n"
+        );
     }
 
     #[test]

@@ -270,10 +270,17 @@ fn promtool_check_metrics(body: &str) {
         .stderr(std::process::Stdio::piped())
         .spawn()
     else {
-        eprintln!("SKIP promtool check metrics: promtool is not installed (apt install prometheus)");
+        eprintln!(
+            "SKIP promtool check metrics: promtool is not installed (apt install prometheus)"
+        );
         return;
     };
-    child.stdin.take().unwrap().write_all(body.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(body.as_bytes())
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(
         out.status.success(),

@@ -166,7 +166,8 @@ pub fn vm(topo: &Topology, v: &VmView, record: Option<&ModuleVm>) -> pb::Vm {
         libvirt_domain: v.libvirt_domain.clone().unwrap_or_default(),
         confidential_class: v
             .class
-            .map_or(pb::ConfidentialClass::Unspecified, class_to_pb) as i32,
+            .map_or(pb::ConfidentialClass::Unspecified, class_to_pb)
+            as i32,
         class_source: match v.class_source {
             ClassSource::Orchestrator => pb::ClassSource::Orchestrator,
             ClassSource::CommandLine => pb::ClassSource::CommandLine,

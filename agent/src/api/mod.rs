@@ -76,7 +76,9 @@ fn vm_id(s: &str) -> Result<VmId, Status> {
 pub fn place_call(r: &pb::PlaceVmRequest) -> Result<PlaceCall, Status> {
     let selector = match r.selector.as_ref().and_then(|s| s.selector.as_ref()) {
         None => None,
-        Some(pb::vm_selector::Selector::Pid(0)) => return Err(invalid("selector.pid", "must not be 0")),
+        Some(pb::vm_selector::Selector::Pid(0)) => {
+            return Err(invalid("selector.pid", "must not be 0"))
+        }
         Some(pb::vm_selector::Selector::Pid(p)) => Some(VmSelector::Process {
             pid: *p,
             start_time: None,
@@ -89,13 +91,20 @@ pub fn place_call(r: &pb::PlaceVmRequest) -> Result<PlaceCall, Status> {
         }
         Some(pb::vm_selector::Selector::CgroupPath(p)) => {
             if !p.starts_with('/') || p.split('/').any(|c| c == "..") {
-                return Err(invalid("selector.cgroup_path", "must be absolute, without '..'"));
+                return Err(invalid(
+                    "selector.cgroup_path",
+                    "must be absolute, without '..'",
+                ));
             }
             Some(VmSelector::CgroupPath { path: p.clone() })
         }
     };
-    let class = pb::ConfidentialClass::try_from(r.confidential_class)
-        .map_err(|_| invalid("confidential_class", format!("unknown value {}", r.confidential_class)))?;
+    let class = pb::ConfidentialClass::try_from(r.confidential_class).map_err(|_| {
+        invalid(
+            "confidential_class",
+            format!("unknown value {}", r.confidential_class),
+        )
+    })?;
     if r.vcpus == 0 {
         return Err(invalid("vcpus", "must be at least 1"));
     }
@@ -157,7 +166,11 @@ impl SevplaceService for SevplaceApi {
     ) -> Result<Response<pb::GetHostResponse>, Status> {
         let start = Instant::now();
         let r = self
-            .with_core(|core| Ok(pb::GetHostResponse { host: Some(convert::host(core)) }))
+            .with_core(|core| {
+                Ok(pb::GetHostResponse {
+                    host: Some(convert::host(core)),
+                })
+            })
             .await;
         self.observe("GetHost", start, &r);
         r.map(Response::new)
@@ -266,7 +279,11 @@ impl SevplaceService for SevplaceApi {
                 let total = matching.len() as u32;
                 let page: Vec<pb::Vm> = matching
                     .into_iter()
-                    .filter(|vm| after.as_ref().is_none_or(|a| vm.vm_id.as_str() > a.as_str()))
+                    .filter(|vm| {
+                        after
+                            .as_ref()
+                            .is_none_or(|a| vm.vm_id.as_str() > a.as_str())
+                    })
                     .take(page_size + 1)
                     .collect();
                 let (vms, next) = if page.len() > page_size {

@@ -68,6 +68,16 @@ pub enum Command {
     Release { id: String },
     /// Flush the CPUs a VM dirtied since its last flush.
     Scrub { id: String },
+    /// Replay a VM/reclaim trace on a topology through every placement and
+    /// flush policy; no daemon needed.
+    Simulate {
+        /// Trace file (JSON or YAML).
+        #[arg(long)]
+        trace: PathBuf,
+        /// A named topology (e.g. genoa-2x96-nps1) or a host root directory.
+        #[arg(long)]
+        topology: String,
+    },
     /// Stream events.
     Watch {
         /// Only events of this VM.
@@ -83,6 +93,8 @@ pub enum CtlError {
     Connect(#[from] client::ConnectError),
     #[error("{}: {}", code_name(.0.code()), .0.message())]
     Rpc(#[from] tonic::Status),
+    #[error("{0}")]
+    Simulate(#[from] crate::simulate::SimError),
     #[error("cannot encode JSON: {0}")]
     Json(#[from] serde_json::Error),
 }
@@ -98,6 +110,13 @@ fn print_json<T: serde::Serialize>(v: &T) -> Result<(), CtlError> {
 
 /// Runs one command against the daemon.
 pub async fn run(cli: Cli) -> Result<(), CtlError> {
+    if let Command::Simulate { trace, topology } = &cli.command {
+        print!(
+            "{}",
+            crate::simulate::run_simulate_cli(trace, topology, cli.json)?
+        );
+        return Ok(());
+    }
     let socket = cli
         .socket
         .clone()
@@ -220,6 +239,7 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
                 );
             }
         }
+        Command::Simulate { .. } => {}
         Command::Watch { vm } => {
             let mut stream = c
                 .watch_events(pb::WatchEventsRequest {

@@ -19,7 +19,9 @@ use crate::cpuset::CpuSet;
 use crate::discovery::{DiscoveredVm, DiscoveryError, VmScanner};
 use crate::kmod::ModuleReader;
 use crate::metrics::Metrics;
-use crate::placement::{self, PlaceError, Placement, PlacementRequest, PlacementState, Reservations};
+use crate::placement::{
+    self, PlaceError, Placement, PlacementRequest, PlacementState, Reservations,
+};
 use crate::state::{
     self, Checkpoint, CheckpointError, CheckpointStore, IntentRecord, PlacementRecord, VmSelector,
 };
@@ -163,7 +165,12 @@ fn selector_matches(selector: &VmSelector, vm: &DiscoveredVm) -> bool {
 /// The emulator threads of a confidential VM run outside the confidential
 /// pool's domains when such CPUs exist, so they neither dirty nor are
 /// disturbed by the pool's flushes.
-fn emulator_cpus(topo: &Topology, placements: &PlacementState, res: &Reservations, p: &Placement) -> Option<CpuSet> {
+fn emulator_cpus(
+    topo: &Topology,
+    placements: &PlacementState,
+    res: &Reservations,
+    p: &Placement,
+) -> Option<CpuSet> {
     if !p.request.class.is_confidential() {
         return None;
     }
@@ -251,9 +258,9 @@ impl AgentCore {
         if let VmSelector::Process { pid, .. } = selector {
             return match self.host.scanner.inspect(*pid) {
                 Ok(vm) => Ok(Some(vm)),
-                Err(e) if e.is_gone() => Err(AgentError::NotFound(format!(
-                    "no process with pid {pid}"
-                ))),
+                Err(e) if e.is_gone() => {
+                    Err(AgentError::NotFound(format!("no process with pid {pid}")))
+                }
                 Err(DiscoveryError::NotAVm { pid, .. }) => Err(AgentError::InvalidArgument {
                     field: "selector.pid",
                     reason: format!("process {pid} is not a KVM VM"),
@@ -265,7 +272,10 @@ impl AgentCore {
             .unmanaged
             .values()
             .chain(self.runtime.values().filter_map(|r| r.observed.as_ref()));
-        Ok(known.into_iter().find(|vm| selector_matches(selector, vm)).cloned())
+        Ok(known
+            .into_iter()
+            .find(|vm| selector_matches(selector, vm))
+            .cloned())
     }
 
     /// PlaceVm: idempotent by vm_id.
@@ -313,10 +323,7 @@ impl AgentCore {
 
         if let Some(existing) = self.checkpoint.get(&call.vm_id) {
             let same_selector = match (&existing.selector, &selector) {
-                (
-                    VmSelector::Process { pid: a, .. },
-                    VmSelector::Process { pid: b, .. },
-                ) => a == b,
+                (VmSelector::Process { pid: a, .. }, VmSelector::Process { pid: b, .. }) => a == b,
                 (a, b) => a == b,
             };
             if existing.request == stored_request && same_selector {
@@ -330,7 +337,12 @@ impl AgentCore {
             )));
         }
 
-        let p = placement::place(&self.topology, &self.placements, &self.reservations, &request)?;
+        let p = placement::place(
+            &self.topology,
+            &self.placements,
+            &self.reservations,
+            &request,
+        )?;
         if call.validate_only {
             return Ok(VmView {
                 vm_id: call.vm_id.to_string(),
@@ -499,7 +511,8 @@ impl AgentCore {
             vms_seen: scan.len(),
             ..PassReport::default()
         };
-        let mut by_pid: BTreeMap<u32, DiscoveredVm> = scan.into_iter().map(|v| (v.pid, v)).collect();
+        let mut by_pid: BTreeMap<u32, DiscoveredVm> =
+            scan.into_iter().map(|v| (v.pid, v)).collect();
 
         let intents: Vec<IntentRecord> = self.checkpoint.intents.clone();
         for intent in intents {
@@ -533,7 +546,13 @@ impl AgentCore {
                     // stays pending. A process selector whose pid is gone
                     // names an exited VM too.
                     let exited = rt.observed.is_some()
-                        || matches!(intent.selector, VmSelector::Process { start_time: Some(_), .. });
+                        || matches!(
+                            intent.selector,
+                            VmSelector::Process {
+                                start_time: Some(_),
+                                ..
+                            }
+                        );
                     if exited {
                         match self.release_internal(&intent.vm_id, true) {
                             Ok(_) => report.released.push(intent.vm_id.to_string()),
@@ -580,7 +599,10 @@ impl AgentCore {
 
     /// One VM by id (`pid-N` for unmanaged VMs).
     pub fn view(&self, vm_id: &str) -> Option<VmView> {
-        if let Some(pid) = vm_id.strip_prefix("pid-").and_then(|p| p.parse::<u32>().ok()) {
+        if let Some(pid) = vm_id
+            .strip_prefix("pid-")
+            .and_then(|p| p.parse::<u32>().ok())
+        {
             if let Some(vm) = self.unmanaged.get(&pid) {
                 return Some(Self::unmanaged_view(vm));
             }

@@ -1,0 +1,406 @@
+//! The core against a fake procfs: placement, idempotence, enforcement,
+//! drift, exits, restart from the checkpoint, and a VM that exits while it
+//! is pinned. Affinity writes go to the fake procfs, never to real threads.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use super::enforce::ThreadAffinity;
+use super::events::{EventBus, EventKind};
+use super::*;
+use crate::cgroup::CgroupError;
+use crate::discovery::fake_procfs::{write_process, FakeProcess};
+use crate::kmod::ModuleReader;
+
+/// Writes affinity into the fake procfs (so the next scan sees it), and
+/// fails with `VmGone` for threads whose task directory is gone.
+struct FakeAffinity {
+    proc_root: PathBuf,
+    calls: Mutex<Vec<(u32, CpuSet)>>,
+}
+
+fn task_dir(root: &Path, tid: u32) -> Option<PathBuf> {
+    for e in std::fs::read_dir(root).ok()?.flatten() {
+        let t = e.path().join("task").join(tid.to_string());
+        if t.exists() {
+            return Some(t);
+        }
+    }
+    None
+}
+
+impl ThreadAffinity for FakeAffinity {
+    fn set(&self, tid: u32, cpus: &CpuSet) -> Result<(), CgroupError> {
+        self.calls.lock().unwrap().push((tid, cpus.clone()));
+        let Some(dir) = task_dir(&self.proc_root, tid) else {
+            return Err(CgroupError::VmGone {
+                target: format!("sched_setaffinity({tid})"),
+            });
+        };
+        let status = dir.join("status");
+        let text = std::fs::read_to_string(&status).unwrap();
+        let new: String = text
+            .lines()
+            .map(|l| {
+                if l.starts_with("Cpus_allowed_list:") {
+                    format!("Cpus_allowed_list:\t{cpus}\n")
+                } else {
+                    format!("{l}\n")
+                }
+            })
+            .collect();
+        std::fs::write(status, new).unwrap();
+        Ok(())
+    }
+}
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    affinity: Arc<FakeAffinity>,
+    events: Arc<EventBus>,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("proc")).unwrap();
+        Self {
+            affinity: Arc::new(FakeAffinity {
+                proc_root: dir.path().join("proc"),
+                calls: Mutex::new(Vec::new()),
+            }),
+            events: Arc::new(EventBus::new(256)),
+            dir,
+        }
+    }
+
+    fn proc(&self) -> PathBuf {
+        self.dir.path().join("proc")
+    }
+
+    fn core(&self) -> Result<AgentCore, AgentError> {
+        AgentCore::new(
+            Arc::new(Topology::synthetic(1, 8, 8, 2, 1)),
+            Reservations::default(),
+            HostAccess {
+                scanner: VmScanner::new(self.proc()),
+                cgroups: None,
+                module: ModuleReader::new(self.dir.path().join("no-module")),
+                affinity: self.affinity.clone(),
+            },
+            CheckpointStore::in_dir(self.dir.path().join("state")),
+            Arc::new(Metrics::new()),
+            self.events.clone(),
+        )
+    }
+
+    fn add_vm(&self, pid: u32, vcpus: u32, sev: bool) {
+        let mut args = vec!["qemu-system-x86_64", "-name", "guest=g1"];
+        if sev {
+            args.extend([
+                "-object",
+                "sev-guest,id=sev0,policy=0x1",
+                "-machine",
+                "q35,confidential-guest-support=sev0",
+            ]);
+        }
+        write_process(&self.proc(), &FakeProcess::qemu_vm(pid, vcpus, &args)).unwrap();
+    }
+
+    fn scan(&self, core: &AgentCore) -> Vec<DiscoveredVm> {
+        core.scanner().scan().unwrap()
+    }
+}
+
+fn call(id: &str, pid: Option<u32>, vcpus: u32) -> PlaceCall {
+    PlaceCall {
+        vm_id: VmId::new(id).unwrap(),
+        selector: pid.map(|pid| VmSelector::Process {
+            pid,
+            start_time: None,
+        }),
+        vcpus,
+        class: None,
+        shared: false,
+        numa_node: None,
+        validate_only: false,
+    }
+}
+
+fn allowed(core: &AgentCore, f: &Fixture) -> Vec<(u32, CpuSet)> {
+    f.scan(core)
+        .iter()
+        .flat_map(|v| v.vcpus.iter().map(|t| (t.index, t.cpus_allowed.clone())))
+        .collect()
+}
+
+#[test]
+fn place_classifies_pins_and_is_idempotent() {
+    let f = Fixture::new();
+    f.add_vm(100, 4, true);
+    let mut core = f.core().unwrap();
+    core.reconcile(f.scan(&core));
+    assert_eq!(core.view("pid-100").unwrap().state, VmState::Unmanaged);
+
+    let v = core.place(call("vm-a", Some(100), 4)).unwrap();
+    assert_eq!(v.class, Some(ConfidentialClass::Sev));
+    assert_eq!(v.class_source, ClassSource::CommandLine);
+    assert_eq!(v.state, VmState::Placed);
+    let p = v.placement.clone().unwrap();
+    assert_eq!(p.l3_domains.len(), 1, "4 vCPUs fit one L3 domain");
+    for (index, set) in allowed(&core, &f) {
+        assert_eq!(set, p.vcpu_cpus[index as usize], "vCPU {index}");
+    }
+    assert!(core.view("pid-100").is_none(), "the VM is managed now");
+
+    // Same request: same answer, nothing written twice.
+    let generation = core.checkpoint().generation;
+    let again = core.place(call("vm-a", Some(100), 4)).unwrap();
+    assert_eq!(again.placement, v.placement);
+    assert_eq!(core.checkpoint().generation, generation);
+    // Different request for the same id: a conflict.
+    assert!(matches!(
+        core.place(call("vm-a", Some(100), 2)),
+        Err(AgentError::AlreadyExists(_))
+    ));
+    // The checkpoint holds the intent with its placement.
+    let stored = CheckpointStore::in_dir(f.dir.path().join("state"))
+        .load()
+        .unwrap();
+    assert_eq!(stored.intents.len(), 1);
+    assert_eq!(
+        stored.intents[0].placement.as_ref().unwrap().vcpu_cpus,
+        p.vcpu_cpus
+    );
+}
+
+#[test]
+fn drift_is_corrected_and_reported() {
+    let f = Fixture::new();
+    f.add_vm(200, 2, true);
+    let mut core = f.core().unwrap();
+    core.reconcile(f.scan(&core));
+    let p = core
+        .place(call("vm-d", Some(200), 2))
+        .unwrap()
+        .placement
+        .unwrap();
+    let mut rx = f.events.subscribe();
+    // Someone moves vCPU 0 by hand.
+    let tid0 = f.scan(&core)[0].vcpus[0].tid;
+    f.affinity.set(tid0, &CpuSet::range(0, 127)).unwrap();
+    let report = core.reconcile(f.scan(&core));
+    assert_eq!(report.corrections, 1);
+    for (index, set) in allowed(&core, &f) {
+        assert_eq!(set, p.vcpu_cpus[index as usize]);
+    }
+    let ev = rx.try_recv().unwrap();
+    match ev.kind {
+        EventKind::Drift {
+            reason,
+            tid,
+            observed,
+            enforced,
+        } => {
+            assert_eq!(reason, events::DriftReason::ThreadMoved);
+            assert_eq!(tid, tid0);
+            assert_eq!(observed, CpuSet::range(0, 127));
+            assert_eq!(enforced, p.vcpu_cpus[0]);
+        }
+        other => panic!("{other:?}"),
+    }
+    // Nothing more to do on the next pass.
+    assert_eq!(core.reconcile(f.scan(&core)).corrections, 0);
+}
+
+#[test]
+fn exit_releases_and_restart_restores() {
+    let f = Fixture::new();
+    f.add_vm(300, 2, true);
+    f.add_vm(400, 2, false);
+    let mut core = f.core().unwrap();
+    core.reconcile(f.scan(&core));
+    let a = core
+        .place(call("vm-a", Some(300), 2))
+        .unwrap()
+        .placement
+        .unwrap();
+    let b = core
+        .place(call("vm-b", Some(400), 2))
+        .unwrap()
+        .placement
+        .unwrap();
+    assert!(a.cpus.is_disjoint(&b.cpus));
+    // Pending: no process yet.
+    let mut c = call("vm-c", None, 2);
+    c.class = Some(ConfidentialClass::SevSnp);
+    assert_eq!(core.place(c).unwrap().state, VmState::Pending);
+    let cap_before = core.capacity();
+    drop(core);
+
+    // A restart restores all three exactly.
+    let mut core = f.core().unwrap();
+    assert_eq!(core.placements().get(&VmId::new("vm-a").unwrap()), Some(&a));
+    assert_eq!(core.placements().len(), 3);
+    assert_eq!(core.capacity(), cap_before);
+    core.reconcile(f.scan(&core));
+    assert_eq!(core.view("vm-b").unwrap().state, VmState::Placed);
+
+    // vm-a exits: released, capacity returns.
+    std::fs::remove_dir_all(f.proc().join("300")).unwrap();
+    let report = core.reconcile(f.scan(&core));
+    assert_eq!(report.released, vec!["vm-a".to_string()]);
+    assert!(core.view("vm-a").is_none());
+    assert!(core.placements().get(&VmId::new("vm-a").unwrap()).is_none());
+    assert_eq!(core.checkpoint().intents.len(), 2);
+    // The pending one stays pending.
+    assert_eq!(core.view("vm-c").unwrap().state, VmState::Pending);
+}
+
+#[test]
+fn vm_exiting_mid_pin_is_a_clean_release() {
+    let f = Fixture::new();
+    f.add_vm(500, 2, true);
+    let mut core = f.core().unwrap();
+    core.reconcile(f.scan(&core));
+    // The vCPU threads exit between discovery and the pin: the pin meets
+    // ESRCH, and the placement is released, not left half-applied.
+    let vcpu_tid = f.scan(&core)[0].vcpus[1].tid;
+    let mut call = call("vm-x", Some(500), 2);
+    std::fs::remove_dir_all(f.proc().join(format!("500/task/{vcpu_tid}"))).unwrap();
+    call.class = Some(ConfidentialClass::Sev);
+    let r = core.place(call);
+    // With the thread gone at inspect time, discovery still finds vCPU 0;
+    // its pin succeeds, the process lives: the VM is placed and drifted
+    // only if a pin failed. Either way no placement is half-applied.
+    match r {
+        Err(AgentError::FailedPrecondition(m)) => {
+            assert!(m.contains("exited"), "{m}");
+            assert!(core.placements().is_empty());
+            assert!(core.checkpoint().intents.is_empty());
+        }
+        Ok(v) => {
+            assert_eq!(v.threads.len(), 1, "only the live vCPU thread is seen");
+            assert_eq!(core.checkpoint().intents.len(), 1);
+        }
+        Err(e) => panic!("{e}"),
+    }
+    // Now the whole process goes: the next pass releases cleanly, once.
+    std::fs::remove_dir_all(f.proc().join("500")).unwrap();
+    let report = core.reconcile(f.scan(&core));
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert!(core.placements().is_empty());
+    assert!(core.checkpoint().intents.is_empty());
+    assert!(core.capacity().confidential_domains.is_empty());
+    assert_eq!(core.reconcile(f.scan(&core)), PassReport::default());
+}
+
+#[test]
+fn affinity_failing_with_esrch_releases_the_placement() {
+    /// An affinity that reports every thread gone, as when a VM exits
+    /// between the scan and the pin.
+    struct AllGone;
+    impl ThreadAffinity for AllGone {
+        fn set(&self, tid: u32, _: &CpuSet) -> Result<(), CgroupError> {
+            Err(CgroupError::VmGone {
+                target: format!("sched_setaffinity({tid})"),
+            })
+        }
+    }
+    let f = Fixture::new();
+    f.add_vm(700, 2, true);
+    let mut core = AgentCore::new(
+        Arc::new(Topology::synthetic(1, 8, 8, 2, 1)),
+        Reservations::default(),
+        HostAccess {
+            scanner: VmScanner::new(f.proc()),
+            cgroups: None,
+            module: ModuleReader::new(f.dir.path().join("no-module")),
+            affinity: Arc::new(AllGone),
+        },
+        CheckpointStore::in_dir(f.dir.path().join("state")),
+        Arc::new(Metrics::new()),
+        f.events.clone(),
+    )
+    .unwrap();
+    match core.place(call("vm-g", Some(700), 2)) {
+        Err(AgentError::FailedPrecondition(m)) => assert!(m.contains("exited"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(core.placements().is_empty());
+    assert!(core.checkpoint().intents.is_empty());
+    let stored = CheckpointStore::in_dir(f.dir.path().join("state"))
+        .load()
+        .unwrap();
+    assert!(
+        stored.intents.is_empty(),
+        "the release reached the checkpoint"
+    );
+}
+
+#[test]
+fn invalid_requests_and_unknown_vms() {
+    let f = Fixture::new();
+    let mut core = f.core().unwrap();
+    assert!(matches!(
+        core.place(call("x", None, 0)),
+        Err(AgentError::InvalidArgument { field: "vcpus", .. })
+    ));
+    assert!(matches!(
+        core.place(call("x", None, 2)),
+        Err(AgentError::InvalidArgument {
+            field: "confidential_class",
+            ..
+        })
+    ));
+    assert!(matches!(
+        core.place(call("x", Some(999_999), 2)),
+        Err(AgentError::NotFound(_))
+    ));
+    let mut big = call("x", None, 10_000);
+    big.class = Some(ConfidentialClass::Sev);
+    assert!(matches!(core.place(big), Err(AgentError::Place(_))));
+    assert!(matches!(
+        core.release(&VmId::new("nope").unwrap()),
+        Err(AgentError::NotFound(_))
+    ));
+    // validate_only changes nothing.
+    let mut v = call("y", None, 4);
+    v.class = Some(ConfidentialClass::SevEs);
+    v.validate_only = true;
+    let view = core.place(v).unwrap();
+    assert_eq!(view.placement.unwrap().vcpu_cpus.len(), 4);
+    assert!(core.placements().is_empty());
+    assert_eq!(core.checkpoint().generation, 0);
+}
+
+#[test]
+fn corrupt_checkpoint_stops_start_up() {
+    let f = Fixture::new();
+    std::fs::create_dir_all(f.dir.path().join("state")).unwrap();
+    std::fs::write(f.dir.path().join("state/checkpoint.json"), "{garbage").unwrap();
+    match f.core() {
+        Err(AgentError::Checkpoint(e)) => assert!(e.to_string().contains("corrupt"), "{e}"),
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("a corrupt checkpoint was accepted"),
+    }
+}
+
+#[test]
+fn unwritable_checkpoint_changes_nothing() {
+    let f = Fixture::new();
+    f.add_vm(600, 2, true);
+    let mut core = f.core().unwrap();
+    core.reconcile(f.scan(&core));
+    // The state "directory" is a file: saving fails.
+    std::fs::write(f.dir.path().join("state"), "not a dir").unwrap();
+    assert!(matches!(
+        core.place(call("vm-z", Some(600), 2)),
+        Err(AgentError::Checkpoint(_))
+    ));
+    assert!(core.placements().is_empty());
+    assert!(
+        f.affinity.calls.lock().unwrap().is_empty(),
+        "nothing pinned"
+    );
+}
