@@ -69,11 +69,18 @@ impl Daemon {
     /// Starts `sevplaced` with `extra` arguments after the test defaults
     /// (so flags in `extra` win) and waits until its socket answers.
     pub fn start(extra: &[&str]) -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
+        Self::start_in(tempfile::tempdir().expect("tempdir"), extra, &[])
+    }
+
+    /// Starts `sevplaced` in `dir` (reused across restarts: same socket,
+    /// same state directory) with extra flags and environment.
+    pub fn start_in(dir: tempfile::TempDir, extra: &[&str], env: &[(&str, &str)]) -> Self {
         let socket = dir.path().join("run/sevplaced.sock");
         let metrics_addr = format!("127.0.0.1:{}", free_port());
         let config = dir.path().join("sevplaced.toml");
-        std::fs::write(&config, "").expect("write config");
+        if !config.exists() {
+            std::fs::write(&config, "").expect("write config");
+        }
         let child = Command::new(bin("sevplaced"))
             .arg("--config")
             .arg(&config)
@@ -84,6 +91,7 @@ impl Daemon {
             .arg("--metrics-addr")
             .arg(&metrics_addr)
             .args(extra)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
@@ -114,6 +122,14 @@ impl Daemon {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Kills the daemon with SIGKILL and hands back its directory.
+    pub fn kill9(mut self) -> tempfile::TempDir {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let dir = tempfile::tempdir().expect("placeholder");
+        std::mem::replace(&mut self.dir, dir)
     }
 
     pub fn pid(&self) -> i32 {
@@ -171,4 +187,107 @@ pub fn http_get(addr: &str, path: &str, accept: Option<&str>) -> String {
     let mut out = String::new();
     s.read_to_string(&mut out).expect("read response");
     out
+}
+
+/// A `kvm-guest-fixture` VM; killed and reaped on drop.
+pub struct GuestVm {
+    pub child: Child,
+    pub pid: u32,
+}
+
+impl GuestVm {
+    /// Starts the fixture with `args` and waits for `ready pid=N`; `None`
+    /// (with a printed reason) when `/dev/kvm` is unusable.
+    pub fn start(test: &str, args: &[&str]) -> Option<Self> {
+        use std::io::BufRead;
+        if let Err(e) = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+        {
+            eprintln!("SKIP {test}: /dev/kvm unusable: {e}");
+            return None;
+        }
+        let mut child = Command::new(bin("kvm-guest-fixture"))
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn kvm-guest-fixture");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        std::io::BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("read ready line");
+        let pid = line
+            .trim()
+            .strip_prefix("ready pid=")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("unexpected fixture output {line:?}"));
+        Some(Self { child, pid })
+    }
+
+    /// `(tid, comm)` of every thread.
+    pub fn threads(&self) -> Vec<(u32, String)> {
+        let mut out = Vec::new();
+        if let Ok(rd) = std::fs::read_dir(format!("/proc/{}/task", self.pid)) {
+            for e in rd.flatten() {
+                let tid: u32 = match e.file_name().to_str().and_then(|s| s.parse().ok()) {
+                    Some(t) => t,
+                    None => continue,
+                };
+                let comm = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default();
+                out.push((tid, comm.trim().to_string()));
+            }
+        }
+        out
+    }
+
+    /// tid of vCPU `index` (`CPU N/KVM`).
+    pub fn vcpu_tid(&self, index: u32) -> u32 {
+        let name = format!("CPU {index}/KVM");
+        self.threads()
+            .into_iter()
+            .find(|(_, c)| *c == name)
+            .map(|(t, _)| t)
+            .unwrap_or_else(|| panic!("no thread {name}"))
+    }
+}
+
+impl Drop for GuestVm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `Cpus_allowed_list` of a thread.
+pub fn cpus_allowed(pid: u32, tid: u32) -> sevplace::CpuSet {
+    let text =
+        std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).unwrap_or_default();
+    text.lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .and_then(|v| sevplace::CpuSet::parse(v).ok())
+        .unwrap_or_default()
+}
+
+/// The CPU a thread last ran on (stat field 39).
+pub fn last_cpu(pid: u32, tid: u32) -> Option<u32> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).ok()?;
+    let rest = &text[text.rfind(')')? + 2..];
+    rest.split_whitespace()
+        .nth(39 - 3)
+        .and_then(|v| v.parse().ok())
+}
+
+/// Polls `f` every 50 ms until it is true or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    f()
 }
