@@ -49,6 +49,68 @@ pub struct Metrics {
     pub confidential_pool_l3_domains: Gauge,
     pub drift_corrections: Family<ReasonLabels, Counter>,
     pub reconcile_duration: Histogram,
+    pub vm_dirty_cpus: Family<VmLabels, Gauge>,
+    pub vm_ran_cpus: Family<VmLabels, Gauge>,
+    pub vm_vcpus: Family<VmLabels, Gauge>,
+    pub vm_flushes: Family<VmLabels, Counter>,
+    pub vm_flushed_cpus: Family<VmLabels, Counter>,
+    pub kmod_flushes: Family<KindLabels, Counter>,
+    pub kmod_flushed_cpus: Family<KindLabels, Counter>,
+    pub kmod_info: Family<KmodLabels, Gauge>,
+    pub kmod_loaded: Gauge,
+    pub confidential_vms: Gauge,
+    /// Last module readings, to turn module counters into increments.
+    last: std::sync::Mutex<CounterReadings>,
+}
+
+/// Labels of per-VM series: bounded by the live VMs; series of exited VMs
+/// are removed.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
+pub struct VmLabels {
+    pub vm: String,
+    pub confidential: String,
+}
+
+/// Labels of module flush counters: `targeted`, `full` or `scrub`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: String,
+}
+
+/// Labels of `sevplace_kmod_info`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KmodLabels {
+    pub abi: String,
+    pub mode: String,
+    pub state: String,
+}
+
+/// One VM's module figures, for [`Metrics::set_vms`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmFigures {
+    pub labels: VmLabels,
+    pub vcpus: u32,
+    /// `None` when the module does not track the VM.
+    pub dirty_cpus: Option<usize>,
+    pub ran_cpus: Option<usize>,
+    pub flushes: Option<u64>,
+    pub flushed_cpus: Option<u64>,
+}
+
+#[derive(Debug, Default)]
+struct CounterReadings {
+    vm: std::collections::BTreeMap<VmLabels, (u64, u64)>,
+    kmod: std::collections::BTreeMap<String, (u64, u64)>,
+}
+
+/// Advances `counter` to a source counter's new `reading`: by the
+/// difference, or by the whole reading when the source restarted (a module
+/// reload), so the exported counter never goes down.
+fn advance(counter: &Counter, last: u64, reading: u64) {
+    let delta = if reading >= last { reading - last } else { reading };
+    if delta > 0 {
+        counter.inc_by(delta);
+    }
 }
 
 /// Labels of `sevplace_drift_corrections_total`.
@@ -113,7 +175,74 @@ impl Metrics {
             "Time of one reconcile pass",
             reconcile_duration.clone(),
         );
+        let vm_dirty_cpus = Family::<VmLabels, Gauge>::default();
+        registry.register(
+            "vm_dirty_cpus",
+            "CPUs that entered the VM since their last flush (sevflush)",
+            vm_dirty_cpus.clone(),
+        );
+        let vm_ran_cpus = Family::<VmLabels, Gauge>::default();
+        registry.register(
+            "vm_ran_cpus",
+            "CPUs that ever entered the VM (sevflush)",
+            vm_ran_cpus.clone(),
+        );
+        let vm_vcpus = Family::<VmLabels, Gauge>::default();
+        registry.register("vm_vcpus", "vCPUs of the VM", vm_vcpus.clone());
+        let vm_flushes = Family::<VmLabels, Counter>::default();
+        registry.register(
+            "vm_flushes",
+            "Targeted flushes of the VM's dirty CPUs (sevflush)",
+            vm_flushes.clone(),
+        );
+        let vm_flushed_cpus = Family::<VmLabels, Counter>::default();
+        registry.register(
+            "vm_flushed_cpus",
+            "CPUs flushed by the VM's targeted flushes (sevflush)",
+            vm_flushed_cpus.clone(),
+        );
+        let kmod_flushes = Family::<KindLabels, Counter>::default();
+        registry.register(
+            "kmod_flushes",
+            "Flushes made by sevflush, by kind (targeted, full, scrub)",
+            kmod_flushes.clone(),
+        );
+        let kmod_flushed_cpus = Family::<KindLabels, Counter>::default();
+        registry.register(
+            "kmod_flushed_cpus",
+            "CPUs flushed by sevflush's targeted flushes and scrubs, by kind",
+            kmod_flushed_cpus.clone(),
+        );
+        let kmod_info = Family::<KmodLabels, Gauge>::default();
+        registry.register(
+            "kmod_info",
+            "sevflush module ABI, mode and state (always 1)",
+            kmod_info.clone(),
+        );
+        let kmod_loaded = Gauge::default();
+        registry.register(
+            "kmod_loaded",
+            "1 when the sevflush module is loaded with a supported ABI",
+            kmod_loaded.clone(),
+        );
+        let confidential_vms = Gauge::default();
+        registry.register(
+            "confidential_vms",
+            "Running VMs with a confidential class (placed or not)",
+            confidential_vms.clone(),
+        );
         Self {
+            vm_dirty_cpus,
+            vm_ran_cpus,
+            vm_vcpus,
+            vm_flushes,
+            vm_flushed_cpus,
+            kmod_flushes,
+            kmod_flushed_cpus,
+            kmod_info,
+            kmod_loaded,
+            confidential_vms,
+            last: std::sync::Mutex::new(CounterReadings::default()),
             drift_corrections,
             reconcile_duration,
             registry,
@@ -140,6 +269,84 @@ impl Metrics {
         set("reserved", reserved);
         self.l3_domains.set(topo.l3_domains.len() as i64);
         self.numa_nodes.set(topo.numa_nodes.len() as i64);
+    }
+
+    /// Sets the module gauges and counters from a status reading.
+    pub fn set_module(&self, s: &crate::kmod::ModuleStatus) {
+        use crate::kmod::ModuleState;
+        self.kmod_info.clear();
+        let state = serde_json::to_value(s.state)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        self.kmod_info
+            .get_or_create(&KmodLabels {
+                abi: s.abi_version.to_string(),
+                mode: s.mode.clone(),
+                state,
+            })
+            .set(1);
+        let loaded = s.state == ModuleState::Loaded;
+        self.kmod_loaded.set(i64::from(loaded));
+        if !loaded {
+            return;
+        }
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        for (kind, flushes, cpus) in [
+            ("targeted", s.flushes_total, s.flushed_cpus_total),
+            ("full", s.full_flushes_total, 0),
+            ("scrub", s.scrubs_total, s.scrubbed_cpus_total),
+        ] {
+            let labels = KindLabels {
+                kind: kind.to_string(),
+            };
+            let (lf, lc) = last.kmod.get(kind).copied().unwrap_or((0, 0));
+            advance(&self.kmod_flushes.get_or_create(&labels), lf, flushes);
+            if kind != "full" {
+                advance(&self.kmod_flushed_cpus.get_or_create(&labels), lc, cpus);
+            }
+            last.kmod.insert(kind.to_string(), (flushes, cpus));
+        }
+    }
+
+    /// Replaces the per-VM series with `vms`: series of VMs not in the list
+    /// are removed, so cardinality follows the live VMs.
+    pub fn set_vms(&self, vms: &[VmFigures]) {
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        let live: std::collections::BTreeSet<&VmLabels> = vms.iter().map(|v| &v.labels).collect();
+        let stale: Vec<VmLabels> = last.vm.keys().filter(|l| !live.contains(l)).cloned().collect();
+        for l in &stale {
+            self.vm_dirty_cpus.remove(l);
+            self.vm_ran_cpus.remove(l);
+            self.vm_vcpus.remove(l);
+            self.vm_flushes.remove(l);
+            self.vm_flushed_cpus.remove(l);
+            last.vm.remove(l);
+        }
+        for v in vms {
+            let l = &v.labels;
+            self.vm_vcpus.get_or_create(l).set(i64::from(v.vcpus));
+            match (v.dirty_cpus, v.ran_cpus, v.flushes, v.flushed_cpus) {
+                (Some(d), Some(r), Some(f), Some(fc)) => {
+                    self.vm_dirty_cpus.get_or_create(l).set(d as i64);
+                    self.vm_ran_cpus.get_or_create(l).set(r as i64);
+                    let (lf, lc) = last.vm.get(l).copied().unwrap_or((0, 0));
+                    advance(&self.vm_flushes.get_or_create(l), lf, f);
+                    advance(&self.vm_flushed_cpus.get_or_create(l), lc, fc);
+                    last.vm.insert(l.clone(), (f, fc));
+                }
+                _ => {
+                    self.vm_dirty_cpus.remove(l);
+                    self.vm_ran_cpus.remove(l);
+                    last.vm.entry(l.clone()).or_insert((0, 0));
+                }
+            }
+        }
+        self.confidential_vms.set(
+            vms.iter()
+                .filter(|v| !matches!(v.labels.confidential.as_str(), "none" | "unknown"))
+                .count() as i64,
+        );
     }
 
     /// Records one drift correction.

@@ -587,8 +587,54 @@ impl AgentCore {
                 .publish(&format!("pid-{pid}"), EventKind::Exited { pid });
         }
         self.unmanaged = by_pid;
+        self.sync_module();
         self.metrics.observe_reconcile(start.elapsed());
         report
+    }
+
+    /// Reads the module (absent is a state, not an error), labels its VM
+    /// records with the agent's classification, and refreshes the module
+    /// and per-VM metrics.
+    fn sync_module(&mut self) {
+        let status = self.host.module.status();
+        self.metrics.set_module(&status);
+        let records = if status.state == crate::kmod::ModuleState::Loaded {
+            match self.host.module.vm_records() {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read sevflush VM records");
+                    Vec::new()
+                }
+            }
+        } else {
+            Vec::new()
+        };
+        let mut figures = Vec::new();
+        for v in self.views() {
+            if v.pid == 0 {
+                continue;
+            }
+            let record = records.iter().find(|r| r.pid == v.pid);
+            if let (Some(r), Some(class)) = (record, v.class) {
+                if r.confidential != class.as_str() {
+                    if let Err(e) = self.host.module.set_confidential(r.id, class) {
+                        tracing::warn!(vm = %v.vm_id, error = %e, "cannot label the module's VM record");
+                    }
+                }
+            }
+            figures.push(crate::metrics::VmFigures {
+                labels: crate::metrics::VmLabels {
+                    vm: v.vm_id.clone(),
+                    confidential: v.class.map_or("unknown", |c| c.as_str()).to_string(),
+                },
+                vcpus: v.vcpus,
+                dirty_cpus: record.map(|r| r.dirty_cpus.len()),
+                ran_cpus: record.map(|r| r.ran_cpus.len()),
+                flushes: record.map(|r| r.flushes),
+                flushed_cpus: record.map(|r| r.flushed_cpus),
+            });
+        }
+        self.metrics.set_vms(&figures);
     }
 
     /// Scans the host (the slow part; callers run it without holding the

@@ -58,6 +58,7 @@ struct Fixture {
     dir: tempfile::TempDir,
     affinity: Arc<FakeAffinity>,
     events: Arc<EventBus>,
+    metrics: Arc<Metrics>,
 }
 
 impl Fixture {
@@ -70,6 +71,7 @@ impl Fixture {
                 calls: Mutex::new(Vec::new()),
             }),
             events: Arc::new(EventBus::new(256)),
+            metrics: Arc::new(Metrics::new()),
             dir,
         }
     }
@@ -85,11 +87,11 @@ impl Fixture {
             HostAccess {
                 scanner: VmScanner::new(self.proc()),
                 cgroups: None,
-                module: ModuleReader::new(self.dir.path().join("no-module")),
+                module: ModuleReader::new(self.dir.path().join("sevflush")),
                 affinity: self.affinity.clone(),
             },
             CheckpointStore::in_dir(self.dir.path().join("state")),
-            Arc::new(Metrics::new()),
+            self.metrics.clone(),
             self.events.clone(),
         )
     }
@@ -403,4 +405,77 @@ fn unwritable_checkpoint_changes_nothing() {
         f.affinity.calls.lock().unwrap().is_empty(),
         "nothing pinned"
     );
+}
+
+/// Writes a sevflush ABI v1 tree with one VM record.
+fn write_module(root: &Path, id: u64, pid: u32, dirty: &str, flushes: u64) {
+    let files = [
+        ("abi_version", "1".to_string()),
+        ("mode", "targeted".to_string()),
+        ("flushes_total", (10 + flushes).to_string()),
+        ("flushed_cpus_total", "40".to_string()),
+        ("full_flushes_total", "2".to_string()),
+        ("scrubs_total", "0".to_string()),
+        ("scrubbed_cpus_total", "0".to_string()),
+    ];
+    for (f, v) in files {
+        std::fs::create_dir_all(root).unwrap();
+        std::fs::write(root.join(f), format!("{v}\n")).unwrap();
+    }
+    let vm = root.join(format!("vms/{id}"));
+    std::fs::create_dir_all(&vm).unwrap();
+    for (f, v) in [
+        ("pid", pid.to_string()),
+        ("dirty_cpus", dirty.to_string()),
+        ("ran_cpus", "0-7".to_string()),
+        ("flushes", flushes.to_string()),
+        ("flushed_cpus", (flushes * 2).to_string()),
+    ] {
+        std::fs::write(vm.join(f), format!("{v}\n")).unwrap();
+    }
+    if !vm.join("confidential").exists() {
+        std::fs::write(vm.join("confidential"), "unknown\n").unwrap();
+    }
+}
+
+#[test]
+fn module_records_feed_metrics_labels_and_disappear_with_the_vm() {
+    let f = Fixture::new();
+    f.add_vm(800, 2, true);
+    let module = f.dir.path().join("sevflush");
+    write_module(&module, 7, 800, "0-3", 5);
+    let mut core = f.core().unwrap();
+    core.reconcile(f.scan(&core));
+    core.place(call("vm-m", Some(800), 2)).unwrap();
+    core.reconcile(f.scan(&core));
+    // The agent's classification reached the module.
+    assert_eq!(
+        std::fs::read_to_string(module.join("vms/7/confidential")).unwrap(),
+        "sev\n"
+    );
+    let text = f.metrics.encode_prometheus();
+    assert!(text.contains("sevplace_vm_dirty_cpus{vm=\"vm-m\",confidential=\"sev\"} 4"), "{text}");
+    assert!(text.contains("sevplace_vm_flushes_total{vm=\"vm-m\",confidential=\"sev\"} 5"), "{text}");
+    assert!(text.contains("sevplace_kmod_flushes_total{kind=\"targeted\"} 15"), "{text}");
+    assert!(text.contains("sevplace_kmod_loaded 1"), "{text}");
+    // Counters follow the module; a module reload does not make them drop.
+    write_module(&module, 7, 800, "0-1", 9);
+    core.reconcile(f.scan(&core));
+    let text = f.metrics.encode_prometheus();
+    assert!(text.contains("sevplace_vm_flushes_total{vm=\"vm-m\",confidential=\"sev\"} 9"), "{text}");
+    assert!(text.contains("sevplace_vm_dirty_cpus{vm=\"vm-m\",confidential=\"sev\"} 2"), "{text}");
+
+    // The VM exits: every series of it goes.
+    std::fs::remove_dir_all(f.proc().join("800")).unwrap();
+    std::fs::remove_dir_all(module.join("vms/7")).unwrap();
+    core.reconcile(f.scan(&core));
+    let text = f.metrics.encode_prometheus();
+    assert!(!text.contains("vm-m"), "{text}");
+
+    // An ABI this agent does not know: reported, module features off.
+    std::fs::write(module.join("abi_version"), "9\n").unwrap();
+    core.reconcile(f.scan(&core));
+    let text = f.metrics.encode_prometheus();
+    assert!(text.contains("sevplace_kmod_loaded 0"), "{text}");
+    assert!(text.contains("state=\"abi-mismatch\""), "{text}");
 }
