@@ -8,6 +8,7 @@ APT_PACKAGES=(
   build-essential pkg-config python3 curl ca-certificates
   util-linux   # taskset
   prometheus   # promtool: checks /metrics output and alert rules
+  systemd      # systemd-analyze: verifies the unit file
 )
 if [ -n "${SEVPLACE_EXTRA_APT:-}" ]; then
   # shellcheck disable=SC2206

@@ -14,6 +14,7 @@ use crate::config::Settings;
 use crate::discovery::VmScanner;
 use crate::kmod::ModuleReader;
 use crate::metrics::Metrics;
+use crate::notify::Notifier;
 use crate::placement::Reservations;
 use crate::reconcile::enforce::SchedAffinity;
 use crate::reconcile::events::EventBus;
@@ -64,6 +65,17 @@ pub struct RunOptions {
     pub reset_state: bool,
 }
 
+/// Seconds since the epoch of the last finished reconcile pass, read by
+/// the watchdog feeder: a stuck loop stops the feed and systemd restarts
+/// the agent.
+static LAST_PASS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 /// One reconcile pass: the scan runs without the core's lock.
 pub async fn reconcile_once(ctx: &Arc<AgentContext>) {
     let ctx = ctx.clone();
@@ -82,6 +94,35 @@ pub async fn reconcile_once(ctx: &Arc<AgentContext>) {
     .await;
     if let Err(e) = r {
         tracing::error!(error = %e, "reconcile pass panicked");
+    }
+    LAST_PASS.store(now_secs(), std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Feeds the systemd watchdog while reconcile passes keep finishing.
+async fn watchdog_feeder(
+    notifier: Notifier,
+    every: Duration,
+    stale_after: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        let stopping = tokio::select! {
+            _ = stop.wait_for(|s| *s) => true,
+            _ = tick.tick() => false,
+        };
+        if stopping {
+            return;
+        }
+        let age = now_secs().saturating_sub(LAST_PASS.load(std::sync::atomic::Ordering::Relaxed));
+        if Duration::from_secs(age) <= stale_after {
+            notifier.watchdog_ping();
+        } else {
+            tracing::error!(
+                age_s = age,
+                "reconcile loop stalled; not feeding the watchdog"
+            );
+        }
     }
 }
 
@@ -201,11 +242,17 @@ pub async fn run(settings: Settings, options: RunOptions) -> Result<(), DaemonEr
     };
 
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(reconcile_loop(
-        ctx.clone(),
-        Duration::from_millis(settings.reconcile_period_ms),
-        stop_rx.clone(),
-    ));
+    let period = Duration::from_millis(settings.reconcile_period_ms);
+    tasks.spawn(reconcile_loop(ctx.clone(), period, stop_rx.clone()));
+    let notifier = Notifier::from_env();
+    if let Some(wd) = notifier.watchdog() {
+        tasks.spawn(watchdog_feeder(
+            notifier.clone(),
+            wd / 2,
+            (period * 3).max(wd),
+            stop_rx.clone(),
+        ));
+    }
     if let Some(l) = metrics_listener {
         tracing::info!(addr = ?l.local_addr().ok(), "serving /metrics");
         tasks.spawn(server::serve_metrics(l, metrics.clone(), stop_rx.clone()));
@@ -224,6 +271,7 @@ pub async fn run(settings: Settings, options: RunOptions) -> Result<(), DaemonEr
         });
     }
     tracing::info!(socket = %socket.path().display(), "serving gRPC");
+    notifier.ready();
     let unix = router.serve_with_incoming_shutdown(
         UnixListenerStream::new(unix_listener),
         wait(stop_rx.clone()),
@@ -246,6 +294,7 @@ pub async fn run(settings: Settings, options: RunOptions) -> Result<(), DaemonEr
         }
     };
     let _ = stop_tx.send(true);
+    notifier.stopping();
     if tokio::time::timeout(SHUTDOWN_GRACE, async {
         while tasks.join_next().await.is_some() {}
     })

@@ -11,6 +11,7 @@ pub mod daemon;
 pub mod discovery;
 pub mod kmod;
 pub mod metrics;
+pub mod notify;
 pub mod placement;
 pub mod reconcile;
 pub mod server;

@@ -107,7 +107,11 @@ struct CounterReadings {
 /// difference, or by the whole reading when the source restarted (a module
 /// reload), so the exported counter never goes down.
 fn advance(counter: &Counter, last: u64, reading: u64) {
-    let delta = if reading >= last { reading - last } else { reading };
+    let delta = if reading >= last {
+        reading - last
+    } else {
+        reading
+    };
     if delta > 0 {
         counter.inc_by(delta);
     }
@@ -314,7 +318,12 @@ impl Metrics {
     pub fn set_vms(&self, vms: &[VmFigures]) {
         let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
         let live: std::collections::BTreeSet<&VmLabels> = vms.iter().map(|v| &v.labels).collect();
-        let stale: Vec<VmLabels> = last.vm.keys().filter(|l| !live.contains(l)).cloned().collect();
+        let stale: Vec<VmLabels> = last
+            .vm
+            .keys()
+            .filter(|l| !live.contains(l))
+            .cloned()
+            .collect();
         for l in &stale {
             self.vm_dirty_cpus.remove(l);
             self.vm_ran_cpus.remove(l);

@@ -454,16 +454,31 @@ fn module_records_feed_metrics_labels_and_disappear_with_the_vm() {
         "sev\n"
     );
     let text = f.metrics.encode_prometheus();
-    assert!(text.contains("sevplace_vm_dirty_cpus{vm=\"vm-m\",confidential=\"sev\"} 4"), "{text}");
-    assert!(text.contains("sevplace_vm_flushes_total{vm=\"vm-m\",confidential=\"sev\"} 5"), "{text}");
-    assert!(text.contains("sevplace_kmod_flushes_total{kind=\"targeted\"} 15"), "{text}");
+    assert!(
+        text.contains("sevplace_vm_dirty_cpus{vm=\"vm-m\",confidential=\"sev\"} 4"),
+        "{text}"
+    );
+    assert!(
+        text.contains("sevplace_vm_flushes_total{vm=\"vm-m\",confidential=\"sev\"} 5"),
+        "{text}"
+    );
+    assert!(
+        text.contains("sevplace_kmod_flushes_total{kind=\"targeted\"} 15"),
+        "{text}"
+    );
     assert!(text.contains("sevplace_kmod_loaded 1"), "{text}");
     // Counters follow the module; a module reload does not make them drop.
     write_module(&module, 7, 800, "0-1", 9);
     core.reconcile(f.scan(&core));
     let text = f.metrics.encode_prometheus();
-    assert!(text.contains("sevplace_vm_flushes_total{vm=\"vm-m\",confidential=\"sev\"} 9"), "{text}");
-    assert!(text.contains("sevplace_vm_dirty_cpus{vm=\"vm-m\",confidential=\"sev\"} 2"), "{text}");
+    assert!(
+        text.contains("sevplace_vm_flushes_total{vm=\"vm-m\",confidential=\"sev\"} 9"),
+        "{text}"
+    );
+    assert!(
+        text.contains("sevplace_vm_dirty_cpus{vm=\"vm-m\",confidential=\"sev\"} 2"),
+        "{text}"
+    );
 
     // The VM exits: every series of it goes.
     std::fs::remove_dir_all(f.proc().join("800")).unwrap();
