@@ -81,6 +81,12 @@ struct sf_vm *sf_vm_lookup(const void *kvm)
 	return NULL;
 }
 
+/* Read a hash chain link; caller holds sf_table_lock. */
+static inline struct sf_vm *sf_slot(struct sf_vm __rcu **p)
+{
+	return rcu_dereference_protected(*p, lockdep_is_held(&sf_table_lock));
+}
+
 /*
  * Return the record of @kvm, creating it if there is none. Caller holds
  * rcu_read_lock(); any context, the record is allocated by the environment
@@ -109,9 +115,7 @@ struct sf_vm *sf_vm_get_or_create(const void *kvm, bool unknown_past)
 	raw_spin_lock_irqsave(&sf_table_lock, flags);
 	old = sf_vm_lookup(kvm);
 	if (!old) {
-		RCU_INIT_POINTER(vm->next,
-				 rcu_dereference_protected(sf_table[b],
-					lockdep_is_held(&sf_table_lock)));
+		RCU_INIT_POINTER(vm->next, sf_slot(&sf_table[b]));
 		rcu_assign_pointer(sf_table[b], vm);
 	}
 	raw_spin_unlock_irqrestore(&sf_table_lock, flags);
@@ -129,19 +133,17 @@ static struct sf_vm *sf_vm_unlink_locked(unsigned int b, const void *kvm)
 	struct sf_vm __rcu **pp = &sf_table[b];
 	struct sf_vm *vm;
 
-	while ((vm = rcu_dereference_protected(*pp,
-				lockdep_is_held(&sf_table_lock)))) {
+	while ((vm = sf_slot(pp))) {
 		if (!kvm || vm->key == kvm) {
-			rcu_assign_pointer(*pp, rcu_dereference_protected(vm->next,
-					   lockdep_is_held(&sf_table_lock)));
-			/*
-			 * Publish the unlink before the new generation: an
-			 * entry that reads the new generation cannot find
-			 * this record, and no per-CPU cache filled before the
-			 * bump matches any more, so a new VM at the same
-			 * address is marked from its first entry.
-			 */
+			rcu_assign_pointer(*pp, sf_slot(&vm->next));
 #ifndef SF_BUG_NO_GEN_BUMP
+			/*
+			 * Release: publish the unlink before the new
+			 * generation. An entry that reads the new generation
+			 * cannot find this record, and no per-CPU cache filled
+			 * before the bump matches any more, so a new VM at the
+			 * same address is marked from its first entry.
+			 */
 			smp_store_release(&sf_gen, sf_gen + 1);
 #endif
 			return vm;

@@ -11,6 +11,7 @@
 
 #ifdef __KERNEL__
 #include <linux/atomic.h>
+#include <linux/bits.h>
 #include <linux/compiler.h>
 #include <linux/cpumask.h>
 #include <linux/percpu.h>
@@ -24,7 +25,7 @@
 #endif
 
 #define SF_HASH_BITS		8
-#define SF_HASH_SIZE		(1U << SF_HASH_BITS)
+#define SF_HASH_SIZE		BIT(SF_HASH_BITS)
 
 /* struct sf_vm.flags bits */
 #define SF_VM_UNKNOWN_PAST	0	/* CPUs may have entered unmarked */

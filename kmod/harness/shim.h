@@ -64,6 +64,7 @@ extern __thread int sim_cpu;
 
 /* bit operations and cpumasks */
 #define BITS_PER_LONG		64
+#define BIT(n)			(1UL << (n))
 #define BITS_TO_LONGS(n)	(((n) + BITS_PER_LONG - 1) / BITS_PER_LONG)
 #define nr_cpu_ids		((unsigned int)SIM_NR_CPUS)
 
