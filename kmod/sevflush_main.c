@@ -394,6 +394,34 @@ static struct kretprobe sf_callers[] = {
 
 static bool sf_caller_ok[ARRAY_SIZE(sf_callers)];
 
+/*
+ * A mirror VM (KVM_CAP_VM_COPY_ENC_CONTEXT_FROM) runs with its owner's ASID,
+ * and intra-host migration (KVM_CAP_VM_MOVE_ENC_CONTEXT_FROM) hands one
+ * VM's ASID to another: lines tagged with one key can then sit on CPUs in
+ * another record's dirty set. From the first such call on, every flush
+ * stays the stock all-CPU flush.
+ */
+static bool sf_enc_ctx_shared;
+
+static int sf_enc_ctx_pre(struct kprobe *p, struct pt_regs *regs)
+{
+	if (!READ_ONCE(sf_enc_ctx_shared)) {
+		WRITE_ONCE(sf_enc_ctx_shared, true);
+		pr_warn("%s: SEV encryption context shared between VMs, targeted flushes off\n",
+			p->symbol_name);
+	}
+	return 0;
+}
+
+static struct kprobe sf_enc_ctx_kps[] = {
+	{ .symbol_name = "sev_vm_copy_enc_context_from",
+	  .pre_handler = sf_enc_ctx_pre, },
+	{ .symbol_name = "sev_vm_move_enc_context_from",
+	  .pre_handler = sf_enc_ctx_pre, },
+};
+
+static bool sf_enc_ctx_ok[ARRAY_SIZE(sf_enc_ctx_kps)];
+
 /* Tasks between the wbinvd kprobe and the end of sf_wbinvd_redirect(). */
 static atomic_t sf_redirects_active = ATOMIC_INIT(0);
 
@@ -425,7 +453,8 @@ static int sf_wbinvd_pre(struct kprobe *p, struct pt_regs *regs)
 
 	if (!kvm)
 		return 0;	/* not a per-VM flush: stock */
-	if (READ_ONCE(sf_mode) != SF_MODE_TARGETED) {
+	if (READ_ONCE(sf_mode) != SF_MODE_TARGETED ||
+	    READ_ONCE(sf_enc_ctx_shared)) {
 		rcu_read_lock();
 		vm = sf_vm_lookup(kvm);
 		sf_full_flush_seen(vm);
@@ -479,6 +508,15 @@ static ssize_t targeted_available_show(struct kobject *kobj,
 static struct kobj_attribute sf_attr_targeted_available =
 	__ATTR_RO(targeted_available);
 
+static ssize_t enc_context_shared_show(struct kobject *kobj,
+				       struct kobj_attribute *attr, char *buf)
+{
+	return sysfs_emit(buf, "%d\n", READ_ONCE(sf_enc_ctx_shared));
+}
+
+static struct kobj_attribute sf_attr_enc_context_shared =
+	__ATTR_RO(enc_context_shared);
+
 static ssize_t mode_show(struct kobject *kobj, struct kobj_attribute *attr,
 			 char *buf)
 {
@@ -505,6 +543,7 @@ static struct attribute *sf_root_attrs[] = {
 	&sf_attr_scrubbed_cpus_total.attr,
 	&sf_attr_targeted_available.attr,
 	&sf_attr_alloc_failures_total.attr,
+	&sf_attr_enc_context_shared.attr,
 	NULL,
 };
 
@@ -661,27 +700,39 @@ static void sf_unregister_targeted(void)
 			sf_caller_ok[i] = false;
 		}
 	}
+	for (i = 0; i < ARRAY_SIZE(sf_enc_ctx_kps); i++) {
+		if (sf_enc_ctx_ok[i]) {
+			unregister_kprobe(&sf_enc_ctx_kps[i]);
+			sf_enc_ctx_ok[i] = false;
+		}
+	}
 }
 
 static void sf_register_targeted(void)
 {
+	bool enc_ctx_ok = true;
 	unsigned int i;
 	int ret;
+
+	/* Installed before any redirect can happen. */
+	for (i = 0; i < ARRAY_SIZE(sf_enc_ctx_kps); i++) {
+		ret = register_kprobe(&sf_enc_ctx_kps[i]);
+		sf_enc_ctx_ok[i] = !ret;
+		enc_ctx_ok &= !ret;
+		pr_info("hook %s: %s (%d)\n", sf_enc_ctx_kps[i].symbol_name,
+			ret ? "not installed" : "installed", ret);
+	}
 
 	for (i = 0; i < ARRAY_SIZE(sf_callers); i++) {
 		ret = register_kretprobe(&sf_callers[i]);
 		sf_caller_ok[i] = !ret;
-		if (ret)
-			pr_info("hook %s: not installed (%d)\n",
-				sf_callers[i].kp.symbol_name, ret);
-		else
-			pr_info("hook %s: installed\n",
-				sf_callers[i].kp.symbol_name);
+		pr_info("hook %s: %s (%d)\n", sf_callers[i].kp.symbol_name,
+			ret ? "not installed" : "installed", ret);
 	}
 	ret = register_kprobe(&sf_wbinvd_kp);
 	sf_wbinvd_kp_ok = !ret;
-	if (ret)
-		pr_info("hook wbinvd_on_all_cpus: not installed (%d)\n", ret);
+	pr_info("hook wbinvd_on_all_cpus: %s (%d)\n",
+		ret ? "not installed" : "installed", ret);
 
 	/*
 	 * 6.17+ KVM flushes through sev_writeback_caches() and
@@ -689,7 +740,7 @@ static void sf_register_targeted(void)
 	 * Kbuild sets SEVFLUSH_KVM_FLUSHES_MASK for such kernels.
 	 */
 	sf_targeted_available = sf_wbinvd_kp_ok && sf_caller_ok[0] &&
-		!SEVFLUSH_KVM_FLUSHES_MASK;
+		enc_ctx_ok && !SEVFLUSH_KVM_FLUSHES_MASK;
 }
 
 static void sf_remove_all_records(void)
