@@ -87,6 +87,22 @@ static inline struct sf_vm *sf_slot(struct sf_vm __rcu **p)
 	return rcu_dereference_protected(*p, lockdep_is_held(&sf_table_lock));
 }
 
+/* Find a record by its sysfs id. Caller holds rcu_read_lock(). */
+struct sf_vm *sf_vm_find_id(u64 id)
+{
+	struct sf_vm *vm;
+	unsigned int b;
+
+	for (b = 0; b < SF_HASH_SIZE; b++) {
+		for (vm = rcu_dereference(sf_table[b]); vm;
+		     vm = rcu_dereference(vm->next)) {
+			if (vm->id == id)
+				return vm;
+		}
+	}
+	return NULL;
+}
+
 /*
  * Return the record of @kvm, creating it if there is none. Caller holds
  * rcu_read_lock(); any context, the record is allocated by the environment

@@ -109,6 +109,7 @@ void sf_env_wbnoinvd(void);
 void sf_core_init(void);
 void sf_vm_init(struct sf_vm *vm, const void *kvm);
 struct sf_vm *sf_vm_lookup(const void *kvm);
+struct sf_vm *sf_vm_find_id(u64 id);
 struct sf_vm *sf_vm_get_or_create(const void *kvm, bool unknown_past);
 struct sf_vm *sf_vm_unlink(const void *kvm);
 void sf_enter_slow(const void *kvm);

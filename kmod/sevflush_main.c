@@ -88,18 +88,31 @@ module_param(test_treat_all_as_sev, bool, 0644);
 MODULE_PARM_DESC(test_treat_all_as_sev,
 		 "TEST ONLY: flush the dirty set of any VM on sev_guest_memory_reclaimed() (default off)");
 
-static int sf_mode_parse(const char *buf)
+/*
+ * True when the @count bytes at @buf are exactly @tok, optionally followed
+ * by one newline. Unlike sysfs_streq(), bytes after a NUL are not ignored.
+ */
+static bool sf_token(const char *buf, size_t count, const char *tok)
 {
-	if (sysfs_streq(buf, "observe"))
+	size_t n = strlen(tok);
+
+	if (count && buf[count - 1] == '\n')
+		count--;
+	return count == n && !memcmp(buf, tok, n);
+}
+
+static int sf_mode_parse(const char *buf, size_t count)
+{
+	if (sf_token(buf, count, "observe"))
 		return SF_MODE_OBSERVE;
-	if (sysfs_streq(buf, "targeted"))
+	if (sf_token(buf, count, "targeted"))
 		return SF_MODE_TARGETED;
 	return -EINVAL;
 }
 
-static int sf_mode_param_set(const char *val, const struct kernel_param *kp)
+static int sf_mode_set(const char *buf, size_t count)
 {
-	int m = sf_mode_parse(val);
+	int m = sf_mode_parse(buf, count);
 
 	if (m < 0)
 		return m;
@@ -112,6 +125,11 @@ static int sf_mode_param_set(const char *val, const struct kernel_param *kp)
 		return -EINVAL;
 	WRITE_ONCE(sf_mode, m);
 	return 0;
+}
+
+static int sf_mode_param_set(const char *val, const struct kernel_param *kp)
+{
+	return sf_mode_set(val, strlen(val));
 }
 
 static int sf_mode_param_get(char *buf, const struct kernel_param *kp)
@@ -473,6 +491,44 @@ static struct kprobe sf_wbinvd_kp = {
 
 static bool sf_wbinvd_kp_ok, sf_init_vm_ok, sf_tp_ok;
 
+/*
+ * Test switch for rigs without SEV hardware: writing a VM id N to
+ * test_redirect_vm calls wbinvd_on_all_cpus() as KVM's per-VM callers do,
+ * with the caller context of VM N recorded, so the redirect kprobe runs
+ * exactly as for an SEV VM: in targeted mode VM N's dirty set is flushed
+ * (flushes_total +1); in observe mode all CPUs are (full_flushes_total +1).
+ */
+static int sf_test_redirect_set(const char *val, const struct kernel_param *kp)
+{
+	const void *kvm = NULL;
+	struct sf_vm *vm;
+	u64 id;
+	int slot;
+
+	if (!sf_initialized || kstrtou64(val, 10, &id))
+		return -EINVAL;
+	rcu_read_lock();
+	vm = sf_vm_find_id(id);
+	if (vm)
+		kvm = vm->key;
+	rcu_read_unlock();
+	if (!kvm)
+		return -EINVAL;
+	slot = sf_ctx_claim(kvm);
+	if (slot < 0)
+		return -EBUSY;
+	wbinvd_on_all_cpus();
+	sf_ctx_release(slot);
+	return 0;
+}
+
+static const struct kernel_param_ops sf_test_redirect_ops = {
+	.set = sf_test_redirect_set,
+};
+module_param_cb(test_redirect_vm, &sf_test_redirect_ops, NULL, 0200);
+MODULE_PARM_DESC(test_redirect_vm,
+		 "TEST ONLY: write a VM id to run its wbinvd_on_all_cpus() redirect");
+
 /* ---- sysfs --------------------------------------------------------------- */
 
 #define SF_STAT_ATTR(_name, _field)					\
@@ -526,7 +582,7 @@ static ssize_t mode_show(struct kobject *kobj, struct kobj_attribute *attr,
 static ssize_t mode_store(struct kobject *kobj, struct kobj_attribute *attr,
 			  const char *buf, size_t count)
 {
-	int ret = sf_mode_param_set(buf, NULL);
+	int ret = sf_mode_set(buf, count);
 
 	return ret ? ret : count;
 }
@@ -635,7 +691,7 @@ static ssize_t vm_confidential_store(struct kobject *kobj,
 	int c;
 
 	for (c = 0; c < SF_CONF_NR; c++) {
-		if (sysfs_streq(buf, sf_conf_names[c])) {
+		if (sf_token(buf, count, sf_conf_names[c])) {
 			WRITE_ONCE(sf_kobj_vm(kobj)->conf, c);
 			return count;
 		}
@@ -649,7 +705,7 @@ static struct kobj_attribute sf_vm_attr_confidential =
 static ssize_t vm_scrub_store(struct kobject *kobj, struct kobj_attribute *attr,
 			      const char *buf, size_t count)
 {
-	if (!sysfs_streq(buf, "1"))
+	if (!sf_token(buf, count, "1"))
 		return -EINVAL;
 	/* Process context, IRQs on; the kobject keeps the record alive. */
 	sf_flush_vm(sf_kobj_vm(kobj), SF_WHY_SCRUB);

@@ -50,6 +50,7 @@ extern pthread_rwlock_t sim_rcu;
 				     pthread_rwlock_unlock(&sim_rcu); } while (0)
 #define lockdep_is_held(l)	1
 #define rcu_dereference_check(p, c)	__atomic_load_n(&(p), __ATOMIC_ACQUIRE)
+#define rcu_dereference(p)		__atomic_load_n(&(p), __ATOMIC_ACQUIRE)
 #define rcu_dereference_protected(p, c)	__atomic_load_n(&(p), __ATOMIC_RELAXED)
 #define rcu_assign_pointer(p, v)	__atomic_store_n(&(p), (v), __ATOMIC_RELEASE)
 #define RCU_INIT_POINTER(p, v)		__atomic_store_n(&(p), (v), __ATOMIC_RELAXED)
