@@ -10,6 +10,7 @@
  */
 #define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
 
+#include <linux/cpuhotplug.h>
 #include <linux/delay.h>
 #include <linux/kobject.h>
 #include <linux/kprobes.h>
@@ -235,6 +236,21 @@ void sf_env_wbnoinvd(void)
 {
 	asm volatile(".byte 0xf3, 0x0f, 0x09" : : : "memory");
 }
+
+/*
+ * A CPU that goes offline gets no flush IPI, so a flush can clear its dirty
+ * bit without resetting its cache. Reset the cache when the CPU comes back,
+ * before it can run tasks (CPUHP_AP_ONLINE_DYN precedes CPUHP_AP_ACTIVE),
+ * so its first guest entry marks it again. Its caches were written back
+ * when it went offline.
+ */
+static int sf_cpu_online(unsigned int cpu)
+{
+	per_cpu_ptr(&sf_pcpu, cpu)->kvm = NULL;
+	return 0;
+}
+
+static int sf_cpuhp_state;
 
 static void sf_vm_remove(const void *kvm)
 {
@@ -832,12 +848,18 @@ static int __init sevflush_init(void)
 	if (!sf_vms_kobj)
 		goto err_root;
 
+	ret = cpuhp_setup_state_nocalls(CPUHP_AP_ONLINE_DYN, "sevflush:online",
+					sf_cpu_online, NULL);
+	if (ret < 0)
+		goto err_vms;
+	sf_cpuhp_state = ret;
+
 	/* Removal first: no record may outlive its VM. */
 	ret = register_kprobe(&sf_destroy_vm_kp);
 	if (ret) {
 		pr_err("cannot hook kvm_arch_destroy_vm (%d): not loading\n",
 		       ret);
-		goto err_vms;
+		goto err_cpuhp;
 	}
 
 	ret = register_kretprobe(&sf_init_vm_krp);
@@ -881,6 +903,8 @@ err_init_vm:
 		unregister_kretprobe(&sf_init_vm_krp);
 	unregister_kprobe(&sf_destroy_vm_kp);
 	sf_remove_all_records();
+err_cpuhp:
+	cpuhp_remove_state_nocalls(sf_cpuhp_state);
 err_vms:
 	kobject_put(sf_vms_kobj);
 err_root:
@@ -900,6 +924,7 @@ static void __exit sevflush_exit(void)
 		unregister_kretprobe(&sf_init_vm_krp);
 	unregister_kprobe(&sf_destroy_vm_kp);
 	sf_remove_all_records();
+	cpuhp_remove_state_nocalls(sf_cpuhp_state);
 	destroy_workqueue(sf_wq);
 	kobject_put(sf_vms_kobj);
 	kobject_put(sf_root_kobj);
