@@ -236,6 +236,19 @@ void sf_flush_ipi(void *info)
 		sf_env_wbinvd();
 }
 
+/*
+ * Reset @cpu's cache when it comes back online. Flush IPIs skip offline
+ * CPUs, so a flush may have cleared its dirty bit without resetting it.
+ */
+void sf_cpu_reset(unsigned int cpu)
+{
+#ifdef SF_BUG_NO_ONLINE_RESET
+	(void)cpu;
+#else
+	per_cpu_ptr(&sf_pcpu, cpu)->kvm = NULL;
+#endif
+}
+
 /* Stock-equivalent full flush: WBINVD on every online CPU. */
 void sf_flush_all(void)
 {

@@ -114,6 +114,7 @@ struct sf_vm *sf_vm_get_or_create(const void *kvm, bool unknown_past);
 struct sf_vm *sf_vm_unlink(const void *kvm);
 void sf_enter_slow(const void *kvm);
 void sf_flush_ipi(void *info);
+void sf_cpu_reset(unsigned int cpu);
 unsigned int sf_flush_vm(struct sf_vm *vm, enum sf_why why);
 void sf_flush_all(void);
 void sf_full_flush_seen(struct sf_vm *vm);

@@ -246,7 +246,7 @@ void sf_env_wbnoinvd(void)
  */
 static int sf_cpu_online(unsigned int cpu)
 {
-	per_cpu_ptr(&sf_pcpu, cpu)->kvm = NULL;
+	sf_cpu_reset(cpu);
 	return 0;
 }
 

@@ -9,7 +9,9 @@
  * memory of random VMs (targeted flushes) and scrub them, concurrently. A
  * lifecycle thread destroys and re-creates one VM at the same key, with and
  * without a final flush, which exercises record removal and the generation.
- * VM 2 runs before the probe is live (unknown past).
+ * A hotplug thread takes floating CPUs offline (flush IPIs skip them) and
+ * back online (sf_cpu_reset()). VM 2 runs before the probe is live
+ * (unknown past).
  *
  * Safety check, on every reclaim: every CPU that entered the VM before the
  * reclaim point and was not flushed since is flushed before sf_flush_vm()
@@ -135,14 +137,25 @@ void sf_env_wbnoinvd(void)
 }
 
 /* IPIs */
-static void post(int cpu, struct sim_call *c)
+/* CPU hotplug: the hotplug thread asks, the CPU thread obeys. */
+static int want_offline[SIM_NR_CPUS];	/* atomic */
+static int online_ready[SIM_NR_CPUS];	/* atomic */
+static int is_offline[SIM_NR_CPUS];	/* under ipiq[cpu].lock */
+static long hotplugs;
+
+/* Queue an IPI; false if the CPU is offline (the kernel skips those). */
+static bool post(int cpu, struct sim_call *c)
 {
 	for (;;) {
 		pthread_mutex_lock(&ipiq[cpu].lock);
+		if (is_offline[cpu]) {
+			pthread_mutex_unlock(&ipiq[cpu].lock);
+			return false;
+		}
 		if (ipiq[cpu].n < QLEN) {
 			ipiq[cpu].q[ipiq[cpu].n++] = c;
 			pthread_mutex_unlock(&ipiq[cpu].lock);
-			return;
+			return true;
 		}
 		pthread_mutex_unlock(&ipiq[cpu].lock);
 		sched_yield();
@@ -162,8 +175,8 @@ void on_each_cpu_mask(const struct cpumask *mask, smp_call_func_t func,
 		c.pending += to[cpu];
 	}
 	for (cpu = 0; cpu < SIM_NR_CPUS; cpu++)
-		if (to[cpu])
-			post(cpu, &c);
+		if (to[cpu] && !post(cpu, &c))
+			__atomic_fetch_sub(&c.pending, 1, __ATOMIC_RELEASE);
 	while (__atomic_load_n(&c.pending, __ATOMIC_ACQUIRE))
 		sched_yield();
 }
@@ -195,6 +208,36 @@ static void service_ipis(void)
 	}
 }
 
+/*
+ * Take this CPU offline: run pending IPIs, write back caches (play_dead()
+ * does WBINVD), leave the online mask; then wait to be brought back, after
+ * the online callback reset this CPU's cache.
+ */
+static void go_offline(void)
+{
+	struct sim_call *batch[QLEN];
+	int i, n;
+
+	pthread_mutex_lock(&ipiq[sim_cpu].lock);
+	n = ipiq[sim_cpu].n;
+	memcpy(batch, ipiq[sim_cpu].q, n * sizeof(batch[0]));
+	ipiq[sim_cpu].n = 0;
+	for (i = 0; i < n; i++) {
+		batch[i]->func(batch[i]->info);
+		__atomic_fetch_sub(&batch[i]->pending, 1, __ATOMIC_RELEASE);
+	}
+	sim_flush_here();
+	is_offline[sim_cpu] = 1;
+	pthread_mutex_unlock(&ipiq[sim_cpu].lock);
+
+	while (!__atomic_load_n(&online_ready[sim_cpu], __ATOMIC_ACQUIRE))
+		usleep(50);
+	__atomic_store_n(&online_ready[sim_cpu], 0, __ATOMIC_RELAXED);
+	pthread_mutex_lock(&ipiq[sim_cpu].lock);
+	is_offline[sim_cpu] = 0;
+	pthread_mutex_unlock(&ipiq[sim_cpu].lock);
+}
+
 static void *cpu_thread(void *arg)
 {
 	long cpu = (long)arg;
@@ -207,9 +250,17 @@ static void *cpu_thread(void *arg)
 		unsigned long e;
 
 		service_ipis();			/* IRQs on */
-		/* CPUs 0 and 1 are pinned to VM 1; the others float. */
-		v = cpu < 2 ? 1 : (int)(rnd() % NVM);
-		k = cpu < 2 ? (int)cpu : (int)(rnd() % NVCPU);
+		if (__atomic_load_n(&want_offline[cpu], __ATOMIC_ACQUIRE)) {
+			go_offline();
+			continue;
+		}
+		/*
+		 * CPU 0 is pinned to vCPU 0 of VM 1 (destroyed and re-created),
+		 * CPU 1 to vCPU 0 of VM 0 (often hot-unplugged); the others
+		 * float over every vCPU.
+		 */
+		v = cpu == 0 ? 1 : cpu == 1 ? 0 : (int)(rnd() % NVM);
+		k = cpu < 2 ? 0 : (int)(rnd() % NVCPU);
 		if (!__atomic_load_n(&vm_runnable[v], __ATOMIC_ACQUIRE))
 			continue;
 		if (!__atomic_compare_exchange_n(&vcpu_busy[v][k], &zero, 1,
@@ -287,6 +338,34 @@ static void *flusher_thread(void *arg)
 	return NULL;
 }
 
+/* Take CPUs offline and back online, one at a time (never CPU 0). */
+static void *hotplug_thread(void *arg)
+{
+	(void)arg;
+	seed_rng(99);
+	while (!__atomic_load_n(&stop_flushers, __ATOMIC_ACQUIRE)) {
+		int cpu = rnd() % 2 ? 1 : 2 + (int)(rnd() % (SIM_NR_CPUS - 2));
+		bool off = false;
+
+		usleep(200 + rnd() % 500);
+		__atomic_store_n(&want_offline[cpu], 1, __ATOMIC_RELEASE);
+		while (!off) {
+			pthread_mutex_lock(&ipiq[cpu].lock);
+			off = is_offline[cpu];
+			pthread_mutex_unlock(&ipiq[cpu].lock);
+			if (!off)
+				sched_yield();
+		}
+		usleep(rnd() % 300);
+		/* The CPU is offline: the online callback runs before it runs tasks. */
+		__atomic_store_n(&want_offline[cpu], 0, __ATOMIC_RELAXED);
+		sf_cpu_reset(cpu);
+		__atomic_store_n(&online_ready[cpu], 1, __ATOMIC_RELEASE);
+		__atomic_fetch_add(&hotplugs, 1, __ATOMIC_RELAXED);
+	}
+	return NULL;
+}
+
 /* Destroy VM 1 and create a new VM at the same key, repeatedly. */
 static void *lifecycle_thread(void *arg)
 {
@@ -298,7 +377,7 @@ static void *lifecycle_thread(void *arg)
 	while (!__atomic_load_n(&stop_flushers, __ATOMIC_ACQUIRE)) {
 		struct sf_vm *vm;
 
-		usleep(1000 + rnd() % 2000);
+		usleep(3000 + rnd() % 4000);
 		pthread_rwlock_wrlock(&vm_alive[v]);
 		__atomic_store_n(&vm_runnable[v], 0, __ATOMIC_RELEASE);
 		for (k = 0; k < NVCPU; k++)
@@ -331,7 +410,7 @@ static void *lifecycle_thread(void *arg)
 
 int main(int argc, char **argv)
 {
-	pthread_t cpus[SIM_NR_CPUS], fl[NRECLAIM + NSCRUB], lc;
+	pthread_t cpus[SIM_NR_CPUS], fl[NRECLAIM + NSCRUB], lc, hp;
 	double secs = argc > 1 ? atof(argv[1]) : 2.0;
 	struct sf_vm *vm;
 	long i;
@@ -362,20 +441,22 @@ int main(int argc, char **argv)
 		__atomic_store_n(&vm_runnable[i], 1, __ATOMIC_RELEASE);
 	}
 	pthread_create(&lc, NULL, lifecycle_thread, NULL);
+	pthread_create(&hp, NULL, hotplug_thread, NULL);
 
 	usleep((useconds_t)(secs * 1e6));
 	__atomic_store_n(&stop_flushers, 1, __ATOMIC_RELEASE);
 	for (i = 0; i < NRECLAIM + NSCRUB; i++)
 		pthread_join(fl[i], NULL);
 	pthread_join(lc, NULL);
+	pthread_join(hp, NULL);
 	__atomic_store_n(&stop_cpus, 1, __ATOMIC_RELEASE);
 	for (i = 0; i < SIM_NR_CPUS; i++)
 		pthread_join(cpus[i], NULL);
 
 	printf("stress: %d cpus, %d vms x %d vcpus, %d reclaimers, %d scrubbers, %.1f s\n",
 	       SIM_NR_CPUS, NVM, NVCPU, NRECLAIM, NSCRUB, secs);
-	printf("stress: reclaims checked %ld, vm lifecycles %ld, violations %ld\n",
-	       reclaims, lifecycles, violations);
+	printf("stress: reclaims checked %ld, vm lifecycles %ld, cpu hotplugs %ld, violations %ld\n",
+	       reclaims, lifecycles, hotplugs, violations);
 	printf("stress: targeted flushes %lld (cpus %lld), full %lld, scrubs %lld (cpus %lld)\n",
 	       atomic64_read(&sf_stats.flushes),
 	       atomic64_read(&sf_stats.flushed_cpus),
@@ -391,7 +472,7 @@ int main(int argc, char **argv)
 		printf("stress: FAIL\n");
 		return 1;
 	}
-	if (reclaims == 0 || lifecycles == 0) {
+	if (reclaims == 0 || lifecycles == 0 || hotplugs == 0) {
 		printf("stress: FAIL (nothing exercised)\n");
 		return 1;
 	}
