@@ -505,7 +505,7 @@ static struct kprobe sf_wbinvd_kp = {
 	.pre_handler = sf_wbinvd_pre,
 };
 
-static bool sf_wbinvd_kp_ok, sf_init_vm_ok, sf_tp_ok;
+static bool sf_wbinvd_kp_ok, sf_init_vm_ok;
 
 /*
  * Test switch for rigs without SEV hardware: writing a VM id N to
@@ -874,7 +874,6 @@ static int __init sevflush_init(void)
 		       ret);
 		goto err_init_vm;
 	}
-	sf_tp_ok = true;
 
 	/*
 	 * After the grace period the probe runs on every guest entry of every
