@@ -324,9 +324,11 @@ static struct kprobe sf_destroy_vm_kp = {
 struct sf_ctx {
 	struct task_struct *task;
 	const void *kvm;
+	unsigned long seq;		/* claim order */
 };
 
 static struct sf_ctx sf_ctx[SF_CTX_SLOTS];
+static atomic_long_t sf_ctx_seq = ATOMIC_LONG_INIT(0);
 
 static int sf_ctx_claim(const void *kvm)
 {
@@ -336,6 +338,8 @@ static int sf_ctx_claim(const void *kvm)
 		if (!READ_ONCE(sf_ctx[i].task) &&
 		    !cmpxchg(&sf_ctx[i].task, NULL, current)) {
 			WRITE_ONCE(sf_ctx[i].kvm, kvm);
+			WRITE_ONCE(sf_ctx[i].seq,
+				   atomic_long_inc_return(&sf_ctx_seq));
 			return i;
 		}
 	}
@@ -349,14 +353,25 @@ static void sf_ctx_release(int i)
 	smp_store_release(&sf_ctx[i].task, NULL);
 }
 
+/*
+ * The VM of the innermost hooked caller that the current task is in. Calls
+ * nest: sev_vm_destroy() of a mirror VM drops the last reference to its
+ * owner, whose destruction then runs the owner's flushes.
+ */
 static const void *sf_ctx_find(void)
 {
+	const void *kvm = NULL;
+	unsigned long best = 0;
 	int i;
 
-	for (i = 0; i < SF_CTX_SLOTS; i++)
-		if (READ_ONCE(sf_ctx[i].task) == current)
-			return READ_ONCE(sf_ctx[i].kvm);
-	return NULL;
+	for (i = 0; i < SF_CTX_SLOTS; i++) {
+		if (READ_ONCE(sf_ctx[i].task) == current &&
+		    READ_ONCE(sf_ctx[i].seq) > best) {
+			best = READ_ONCE(sf_ctx[i].seq);
+			kvm = READ_ONCE(sf_ctx[i].kvm);
+		}
+	}
+	return kvm;
 }
 
 struct sf_caller_data {
@@ -429,11 +444,12 @@ static struct kretprobe sf_callers[] = {
 static bool sf_caller_ok[ARRAY_SIZE(sf_callers)];
 
 /*
- * A mirror VM (KVM_CAP_VM_COPY_ENC_CONTEXT_FROM) runs with its owner's ASID,
- * and intra-host migration (KVM_CAP_VM_MOVE_ENC_CONTEXT_FROM) hands one
- * VM's ASID to another: lines tagged with one key can then sit on CPUs in
- * another record's dirty set. From the first such call on, every flush
- * stays the stock all-CPU flush.
+ * Intra-host migration (KVM_CAP_VM_MOVE_ENC_CONTEXT_FROM) hands one VM's
+ * ASID to another VM: the source is no longer an SEV guest and is never
+ * flushed again, while lines written with that key sit on CPUs in its
+ * dirty set, not the destination's. A mirror VM
+ * (KVM_CAP_VM_COPY_ENC_CONTEXT_FROM) runs with its owner's ASID. From the
+ * first such call on, every flush stays the stock all-CPU flush.
  */
 static bool sf_enc_ctx_shared;
 
