@@ -14,6 +14,10 @@ step "cargo test --workspace"
 cargo test --workspace --all-targets
 cargo test --workspace --doc
 
+step "release build and Debian packages"
+cargo build --release --bins
+deploy/debian/check-debs.sh
+
 if [ -x kmod/ci.sh ]; then
   step "kernel module: build against Debian kernels, sparse, checkpatch, harness, Spin"
   kmod/ci.sh

@@ -20,14 +20,15 @@ agent=$out/sevplace_${version}_amd64.deb
 expect "$agent" /usr/bin/sevplaced /usr/bin/sevplacectl /lib/systemd/system/sevplaced.service \
   /etc/sevplace/sevplaced.toml /usr/share/doc/sevplace/prometheus/sevplace.rules.yml \
   /usr/share/doc/sevplace/grafana/sevplace.json
-dpkg-deb -I "$agent" | grep -q "Package: sevplace" || { echo "check-debs: bad control" >&2; fail=1; }
-dpkg-deb -I "$agent" | grep -q "conffiles" || { echo "check-debs: no conffiles" >&2; fail=1; }
+info=$(dpkg-deb -I "$agent")
+grep -q "Package: sevplace" <<<"$info" || { echo "check-debs: bad control" >&2; fail=1; }
+grep -q "conffiles" <<<"$info" || { echo "check-debs: no conffiles" >&2; fail=1; }
 if [ -f "$top/kmod/dkms.conf" ]; then
   dkms=$out/sevflush-dkms_${version}_all.deb
   expect "$dkms" "/usr/src/sevflush-$version/dkms.conf" "/usr/src/sevflush-$version/Makefile" \
     "/usr/src/sevflush-$version/Kbuild"
-  dpkg-deb --fsys-tarfile "$dkms" | tar -xO "./usr/src/sevflush-$version/dkms.conf" \
-    | grep -q "PACKAGE_VERSION=\"$version\"" || { echo "check-debs: dkms.conf version" >&2; fail=1; }
+  conf=$(dpkg-deb --fsys-tarfile "$dkms" | tar -xO "./usr/src/sevflush-$version/dkms.conf")
+  grep -q "PACKAGE_VERSION=\"$version\"" <<<"$conf" || { echo "check-debs: dkms.conf version" >&2; fail=1; }
 fi
 [ "$fail" = 0 ] && echo "check-debs: packages OK ($(ls "$out" | tr '\n' ' '))"
 exit "$fail"
