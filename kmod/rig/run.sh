@@ -17,7 +17,10 @@ KMOD_SRC=$REPO/kmod
 OUT=$REPO/target/rig
 BOOT_TIMEOUT=${RIG_BOOT_TIMEOUT:-240}
 CACHE=${SEVPLACE_CACHE:-/var/cache/sevplace}/rig
-BROKEN_DEFINE=SEVFLUSH_BROKEN_NO_CACHE_RESET
+# compile-time switches that build the deliberately broken module (skip the
+# per-CPU "already marked" cache reset in the flush IPI); the first one the
+# module source knows is used
+BROKEN_DEFINES="SF_BUG_NO_CACHE_RESET SEVFLUSH_BROKEN_NO_CACHE_RESET"
 # every test the guest must report, per kernel
 TESTS="rig-selftest tracking-pinned tracking-float flush-targeted flush-switch-off lifecycle-exit lifecycle-unknown-past bad-input load-unload agent-e2e negative-broken-cache-reset-detected"
 
@@ -153,11 +156,15 @@ build_kmod() {
 		--exclude='*.mod' --exclude='*.mod.c' --exclude='.*.cmd' --exclude=Module.symvers \
 		--exclude=modules.order --exclude=.tmp_versions -cf - . | tar -C "$dir" -xf -
 	if [ "$variant" = broken ]; then
-		if ! grep -rqs "$BROKEN_DEFINE" "$dir" --include='*.c' --include='*.h'; then
-			KO_ERR="module source has no $BROKEN_DEFINE hook"
+		local def="" d
+		for d in $BROKEN_DEFINES; do
+			grep -rqs "$d" "$dir" --include='*.c' --include='*.h' && { def=$d; break; }
+		done
+		if [ -z "$def" ]; then
+			KO_ERR="module source has none of the hooks $BROKEN_DEFINES"
 			return 1
 		fi
-		flags=(KCFLAGS="-D$BROKEN_DEFINE")
+		flags=(KCFLAGS="-D$def")
 	fi
 	if ! make -C "$dir" KDIR="/usr/src/linux-headers-$abi" "${flags[@]}" \
 		>"$OUT/kmod-$s-$variant.log" 2>&1; then
