@@ -210,6 +210,33 @@ t_selftest() { # the rig itself: KVM works in the guest, the VMM runs
 	done
 	check "vCPU thread names" eq "$ok" 2 || return 1
 	check "memslot cycle" vmctl st cycleslot || return 1
+	# ground truth from the kernel itself, without sevflush: the vCPUs enter
+	# the guest only on their CPUs, and a memslot deletion reaches
+	# sev_guest_memory_reclaimed() (the hook the flush path relies on)
+	local tr=/sys/kernel/tracing cpus
+	[ -d $tr/events ] || mount -t tracefs tracefs $tr 2>/dev/null || true
+	if [ -d $tr/events/kvm/kvm_entry ]; then
+		echo 0 >$tr/tracing_on
+		: >$tr/trace
+		echo 'p:rig/reclaim sev_guest_memory_reclaimed' >>$tr/kprobe_events
+		echo 1 >$tr/events/kvm/kvm_entry/enable
+		echo 1 >$tr/events/rig/reclaim/enable
+		echo 1 >$tr/tracing_on
+		sleep 0.3
+		vmctl st delslot
+		vmctl st addslot
+		echo 0 >$tr/tracing_on
+		echo 0 >$tr/events/kvm/kvm_entry/enable
+		echo 0 >$tr/events/rig/reclaim/enable
+		cpus=$(grep 'kvm_entry' $tr/trace | sed -n 's/.*\[\(0*\)\([0-9][0-9]*\)\].*/\2/p' | sort -un | tr '\n' ' ')
+		say "kvm_entry seen on CPUs: $cpus; reclaim hits: $(grep -c 'reclaim:' $tr/trace)"
+		check "tracepoint: pinned vCPUs enter on CPUs 1 2 only" eq "$cpus" "1 2 " || return 1
+		check "memslot deletion reaches sev_guest_memory_reclaimed" test "$(grep -c 'reclaim:' $tr/trace)" -ge 1 || return 1
+		: >$tr/trace
+		echo '-:rig/reclaim' >>$tr/kprobe_events
+	else
+		say "no tracefs kvm_entry event: ground-truth check skipped"
+	fi
 	check "float" vmctl st float || return 1
 	check "stats" vmctl st stats || return 1
 	say "$(tail -n 1 /run/st.ack)"
