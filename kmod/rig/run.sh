@@ -16,6 +16,7 @@ KERNELS=6.1,6.12
 KMOD_SRC=$REPO/kmod
 OUT=$REPO/target/rig
 BOOT_TIMEOUT=${RIG_BOOT_TIMEOUT:-240}
+TCG_THREAD=${RIG_TCG_THREAD:-single}
 CACHE=${SEVPLACE_CACHE:-/var/cache/sevplace}/rig
 # compile-time switches that build the deliberately broken module (skip the
 # per-CPU "already marked" cache reset in the flush IPI); the first one the
@@ -292,7 +293,7 @@ for s in ${KERNELS//,/ }; do
 	t0=$(date +%s.%N)
 	rc=0
 	timeout -k 10 "$BOOT_TIMEOUT" qemu-system-x86_64 \
-		-accel tcg -cpu EPYC,+svm,+npt -smp 4 -m 1024 \
+		-accel "tcg,thread=$TCG_THREAD" -cpu EPYC,+svm,+npt -smp 4 -m 1024 \
 		-display none -monitor none -no-reboot \
 		-serial "file:$con" -serial "file:$res" \
 		-kernel "$CACHE/kernels/$abi/boot/vmlinuz-$abi" -initrd "$WORK/initrd-$s.cpio" \
