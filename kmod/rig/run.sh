@@ -15,7 +15,7 @@ REPO=$(cd "$RIG_DIR/../.." && pwd)
 KERNELS=6.1,6.12
 KMOD_SRC=$REPO/kmod
 OUT=$REPO/target/rig
-BOOT_TIMEOUT=${RIG_BOOT_TIMEOUT:-240}
+BOOT_TIMEOUT=${RIG_BOOT_TIMEOUT:-420}
 TCG_THREAD=${RIG_TCG_THREAD:-single}
 CACHE=${SEVPLACE_CACHE:-/var/cache/sevplace}/rig
 # compile-time switches that build the deliberately broken module (skip the
@@ -78,7 +78,13 @@ fi
 
 # ---------------------------------------------------------------- pins ------
 PINS=$RIG_DIR/kernels.env
-[ -n "$KMOD_SRC_ABS" ] && [ -f "$KMOD_SRC_ABS/kernels.env" ] && PINS=$KMOD_SRC_ABS/kernels.env
+if [ -n "$KMOD_SRC_ABS" ] && [ -f "$KMOD_SRC_ABS/kernels.env" ]; then
+	if grep -q '^[[:space:]]*\(export[[:space:]]\{1,\}\)\{0,1\}KERNEL_[0-9_]*_ABI=' "$KMOD_SRC_ABS/kernels.env"; then
+		PINS=$KMOD_SRC_ABS/kernels.env
+	else
+		log "$KMOD_SRC_ABS/kernels.env has no KERNEL_<series>_ABI/_IMAGE_PKG/_VERSION pins: using the rig's"
+	fi
+fi
 log "kernel pins from $PINS"
 # pin SERIES FIELD: a value from the pins file, read without running it
 pin() {
@@ -334,6 +340,12 @@ done
 echo
 echo "==== sevflush rig report (logs: $OUT) ===="
 cat "$REPORT"
+if grep -qh 'NOTE:' "$OUT"/results-*.log 2>/dev/null; then
+	echo "---- notes (not failures)"
+	for s in ${KERNELS//,/ }; do
+		grep -h 'NOTE:' "$OUT/results-$s.log" 2>/dev/null | sed "s/^ *NOTE: */$s: /" || true
+	done
+fi
 echo "---- figures"
 printf '%s\n' "${FIGURES[@]}"
 echo "total rig time: $(($(date +%s) - T_START))s"

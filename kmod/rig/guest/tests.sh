@@ -426,8 +426,16 @@ state_of() { # everything a bad write must not change
 	local d="$1"
 	echo "mode=$(rd $SF/mode) conf=$(rd "$d/confidential") F=$(rd $SF/flushes_total) FULL=$(rd $SF/full_flushes_total) S=$(rd $SF/scrubs_total) VF=$(rd "$d/flushes")"
 }
+valid_values() { # the values a writable file accepts, by name (ABI v1)
+	case $1 in
+	mode) echo "observe targeted" ;;
+	confidential) echo "unknown none sev sev-es sev-snp" ;;
+	scrub) echo 1 ;;
+	*) return 1 ;;
+	esac
+}
 t_bad_input() {
-	local id d before after n="${FUZZ_COUNT:-1000}" rc=0
+	local id d before after f vals n="${FUZZ_COUNT:-800}" rc=0 seed=1 files
 	check "insmod" load || return 1
 	check "mode targeted" set_mode targeted || return 1
 	check "vm start" vm_start bi 1 1 || return 1
@@ -435,10 +443,16 @@ t_bad_input() {
 	d=$SF/vms/$id
 	check "confidential default unknown" eq "$(rd "$d/confidential")" unknown || return 1
 	before=$(state_of "$d")
-	/rig/sysfuzz $SF/mode "$n" 1 observe targeted || rc=1
-	/rig/sysfuzz "$d/confidential" "$n" 2 unknown none sev sev-es sev-snp || rc=1
-	/rig/sysfuzz "$d/scrub" "$n" 3 1 || rc=1
-	[ $rc = 0 ] || { FAILED_STEP="some bad writes did not fail with EINVAL (see log)"; return 1; }
+	# every writable file of the ABI, and the module's mode parameter
+	files="$(find $SF -type f -perm -200 | sort) /sys/module/sevflush/parameters/mode"
+	for f in $files; do
+		[ -e "$f" ] || continue
+		vals=$(valid_values "${f##*/}") || { say "writable file not in ABI v1: $f"; rc=1; continue; }
+		# shellcheck disable=SC2086
+		/rig/sysfuzz "$f" "$n" $seed $vals || rc=1
+		seed=$((seed + 1))
+	done
+	[ $rc = 0 ] || { FAILED_STEP="some bad writes did not fail with EINVAL, or an unknown writable file (see log)"; return 1; }
 	after=$(state_of "$d")
 	say "state before: $before"
 	say "state after:  $after"
@@ -448,6 +462,11 @@ t_bad_input() {
 	check "confidential reads back" eq "$(rd "$d/confidential")" sev-es || return 1
 	check "mode observe" set_mode observe || return 1
 	check "read-only files refuse writes" sh -c "! echo 1 2>/dev/null > $SF/flushes_total" || return 1
+	# not counted as a failure: a valid value followed by a NUL and junk
+	# (sysfs_streq() stops at the NUL)
+	if printf '1\000junk' >"$d/scrub" 2>/dev/null; then
+		say "NOTE: scrub accepts '1\\0junk' (the value up to a NUL byte is used)"
+	fi
 	return 0
 }
 
