@@ -79,17 +79,18 @@ fi
 # ---------------------------------------------------------------- pins ------
 PINS=$RIG_DIR/kernels.env
 if [ -n "$KMOD_SRC_ABS" ] && [ -f "$KMOD_SRC_ABS/kernels.env" ]; then
-	if grep -q '^[[:space:]]*\(export[[:space:]]\{1,\}\)\{0,1\}KERNEL_[0-9_]*_ABI=' "$KMOD_SRC_ABS/kernels.env"; then
+	if grep -q '^[[:space:]]*SEVPLACE_K[0-9]*_ABI=' "$KMOD_SRC_ABS/kernels.env"; then
 		PINS=$KMOD_SRC_ABS/kernels.env
 	else
-		log "$KMOD_SRC_ABS/kernels.env has no KERNEL_<series>_ABI/_IMAGE_PKG/_VERSION pins: using the rig's"
+		log "$KMOD_SRC_ABS/kernels.env has no SEVPLACE_K<series>_ABI pins: using the rig's"
 	fi
 fi
 log "kernel pins from $PINS"
-# pin SERIES FIELD: a value from the pins file, read without running it
+# pin SERIES FIELD: SEVPLACE_K<series without dots>_<FIELD> from the pins
+# file (ABI, IMAGE, VERSION, HEADERS), read without running the file
 pin() {
 	local key
-	key=KERNEL_${1//./_}_$2
+	key=SEVPLACE_K${1//./}_$2
 	sed -n "s/^[[:space:]]*\(export[[:space:]]\{1,\}\)\{0,1\}$key=[\"']\{0,1\}\([^\"' #]*\).*/\2/p" "$PINS" | tail -1
 }
 
@@ -121,7 +122,8 @@ BUSYBOX=$BB_DIR/bin/busybox
 
 declare -A ABI
 for s in ${KERNELS//,/ }; do
-	abi=$(pin "$s" ABI); pkg=$(pin "$s" IMAGE_PKG); ver=$(pin "$s" VERSION)
+	abi=$(pin "$s" ABI); pkg=$(pin "$s" IMAGE); ver=$(pin "$s" VERSION)
+	hdr=$(pin "$s" HEADERS); hdr=${hdr:-linux-headers-$abi}
 	if [ -z "$abi" ] || [ -z "$pkg" ] || [ -z "$ver" ]; then
 		die "no pin for kernel series $s in $PINS"
 	fi
@@ -135,9 +137,9 @@ for s in ${KERNELS//,/ }; do
 		touch "$CACHE/kernels/$abi/.done"
 	fi
 	if [ ! -e "/usr/src/linux-headers-$abi/Makefile" ] ||
-		[ "$(dpkg-query -W -f '${Version}' "linux-headers-$abi" 2>/dev/null)" != "$ver" ]; then
-		log "$s: installing linux-headers-$abi=$ver"
-		apt_install "linux-headers-$abi=$ver"
+		[ "$(dpkg-query -W -f '${Version}' "$hdr" 2>/dev/null)" != "$ver" ]; then
+		log "$s: installing $hdr=$ver"
+		apt_install "$hdr=$ver"
 	fi
 done
 log "kernels ready: $(for s in ${KERNELS//,/ }; do printf '%s=%s ' "$s" "${ABI[$s]}"; done)"
