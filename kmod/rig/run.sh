@@ -196,7 +196,7 @@ add_module() {
 	SEEN[$name]=1
 	f=${MODFILE[$name]:-}
 	[ -n "$f" ] || die "kernel module $name not found in $moddir"
-	base=$(basename "$f"); base=${base%.xz}; base=${base%.zst}
+	base=${f##*/}; base=${base%.xz}; base=${base%.zst}
 	case $f in
 	*.xz) xz -dc "$f" >"$root/rig/modules/$base" ;;
 	*.zst) zstd -qdc "$f" >"$root/rig/modules/$base" ;;
@@ -233,7 +233,7 @@ build_initramfs() {
 	install -m 0755 "$WORK/vmm" "$WORK/sysfuzz" "$root/rig/"
 	MODFILE=()
 	while read -r f; do
-		n=$(basename "$f"); n=${n%%.ko*}; MODFILE[${n//-/_}]=$f
+		n=${f##*/}; n=${n%%.ko*}; MODFILE[${n//-/_}]=$f
 	done < <(find "$moddir/kernel" -name '*.ko*')
 	declare -gA SEEN=()
 	: >"$root/rig/modules/order"
