@@ -3,7 +3,7 @@
 # nested SVM) and test sevflush.ko on a live KVM. See kmod/rig/README.md.
 #
 #   kmod/rig/run.sh [--kernels 6.1,6.12] [--kmod-src DIR] [--out DIR]
-#                   [--boot-timeout SECONDS] [--keep]
+#                   [--boot-timeout SECONDS]
 #
 # Exit status: 0 when every test passed or was skipped, 1 otherwise
 # (any FAIL, a kernel oops/WARNING/BUG in a console log, a timeout, a build
@@ -40,7 +40,7 @@ while [ $# -gt 0 ]; do
 	esac
 done
 # development knob: run only these tests (space separated) in the guest
-[ -n "${RIG_ONLY_TESTS:-}" ] && TESTS="rig-selftest $RIG_ONLY_TESTS"
+if [ -n "${RIG_ONLY_TESTS:-}" ]; then TESTS="rig-selftest $RIG_ONLY_TESTS"; fi
 
 T_START=$(date +%s)
 log() { printf '[rig %4ss] %s\n' "$(($(date +%s) - T_START))" "$*"; }
@@ -48,6 +48,7 @@ die() { echo "run.sh: $*" >&2; exit 1; }
 [ "$(id -u)" = 0 ] || die "must run as root (installs packages with apt)"
 mkdir -p "$CACHE" "$OUT"
 OUT=$(cd "$OUT" && pwd)
+[ "$OUT" != / ] || die "--out / is not allowed (the rig cleans \$OUT/work)"
 KMOD_SRC_ABS=$(cd "$KMOD_SRC" 2>/dev/null && pwd) || KMOD_SRC_ABS=""
 
 # ---------------------------------------------------------------- tools -----
@@ -95,28 +96,36 @@ pin() {
 }
 
 # ---------------------------------------------------------------- fetch -----
-fetch_deb() { # fetch_deb PACKAGE VERSION -> prints the .deb path (cached)
-	local pkg=$1 ver=$2 f
-	f=$(find "$CACHE/debs" -maxdepth 1 -name "${pkg}_*.deb" 2>/dev/null | while read -r d; do
-		[ "$(dpkg-deb -f "$d" Version)" = "$ver" ] && echo "$d"; done | head -1)
-	if [ -z "$f" ]; then
-		mkdir -p "$CACHE/debs"
-		(cd "$CACHE/debs" && apt-get download "$pkg=$ver" >>"$OUT/apt.log" 2>&1) || {
-			apt-get -o DPkg::Lock::Timeout=600 update >>"$OUT/apt.log" 2>&1 || true
-			(cd "$CACHE/debs" && apt-get download "$pkg=$ver" >>"$OUT/apt.log" 2>&1)
-		} || die "cannot download $pkg=$ver (is the pin still in the Debian archive?)"
-		f=$(find "$CACHE/debs" -maxdepth 1 -name "${pkg}_*.deb" | while read -r d; do
-			[ "$(dpkg-deb -f "$d" Version)" = "$ver" ] && echo "$d"; done | head -1)
+# find_deb PACKAGE VERSION: sets DEB to the cached .deb of that version, or ""
+find_deb() {
+	local d
+	DEB=""
+	for d in "$CACHE/debs/${1}_"*.deb; do
+		[ -f "$d" ] || continue
+		if [ "$(dpkg-deb -f "$d" Version)" = "$2" ]; then DEB=$d; return 0; fi
+	done
+}
+# fetch_deb PACKAGE VERSION: sets DEB, downloading into the cache if needed
+fetch_deb() {
+	mkdir -p "$CACHE/debs"
+	find_deb "$1" "$2"
+	[ -z "$DEB" ] || return 0
+	if ! (cd "$CACHE/debs" && apt-get download "$1=$2" >>"$OUT/apt.log" 2>&1); then
+		apt-get -o DPkg::Lock::Timeout=600 update >>"$OUT/apt.log" 2>&1 || true
+		(cd "$CACHE/debs" && apt-get download "$1=$2" >>"$OUT/apt.log" 2>&1) ||
+			die "cannot download $1=$2 (is the pin still in the Debian archive? log: $OUT/apt.log)"
 	fi
-	[ -n "$f" ] || die "no .deb for $pkg=$ver"
-	echo "$f"
+	find_deb "$1" "$2"
+	[ -n "$DEB" ] || die "no .deb for $1=$2 after download"
 }
 
 BB_DIR=$CACHE/busybox-static
 if [ ! -x "$BB_DIR/bin/busybox" ]; then
 	ver=$(apt-cache policy busybox-static | awk '/Candidate:/{print $2}')
-	deb=$(fetch_deb busybox-static "$ver")
-	rm -rf "$BB_DIR" && dpkg-deb -x "$deb" "$BB_DIR"
+	if [ -z "$ver" ] || [ "$ver" = "(none)" ]; then die "apt knows no busybox-static"; fi
+	fetch_deb busybox-static "$ver"
+	rm -rf "$BB_DIR"
+	dpkg-deb -x "$DEB" "$BB_DIR"
 fi
 BUSYBOX=$BB_DIR/bin/busybox
 
@@ -130,10 +139,10 @@ for s in ${KERNELS//,/ }; do
 	ABI[$s]=$abi
 	if [ ! -f "$CACHE/kernels/$abi/.done" ]; then
 		log "$s: fetching $pkg=$ver"
-		deb=$(fetch_deb "$pkg" "$ver")
+		fetch_deb "$pkg" "$ver"
 		rm -rf "$CACHE/kernels/$abi"
 		mkdir -p "$CACHE/kernels/$abi"
-		dpkg-deb -x "$deb" "$CACHE/kernels/$abi"
+		dpkg-deb -x "$DEB" "$CACHE/kernels/$abi"
 		touch "$CACHE/kernels/$abi/.done"
 	fi
 	if [ ! -e "/usr/src/linux-headers-$abi/Makefile" ] ||
@@ -246,10 +255,10 @@ build_initramfs() {
 		printf 'BROKEN_ERR=%q\n' "${B_ERR[$s]}"
 		echo "TEST_PARAM=${T_PARAM[$s]}"
 		echo "AGENT=$AGENT"
-		[ -n "${RIG_ONLY_TESTS:-}" ] && printf 'ONLY_TESTS=%q\n' "$RIG_ONLY_TESTS"
+		if [ -n "${RIG_ONLY_TESTS:-}" ]; then printf 'ONLY_TESTS=%q\n' "$RIG_ONLY_TESTS"; fi
 	} >"$root/rig/config"
-	[ "${K_OK[$s]}" = 1 ] && cp "$WORK/kmod-$s-normal.ko" "$root/rig/sevflush.ko"
-	[ "${B_OK[$s]}" = 1 ] && cp "$WORK/kmod-$s-broken.ko" "$root/rig/sevflush-broken.ko"
+	if [ "${K_OK[$s]}" = 1 ]; then cp "$WORK/kmod-$s-normal.ko" "$root/rig/sevflush.ko"; fi
+	if [ "${B_OK[$s]}" = 1 ]; then cp "$WORK/kmod-$s-broken.ko" "$root/rig/sevflush-broken.ko"; fi
 	if [ "$AGENT" = 1 ]; then
 		copy_with_libs "$root" "$REPO/target/release/sevplaced"
 		copy_with_libs "$root" "$REPO/target/release/sevplacectl"
