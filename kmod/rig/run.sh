@@ -23,7 +23,7 @@ CACHE=${SEVPLACE_CACHE:-/var/cache/sevplace}/rig
 # module source knows is used
 BROKEN_DEFINES="SF_BUG_NO_CACHE_RESET SEVFLUSH_BROKEN_NO_CACHE_RESET"
 # every test the guest must report, per kernel
-TESTS="rig-selftest tracking-pinned tracking-float flush-targeted flush-switch-off lifecycle-exit lifecycle-unknown-past bad-input load-unload agent-e2e negative-broken-cache-reset-detected"
+TESTS="rig-selftest tracking-pinned tracking-float flush-targeted flush-switch-off flush-redirect lifecycle-exit lifecycle-unknown-past bad-input load-unload agent-e2e negative-broken-cache-reset-detected"
 
 usage() {
 	sed -n '2,12p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'

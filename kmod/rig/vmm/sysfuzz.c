@@ -3,11 +3,15 @@
  * sysfuzz: write random, malformed and oversized values to one sysfs file
  * and check that every write fails with EINVAL.
  *
- *   sysfuzz FILE COUNT SEED VALID...
+ *   sysfuzz [-l] FILE COUNT SEED VALID...
  *
- * VALID are the values the file accepts; generated inputs that could be read
- * as one of them (same token after trimming white space, ignoring case, up
- * to the first NUL, or a number equal to a numeric VALID) are not written.
+ * VALID are the values the file accepts. Strict (default, sysfs ABI v1):
+ * only a VALID value, with or without one trailing newline, is valid, so
+ * every other generated input is written and must fail. -l (lenient, for
+ * module parameters, whose set() sees a C string and no length): inputs
+ * that could be read as a VALID value (same token up to the first NUL,
+ * after trimming white space, ignoring case, or a number equal to a
+ * numeric VALID) are not written.
  * Prints one line per unexpected result and a summary; exits 1 on any.
  */
 #include <ctype.h>
@@ -31,12 +35,24 @@ static unsigned rnd(void)
 	return (unsigned)(rng >> 11);
 }
 
+static int lenient;
+
 static int ambiguous(const char *buf, size_t len)
 {
 	char t[256];
 	size_t a = 0, b;
 	char *end;
 
+	if (!lenient) {
+		for (int i = 0; i < nvalid; i++) {
+			size_t vl = strlen(valid[i]);
+
+			if ((len == vl || (len == vl + 1 && buf[vl] == '\n')) &&
+			    !memcmp(buf, valid[i], vl))
+				return 1;
+		}
+		return 0;
+	}
 	b = strnlen(buf, len); /* the kernel side sees a C string */
 	while (a < b && isspace((unsigned char)buf[a]))
 		a++;
@@ -67,7 +83,7 @@ static const char *junk[] = { "", " ", "x", "\n\n", "-", "0", "2", "-1", "\t",
 static size_t gen(char *buf, size_t cap)
 {
 	size_t len = 0;
-	unsigned kind = rnd() % 6;
+	unsigned kind = rnd() % 7;
 
 	switch (kind) {
 	case 0: /* random printable */
@@ -90,6 +106,17 @@ static size_t gen(char *buf, size_t cap)
 			memcpy(buf, v, strlen(v));
 		}
 		break;
+	case 6: { /* a valid token, a NUL, junk */
+		const char *v = valid[rnd() % nvalid];
+		size_t vl = strlen(v);
+
+		memcpy(buf, v, vl);
+		buf[vl] = 0;
+		len = vl + 1 + rnd() % 8;
+		for (size_t i = vl + 1; i < len; i++)
+			buf[i] = (char)(33 + rnd() % 94);
+		break;
+	}
 	default: { /* a valid token with junk around or inside it */
 		const char *v = valid[rnd() % nvalid];
 		const char *pre = junk[rnd() % 16], *suf = junk[rnd() % 16];
@@ -118,8 +145,13 @@ int main(int argc, char **argv)
 	unsigned long count, written = 0, bad = 0, skipped = 0;
 	const char *path;
 
+	if (argc > 1 && !strcmp(argv[1], "-l")) {
+		lenient = 1;
+		argv++;
+		argc--;
+	}
 	if (argc < 5) {
-		fprintf(stderr, "usage: sysfuzz FILE COUNT SEED VALID...\n");
+		fprintf(stderr, "usage: sysfuzz [-l] FILE COUNT SEED VALID...\n");
 		return 2;
 	}
 	path = argv[1];
