@@ -15,7 +15,9 @@ REPO=$(cd "$RIG_DIR/../.." && pwd)
 KERNELS=6.1,6.12
 KMOD_SRC=$REPO/kmod
 OUT=$REPO/target/rig
-BOOT_TIMEOUT=${RIG_BOOT_TIMEOUT:-420}
+BOOT_TIMEOUT=${RIG_BOOT_TIMEOUT:-900}
+# a guest that prints nothing (console or results) for this long is stuck
+STALL_TIMEOUT=${RIG_STALL_TIMEOUT:-120}
 TCG_THREAD=${RIG_TCG_THREAD:-single}
 CACHE=${SEVPLACE_CACHE:-/var/cache/sevplace}/rig
 # compile-time switches that build the deliberately broken module (skip the
@@ -302,20 +304,37 @@ REPORT=$OUT/report.txt
 : >"$REPORT"
 for l in "${BUILD_FAIL[@]}"; do echo "$l" >>"$REPORT"; done
 FIGURES=()
+qpid=""
+trap 'if [ -n "$qpid" ]; then kill "$qpid" 2>/dev/null || true; fi' EXIT
 for s in ${KERNELS//,/ }; do
 	abi=${ABI[$s]}
 	con=$OUT/console-$s.log res=$OUT/results-$s.log
-	rm -f "$con" "$res"
-	log "$s: booting $abi under QEMU TCG (timeout ${BOOT_TIMEOUT}s)"
+	log "$s: booting $abi under QEMU TCG (timeout ${BOOT_TIMEOUT}s, or ${STALL_TIMEOUT}s without output)"
 	t0=$(date +%s.%N)
-	rc=0
+	rc=0 stalled=0
+	: >"$con"
+	: >"$res"
 	timeout -k 10 "$BOOT_TIMEOUT" qemu-system-x86_64 \
 		-accel "tcg,thread=$TCG_THREAD" -cpu EPYC,+svm,+npt -smp 4 -m 1024 \
 		-display none -monitor none -no-reboot \
 		-serial "file:$con" -serial "file:$res" \
 		-kernel "$CACHE/kernels/$abi/boot/vmlinuz-$abi" -initrd "$WORK/initrd-$s.cpio" \
 		-append "console=ttyS0 panic=-1 loglevel=7 mitigations=off rdinit=/init" \
-		</dev/null >"$OUT/qemu-$s.log" 2>&1 || rc=$?
+		</dev/null >"$OUT/qemu-$s.log" 2>&1 &
+	qpid=$!
+	last="" quiet=0
+	while kill -0 "$qpid" 2>/dev/null; do
+		sleep 2
+		cur=$(stat -c %s "$con" "$res" | tr '\n' ' ')
+		if [ "$cur" = "$last" ]; then quiet=$((quiet + 2)); else quiet=0; last=$cur; fi
+		if [ "$quiet" -ge "$STALL_TIMEOUT" ]; then
+			stalled=1
+			kill "$qpid" 2>/dev/null || true
+			break
+		fi
+	done
+	wait "$qpid" || rc=$?
+	qpid=""
 	t1=$(date +%s.%N)
 	touch "$res"
 	tr -d '\r' <"$res" >"$res.tmp" && mv "$res.tmp" "$res"
@@ -327,7 +346,9 @@ for s in ${KERNELS//,/ }; do
 	else
 		FIGURES+=("$s: wall ${total}s; guest boot ${booted:-?}s, tests did not finish")
 	fi
-	if [ $rc = 124 ] || [ $rc = 137 ]; then
+	if [ $stalled = 1 ]; then
+		echo "FAIL $s guest stalled: no output for ${STALL_TIMEOUT}s, killed (console: $con, results: $res)" >>"$REPORT"
+	elif [ $rc = 124 ] || [ $rc = 137 ]; then
 		echo "FAIL $s boot timed out after ${BOOT_TIMEOUT}s (console: $con, results: $res)" >>"$REPORT"
 	elif [ $rc != 0 ]; then
 		echo "FAIL $s qemu exited with $rc ($(tail -1 "$OUT/qemu-$s.log"))" >>"$REPORT"
