@@ -580,11 +580,21 @@ t_load_unload() {
 }
 
 t_agent() {
+	local rc=0 b
 	if [ "$AGENT" != 1 ]; then
 		FAILED_STEP="agent not built/unsupported (no target/release/sevplaced and sevplacectl)"
 		return 77
 	fi
-	if ! sevplaced --help 2>&1 | grep -q -- --host-root || ! sevplacectl --help 2>&1 | grep -q place; then
+	# the binaries and their shared libraries must at least run here
+	for b in sevplaced sevplacectl; do
+		rc=0
+		"$b" --help >"/tmp/$b.help" 2>&1 || rc=$?
+		if [ $rc = 126 ] || [ $rc = 127 ]; then
+			FAILED_STEP="$b does not run in the guest (exit $rc: $(head -c 200 "/tmp/$b.help"))"
+			return 1
+		fi
+	done
+	if ! grep -q -- --host-root /tmp/sevplaced.help || ! grep -q place /tmp/sevplacectl.help; then
 		FAILED_STEP="agent not built/unsupported (binaries lack --host-root/place)"
 		return 77
 	fi
