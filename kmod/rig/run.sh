@@ -24,8 +24,11 @@ CACHE=${SEVPLACE_CACHE:-/var/cache/sevplace}/rig
 # per-CPU "already marked" cache reset in the flush IPI); the first one the
 # module source knows is used
 BROKEN_DEFINES="SF_BUG_NO_CACHE_RESET SEVFLUSH_BROKEN_NO_CACHE_RESET"
+# a second broken build, if the module source has the switch: the per-CPU
+# cache is not reset when a CPU comes back online (caught by cpu-hotplug)
+BROKEN2_DEFINES="SF_BUG_NO_ONLINE_RESET"
 # every test the guest must report, per kernel
-TESTS="rig-selftest tracking-pinned tracking-float flush-targeted flush-switch-off flush-redirect lifecycle-exit lifecycle-unknown-past bad-input load-unload agent-e2e negative-broken-cache-reset-detected"
+TESTS="rig-selftest tracking-pinned tracking-float flush-targeted flush-switch-off flush-redirect cpu-hotplug lifecycle-exit lifecycle-unknown-past bad-input load-unload agent-e2e negative-broken-cache-reset-detected negative-broken-online-reset-detected"
 
 usage() {
 	sed -n '2,12p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
@@ -161,7 +164,7 @@ rm -rf "$WORK" && mkdir -p "$WORK"
 make -s -C "$RIG_DIR/vmm" O="$WORK" >"$OUT/vmm-build.log" 2>&1 ||
 	{ cat "$OUT/vmm-build.log" >&2; die "test VMM does not build"; }
 
-# build_kmod SERIES VARIANT(normal|broken) -> sets KO_PATH or KO_ERR
+# build_kmod SERIES VARIANT(normal|broken|broken2) -> sets KO_PATH or KO_ERR
 build_kmod() {
 	local s=$1 variant=$2 abi=${ABI[$1]} dir flags=()
 	KO_PATH="" KO_ERR=""
@@ -175,13 +178,14 @@ build_kmod() {
 	tar -C "$KMOD_SRC_ABS" --exclude=./rig --exclude='*.o' --exclude='*.ko' --exclude='*.ko.*' \
 		--exclude='*.mod' --exclude='*.mod.c' --exclude='.*.cmd' --exclude=Module.symvers \
 		--exclude=modules.order --exclude=.tmp_versions -cf - . | tar -C "$dir" -xf -
-	if [ "$variant" = broken ]; then
-		local def="" d
-		for d in $BROKEN_DEFINES; do
+	if [ "$variant" != normal ]; then
+		local def="" d defs=$BROKEN_DEFINES
+		[ "$variant" = broken2 ] && defs=$BROKEN2_DEFINES
+		for d in $defs; do
 			grep -rqs "$d" "$dir" --include='*.c' --include='*.h' && { def=$d; break; }
 		done
 		if [ -z "$def" ]; then
-			KO_ERR="module source has none of the hooks $BROKEN_DEFINES"
+			KO_ERR="module source has none of the switches $defs"
 			return 1
 		fi
 		flags=(KCFLAGS="-D$def")
@@ -255,12 +259,15 @@ build_initramfs() {
 		printf 'KMOD_ERR=%q\n' "${K_ERR[$s]}"
 		echo "BROKEN_OK=${B_OK[$s]}"
 		printf 'BROKEN_ERR=%q\n' "${B_ERR[$s]}"
+		echo "BROKEN2_OK=${B2_OK[$s]}"
+		printf 'BROKEN2_ERR=%q\n' "${B2_ERR[$s]}"
 		echo "TEST_PARAM=${T_PARAM[$s]}"
 		echo "AGENT=$AGENT"
 		if [ -n "${RIG_ONLY_TESTS:-}" ]; then printf 'ONLY_TESTS=%q\n' "$RIG_ONLY_TESTS"; fi
 	} >"$root/rig/config"
 	if [ "${K_OK[$s]}" = 1 ]; then cp "$WORK/kmod-$s-normal.ko" "$root/rig/sevflush.ko"; fi
 	if [ "${B_OK[$s]}" = 1 ]; then cp "$WORK/kmod-$s-broken.ko" "$root/rig/sevflush-broken.ko"; fi
+	if [ "${B2_OK[$s]}" = 1 ]; then cp "$WORK/kmod-$s-broken2.ko" "$root/rig/sevflush-broken2.ko"; fi
 	if [ "$AGENT" = 1 ]; then
 		copy_with_libs "$root" "$REPO/target/release/sevplaced"
 		copy_with_libs "$root" "$REPO/target/release/sevplacectl"
@@ -270,10 +277,10 @@ build_initramfs() {
 
 AGENT=0
 [ -x "$REPO/target/release/sevplaced" ] && [ -x "$REPO/target/release/sevplacectl" ] && AGENT=1
-declare -A K_OK K_ERR B_OK B_ERR T_PARAM
+declare -A K_OK K_ERR B_OK B_ERR B2_OK B2_ERR T_PARAM
 BUILD_FAIL=()
 for s in ${KERNELS//,/ }; do
-	K_OK[$s]=0 K_ERR[$s]="" B_OK[$s]=0 B_ERR[$s]="" T_PARAM[$s]=""
+	K_OK[$s]=0 K_ERR[$s]="" B_OK[$s]=0 B_ERR[$s]="" B2_OK[$s]=0 B2_ERR[$s]="" T_PARAM[$s]=""
 	if build_kmod "$s" normal; then
 		cp "$KO_PATH" "$WORK/kmod-$s-normal.ko"
 		K_OK[$s]=1
@@ -292,6 +299,13 @@ for s in ${KERNELS//,/ }; do
 		else
 			B_ERR[$s]=$KO_ERR
 			log "$s: broken build NOT built: $KO_ERR"
+		fi
+		if build_kmod "$s" broken2; then
+			cp "$KO_PATH" "$WORK/kmod-$s-broken2.ko"
+			B2_OK[$s]=1
+		else
+			B2_ERR[$s]=$KO_ERR
+			log "$s: second broken build NOT built: $KO_ERR"
 		fi
 	fi
 	build_initramfs "$s"

@@ -9,6 +9,7 @@
 SF=/sys/kernel/sevflush
 KO=/rig/sevflush.ko
 BROKEN_KO=/rig/sevflush-broken.ko
+BROKEN2_KO=/rig/sevflush-broken2.ko
 WAIT=${WAIT:-10}         # seconds to wait for a state to appear
 VMS=""                   # names of running test VMs
 FAILED_STEP=""           # which check of the last test failed
@@ -194,6 +195,7 @@ run() { # run NAME FUNCTION: run a test with cleanup
 	begin "$1"
 	"$2" || rc=$?
 	vm_stop_all
+	all_online
 	finish $rc
 }
 
@@ -410,6 +412,41 @@ t_flush_redirect() {
 	return 0
 }
 
+# CPU hotplug (after docs/kmod.md's ad-hoc test): an offlined CPU is flushed
+# without an IPI and its cache reset, so when it comes back and runs the
+# guest it marks itself again
+has_cpu() { case "$(expand "$(rd "$1")")" in *" $2 "*) return 0 ;; esac; return 1; }
+wait_has() {
+	local i=0
+	while ! has_cpu "$1" "$2"; do
+		i=$((i + 1))
+		[ $i -ge $((WAIT * 10)) ] && { say "$1 = '$(rd "$1")', want it to hold $2"; return 1; }
+		sleep 0.1
+	done
+}
+all_online() { local c; for c in /sys/devices/system/cpu/cpu[0-9]*/online; do echo 1 >"$c" 2>/dev/null; done; }
+t_cpu_hotplug() {
+	local id d c=/sys/devices/system/cpu/cpu2/online ko="${1:-$KO}"
+	[ -w $c ] || { FAILED_STEP="CPU 2 cannot be taken offline here"; return 77; }
+	check "insmod" load "$ko" || return 1
+	check "vm start on CPU 2" vm_start hx 1 2 || return 1
+	id=$(vm_id hx) || { FAILED_STEP="no vms/<id>"; return 1; }
+	d=$SF/vms/$id
+	check "dirty exactly 2" wait_set "$d/dirty_cpus" 2 || return 1
+	check "offline CPU 2" sh -c "echo 0 > $c" || return 1
+	check "pin to CPU 1" vmctl hx "pin 1" || return 1
+	check "dirty gains 1" wait_has "$d/dirty_cpus" 1 || return 1
+	check "scrub" sh -c "echo 1 > $d/scrub" || return 1
+	check "after scrub with CPU 2 offline: dirty exactly 1" wait_set "$d/dirty_cpus" 1 || return 1
+	check "online CPU 2" sh -c "echo 1 > $c" || return 1
+	check "pin to CPU 2" vmctl hx "pin 2" || return 1
+	check "CPU 2 back online marks itself again" wait_has "$d/dirty_cpus" 2 || return 1
+	# (ran_cpus may hold more: offlining CPU 2 let the kernel move the vCPU
+	# anywhere until it was pinned to CPU 1)
+	check "ran_cpus holds 1 and 2" subset "$(expand 1-2)" "$(expand "$(rd "$d/ran_cpus")")" || return 1
+	return 0
+}
+
 t_lifecycle_exit() {
 	local id i=0
 	check "insmod" load || return 1
@@ -622,8 +659,30 @@ t_negative() {
 	return 1
 }
 
+t_negative_online() {
+	local rc=0
+	[ "$BROKEN2_OK" = 1 ] || { FAILED_STEP="second broken build unavailable: $BROKEN2_ERR"; return 77; }
+	t_cpu_hotplug "$BROKEN2_KO" || rc=$?
+	vm_stop_all
+	all_online
+	unload
+	[ $rc = 77 ] && return 77
+	if [ $rc = 0 ]; then
+		FAILED_STEP="cpu-hotplug PASSED on the build without the online reset: it does not detect it"
+		return 1
+	fi
+	case $FAILED_STEP in
+	"CPU 2 back online marks itself again")
+		say "cpu-hotplug failed on the broken build as expected: $FAILED_STEP"
+		FAILED_STEP=""
+		return 0 ;;
+	esac
+	FAILED_STEP="broken build failed at an unexpected step: $FAILED_STEP"
+	return 1
+}
+
 # --- main ------------------------------------------------------------------------
-MODULE_TESTS="tracking-pinned:t_tracking_pinned tracking-float:t_tracking_float flush-targeted:t_flush_targeted flush-switch-off:t_flush_switch_off flush-redirect:t_flush_redirect lifecycle-exit:t_lifecycle_exit lifecycle-unknown-past:t_lifecycle_unknown_past bad-input:t_bad_input load-unload:t_load_unload"
+MODULE_TESTS="tracking-pinned:t_tracking_pinned tracking-float:t_tracking_float flush-targeted:t_flush_targeted flush-switch-off:t_flush_switch_off flush-redirect:t_flush_redirect cpu-hotplug:t_cpu_hotplug lifecycle-exit:t_lifecycle_exit lifecycle-unknown-past:t_lifecycle_unknown_past bad-input:t_bad_input load-unload:t_load_unload"
 
 if ! kvm_up; then
 	result "FAIL rig-selftest kvm modules do not load"
@@ -648,4 +707,11 @@ elif [ "$KMOD_OK" = 1 ]; then
 	run negative-broken-cache-reset-detected t_negative
 else
 	result "FAIL negative-broken-cache-reset-detected sevflush.ko not built: $KMOD_ERR"
+fi
+if ! wanted negative-broken-online-reset-detected; then
+	:
+elif [ "$KMOD_OK" = 1 ]; then
+	run negative-broken-online-reset-detected t_negative_online
+else
+	result "FAIL negative-broken-online-reset-detected sevflush.ko not built: $KMOD_ERR"
 fi
