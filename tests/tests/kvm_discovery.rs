@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use sevplace::cgroup::{self, CpusetWriter};
+use sevplace::cgroup::{self, CpusetWriter, PinMethod, VcpuEnforcer};
 use sevplace::discovery::{DiscoveredVm, Hierarchy, VcpuMatch, VmScanner};
 use sevplace::{ConfidentialClass, CpuSet, VmId};
 
@@ -146,9 +146,22 @@ fn fixture_vm_is_discovered_classified_and_pinned_by_affinity() {
     assert!(scanner.is_same_process(vm.pid, vm.start_time).unwrap());
 
     let pins = spread(&vm, &host_cpus());
-    for (_, tid, set) in &pins {
-        cgroup::set_thread_affinity(*tid, set).expect("sched_setaffinity");
-    }
+    // The enforcer picks affinity: the fixture has no libvirt cgroup.
+    let enforcer = VcpuEnforcer::new(CpusetWriter::detect("/sys/fs/cgroup").ok());
+    let placement: Vec<(u32, CpuSet)> = pins.iter().map(|p| (p.0, p.2.clone())).collect();
+    let report = enforcer
+        .pin_vm(&vm, &placement, Some(&host_cpus()))
+        .expect("pin the fixture VM");
+    assert_eq!(
+        report.vcpus,
+        vec![
+            (0, PinMethod::Affinity),
+            (1, PinMethod::Affinity),
+            (2, PinMethod::Affinity)
+        ]
+    );
+    assert!(report.missing_vcpus.is_empty());
+    assert!(report.other_threads >= 1);
     let mut checks = Vec::new();
     for (index, tid, set) in &pins {
         let allowed = cgroup::read_thread_cpus_allowed(Path::new(PROC), vm.pid, *tid).unwrap();
