@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use sevplace::cgroup::{self, CpusetWriter, PinMethod, VcpuEnforcer};
-use sevplace::discovery::{DiscoveredVm, Hierarchy, VcpuMatch, VmScanner};
+use sevplace::discovery::{DiscoveredVm, Hierarchy, VcpuMatch, VmExitWatch, VmScanner};
 use sevplace::{ConfidentialClass, CpuSet, VmId};
 
 const FIXTURE: &str = env!("CARGO_BIN_EXE_kvm-guest-fixture");
@@ -306,7 +306,10 @@ fn vm_killed_between_discovery_and_pinning_is_vm_gone() {
     assert_eq!(vm.vcpus.len(), 2);
     // No QEMU flags: an unknown VMM, class not guessed.
     assert_eq!(vm.class, None);
+    let watch = VmExitWatch::open(&scanner, vm.pid, vm.start_time).unwrap();
+    assert!(!watch.has_exited());
     drop(vm_proc); // SIGKILL and reap
+    assert!(watch.has_exited(), "pidfd reports the exit");
 
     let one: CpuSet = host_cpus().first().into_iter().collect();
     for v in &vm.vcpus {

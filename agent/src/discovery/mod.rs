@@ -34,6 +34,7 @@
 pub mod cgroup_path;
 pub mod cmdline;
 pub mod fake_procfs;
+pub mod pidfd;
 pub mod procfs;
 
 use std::collections::BTreeMap;
@@ -43,6 +44,7 @@ pub use cgroup_path::{
     parse_libvirt_path, parse_proc_cgroup, CgroupLocation, Hierarchy, LibvirtCgroup, LibvirtLayout,
 };
 pub use cmdline::{classify_cmdline, Classification};
+pub use pidfd::VmExitWatch;
 use procfs::ProcReadError;
 
 use crate::{ConfidentialClass, CpuSet};
