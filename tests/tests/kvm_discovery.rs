@@ -70,22 +70,55 @@ fn host_cpus() -> CpuSet {
         .expect("own Cpus_allowed_list")
 }
 
-/// Samples each vCPU's last CPU `rounds` times, 10 ms apart, while the
-/// vCPUs run; returns `(tid, cpu)` samples outside the thread's set.
-fn stray_samples(pid: u32, pins: &[(u32, CpuSet)], rounds: usize) -> Vec<(u32, u32)> {
-    let mut stray = Vec::new();
+/// Context switches of a thread (voluntary + nonvoluntary, from status).
+fn switches(pid: u32, tid: u32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).ok()?;
+    let sum = text
+        .lines()
+        .filter(|l| l.contains("ctxt_switches:"))
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .sum();
+    Some(sum)
+}
+
+/// The outcome of sampling last CPUs.
+struct Samples {
+    /// `(tid, cpu)` samples outside the thread's set.
+    stray: Vec<(u32, u32)>,
+    /// Threads with at least one sample taken after they ran post-pin.
+    ran: Vec<u32>,
+}
+
+/// Samples each thread's last CPU `rounds` times, 10 ms apart. Stat field 39
+/// of a thread asleep since before the pin still names its old CPU (the
+/// kernel moves a sleeping task only when it wakes), so a sample counts only
+/// once the thread's context-switch count has grown since this call, i.e.
+/// it has run under the new mask.
+fn sample_last_cpus(pid: u32, pins: &[(u32, CpuSet)], rounds: usize) -> Samples {
+    let base: Vec<Option<u64>> = pins.iter().map(|(tid, _)| switches(pid, *tid)).collect();
+    let mut out = Samples {
+        stray: Vec::new(),
+        ran: Vec::new(),
+    };
     for _ in 0..rounds {
-        for (tid, set) in pins {
+        std::thread::sleep(Duration::from_millis(10));
+        for ((tid, set), b) in pins.iter().zip(&base) {
+            let now = switches(pid, *tid);
+            if !matches!((now, b), (Some(n), Some(b)) if n > *b) {
+                continue;
+            }
             let cpu = cgroup::read_thread_last_cpu(Path::new(PROC), pid, *tid)
                 .expect("vCPU stat")
                 .expect("last CPU");
             if !set.contains(cpu) {
-                stray.push((*tid, cpu));
+                out.stray.push((*tid, cpu));
+            }
+            if !out.ran.contains(tid) {
+                out.ran.push(*tid);
             }
         }
-        std::thread::sleep(Duration::from_millis(10));
     }
-    stray
+    out
 }
 
 /// vCPU `i` gets CPU `cpus[i % n]`.
@@ -168,12 +201,16 @@ fn fixture_vm_is_discovered_classified_and_pinned_by_affinity() {
         assert_eq!(&allowed, set, "vCPU {index} Cpus_allowed_list");
         checks.push((*tid, set.clone()));
     }
-    // Let every vCPU run on its new CPU before sampling.
-    std::thread::sleep(Duration::from_millis(50));
-    let stray = stray_samples(vm.pid, &checks, 30);
+    let samples = sample_last_cpus(vm.pid, &checks, 30);
     assert!(
-        stray.is_empty(),
-        "vCPU threads ran outside their sets: {stray:?}"
+        samples.stray.is_empty(),
+        "vCPU threads ran outside their sets: {:?}",
+        samples.stray
+    );
+    assert_eq!(
+        samples.ran.len(),
+        checks.len(),
+        "every fixture vCPU ran while sampled"
     );
 
     // The pins hold on a rescan, and the vCPUs still run.
@@ -269,11 +306,19 @@ fn fixture_vm_pinned_with_real_v1_cpuset() {
                 return Err(format!("vCPU {} in {:?}, want {want}", v.index, v.cgroup));
             }
         }
-        std::thread::sleep(Duration::from_millis(50));
         let checks: Vec<(u32, CpuSet)> = pins.iter().map(|p| (p.1, p.2.clone())).collect();
-        let stray = stray_samples(vm.pid, &checks, 30);
-        if !stray.is_empty() {
-            return Err(format!("vCPU threads ran outside their cpusets: {stray:?}"));
+        let samples = sample_last_cpus(vm.pid, &checks, 30);
+        if !samples.stray.is_empty() {
+            return Err(format!(
+                "vCPU threads ran outside their cpusets: {:?}",
+                samples.stray
+            ));
+        }
+        if samples.ran.len() != checks.len() {
+            return Err(format!(
+                "only {:?} of the vCPUs ran while sampled",
+                samples.ran
+            ));
         }
         Ok(())
     })();
@@ -406,13 +451,90 @@ fn real_qemu_is_discovered_and_pinned() {
             set
         );
     }
-    std::thread::sleep(Duration::from_millis(50));
     let checks: Vec<(u32, CpuSet)> = pins.iter().map(|p| (p.1, p.2.clone())).collect();
-    let stray = stray_samples(pid, &checks, 20);
+    let samples = sample_last_cpus(pid, &checks, 30);
     assert!(
-        stray.is_empty(),
-        "QEMU vCPUs ran outside their sets: {stray:?}"
+        samples.stray.is_empty(),
+        "QEMU vCPUs ran outside their sets: {:?}",
+        samples.stray
     );
     drop(vm_proc);
-    println!("real QEMU pid {pid}: discovered 2 vCPUs, pinned by affinity");
+    // QEMU's application processor stays halted (no guest OS), so not every
+    // vCPU runs; the ones that ran are the ones checked.
+    println!(
+        "real QEMU pid {pid}: discovered 2 vCPUs, pinned by affinity; {} of them ran while sampled",
+        samples.ran.len()
+    );
+}
+
+#[test]
+fn real_qemu_without_thread_names_is_matched_by_kvm_run() {
+    let test = "real_qemu_without_thread_names_is_matched_by_kvm_run";
+    if !kvm_usable(test) {
+        return;
+    }
+    let qemu = "/usr/bin/qemu-system-x86_64";
+    if !Path::new(qemu).exists() {
+        eprintln!("SKIP {test}: {qemu} is not installed");
+        return;
+    }
+    // No debug-threads: every QEMU thread is named "qemu-system-x86".
+    let child = Command::new(qemu)
+        .args([
+            "-accel",
+            "kvm",
+            "-smp",
+            "2",
+            "-m",
+            "64",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-monitor",
+            "none",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn qemu");
+    let pid = child.id();
+    let _vm_proc = VmProcess { child, pid };
+    let scanner = VmScanner::new(PROC);
+    // A halted vCPU waits in KVM_RUN; one executing reads "running". Scan
+    // until at least one vCPU is matched.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let vm = loop {
+        match scanner.inspect(pid) {
+            Ok(vm) if vm.vcpu_fds.len() == 2 && !vm.vcpus.is_empty() => break vm,
+            _ if Instant::now() > deadline => panic!("no vCPU of QEMU {pid} matched"),
+            _ => std::thread::sleep(Duration::from_millis(100)),
+        }
+    };
+    assert_eq!(vm.class, Some(ConfidentialClass::None));
+    for v in &vm.vcpus {
+        assert_eq!(v.matched_by, VcpuMatch::KvmRunSyscall, "{v:?}");
+        assert_ne!(v.tid, pid, "the main thread is not a vCPU");
+        assert_eq!(v.comm, "qemu-system-x86", "{v:?}");
+    }
+    // KVM's NX worker shows the KVM_RUN of the vCPU it was forked from; it
+    // must never be taken for a vCPU.
+    let tasks: Vec<u32> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    for tid in tasks {
+        let comm =
+            std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm")).unwrap_or_default();
+        if comm.starts_with("kvm-nx-lpage") {
+            assert!(!vm.vcpus.iter().any(|v| v.tid == tid));
+        }
+    }
+    println!(
+        "real QEMU without debug-threads: matched vCPUs {:?} by KVM_RUN, unmatched {:?}",
+        vm.vcpus
+            .iter()
+            .map(|v| (v.index, v.tid))
+            .collect::<Vec<_>>(),
+        vm.unmatched_vcpus()
+    );
 }

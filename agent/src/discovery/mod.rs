@@ -6,9 +6,11 @@
 //! `anon_inode:kvm-vcpu:N`; fds belong to the process, not to a thread, so the
 //! vCPU index of each thread is found by these rules, in order:
 //!
-//! 1. **Thread name** — QEMU names vCPU threads `CPU N/KVM` (with
-//!    `debug-threads=on`, and always in the `comm` of recent QEMU).
-//! 2. **Blocked in `KVM_RUN`** — `/proc/<pid>/task/<tid>/syscall` reads
+//! 1. **Thread name** — QEMU names vCPU threads `CPU N/KVM` when started
+//!    with `-name ...,debug-threads=on` (libvirt always sets it); without it
+//!    every QEMU thread is named `qemu-system-x86` and rules 2 and 3 apply.
+//! 2. **Blocked in `KVM_RUN`** (only when rule 1 matched nothing) —
+//!    `/proc/<pid>/task/<tid>/syscall` reads
 //!    `16 0xFD 0xae80 ...` while a thread waits in `ioctl(FD, KVM_RUN)` (an
 //!    idle, halted vCPU); `FD` is a `kvm-vcpu:N` fd. A thread executing at
 //!    that instant reads `running` and is mapped on a later scan.
@@ -24,7 +26,9 @@
 //! Every other thread is an emulator or I/O thread ([`DiscoveredVm::other_threads`]).
 //! KVM's kernel workers (`kvm-nx-lpage-re`, flags `PF_USER_WORKER` or
 //! `PF_KTHREAD`) are listed in `task/` of the VM process on recent kernels
-//! and are excluded from both lists. Kernel threads themselves are
+//! and are excluded from both lists, before rule 2: the NX worker is forked
+//! from a vCPU thread and its `syscall` file shows that thread's
+//! `ioctl(vcpu fd, KVM_RUN)` (seen with QEMU 7.2 on Linux 6.18). Kernel threads themselves are
 //! processes with no fds, so the VM test never matches them.
 //!
 //! A process or thread that exits during a scan is skipped (logged at debug
@@ -320,13 +324,20 @@ impl VmScanner {
             v.dedup();
             v
         };
+        // A VMM that names its vCPU threads (QEMU) has no unnamed vCPUs:
+        // rules 2 and 3 apply only when rule 1 matched nothing.
+        let named = !vcpus.is_empty();
         // Rule 2: threads blocked in KVM_RUN on a vCPU fd.
         let mut unmatched: Vec<ThreadRecord> = Vec::new();
         for t in rest {
-            let syscall = procfs::read_text(&procfs::task_file(root, pid, t.tid, "syscall"))
-                .ok()
-                .and_then(|s| procfs::parse_syscall_kvm_run_fd(&s))
-                .and_then(|fd| fds.vcpus.get(&fd).copied());
+            let syscall = if named {
+                None
+            } else {
+                procfs::read_text(&procfs::task_file(root, pid, t.tid, "syscall"))
+                    .ok()
+                    .and_then(|s| procfs::parse_syscall_kvm_run_fd(&s))
+                    .and_then(|fd| fds.vcpus.get(&fd).copied())
+            };
             match syscall {
                 Some(index) if t.tid != pid && !vcpus.iter().any(|v| v.index == index) => {
                     vcpus.push(t.into_vcpu(index, VcpuMatch::KvmRunSyscall));
@@ -348,8 +359,6 @@ impl VmScanner {
             .filter(|i| !vcpus.iter().any(|v| v.index == *i))
             .collect();
         let mut other_threads = Vec::new();
-        // A VMM that names its vCPU threads (QEMU) never has unnamed vCPUs.
-        let named = vcpus.iter().any(|v| v.matched_by == VcpuMatch::ThreadName);
         if !named && !open_indices.is_empty() && candidates.len() == open_indices.len() {
             for (n, t) in unmatched.into_iter().enumerate() {
                 match candidates.iter().position(|&c| c == n) {
