@@ -206,3 +206,57 @@ fn qemu_names() {
     assert_eq!(qemu_vcpu_index("CPU 1/TCG"), None);
     assert_eq!(qemu_vcpu_index("qemu-system-x86"), None);
 }
+
+mod properties {
+    use super::super::cgroup_path::{parse_libvirt_path, parse_proc_cgroup, systemd_unescape};
+    use super::super::procfs::{parse_stat, parse_status_cpus_allowed, parse_syscall_kvm_run_fd};
+    use super::super::{classify_cmdline, fake_procfs::stat_line, Hierarchy};
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Any comm (spaces, parentheses, slashes) round-trips through stat.
+        #[test]
+        fn stat_comm_round_trips(comm in "[ -~]{0,15}", start in 0u64..u64::MAX / 2, cpu in 0u32..4096) {
+            let line = stat_line(42, &comm, 0x400040, start, cpu);
+            let st = parse_stat(&line).unwrap();
+            prop_assert_eq!(st.comm, comm);
+            prop_assert_eq!(st.start_time, start);
+            prop_assert_eq!(st.last_cpu, Some(cpu));
+        }
+
+        /// The parsers never panic on arbitrary text.
+        #[test]
+        fn parsers_do_not_panic(text in "\\PC{0,200}") {
+            let _ = parse_stat(&text);
+            let _ = parse_status_cpus_allowed(&text);
+            let _ = parse_syscall_kvm_run_fd(&text);
+            let _ = parse_proc_cgroup(&text);
+            let _ = parse_libvirt_path(&text, Hierarchy::Unified);
+            let _ = systemd_unescape(&text);
+        }
+
+        /// classify_cmdline never panics and always finds a sev-guest object.
+        #[test]
+        fn classify_never_panics(args in proptest::collection::vec("\\PC{0,40}", 0..8), policy in 0u64..0x100) {
+            let _ = classify_cmdline(&args);
+            let mut with_sev = args.clone();
+            with_sev.insert(0, "qemu-system-x86_64".into());
+            with_sev.push("-object".into());
+            with_sev.push(format!("sev-guest,id=zz,policy={policy:#x}"));
+            let c = classify_cmdline(&with_sev);
+            // Random args may carry a -machine naming another object or an
+            // earlier SEV object; without either, this object decides.
+            if !args
+                .iter()
+                .any(|a| a.contains("machine") || a.contains("-M") || a.contains("sev"))
+            {
+                let want = if policy & 0x4 != 0 {
+                    crate::ConfidentialClass::SevEs
+                } else {
+                    crate::ConfidentialClass::Sev
+                };
+                prop_assert_eq!(c.class, Some(want));
+            }
+        }
+    }
+}
