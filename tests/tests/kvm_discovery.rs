@@ -538,3 +538,166 @@ fn real_qemu_without_thread_names_is_matched_by_kvm_run() {
         vm.unmatched_vcpus()
     );
 }
+
+#[test]
+fn fixture_in_libvirt_v1_layout_is_recognised_and_pinned_through_its_vcpu_cgroups() {
+    let test = "fixture_in_libvirt_v1_layout_is_recognised_and_pinned_through_its_vcpu_cgroups";
+    if !kvm_usable(test) {
+        return;
+    }
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIP {test}: not root");
+        return;
+    }
+    let writer = match CpusetWriter::detect("/sys/fs/cgroup") {
+        Ok(w) if w.hierarchy() == Hierarchy::V1Cpuset => w,
+        Ok(_) => {
+            eprintln!("SKIP {test}: the cpuset controller is on cgroup v2 here");
+            return;
+        }
+        Err(e) => {
+            eprintln!("SKIP {test}: {e}");
+            return;
+        }
+    };
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let base = format!("/sevplace-test-lv-{}-{nanos:x}", std::process::id());
+    // libvirt >= 7.1 layout, under a test-owned top cgroup.
+    let libvirt_dir = format!("{base}/machine.slice/machine-qemu\\x2d7\\x2dfixture.scope/libvirt");
+
+    let vm_proc = start_fixture(&["--vcpus", "2", "-name", "guest=fixture,debug-threads=on"]);
+    let pid = vm_proc.pid;
+    let cpus = host_cpus();
+    let list = cpus.to_vec();
+
+    let result = (|| -> Result<(), String> {
+        let e = |e: cgroup::CgroupError| e.to_string();
+        // Arrange the VM the way libvirt does: threads in emulator, vCPUs in vcpuN.
+        let pre = VmScanner::new(PROC)
+            .inspect(pid)
+            .map_err(|e| e.to_string())?;
+        let emulator = format!("{libvirt_dir}/emulator");
+        writer
+            .ensure_cpuset(&emulator, &cpus, None, cgroup::CgroupKind::Threaded)
+            .map_err(e)?;
+        writer.move_process(&emulator, pid).map_err(e)?;
+        for v in &pre.vcpus {
+            let cg = format!("{libvirt_dir}/vcpu{}", v.index);
+            writer
+                .ensure_cpuset(&cg, &cpus, None, cgroup::CgroupKind::Threaded)
+                .map_err(e)?;
+            writer.move_thread(&cg, v.tid).map_err(e)?;
+        }
+
+        // Discovery reads the layout back from the real /proc.
+        let vm = VmScanner::new(PROC)
+            .inspect(pid)
+            .map_err(|e| e.to_string())?;
+        let lv = vm.cgroup.libvirt.clone().ok_or("no libvirt cgroup found")?;
+        if lv.layout != sevplace::discovery::LibvirtLayout::ScopeWithLibvirtDir
+            || lv.domain_id != Some(7)
+            || lv.domain_name != "fixture"
+            || lv.hierarchy != Hierarchy::V1Cpuset
+        {
+            return Err(format!("unexpected libvirt cgroup {lv:?}"));
+        }
+        if vm.libvirt_domain.as_deref() != Some("fixture") {
+            return Err(format!("libvirt_domain {:?}", vm.libvirt_domain));
+        }
+
+        // The enforcer writes libvirt's vcpuN cgroups.
+        let enforcer = VcpuEnforcer::new(Some(writer.clone()));
+        let placement: Vec<(u32, CpuSet)> = vm
+            .vcpus
+            .iter()
+            .map(|v| {
+                let cpu = list[(v.index as usize + 1) % list.len()];
+                (v.index, [cpu].into_iter().collect())
+            })
+            .collect();
+        let report = enforcer.pin_vm(&vm, &placement, Some(&cpus)).map_err(e)?;
+        if report
+            .vcpus
+            .iter()
+            .any(|(_, m)| *m != PinMethod::LibvirtCgroup)
+        {
+            return Err(format!("pinned by {:?}", report.vcpus));
+        }
+        for (index, set) in &placement {
+            let cg = lv.vcpu_path(*index);
+            if &writer.read_cpus(&cg).map_err(e)? != set {
+                return Err(format!("{cg} not {set}"));
+            }
+            let v = vm.vcpus.iter().find(|v| v.index == *index).ok_or("vCPU")?;
+            let allowed =
+                cgroup::read_thread_cpus_allowed(Path::new(PROC), pid, v.tid).map_err(e)?;
+            if &allowed != set {
+                return Err(format!(
+                    "vCPU {index}: Cpus_allowed_list {allowed}, want {set}"
+                ));
+            }
+        }
+        let checks: Vec<(u32, CpuSet)> = placement
+            .iter()
+            .filter_map(|(i, s)| Some((vm.vcpus.iter().find(|v| v.index == *i)?.tid, s.clone())))
+            .collect();
+        let samples = sample_last_cpus(pid, &checks, 20);
+        if !samples.stray.is_empty() || samples.ran.len() != checks.len() {
+            return Err(format!("stray {:?}, ran {:?}", samples.stray, samples.ran));
+        }
+
+        // Drift, as when libvirt rewrites a vCPU cgroup. Widening vCPU 0's
+        // cgroup to every CPU changes only the cgroup: the kernel keeps the
+        // thread's own affinity (set by the enforcer) inside the wider set,
+        // so drift must be read from the cgroup too. Moving the cgroup to
+        // another CPU also moves the thread (its affinity no longer fits).
+        if list.len() >= 2 {
+            let want = placement[0].1.clone();
+            let cg0 = lv.vcpu_path(0);
+            let v0 = vm.vcpus.iter().find(|v| v.index == 0).ok_or("vCPU 0")?;
+            writer.set_cpus(&cg0, &cpus).map_err(e)?;
+            let allowed =
+                cgroup::read_thread_cpus_allowed(Path::new(PROC), pid, v0.tid).map_err(e)?;
+            if allowed != want || writer.read_cpus(&cg0).map_err(e)? != cpus {
+                return Err(format!(
+                    "after widening: thread {allowed}, cgroup {:?}",
+                    writer.read_cpus(&cg0)
+                ));
+            }
+            let other = cpus.difference(&want);
+            writer.set_cpus(&cg0, &other).map_err(e)?;
+            let drifted = VmScanner::new(PROC)
+                .inspect(pid)
+                .map_err(|e| e.to_string())?;
+            let d0 = drifted
+                .vcpus
+                .iter()
+                .find(|v| v.index == 0)
+                .ok_or("vCPU 0")?;
+            if d0.cpus_allowed != other {
+                return Err(format!("drift to {other} not visible: {}", d0.cpus_allowed));
+            }
+            enforcer.pin_vcpu(d0, &want).map_err(e)?;
+            let fixed =
+                cgroup::read_thread_cpus_allowed(Path::new(PROC), pid, v0.tid).map_err(e)?;
+            if fixed != want || writer.read_cpus(&cg0).map_err(e)? != want {
+                return Err(format!("drift not corrected: thread {fixed}"));
+            }
+        }
+        Ok(())
+    })();
+
+    drop(vm_proc);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut removed = writer.remove(&base);
+    while removed.is_err() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        removed = writer.remove(&base);
+    }
+    result.unwrap();
+    removed.expect("remove the test cgroups");
+    println!("real KVM + real v1 cpuset in libvirt's layout: recognised, pinned through vcpuN, drift corrected");
+}
