@@ -260,3 +260,46 @@ mod properties {
         }
     }
 }
+
+/// A writer that appends log output to a shared buffer.
+#[derive(Clone, Default)]
+struct LogBuffer(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogBuffer {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn skipped_entries_are_logged_with_their_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = FakeProcess::qemu_vm(400, 1, &["qemu-system-x86_64"]);
+    write_process(dir.path(), &bad).unwrap();
+    std::fs::write(dir.path().join("400/task/400/stat"), "garbage").unwrap();
+    let mut partial = FakeProcess::qemu_vm(600, 2, &["qemu-system-x86_64"]);
+    partial.threads[3].cpus_allowed = "zz".into();
+    write_process(dir.path(), &partial).unwrap();
+
+    let buf = LogBuffer::default();
+    let sink = buf.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || sink.clone())
+        .with_ansi(false)
+        .with_max_level(tracing::Level::WARN)
+        .finish();
+    let vms = tracing::subscriber::with_default(subscriber, || {
+        VmScanner::new(dir.path()).scan().unwrap()
+    });
+    assert_eq!(vms.len(), 1);
+    let log = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+    let stat = dir.path().join("400/task/400/stat");
+    let status = dir.path().join("600/task/603/status");
+    assert!(log.contains(&stat.display().to_string()), "{log}");
+    assert!(log.contains(&status.display().to_string()), "{log}");
+    assert!(log.contains("WARN"), "{log}");
+}
