@@ -142,7 +142,8 @@ impl VcpuEnforcer {
             if let (Some(w), Some(lv)) = (self.writer.as_ref(), libvirt) {
                 w.ensure_cpuset(&lv.emulator_path(), cpus, None, CgroupKind::Threaded)?;
             }
-            for t in &vm.other_threads {
+            // io_uring workers refuse sched_setaffinity; they follow the cgroup.
+            for t in vm.other_threads.iter().filter(|t| t.affinity_settable) {
                 match (self.set_affinity)(t.tid, cpus) {
                     Ok(()) => report.other_threads += 1,
                     // A helper thread that exited is not the VM exiting.
@@ -176,6 +177,10 @@ mod tests {
                 None => format!("0::/{scope}/libvirt/emulator\n"),
             };
         }
+        // An io_uring worker: listed, never given an affinity.
+        let mut iou = crate::discovery::fake_procfs::FakeThread::new(150, "iou-wrk-100");
+        iou.flags = 0x0040_0050;
+        vm.threads.push(iou);
         write_process(proc.path(), &vm).unwrap();
         std::fs::write(cg.path().join("cgroup.controllers"), "cpuset\n").unwrap();
         for d in ["", "machine.slice", scope, &format!("{scope}/libvirt")] {

@@ -15,7 +15,7 @@
 //!    idle, halted vCPU); `FD` is a `kvm-vcpu:N` fd. A thread executing at
 //!    that instant reads `running` and is mapped on a later scan.
 //! 3. **Thread order** — when the threads left after rules 1 and 2 (not the
-//!    main thread, not a kernel worker) are exactly as many as the vCPU
+//!    main thread, not a kernel or io_uring worker) are exactly as many as the vCPU
 //!    indices left without a thread, they are matched in tid order (VMMs
 //!    create vCPU threads in index order). Marked [`VcpuMatch::ThreadOrder`]:
 //!    a guess the caller can refuse. With any extra thread (an I/O thread)
@@ -91,6 +91,9 @@ pub struct ThreadInfo {
     pub comm: String,
     pub cpus_allowed: CpuSet,
     pub last_cpu: Option<u32>,
+    /// `false` for io_uring workers and tasks with `PF_NO_SETAFFINITY`:
+    /// their CPUs follow the cgroup, `sched_setaffinity` is refused.
+    pub affinity_settable: bool,
 }
 
 /// A KVM VM process found in procfs.
@@ -350,7 +353,7 @@ impl VmScanner {
         let candidates: Vec<usize> = unmatched
             .iter()
             .enumerate()
-            .filter(|(_, t)| t.tid != pid)
+            .filter(|(_, t)| t.tid != pid && t.stat.affinity_settable())
             .map(|(i, _)| i)
             .collect();
         let open_indices: Vec<u32> = vcpu_fds
@@ -482,6 +485,7 @@ impl ThreadRecord {
     fn into_info(self) -> ThreadInfo {
         ThreadInfo {
             tid: self.tid,
+            affinity_settable: self.stat.affinity_settable(),
             comm: self.stat.comm,
             cpus_allowed: self.cpus_allowed,
             last_cpu: self.stat.last_cpu,

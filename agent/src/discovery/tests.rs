@@ -95,6 +95,27 @@ fn non_qemu_vmm_by_kvm_run_syscall_and_by_thread_order() {
     assert_eq!(v.unmatched_vcpus(), vec![0]);
     assert_eq!(v.other_threads.len(), 3);
 
+    // An io_uring worker is neither a vCPU candidate nor affinity-settable.
+    let dir = tempfile::tempdir().unwrap();
+    let mut q = p.clone();
+    q.threads.truncate(3);
+    q.threads[2].syscall = "running\n".into();
+    let mut iou = FakeThread::new(204, "iou-wrk-200");
+    iou.flags = 0x0040_0050;
+    q.threads.push(iou);
+    write_process(dir.path(), &q).unwrap();
+    let v = VmScanner::new(dir.path()).inspect(200).unwrap();
+    assert_eq!(v.vcpus.len(), 2, "{v:?}");
+    let w = v.other_threads.iter().find(|t| t.tid == 204).unwrap();
+    assert!(!w.affinity_settable);
+    assert!(
+        v.other_threads
+            .iter()
+            .find(|t| t.tid == 200)
+            .unwrap()
+            .affinity_settable
+    );
+
     // Same VMM without the I/O thread and no syscall hint: tid order.
     let dir = tempfile::tempdir().unwrap();
     p.threads.truncate(3);
