@@ -133,6 +133,28 @@ impl DiscoveredVm {
     }
 }
 
+/// A process skipped by a scan because its procfs files could not be parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SkippedEntry {
+    pub pid: u32,
+    /// The error, naming the file.
+    pub error: String,
+}
+
+/// The result of [`VmScanner::scan_with_outcome`].
+#[derive(Debug, Clone, Default)]
+pub struct ScanOutcome {
+    pub vms: Vec<DiscoveredVm>,
+    /// Process directories looked at.
+    pub processes: usize,
+    /// Processes that exited during the scan (normal).
+    pub exited: usize,
+    /// Processes whose fds could not be read (EACCES/EPERM: not root).
+    pub not_readable: usize,
+    /// Processes skipped for garbage or I/O errors (each logged with `warn!`).
+    pub skipped: Vec<SkippedEntry>,
+}
+
 /// Errors from discovery.
 #[derive(Debug, thiserror::Error)]
 pub enum DiscoveryError {
@@ -211,6 +233,12 @@ impl VmScanner {
     /// Every KVM VM process under the root. Processes that vanish or cannot
     /// be read are skipped and logged; only an unreadable root is an error.
     pub fn scan(&self) -> Result<Vec<DiscoveredVm>, DiscoveryError> {
+        self.scan_with_outcome().map(|o| o.vms)
+    }
+
+    /// [`Self::scan`], also reporting what was skipped (for metrics and
+    /// events).
+    pub fn scan_with_outcome(&self) -> Result<ScanOutcome, DiscoveryError> {
         let entries =
             std::fs::read_dir(&self.proc_root).map_err(|source| DiscoveryError::ProcRoot {
                 path: self.proc_root.clone(),
@@ -221,23 +249,30 @@ impl VmScanner {
             .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse().ok()))
             .collect();
         pids.sort_unstable();
-        let mut vms = Vec::new();
+        let mut out = ScanOutcome::default();
         for pid in pids {
+            out.processes += 1;
             match self.inspect(pid) {
-                Ok(vm) => vms.push(vm),
+                Ok(vm) => out.vms.push(vm),
                 Err(DiscoveryError::NotAVm { .. }) => {}
                 Err(e @ DiscoveryError::VmGone { .. }) => {
+                    out.exited += 1;
                     tracing::debug!(pid, error = %e, "process exited during scan");
                 }
                 Err(e @ DiscoveryError::Permission { .. }) => {
+                    out.not_readable += 1;
                     tracing::debug!(pid, error = %e, "process not readable");
                 }
                 Err(e) => {
                     tracing::warn!(pid, error = %e, "skipping unreadable procfs entry");
+                    out.skipped.push(SkippedEntry {
+                        pid,
+                        error: e.to_string(),
+                    });
                 }
             }
         }
-        Ok(vms)
+        Ok(out)
     }
 
     fn pid_dir(&self, pid: u32) -> PathBuf {

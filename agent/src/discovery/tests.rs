@@ -162,7 +162,16 @@ fn garbage_and_vanished_entries_are_skipped() {
     std::fs::create_dir_all(dir.path().join("700")).unwrap();
 
     let scanner = VmScanner::new(dir.path());
-    let vms = scanner.scan().unwrap();
+    let outcome = scanner.scan_with_outcome().unwrap();
+    assert_eq!(outcome.processes, 5);
+    assert_eq!(
+        outcome.exited, 2,
+        "500 lost its task dir, 700 has no fd dir"
+    );
+    assert_eq!(outcome.skipped.len(), 1);
+    assert_eq!(outcome.skipped[0].pid, 400);
+    assert!(outcome.skipped[0].error.contains("400/task/400/stat"));
+    let vms = outcome.vms;
     let pids: Vec<u32> = vms.iter().map(|v| v.pid).collect();
     assert_eq!(pids, vec![300, 600]);
     assert_eq!(vms[1].vcpus.len(), 1);
