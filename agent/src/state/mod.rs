@@ -4,8 +4,8 @@
 //! File format (one JSON document, default `/var/lib/sevplace/checkpoint.json`):
 //!
 //! ```json
-//! {"format":"sevplace-checkpoint","version":1,"crc32":"8c2a5f0e",
-//!  "payload":{"generation":3,"intents":[ ... ]}}
+//! {"format":"sevplace-checkpoint","version":1,"crc32":"fe5ab76d",
+//!  "payload":{"generation":7,"intents":[ ... ]}}
 //! ```
 //!
 //! `crc32` is CRC-32 (IEEE) of the exact bytes of `payload` as stored in the

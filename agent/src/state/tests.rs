@@ -298,3 +298,42 @@ fn selectors_match_discovered_vms() {
         assert!(!s.matches(&vm), "{s:?}");
     }
 }
+
+/// The documented example (docs/discovery.md) is what `encode` writes; a
+/// change here is a format change and needs a version bump.
+#[test]
+fn golden_document() {
+    let mut c = Checkpoint {
+        generation: 7,
+        intents: Vec::new(),
+    };
+    c.upsert(IntentRecord {
+        vm_id: VmId::new("vm-a").unwrap(),
+        selector: VmSelector::Process {
+            pid: 10,
+            start_time: Some(12345),
+        },
+        request: PlacementRequest {
+            vcpus: 2,
+            class: Some(ConfidentialClass::SevEs),
+            dedicated: true,
+            numa_node: None,
+        },
+        placement: Some(PlacementRecord {
+            vcpu_cpus: vec![CpuSet::range(0, 0), CpuSet::range(1, 1)],
+            emulator_cpus: Some(CpuSet::range(2, 3)),
+        }),
+    });
+    let doc = String::from_utf8(encode(&c).unwrap()).unwrap();
+    assert_eq!(
+        doc,
+        concat!(
+            r#"{"format":"sevplace-checkpoint","version":1,"crc32":"fe5ab76d","payload":"#,
+            r#"{"generation":7,"intents":[{"vm_id":"vm-a","#,
+            r#""selector":{"kind":"process","pid":10,"start_time":12345},"#,
+            r#""request":{"vcpus":2,"class":"sev-es","dedicated":true,"numa_node":null},"#,
+            r#""placement":{"vcpu_cpus":["0","1"],"emulator_cpus":"2-3"}}]}}"#,
+            "\n"
+        )
+    );
+}
