@@ -307,23 +307,9 @@ fn golden_document() {
         generation: 7,
         intents: Vec::new(),
     };
-    c.upsert(IntentRecord {
-        vm_id: VmId::new("vm-a").unwrap(),
-        selector: VmSelector::Process {
-            pid: 10,
-            start_time: Some(12345),
-        },
-        request: PlacementRequest {
-            vcpus: 2,
-            class: Some(ConfidentialClass::SevEs),
-            dedicated: true,
-            numa_node: None,
-        },
-        placement: Some(PlacementRecord {
-            vcpu_cpus: vec![CpuSet::range(0, 0), CpuSet::range(1, 1)],
-            emulator_cpus: Some(CpuSet::range(2, 3)),
-        }),
-    });
+    // vm-a, pid 10 started at 12345, 2 vCPUs SEV-ES dedicated, on 0 and 1,
+    // emulator on 2-3.
+    c.upsert(intent("vm-a", 10));
     let doc = String::from_utf8(encode(&c).unwrap()).unwrap();
     assert_eq!(
         doc,
