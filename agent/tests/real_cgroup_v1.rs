@@ -127,17 +127,37 @@ fn proc_self() -> &'static Path {
     Path::new("/proc")
 }
 
+/// Context switches of a thread (voluntary + nonvoluntary, from status).
+fn switches(pid: u32, tid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("ctxt_switches:"))
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .sum()
+}
+
 /// Samples the thread's last CPU `n` times and returns those outside `set`.
+/// A sample counts only after the thread has switched since this call (a
+/// sleeping thread keeps its old CPU in stat field 39 until it wakes); the
+/// workers wake every 2 ms, so at least one sample must count.
 fn stray_samples(pid: u32, tid: u32, set: &CpuSet, n: usize) -> Vec<u32> {
+    let base = switches(pid, tid);
     let mut stray = Vec::new();
+    let mut counted = 0;
     for _ in 0..n {
+        std::thread::sleep(Duration::from_millis(10));
+        if switches(pid, tid) <= base {
+            continue;
+        }
         if let Ok(Some(cpu)) = cgroup::read_thread_last_cpu(proc_self(), pid, tid) {
+            counted += 1;
             if !set.contains(cpu) {
                 stray.push(cpu);
             }
         }
-        std::thread::sleep(Duration::from_millis(10));
     }
+    assert!(counted > 0, "thread {tid} never ran while sampled");
     stray
 }
 
@@ -187,7 +207,6 @@ fn v1_cpuset_moves_threads_and_applies_cpus() {
         cgroup::read_thread_cpus_allowed(proc_self(), pid, workers.tids[0]).unwrap(),
         set_b
     );
-    std::thread::sleep(Duration::from_millis(20));
     assert!(stray_samples(pid, workers.tids[0], &set_b, 10).is_empty());
 
     // rmdir of a cgroup that holds tasks is EBUSY.

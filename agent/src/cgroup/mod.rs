@@ -24,11 +24,15 @@
 //! VMs with no cgroup of their own are pinned per thread with
 //! `sched_setaffinity` ([`set_thread_affinity`]).
 
+pub mod enforce;
+
 use std::path::{Component, Path, PathBuf};
 
 use crate::discovery::procfs::{self, ProcReadError};
 use crate::discovery::Hierarchy;
 use crate::{CpuSet, VmId};
+
+pub use enforce::{AffinityFn, PinMethod, PinReport, VcpuEnforcer};
 
 /// The cgroupfs mount point used when none is configured.
 pub const DEFAULT_CGROUP_ROOT: &str = "/sys/fs/cgroup";

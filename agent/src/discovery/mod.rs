@@ -6,14 +6,16 @@
 //! `anon_inode:kvm-vcpu:N`; fds belong to the process, not to a thread, so the
 //! vCPU index of each thread is found by these rules, in order:
 //!
-//! 1. **Thread name** — QEMU names vCPU threads `CPU N/KVM` (with
-//!    `debug-threads=on`, and always in the `comm` of recent QEMU).
-//! 2. **Blocked in `KVM_RUN`** — `/proc/<pid>/task/<tid>/syscall` reads
+//! 1. **Thread name** — QEMU names vCPU threads `CPU N/KVM` when started
+//!    with `-name ...,debug-threads=on` (libvirt always sets it); without it
+//!    every QEMU thread is named `qemu-system-x86` and rules 2 and 3 apply.
+//! 2. **Blocked in `KVM_RUN`** (only when rule 1 matched nothing) —
+//!    `/proc/<pid>/task/<tid>/syscall` reads
 //!    `16 0xFD 0xae80 ...` while a thread waits in `ioctl(FD, KVM_RUN)` (an
 //!    idle, halted vCPU); `FD` is a `kvm-vcpu:N` fd. A thread executing at
 //!    that instant reads `running` and is mapped on a later scan.
 //! 3. **Thread order** — when the threads left after rules 1 and 2 (not the
-//!    main thread, not a kernel worker) are exactly as many as the vCPU
+//!    main thread, not a kernel or io_uring worker) are exactly as many as the vCPU
 //!    indices left without a thread, they are matched in tid order (VMMs
 //!    create vCPU threads in index order). Marked [`VcpuMatch::ThreadOrder`]:
 //!    a guess the caller can refuse. With any extra thread (an I/O thread)
@@ -24,7 +26,9 @@
 //! Every other thread is an emulator or I/O thread ([`DiscoveredVm::other_threads`]).
 //! KVM's kernel workers (`kvm-nx-lpage-re`, flags `PF_USER_WORKER` or
 //! `PF_KTHREAD`) are listed in `task/` of the VM process on recent kernels
-//! and are excluded from both lists. Kernel threads themselves are
+//! and are excluded from both lists, before rule 2: the NX worker is forked
+//! from a vCPU thread and its `syscall` file shows that thread's
+//! `ioctl(vcpu fd, KVM_RUN)` (seen with QEMU 7.2 on Linux 6.18). Kernel threads themselves are
 //! processes with no fds, so the VM test never matches them.
 //!
 //! A process or thread that exits during a scan is skipped (logged at debug
@@ -34,6 +38,7 @@
 pub mod cgroup_path;
 pub mod cmdline;
 pub mod fake_procfs;
+pub mod pidfd;
 pub mod procfs;
 
 use std::collections::BTreeMap;
@@ -43,6 +48,7 @@ pub use cgroup_path::{
     parse_libvirt_path, parse_proc_cgroup, CgroupLocation, Hierarchy, LibvirtCgroup, LibvirtLayout,
 };
 pub use cmdline::{classify_cmdline, Classification};
+pub use pidfd::VmExitWatch;
 use procfs::ProcReadError;
 
 use crate::{ConfidentialClass, CpuSet};
@@ -85,6 +91,9 @@ pub struct ThreadInfo {
     pub comm: String,
     pub cpus_allowed: CpuSet,
     pub last_cpu: Option<u32>,
+    /// `false` for io_uring workers and tasks with `PF_NO_SETAFFINITY`:
+    /// their CPUs follow the cgroup, `sched_setaffinity` is refused.
+    pub affinity_settable: bool,
 }
 
 /// A KVM VM process found in procfs.
@@ -122,6 +131,28 @@ impl DiscoveredVm {
             .filter(|i| !self.vcpus.iter().any(|v| v.index == *i))
             .collect()
     }
+}
+
+/// A process skipped by a scan because its procfs files could not be parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SkippedEntry {
+    pub pid: u32,
+    /// The error, naming the file.
+    pub error: String,
+}
+
+/// The result of [`VmScanner::scan_with_outcome`].
+#[derive(Debug, Clone, Default)]
+pub struct ScanOutcome {
+    pub vms: Vec<DiscoveredVm>,
+    /// Process directories looked at.
+    pub processes: usize,
+    /// Processes that exited during the scan (normal).
+    pub exited: usize,
+    /// Processes whose fds could not be read (EACCES/EPERM: not root).
+    pub not_readable: usize,
+    /// Processes skipped for garbage or I/O errors (each logged with `warn!`).
+    pub skipped: Vec<SkippedEntry>,
 }
 
 /// Errors from discovery.
@@ -202,6 +233,12 @@ impl VmScanner {
     /// Every KVM VM process under the root. Processes that vanish or cannot
     /// be read are skipped and logged; only an unreadable root is an error.
     pub fn scan(&self) -> Result<Vec<DiscoveredVm>, DiscoveryError> {
+        self.scan_with_outcome().map(|o| o.vms)
+    }
+
+    /// [`Self::scan`], also reporting what was skipped (for metrics and
+    /// events).
+    pub fn scan_with_outcome(&self) -> Result<ScanOutcome, DiscoveryError> {
         let entries =
             std::fs::read_dir(&self.proc_root).map_err(|source| DiscoveryError::ProcRoot {
                 path: self.proc_root.clone(),
@@ -212,23 +249,30 @@ impl VmScanner {
             .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse().ok()))
             .collect();
         pids.sort_unstable();
-        let mut vms = Vec::new();
+        let mut out = ScanOutcome::default();
         for pid in pids {
+            out.processes += 1;
             match self.inspect(pid) {
-                Ok(vm) => vms.push(vm),
+                Ok(vm) => out.vms.push(vm),
                 Err(DiscoveryError::NotAVm { .. }) => {}
                 Err(e @ DiscoveryError::VmGone { .. }) => {
+                    out.exited += 1;
                     tracing::debug!(pid, error = %e, "process exited during scan");
                 }
                 Err(e @ DiscoveryError::Permission { .. }) => {
+                    out.not_readable += 1;
                     tracing::debug!(pid, error = %e, "process not readable");
                 }
                 Err(e) => {
                     tracing::warn!(pid, error = %e, "skipping unreadable procfs entry");
+                    out.skipped.push(SkippedEntry {
+                        pid,
+                        error: e.to_string(),
+                    });
                 }
             }
         }
-        Ok(vms)
+        Ok(out)
     }
 
     fn pid_dir(&self, pid: u32) -> PathBuf {
@@ -318,13 +362,20 @@ impl VmScanner {
             v.dedup();
             v
         };
+        // A VMM that names its vCPU threads (QEMU) has no unnamed vCPUs:
+        // rules 2 and 3 apply only when rule 1 matched nothing.
+        let named = !vcpus.is_empty();
         // Rule 2: threads blocked in KVM_RUN on a vCPU fd.
         let mut unmatched: Vec<ThreadRecord> = Vec::new();
         for t in rest {
-            let syscall = procfs::read_text(&procfs::task_file(root, pid, t.tid, "syscall"))
-                .ok()
-                .and_then(|s| procfs::parse_syscall_kvm_run_fd(&s))
-                .and_then(|fd| fds.vcpus.get(&fd).copied());
+            let syscall = if named {
+                None
+            } else {
+                procfs::read_text(&procfs::task_file(root, pid, t.tid, "syscall"))
+                    .ok()
+                    .and_then(|s| procfs::parse_syscall_kvm_run_fd(&s))
+                    .and_then(|fd| fds.vcpus.get(&fd).copied())
+            };
             match syscall {
                 Some(index) if t.tid != pid && !vcpus.iter().any(|v| v.index == index) => {
                     vcpus.push(t.into_vcpu(index, VcpuMatch::KvmRunSyscall));
@@ -337,7 +388,7 @@ impl VmScanner {
         let candidates: Vec<usize> = unmatched
             .iter()
             .enumerate()
-            .filter(|(_, t)| t.tid != pid)
+            .filter(|(_, t)| t.tid != pid && t.stat.affinity_settable())
             .map(|(i, _)| i)
             .collect();
         let open_indices: Vec<u32> = vcpu_fds
@@ -346,8 +397,6 @@ impl VmScanner {
             .filter(|i| !vcpus.iter().any(|v| v.index == *i))
             .collect();
         let mut other_threads = Vec::new();
-        // A VMM that names its vCPU threads (QEMU) never has unnamed vCPUs.
-        let named = vcpus.iter().any(|v| v.matched_by == VcpuMatch::ThreadName);
         if !named && !open_indices.is_empty() && candidates.len() == open_indices.len() {
             for (n, t) in unmatched.into_iter().enumerate() {
                 match candidates.iter().position(|&c| c == n) {
@@ -471,6 +520,7 @@ impl ThreadRecord {
     fn into_info(self) -> ThreadInfo {
         ThreadInfo {
             tid: self.tid,
+            affinity_settable: self.stat.affinity_settable(),
             comm: self.stat.comm,
             cpus_allowed: self.cpus_allowed,
             last_cpu: self.stat.last_cpu,

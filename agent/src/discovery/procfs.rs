@@ -13,6 +13,12 @@ pub const PF_KTHREAD: u64 = 0x0020_0000;
 /// `/proc/<pid>/task/` beside the process's own threads.
 pub const PF_USER_WORKER: u64 = 0x0000_4000;
 
+/// `PF_IO_WORKER`: an io_uring worker (`iou-wrk-*`) of a user process
+/// (QEMU with `aio=io_uring`); listed among the process's threads.
+pub const PF_IO_WORKER: u64 = 0x0000_0010;
+/// `PF_NO_SETAFFINITY`: `sched_setaffinity` on this task fails with EINVAL.
+pub const PF_NO_SETAFFINITY: u64 = 0x0400_0000;
+
 /// Names of KVM's kernel worker threads that can appear among a VM
 /// process's tasks; they are never vCPUs.
 pub const KVM_WORKER_PREFIXES: [&str; 2] = ["kvm-nx-lpage-re", "kvm-pit"];
@@ -35,6 +41,12 @@ pub struct TaskStat {
 }
 
 impl TaskStat {
+    /// Whether `sched_setaffinity` can change this task's CPUs (io_uring
+    /// workers and some kernel workers refuse it).
+    pub fn affinity_settable(&self) -> bool {
+        self.flags & (PF_NO_SETAFFINITY | PF_IO_WORKER) == 0
+    }
+
     /// A kernel thread, or a kernel worker attached to a user process.
     pub fn is_kernel_worker(&self) -> bool {
         self.flags & (PF_KTHREAD | PF_USER_WORKER) != 0

@@ -95,6 +95,27 @@ fn non_qemu_vmm_by_kvm_run_syscall_and_by_thread_order() {
     assert_eq!(v.unmatched_vcpus(), vec![0]);
     assert_eq!(v.other_threads.len(), 3);
 
+    // An io_uring worker is neither a vCPU candidate nor affinity-settable.
+    let dir = tempfile::tempdir().unwrap();
+    let mut q = p.clone();
+    q.threads.truncate(3);
+    q.threads[2].syscall = "running\n".into();
+    let mut iou = FakeThread::new(204, "iou-wrk-200");
+    iou.flags = 0x0040_0050;
+    q.threads.push(iou);
+    write_process(dir.path(), &q).unwrap();
+    let v = VmScanner::new(dir.path()).inspect(200).unwrap();
+    assert_eq!(v.vcpus.len(), 2, "{v:?}");
+    let w = v.other_threads.iter().find(|t| t.tid == 204).unwrap();
+    assert!(!w.affinity_settable);
+    assert!(
+        v.other_threads
+            .iter()
+            .find(|t| t.tid == 200)
+            .unwrap()
+            .affinity_settable
+    );
+
     // Same VMM without the I/O thread and no syscall hint: tid order.
     let dir = tempfile::tempdir().unwrap();
     p.threads.truncate(3);
@@ -141,7 +162,16 @@ fn garbage_and_vanished_entries_are_skipped() {
     std::fs::create_dir_all(dir.path().join("700")).unwrap();
 
     let scanner = VmScanner::new(dir.path());
-    let vms = scanner.scan().unwrap();
+    let outcome = scanner.scan_with_outcome().unwrap();
+    assert_eq!(outcome.processes, 5);
+    assert_eq!(
+        outcome.exited, 2,
+        "500 lost its task dir, 700 has no fd dir"
+    );
+    assert_eq!(outcome.skipped.len(), 1);
+    assert_eq!(outcome.skipped[0].pid, 400);
+    assert!(outcome.skipped[0].error.contains("400/task/400/stat"));
+    let vms = outcome.vms;
     let pids: Vec<u32> = vms.iter().map(|v| v.pid).collect();
     assert_eq!(pids, vec![300, 600]);
     assert_eq!(vms[1].vcpus.len(), 1);
@@ -205,4 +235,101 @@ fn qemu_names() {
     assert_eq!(qemu_vcpu_index("CPU x/KVM"), None);
     assert_eq!(qemu_vcpu_index("CPU 1/TCG"), None);
     assert_eq!(qemu_vcpu_index("qemu-system-x86"), None);
+}
+
+mod properties {
+    use super::super::cgroup_path::{parse_libvirt_path, parse_proc_cgroup, systemd_unescape};
+    use super::super::procfs::{parse_stat, parse_status_cpus_allowed, parse_syscall_kvm_run_fd};
+    use super::super::{classify_cmdline, fake_procfs::stat_line, Hierarchy};
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Any comm (spaces, parentheses, slashes) round-trips through stat.
+        #[test]
+        fn stat_comm_round_trips(comm in "[ -~]{0,15}", start in 0u64..u64::MAX / 2, cpu in 0u32..4096) {
+            let line = stat_line(42, &comm, 0x400040, start, cpu);
+            let st = parse_stat(&line).unwrap();
+            prop_assert_eq!(st.comm, comm);
+            prop_assert_eq!(st.start_time, start);
+            prop_assert_eq!(st.last_cpu, Some(cpu));
+        }
+
+        /// The parsers never panic on arbitrary text.
+        #[test]
+        fn parsers_do_not_panic(text in "\\PC{0,200}") {
+            let _ = parse_stat(&text);
+            let _ = parse_status_cpus_allowed(&text);
+            let _ = parse_syscall_kvm_run_fd(&text);
+            let _ = parse_proc_cgroup(&text);
+            let _ = parse_libvirt_path(&text, Hierarchy::Unified);
+            let _ = systemd_unescape(&text);
+        }
+
+        /// classify_cmdline never panics and always finds a sev-guest object.
+        #[test]
+        fn classify_never_panics(args in proptest::collection::vec("\\PC{0,40}", 0..8), policy in 0u64..0x100) {
+            let _ = classify_cmdline(&args);
+            let mut with_sev = args.clone();
+            with_sev.insert(0, "qemu-system-x86_64".into());
+            with_sev.push("-object".into());
+            with_sev.push(format!("sev-guest,id=zz,policy={policy:#x}"));
+            let c = classify_cmdline(&with_sev);
+            // Random args may carry a -machine naming another object or an
+            // earlier SEV object; without either, this object decides.
+            if !args
+                .iter()
+                .any(|a| a.contains("machine") || a.contains("-M") || a.contains("sev"))
+            {
+                let want = if policy & 0x4 != 0 {
+                    crate::ConfidentialClass::SevEs
+                } else {
+                    crate::ConfidentialClass::Sev
+                };
+                prop_assert_eq!(c.class, Some(want));
+            }
+        }
+    }
+}
+
+/// A writer that appends log output to a shared buffer.
+#[derive(Clone, Default)]
+struct LogBuffer(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogBuffer {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn skipped_entries_are_logged_with_their_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = FakeProcess::qemu_vm(400, 1, &["qemu-system-x86_64"]);
+    write_process(dir.path(), &bad).unwrap();
+    std::fs::write(dir.path().join("400/task/400/stat"), "garbage").unwrap();
+    let mut partial = FakeProcess::qemu_vm(600, 2, &["qemu-system-x86_64"]);
+    partial.threads[3].cpus_allowed = "zz".into();
+    write_process(dir.path(), &partial).unwrap();
+
+    let buf = LogBuffer::default();
+    let sink = buf.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || sink.clone())
+        .with_ansi(false)
+        .with_max_level(tracing::Level::WARN)
+        .finish();
+    let vms = tracing::subscriber::with_default(subscriber, || {
+        VmScanner::new(dir.path()).scan().unwrap()
+    });
+    assert_eq!(vms.len(), 1);
+    let log = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+    let stat = dir.path().join("400/task/400/stat");
+    let status = dir.path().join("600/task/603/status");
+    assert!(log.contains(&stat.display().to_string()), "{log}");
+    assert!(log.contains(&status.display().to_string()), "{log}");
+    assert!(log.contains("WARN"), "{log}");
 }

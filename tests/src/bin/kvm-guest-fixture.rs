@@ -11,10 +11,12 @@
 //!
 //! Usage: `kvm-guest-fixture [--vcpus N] [--seconds S] [--exit-sleep-us U]
 //! [--thread-prefix P] [anything else]`. `--thread-prefix P` names vCPU
-//! threads `P0`, `P1`, ... instead of QEMU's `CPU N/KVM`. Unknown arguments are ignored so a test can put
-//! QEMU-style flags (`-name guest=foo -object sev-guest,...`) on the command
-//! line. Once every vCPU has completed one guest round trip the fixture prints
-//! `ready pid=<pid>` on stdout. It runs until killed or for `S` seconds.
+//! threads `P0`, `P1`, ... instead of QEMU's `CPU N/KVM`. `--help` prints
+//! the usage and exits. Other unknown arguments are ignored so a test can
+//! put QEMU-style flags (`-name guest=foo -object sev-guest,...`) on the
+//! command line. Once every vCPU has completed one guest round trip the
+//! fixture prints `ready pid=<pid>` on stdout. It runs until killed or for
+//! `S` seconds.
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -52,7 +54,14 @@ struct Args {
     exit_sleep: Duration,
 }
 
-fn parse_args() -> Result<Args, String> {
+const USAGE: &str = "usage: kvm-guest-fixture [--vcpus N] [--seconds S] [--exit-sleep-us U] \
+[--thread-prefix P] [QEMU-style flags, ignored]
+Runs a real KVM VM with N vCPU threads named 'CPU N/KVM' (or 'P0', 'P1', ...),
+prints 'ready pid=<pid>' once every vCPU entered the guest, and runs until
+killed or for S seconds.";
+
+/// Parsed command line, or `None` when usage was requested.
+fn parse_args() -> Result<Option<Args>, String> {
     let mut args = Args {
         vcpus: 2,
         thread_prefix: None,
@@ -62,6 +71,7 @@ fn parse_args() -> Result<Args, String> {
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
+            "--help" | "-h" => return Ok(None),
             "--vcpus" => {
                 let v = it.next().ok_or("--vcpus needs a value")?;
                 args.vcpus = v
@@ -92,7 +102,7 @@ fn parse_args() -> Result<Args, String> {
             _ => {}
         }
     }
-    Ok(args)
+    Ok(Some(args))
 }
 
 /// Points the vCPU at the guest code in 16-bit real mode.
@@ -155,7 +165,10 @@ fn run_vcpu(
 }
 
 fn run() -> Result<(), String> {
-    let args = parse_args()?;
+    let Some(args) = parse_args()? else {
+        println!("{USAGE}");
+        return Ok(());
+    };
     let kvm = Kvm::new().map_err(|e| format!("open /dev/kvm: {e}"))?;
     let vm = kvm.create_vm().map_err(|e| format!("KVM_CREATE_VM: {e}"))?;
 
