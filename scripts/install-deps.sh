@@ -9,6 +9,7 @@ APT_PACKAGES=(
   util-linux   # taskset
   prometheus   # promtool: checks /metrics output and alert rules
   systemd      # systemd-analyze: verifies the unit file
+  qemu-system-x86  # real QEMU VMs for the discovery/pinning tests and the kernel rig
 )
 if [ -n "${SEVPLACE_EXTRA_APT:-}" ]; then
   # shellcheck disable=SC2206

@@ -1,6 +1,7 @@
 //! `sevplaced`: builds every part from the settings and runs until SIGTERM
 //! or SIGINT.
 
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -11,6 +12,7 @@ use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 use crate::api::{AgentContext, SevplaceApi};
 use crate::cgroup::CpusetWriter;
 use crate::config::Settings;
+use crate::discovery::pidfd::VmExitWatch;
 use crate::discovery::VmScanner;
 use crate::kmod::ModuleReader;
 use crate::metrics::Metrics;
@@ -126,19 +128,67 @@ async fn watchdog_feeder(
     }
 }
 
-async fn reconcile_loop(ctx: Arc<AgentContext>, period: Duration, mut stop: watch::Receiver<bool>) {
+/// The reconcile loop: one pass per period, and one right away when a
+/// watched VM process exits (pidfd readiness).
+async fn reconcile_loop(
+    ctx: Arc<AgentContext>,
+    period: Duration,
+    exit_watches: bool,
+    mut stop: watch::Receiver<bool>,
+) {
+    let wake = Arc::new(tokio::sync::Notify::new());
+    let mut watched: HashSet<(u32, u64)> = HashSet::new();
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
     loop {
+        if exit_watches {
+            watch_exits(&ctx, &wake, &mut watched);
+        }
         let stopping = tokio::select! {
             _ = stop.wait_for(|s| *s) => true,
             _ = tick.tick() => false,
+            _ = wake.notified() => false,
         };
         if stopping {
             return;
         }
         reconcile_once(&ctx).await;
+    }
+}
+
+/// Opens a pidfd for every managed VM process not watched yet; its exit
+/// wakes the loop.
+fn watch_exits(
+    ctx: &Arc<AgentContext>,
+    wake: &Arc<tokio::sync::Notify>,
+    watched: &mut HashSet<(u32, u64)>,
+) {
+    let (procs, scanner) = {
+        let core = ctx.lock();
+        (core.managed_processes(), core.scanner())
+    };
+    let live: HashSet<(u32, u64)> = procs.iter().copied().collect();
+    watched.retain(|p| live.contains(p));
+    for (pid, start) in procs {
+        if watched.contains(&(pid, start)) {
+            continue;
+        }
+        match VmExitWatch::open(&scanner, pid, start) {
+            Ok(w) => {
+                watched.insert((pid, start));
+                let wake = wake.clone();
+                tokio::spawn(async move {
+                    if w.exited().await.is_ok() {
+                        tracing::debug!(pid, "VM process exited");
+                    }
+                    wake.notify_one();
+                });
+            }
+            // Already gone: the next pass releases it.
+            Err(e) if e.is_gone() => wake.notify_one(),
+            Err(e) => tracing::debug!(pid, error = %e, "no exit watch"),
+        }
     }
 }
 
@@ -200,6 +250,8 @@ pub async fn run(settings: Settings, options: RunOptions) -> Result<(), DaemonEr
         metrics.clone(),
         events.clone(),
     )?;
+    let mut core = core;
+    core.set_auto_place(settings.auto_place_confidential);
     let ctx = Arc::new(AgentContext {
         core: Arc::new(Mutex::new(core)),
         events,
@@ -243,7 +295,14 @@ pub async fn run(settings: Settings, options: RunOptions) -> Result<(), DaemonEr
 
     let mut tasks = tokio::task::JoinSet::new();
     let period = Duration::from_millis(settings.reconcile_period_ms);
-    tasks.spawn(reconcile_loop(ctx.clone(), period, stop_rx.clone()));
+    // pidfds name real processes: only with the real /proc.
+    let exit_watches = settings.host_root == std::path::Path::new("/");
+    tasks.spawn(reconcile_loop(
+        ctx.clone(),
+        period,
+        exit_watches,
+        stop_rx.clone(),
+    ));
     let notifier = Notifier::from_env();
     if let Some(wd) = notifier.watchdog() {
         tasks.spawn(watchdog_feeder(

@@ -289,3 +289,66 @@ fn promtool_check_metrics(body: &str) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn simulate_json_holds_the_invariants() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    for (trace, topo) in [
+        ("agent/traces/mixed-host.json", "genoa-2x96-nps1"),
+        (
+            "agent/traces/confidential-heavy.yaml",
+            "agent/tests/fixtures/milan-64c",
+        ),
+    ] {
+        let topo_arg = if topo.contains('/') {
+            root.join(topo).display().to_string()
+        } else {
+            topo.to_string()
+        };
+        let out = std::process::Command::new(sevplace_tests::bin("sevplacectl"))
+            .args(["--json", "simulate", "--trace"])
+            .arg(root.join(trace))
+            .args(["--topology", &topo_arg])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let combos = v["combinations"].as_array().expect("combinations");
+        assert_eq!(combos.len(), 9, "3 placements x 3 flush policies");
+        for c in combos {
+            if c["flush"] == "sevplace" {
+                // Never below the limit; never outside a dedicated VM's CPUs.
+                assert_eq!(c["checks"]["reclaimsBelowLimit"], 0, "{c}");
+                assert_eq!(c["checks"]["reclaimsOutsideExclusiveCpus"], 0, "{c}");
+                assert!(
+                    c["flushedCpus"]["mean"].as_f64().unwrap()
+                        >= c["limitCpus"]["mean"].as_f64().unwrap() - 1e-9
+                );
+            }
+        }
+        let fit = |p: &str| {
+            combos
+                .iter()
+                .find(|c| c["placement"] == p && c["flush"] == "sevplace")
+                .map(|c| c["vmsBeforeFirstRejection"].as_u64().unwrap())
+                .unwrap()
+        };
+        assert!(fit("sevplace") >= fit("kubelet-static"), "{trace}");
+    }
+    // A malformed trace names the place.
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.json");
+    std::fs::write(&bad, "{\"events\": [\n  {\"at\": \"soon\"}\n]}").unwrap();
+    let out = std::process::Command::new(sevplace_tests::bin("sevplacectl"))
+        .args(["simulate", "--topology", "milan-64c", "--trace"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("line") || err.contains("events"), "{err}");
+}

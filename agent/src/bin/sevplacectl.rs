@@ -20,6 +20,10 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(ctl::run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e @ ctl::CtlError::Usage(_)) => {
+            eprintln!("sevplacectl: {e}");
+            ExitCode::from(2)
+        }
         Err(e) => {
             eprintln!("sevplacectl: {e}");
             ExitCode::FAILURE

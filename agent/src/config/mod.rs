@@ -55,6 +55,7 @@ pub struct Settings {
     pub state_dir: PathBuf,
     pub reserved_cpus: CpuSet,
     pub reconcile_period_ms: u64,
+    pub auto_place_confidential: bool,
     pub log_format: LogFormat,
     pub log_level: String,
 }
@@ -290,6 +291,9 @@ fn validate(cfg: &config::Config) -> Result<Settings, ConfigError> {
         state_dir,
         reserved_cpus,
         reconcile_period_ms: period as u64,
+        auto_place_confidential: cfg
+            .get_bool("reconcile.auto_place_confidential")
+            .map_err(|e| bad("reconcile.auto_place_confidential", e))?,
         log_format,
         log_level,
     })

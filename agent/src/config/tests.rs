@@ -101,6 +101,10 @@ fn bad_values_are_named() {
             "placement.reserved_cpus",
         ),
         ("[log]\nformat = \"xml\"\n", "log.format"),
+        (
+            "[reconcile]\nauto_place_confidential = \"maybe\"\n",
+            "reconcile.auto_place_confidential",
+        ),
         ("[host]\nroot = \"relative\"\n", "host.root"),
         ("[server]\nlisten_tcp = \"1.2.3.4\"\n", "server.listen_tcp"),
     ];

@@ -78,6 +78,15 @@ pub enum Command {
         #[arg(long)]
         topology: String,
     },
+    /// Live view of the host: VMs, pinned CPUs, dirty CPUs, flush rates.
+    Top {
+        /// Seconds between refreshes.
+        #[arg(long, default_value_t = 1.0)]
+        interval: f64,
+        /// Stop after this many refreshes (0: until interrupted).
+        #[arg(long, default_value_t = 0)]
+        iterations: u64,
+    },
     /// Stream events.
     Watch {
         /// Only events of this VM.
@@ -95,6 +104,8 @@ pub enum CtlError {
     Rpc(#[from] tonic::Status),
     #[error("{0}")]
     Simulate(#[from] crate::simulate::SimError),
+    #[error("{0}")]
+    Usage(String),
     #[error("cannot encode JSON: {0}")]
     Json(#[from] serde_json::Error),
 }
@@ -106,6 +117,38 @@ fn code_name(c: tonic::Code) -> String {
 fn print_json<T: serde::Serialize>(v: &T) -> Result<(), CtlError> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
+}
+
+/// Every VM, following ListVms pages.
+async fn list_all(
+    c: &mut sevplace_proto::v1::sevplace_service_client::SevplaceServiceClient<
+        tonic::transport::Channel,
+    >,
+    classes: Vec<ConfidentialClass>,
+) -> Result<Vec<pb::Vm>, CtlError> {
+    let mut all = Vec::new();
+    let mut token = String::new();
+    loop {
+        let r = c
+            .list_vms(pb::ListVmsRequest {
+                page_size: 500,
+                page_token: token.clone(),
+                filter: Some(pb::ListVmsFilter {
+                    confidential_classes: classes
+                        .iter()
+                        .map(|&k| convert::class_to_pb(k) as i32)
+                        .collect(),
+                    states: Vec::new(),
+                }),
+            })
+            .await?
+            .into_inner();
+        all.extend(r.vms);
+        if r.next_page_token.is_empty() {
+            return Ok(all);
+        }
+        token = r.next_page_token;
+    }
 }
 
 /// Runs one command against the daemon.
@@ -132,29 +175,7 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
             }
         }
         Command::Vms { classes } => {
-            let mut all = Vec::new();
-            let mut token = String::new();
-            loop {
-                let r = c
-                    .list_vms(pb::ListVmsRequest {
-                        page_size: 500,
-                        page_token: token.clone(),
-                        filter: Some(pb::ListVmsFilter {
-                            confidential_classes: classes
-                                .iter()
-                                .map(|&k| convert::class_to_pb(k) as i32)
-                                .collect(),
-                            states: Vec::new(),
-                        }),
-                    })
-                    .await?
-                    .into_inner();
-                all.extend(r.vms);
-                if r.next_page_token.is_empty() {
-                    break;
-                }
-                token = r.next_page_token;
-            }
+            let all = list_all(&mut c, classes).await?;
             if cli.json {
                 print_json(&pb::ListVmsResponse {
                     total_size: all.len() as u32,
@@ -240,6 +261,47 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
             }
         }
         Command::Simulate { .. } => {}
+        Command::Top {
+            interval,
+            iterations,
+        } => {
+            if !(0.05..=3600.0).contains(&interval) {
+                return Err(CtlError::Usage(
+                    "--interval must be between 0.05 and 3600 seconds".into(),
+                ));
+            }
+            let mut prev: Option<(std::time::Instant, Vec<pb::Vm>)> = None;
+            let mut n = 0u64;
+            loop {
+                let host = c
+                    .get_host(pb::GetHostRequest {})
+                    .await?
+                    .into_inner()
+                    .host
+                    .unwrap_or_default();
+                let vms = list_all(&mut c, Vec::new()).await?;
+                let now = std::time::Instant::now();
+                let rows = render::top_rows(
+                    &vms,
+                    prev.as_ref()
+                        .map(|(t, v)| (now.duration_since(*t), v.as_slice())),
+                );
+                if cli.json {
+                    println!("{}", serde_json::to_string(&rows)?);
+                } else {
+                    // Clear the screen and home the cursor, then redraw.
+                    print!("\x1b[H\x1b[2J{}", render::top(&host, &rows));
+                }
+                use std::io::Write;
+                let _ = std::io::stdout().flush();
+                prev = Some((now, vms));
+                n += 1;
+                if iterations != 0 && n >= iterations {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_secs_f64(interval)).await;
+            }
+        }
         Command::Watch { vm } => {
             let mut stream = c
                 .watch_events(pb::WatchEventsRequest {

@@ -252,3 +252,120 @@ pub fn event(e: &pb::Event) -> String {
     };
     format!("{:>6} {} {}", e.sequence, e.vm_id, what)
 }
+
+/// One row of `sevplacectl top`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TopRow {
+    pub vm_id: String,
+    pub pid: u32,
+    pub class: String,
+    pub state: String,
+    pub vcpus: u32,
+    pub pinned: String,
+    pub dirty: String,
+    pub dirty_count: u32,
+    pub blast_l3: u32,
+    /// Targeted flushes per second since the previous refresh.
+    pub flushes_per_second: Option<f64>,
+}
+
+/// Rows for `top`; `prev` is the previous snapshot and the time since it.
+pub fn top_rows(vms: &[pb::Vm], prev: Option<(std::time::Duration, &[pb::Vm])>) -> Vec<TopRow> {
+    vms.iter()
+        .map(|vm| {
+            let flush = vm.flush.clone().unwrap_or_default();
+            let rate = prev.and_then(|(dt, old)| {
+                let before = old
+                    .iter()
+                    .find(|o| o.vm_id == vm.vm_id && o.pid == vm.pid)?;
+                let was = before.flush.as_ref()?.flushes;
+                let secs = dt.as_secs_f64();
+                (secs > 0.0 && flush.tracked)
+                    .then(|| flush.flushes.saturating_sub(was) as f64 / secs)
+            });
+            TopRow {
+                vm_id: vm.vm_id.clone(),
+                pid: vm.pid,
+                class: class(vm.confidential_class),
+                state: enum_name(pb::VmState::try_from(vm.state)),
+                vcpus: vm.vcpus,
+                pinned: vm
+                    .placement
+                    .as_ref()
+                    .map_or("-".into(), |p| cpulist(&p.cpus)),
+                dirty: if flush.tracked {
+                    cpulist(&flush.dirty_cpus)
+                } else {
+                    "-".into()
+                },
+                dirty_count: flush.dirty_cpus.len() as u32,
+                blast_l3: flush.blast_radius_l3_domains,
+                flushes_per_second: rate,
+            }
+        })
+        .collect()
+}
+
+/// The `top` screen.
+pub fn top(h: &pb::Host, rows: &[TopRow]) -> String {
+    let mut o = String::new();
+    let m = h.module.clone().unwrap_or_default();
+    let _ = writeln!(
+        o,
+        "sevplace top  host {}  vms {}  pool L3 {}  sevflush {} {}",
+        h.hostname,
+        h.vm_count,
+        cpulist(&h.confidential_pool_l3_domains),
+        enum_name(pb::ModuleState::try_from(m.state)),
+        m.mode
+    );
+    let _ = writeln!(
+        o,
+        "{:<24} {:>8} {:<8} {:<10} {:>5} {:<16} {:<16} {:>5} {:>9}",
+        "VM", "PID", "CLASS", "STATE", "VCPUS", "PINNED", "DIRTY", "L3HIT", "FLUSH/S"
+    );
+    for r in rows {
+        let rate = r
+            .flushes_per_second
+            .map_or("-".into(), |v| format!("{v:.1}"));
+        let _ = writeln!(
+            o,
+            "{:<24} {:>8} {:<8} {:<10} {:>5} {:<16} {:<16} {:>5} {:>9}",
+            r.vm_id, r.pid, r.class, r.state, r.vcpus, r.pinned, r.dirty, r.blast_l3, rate
+        );
+    }
+    o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn top_rate_from_two_snapshots() {
+        let vm = |flushes| pb::Vm {
+            vm_id: "a".into(),
+            pid: 7,
+            vcpus: 2,
+            flush: Some(pb::FlushStatus {
+                tracked: true,
+                dirty_cpus: vec![1, 2],
+                flushes,
+                blast_radius_l3_domains: 1,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let old = [vm(10)];
+        let rows = top_rows(&[vm(30)], Some((std::time::Duration::from_secs(2), &old)));
+        assert_eq!(rows[0].flushes_per_second, Some(10.0));
+        assert_eq!(rows[0].dirty, "1-2");
+        assert_eq!(top_rows(&[vm(30)], None)[0].flushes_per_second, None);
+        let screen = top(&pb::Host::default(), &rows);
+        assert!(
+            screen.contains("FLUSH/S") && screen.contains("10.0"),
+            "{screen}"
+        );
+    }
+}

@@ -139,6 +139,11 @@ pub struct AgentCore {
     placements: PlacementState,
     runtime: BTreeMap<VmId, Runtime>,
     unmanaged: BTreeMap<u32, DiscoveredVm>,
+    /// Place discovered confidential VMs without an orchestrator call.
+    auto_place: bool,
+    /// `(pid, start_time)` of VMs auto placement could not place; tried
+    /// once, so a full host does not log every pass.
+    auto_failed: BTreeSet<(u32, u64)>,
     pub events: Arc<EventBus>,
     metrics: Arc<Metrics>,
 }
@@ -208,11 +213,65 @@ impl AgentCore {
             placements,
             runtime,
             unmanaged: BTreeMap::new(),
+            auto_place: false,
+            auto_failed: BTreeSet::new(),
             events,
             metrics,
         };
         core.update_pool_metric();
         Ok(core)
+    }
+
+    /// Turns auto placement of discovered confidential VMs on or off.
+    pub fn set_auto_place(&mut self, on: bool) {
+        self.auto_place = on;
+    }
+
+    /// `(pid, start_time)` of every running VM process the agent manages,
+    /// for exit watches.
+    pub fn managed_processes(&self) -> Vec<(u32, u64)> {
+        self.runtime
+            .values()
+            .filter_map(|r| r.observed.as_ref())
+            .map(|v| (v.pid, v.start_time))
+            .collect()
+    }
+
+    /// Places the unmanaged confidential VMs (auto mode).
+    fn auto_place_unmanaged(&mut self, report: &mut PassReport) {
+        let candidates: Vec<DiscoveredVm> = self
+            .unmanaged
+            .values()
+            .filter(|v| v.class.is_some_and(|c| c.is_confidential()))
+            .filter(|v| !self.auto_failed.contains(&(v.pid, v.start_time)))
+            .cloned()
+            .collect();
+        for vm in candidates {
+            let vcpus = vm.vcpu_fds.len().max(vm.vcpus.len()) as u32;
+            let Ok(vm_id) = VmId::new(format!("pid-{}", vm.pid)) else {
+                continue;
+            };
+            let call = PlaceCall {
+                vm_id: vm_id.clone(),
+                selector: Some(VmSelector::Process {
+                    pid: vm.pid,
+                    start_time: Some(vm.start_time),
+                }),
+                vcpus,
+                class: None,
+                shared: false,
+                numa_node: None,
+                validate_only: false,
+            };
+            match self.place(call) {
+                Ok(_) => tracing::info!(vm = %vm_id, vcpus, "auto-placed confidential VM"),
+                Err(e) => {
+                    tracing::warn!(vm = %vm_id, error = %e, "auto placement failed; the VM stays unmanaged");
+                    report.errors.push(format!("{vm_id}: {e}"));
+                    self.auto_failed.insert((vm.pid, vm.start_time));
+                }
+            }
+        }
     }
 
     pub fn topology(&self) -> &Topology {
@@ -587,6 +646,11 @@ impl AgentCore {
                 .publish(&format!("pid-{pid}"), EventKind::Exited { pid });
         }
         self.unmanaged = by_pid;
+        self.auto_failed
+            .retain(|(pid, _)| self.unmanaged.contains_key(pid));
+        if self.auto_place {
+            self.auto_place_unmanaged(&mut report);
+        }
         self.sync_module();
         self.metrics.observe_reconcile(start.elapsed());
         report
