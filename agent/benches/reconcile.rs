@@ -72,7 +72,11 @@ fn run(vms_n: u32, vcpus: u32) {
     }
     for i in 0..vms_n {
         let pid = 10_000 + i * 100;
-        let class = if i % 5 == 0 { "sev-guest,id=s,policy=0x1" } else { "memory-backend-ram,id=m" };
+        let class = if i % 5 == 0 {
+            "sev-guest,id=s,policy=0x1"
+        } else {
+            "memory-backend-ram,id=m"
+        };
         let p = FakeProcess::qemu_vm(pid, vcpus, &["qemu-system-x86_64", "-object", class]);
         write_process(&proc_root, &p).unwrap();
         let rec = module.join(format!("vms/{}", i + 1));
@@ -114,9 +118,16 @@ fn run(vms_n: u32, vcpus: u32) {
         let pid = 10_000 + i * 100;
         let call = PlaceCall {
             vm_id: VmId::new(format!("vm-{i}")).unwrap(),
-            selector: Some(VmSelector::Process { pid, start_time: None }),
-            vcpus: vcpus,
-            class: Some(if i % 5 == 0 { ConfidentialClass::Sev } else { ConfidentialClass::None }),
+            selector: Some(VmSelector::Process {
+                pid,
+                start_time: None,
+            }),
+            vcpus,
+            class: Some(if i % 5 == 0 {
+                ConfidentialClass::Sev
+            } else {
+                ConfidentialClass::None
+            }),
             shared: true,
             numa_node: None,
             validate_only: false,
@@ -152,10 +163,20 @@ fn run(vms_n: u32, vcpus: u32) {
     let pass_ms = median(passes).as_secs_f64() * 1e3;
     let whole_ms = median(whole).as_secs_f64() * 1e3;
     println!("reconcile bench: {vms_n} VMs x {vcpus} vCPUs, {placed} placed (shared, 32 vCPUs/CPU) on 384 CPUs");
-    println!("place all {vms_n}:             {:.1} ms ({:.0} µs each, checkpoint write included)", place_all.as_secs_f64() * 1e3, place_all.as_secs_f64() * 1e6 / f64::from(vms_n));
+    println!(
+        "place all {vms_n}:             {:.1} ms ({:.0} µs each, checkpoint write included)",
+        place_all.as_secs_f64() * 1e3,
+        place_all.as_secs_f64() * 1e6 / f64::from(vms_n)
+    );
     println!("scan only (baseline):        {scan_ms:.1} ms");
     println!("compare+act+module+metrics:  {pass_ms:.1} ms");
-    println!("whole pass:                  {whole_ms:.1} ms ({:.2}x the scan)", whole_ms / scan_ms);
-    println!("/metrics encode ({size} bytes): {:.2} ms", median(enc).as_secs_f64() * 1e3);
+    println!(
+        "whole pass:                  {whole_ms:.1} ms ({:.2}x the scan)",
+        whole_ms / scan_ms
+    );
+    println!(
+        "/metrics encode ({size} bytes): {:.2} ms",
+        median(enc).as_secs_f64() * 1e3
+    );
     println!("resident memory:             {} KiB", rss_kib());
 }
