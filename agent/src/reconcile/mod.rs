@@ -513,6 +513,15 @@ impl AgentCore {
                 }
             }
         }
+        // The observation now reflects what was written.
+        let mut vm = vm;
+        for fix in fixes.iter().take(applied) {
+            if let Some(t) = vm.vcpus.iter_mut().find(|t| t.tid == fix.tid) {
+                t.cpus_allowed = fix.desired.clone();
+            } else if let Some(t) = vm.other_threads.iter_mut().find(|t| t.tid == fix.tid) {
+                t.cpus_allowed = fix.desired.clone();
+            }
+        }
         let rt = self.runtime.entry(vm_id.clone()).or_default();
         rt.pinned_tids = vm.vcpus.iter().map(|t| t.tid).collect();
         rt.drifted = result.is_err();
