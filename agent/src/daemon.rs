@@ -9,6 +9,7 @@ use sevplace_proto::v1::sevplace_service_server::SevplaceServiceServer;
 use tokio::sync::watch;
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 
+use crate::access::AccessPolicy;
 use crate::api::{AgentContext, SevplaceApi};
 use crate::cgroup::CpusetWriter;
 use crate::config::Settings;
@@ -40,6 +41,8 @@ pub enum DaemonError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("{0}; to start anyway, run sevplaced --reset-state")]
     Core(#[from] AgentError),
+    #[error("{0}")]
+    Access(#[from] crate::access::UnknownGroup),
     #[error("signal handler: {0}")]
     Signal(std::io::Error),
 }
@@ -252,7 +255,12 @@ pub async fn run(settings: Settings, options: RunOptions) -> Result<(), DaemonEr
     )?;
     let mut core = core;
     core.set_auto_place(settings.auto_place_confidential);
+    let access = AccessPolicy::resolve(
+        settings.read_group.as_deref(),
+        settings.admin_group.as_deref(),
+    )?;
     let ctx = Arc::new(AgentContext {
+        access,
         core: Arc::new(Mutex::new(core)),
         events,
         metrics: metrics.clone(),

@@ -1,6 +1,7 @@
 //! sevplace agent library: topology, placement, enforcement and the API of
 //! `sevplaced`, and the client side used by `sevplacectl`.
 
+pub mod access;
 pub mod api;
 pub mod cgroup;
 pub mod client;

@@ -352,3 +352,72 @@ fn simulate_json_holds_the_invariants() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("line") || err.contains("events"), "{err}");
 }
+
+#[test]
+fn peer_credentials_gate_mutating_calls() {
+    let nobody_ok = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "true"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !nobody_ok || !nix::unistd::Uid::effective().is_root() {
+        eprintln!("SKIP peer_credentials_gate_mutating_calls: needs root and setpriv");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // Everyone may connect; nobody (uid 65534) is in no admin group.
+    std::fs::write(
+        dir.path().join("sevplaced.toml"),
+        "[server]\nsocket_mode = \"0666\"\n",
+    )
+    .unwrap();
+    let root =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../agent/tests/fixtures/milan-64c");
+    let d = Daemon::start_in(dir, &["--host-root", root.to_str().unwrap()], &[]);
+    // The temp dir is 0700: let nobody reach the socket.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(d.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(
+        d.socket.parent().unwrap(),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    let ctl = sevplace_tests::bin("sevplacectl");
+    let as_nobody = |args: &[&str]| {
+        std::process::Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(&ctl)
+            .arg("--socket")
+            .arg(&d.socket)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = as_nobody(&["host"]);
+    if out.status.code() == Some(126)
+        || String::from_utf8_lossy(&out.stderr).contains("Permission denied (os error 13)")
+    {
+        eprintln!("SKIP peer_credentials_gate_mutating_calls: uid 65534 cannot run the test binaries here");
+        return;
+    }
+    assert!(
+        out.status.success(),
+        "read call denied: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = as_nobody(&["place", "x", "--vcpus", "1", "--confidential", "sev"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("PermissionDenied") && err.contains("uid 65534"),
+        "{err}"
+    );
+    let out = as_nobody(&["release", "x"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("PermissionDenied"));
+    // Root still may.
+    assert!(d
+        .ctl(&["place", "x", "--vcpus", "1", "--confidential", "sev"])
+        .status
+        .success());
+    // The daemon survived the denials.
+    assert!(d.ctl(&["vm", "x"]).status.success());
+}

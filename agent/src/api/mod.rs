@@ -14,6 +14,7 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
+use crate::access::{authorize, Need, Peer};
 use crate::kmod::ModuleVm;
 use crate::metrics::Metrics;
 use crate::placement::PlaceError;
@@ -25,6 +26,7 @@ use crate::types::VmId;
 /// What the service reads and acts on.
 pub struct AgentContext {
     pub core: Arc<Mutex<AgentCore>>,
+    pub access: crate::access::AccessPolicy,
     pub events: Arc<EventBus>,
     pub metrics: Arc<Metrics>,
 }
@@ -126,6 +128,32 @@ impl SevplaceApi {
         Self { ctx }
     }
 
+    /// Checks the caller (SO_PEERCRED on the Unix socket); a denial is
+    /// PERMISSION_DENIED and a log line with uid and pid.
+    fn authorize<T>(&self, method: &str, req: &Request<T>, need: Need) -> Result<(), Status> {
+        let peer = match req
+            .extensions()
+            .get::<tonic::transport::server::UdsConnectInfo>()
+            .and_then(|i| i.peer_cred)
+        {
+            Some(c) => Peer::Local {
+                uid: c.uid(),
+                pid: c.pid(),
+                gids: crate::access::groups_of(c.uid(), c.gid()),
+            },
+            None => Peer::Remote,
+        };
+        authorize(&peer, need, &self.ctx.access).map_err(|reason| {
+            match &peer {
+                Peer::Local { uid, pid, .. } => {
+                    tracing::warn!(method, uid, pid = ?pid, %reason, "permission denied")
+                }
+                Peer::Remote => tracing::warn!(method, %reason, "permission denied"),
+            }
+            Status::permission_denied(reason)
+        })
+    }
+
     fn observe<T>(&self, method: &str, start: Instant, r: &Result<T, Status>) {
         let code = match r {
             Ok(_) => tonic::Code::Ok,
@@ -162,9 +190,13 @@ type EventStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEventsResponse, Sta
 impl SevplaceService for SevplaceApi {
     async fn get_host(
         &self,
-        _req: Request<pb::GetHostRequest>,
+        req: Request<pb::GetHostRequest>,
     ) -> Result<Response<pb::GetHostResponse>, Status> {
         let start = Instant::now();
+        if let Err(e) = self.authorize("GetHost", &req, Need::Read) {
+            self.observe("GetHost", start, &Err::<(), _>(e.clone()));
+            return Err(e);
+        }
         let r = self
             .with_core(|core| {
                 Ok(pb::GetHostResponse {
@@ -181,6 +213,10 @@ impl SevplaceService for SevplaceApi {
         req: Request<pb::PlaceVmRequest>,
     ) -> Result<Response<pb::PlaceVmResponse>, Status> {
         let start = Instant::now();
+        if let Err(e) = self.authorize("PlaceVm", &req, Need::Admin) {
+            self.observe("PlaceVm", start, &Err::<(), _>(e.clone()));
+            return Err(e);
+        }
         let r = match place_call(req.get_ref()) {
             Ok(call) => {
                 let validate_only = call.validate_only;
@@ -205,6 +241,10 @@ impl SevplaceService for SevplaceApi {
         req: Request<pb::ReleaseVmRequest>,
     ) -> Result<Response<pb::ReleaseVmResponse>, Status> {
         let start = Instant::now();
+        if let Err(e) = self.authorize("ReleaseVm", &req, Need::Admin) {
+            self.observe("ReleaseVm", start, &Err::<(), _>(e.clone()));
+            return Err(e);
+        }
         let r = match vm_id(&req.get_ref().vm_id) {
             Ok(id) => {
                 self.with_core(move |core| {
@@ -226,6 +266,10 @@ impl SevplaceService for SevplaceApi {
         req: Request<pb::GetVmRequest>,
     ) -> Result<Response<pb::GetVmResponse>, Status> {
         let start = Instant::now();
+        if let Err(e) = self.authorize("GetVm", &req, Need::Read) {
+            self.observe("GetVm", start, &Err::<(), _>(e.clone()));
+            return Err(e);
+        }
         let id = req.into_inner().vm_id;
         let r = self
             .with_core(move |core| {
@@ -247,6 +291,10 @@ impl SevplaceService for SevplaceApi {
         req: Request<pb::ListVmsRequest>,
     ) -> Result<Response<pb::ListVmsResponse>, Status> {
         let start = Instant::now();
+        if let Err(e) = self.authorize("ListVms", &req, Need::Read) {
+            self.observe("ListVms", start, &Err::<(), _>(e.clone()));
+            return Err(e);
+        }
         let q = req.into_inner();
         let r = self
             .with_core(move |core| {
@@ -310,6 +358,10 @@ impl SevplaceService for SevplaceApi {
         req: Request<pb::ScrubVmRequest>,
     ) -> Result<Response<pb::ScrubVmResponse>, Status> {
         let start = Instant::now();
+        if let Err(e) = self.authorize("ScrubVm", &req, Need::Admin) {
+            self.observe("ScrubVm", start, &Err::<(), _>(e.clone()));
+            return Err(e);
+        }
         let id = req.into_inner().vm_id;
         let r = self
             .with_core(move |core| {
@@ -359,6 +411,10 @@ impl SevplaceService for SevplaceApi {
         req: Request<pb::WatchEventsRequest>,
     ) -> Result<Response<Self::WatchEventsStream>, Status> {
         let start = Instant::now();
+        if let Err(e) = self.authorize("WatchEvents", &req, Need::Read) {
+            self.observe("WatchEvents", start, &Err::<(), _>(e.clone()));
+            return Err(e);
+        }
         let only = req.into_inner().vm_id;
         let mut rx = self.ctx.events.subscribe();
         let stream = async_stream_events(move |tx| async move {
