@@ -460,3 +460,6 @@ where
     tokio::spawn(f(tx));
     Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
 }
+
+#[cfg(test)]
+mod tests;

@@ -467,6 +467,15 @@ fn module_records_feed_metrics_labels_and_disappear_with_the_vm() {
         "{text}"
     );
     assert!(text.contains("sevplace_kmod_loaded 1"), "{text}");
+    assert!(
+        text.contains("# TYPE sevplace_vm_flushes_total counter"),
+        "{text}"
+    );
+    assert!(
+        text.contains("# TYPE sevplace_vm_dirty_cpus gauge"),
+        "{text}"
+    );
+    promtool_check_metrics(&text);
     // Counters follow the module; a module reload does not make them drop.
     write_module(&module, 7, 800, "0-1", 9);
     core.reconcile(f.scan(&core));
@@ -493,4 +502,32 @@ fn module_records_feed_metrics_labels_and_disappear_with_the_vm() {
     let text = f.metrics.encode_prometheus();
     assert!(text.contains("sevplace_kmod_loaded 0"), "{text}");
     assert!(text.contains("state=\"abi-mismatch\""), "{text}");
+}
+
+/// `promtool check metrics` on a scrape, when promtool is installed.
+fn promtool_check_metrics(text: &str) {
+    use std::io::Write;
+    let Ok(mut child) = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+    else {
+        eprintln!("SKIP promtool check metrics: promtool is not installed");
+        return;
+    };
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
