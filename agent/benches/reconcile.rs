@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use sevplace::cgroup::CgroupError;
 use sevplace::discovery::fake_procfs::{write_process, FakeProcess};
 use sevplace::discovery::VmScanner;
-use sevplace::kmod::ModuleReader;
+use sevplace::kmod::{fake_tree, ModuleReader};
 use sevplace::metrics::Metrics;
 use sevplace::placement::Reservations;
 use sevplace::reconcile::enforce::ThreadAffinity;
@@ -58,18 +58,7 @@ fn run(vms_n: u32, vcpus: u32) {
     let dir = tempfile::tempdir().expect("tempdir");
     let proc_root = dir.path().join("proc");
     let module = dir.path().join("sevflush");
-    for (f, v) in [
-        ("abi_version", "1"),
-        ("mode", "targeted"),
-        ("flushes_total", "0"),
-        ("flushed_cpus_total", "0"),
-        ("full_flushes_total", "0"),
-        ("scrubs_total", "0"),
-        ("scrubbed_cpus_total", "0"),
-    ] {
-        std::fs::create_dir_all(&module).unwrap();
-        std::fs::write(module.join(f), format!("{v}\n")).unwrap();
-    }
+    fake_tree::write_globals(&module, "targeted", [0; 5]).expect("sevflush tree");
     for i in 0..vms_n {
         let pid = 10_000 + i * 100;
         let class = if i % 5 == 0 {
@@ -79,18 +68,8 @@ fn run(vms_n: u32, vcpus: u32) {
         };
         let p = FakeProcess::qemu_vm(pid, vcpus, &["qemu-system-x86_64", "-object", class]);
         write_process(&proc_root, &p).unwrap();
-        let rec = module.join(format!("vms/{}", i + 1));
-        std::fs::create_dir_all(&rec).unwrap();
-        for (f, v) in [
-            ("pid", pid.to_string()),
-            ("dirty_cpus", "0-7".into()),
-            ("ran_cpus", "0-15".into()),
-            ("flushes", "3".into()),
-            ("flushed_cpus", "24".into()),
-            ("confidential", "unknown".into()),
-        ] {
-            std::fs::write(rec.join(f), format!("{v}\n")).unwrap();
-        }
+        fake_tree::write_record(&module, u64::from(i) + 1, pid, "0-7", "0-15", 3, 24)
+            .expect("sevflush record");
     }
     let metrics = Arc::new(Metrics::new());
     let mut core = AgentCore::new(

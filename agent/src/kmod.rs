@@ -268,6 +268,61 @@ impl ModuleReader {
     }
 }
 
+/// Writes sevflush ABI v1 trees for tests and benchmarks that run against
+/// a fake host root (as `discovery::fake_procfs` does for procfs).
+pub mod fake_tree {
+    use std::io;
+    use std::path::Path;
+
+    fn put(path: &Path, value: &str) -> io::Result<()> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::write(path, format!("{value}\n"))
+    }
+
+    /// The module-wide files: ABI 1, `mode`, and the global counters
+    /// `(flushes, flushed_cpus, full_flushes, scrubs, scrubbed_cpus)`.
+    pub fn write_globals(root: &Path, mode: &str, counters: [u64; 5]) -> io::Result<()> {
+        put(&root.join("abi_version"), "1")?;
+        put(&root.join("mode"), mode)?;
+        let names = [
+            "flushes_total",
+            "flushed_cpus_total",
+            "full_flushes_total",
+            "scrubs_total",
+            "scrubbed_cpus_total",
+        ];
+        for (name, v) in names.iter().zip(counters) {
+            put(&root.join(name), &v.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// One VM record `vms/<id>/`; `confidential` is written only when the
+    /// file does not exist yet (the agent owns it afterwards).
+    pub fn write_record(
+        root: &Path,
+        id: u64,
+        pid: u32,
+        dirty_cpus: &str,
+        ran_cpus: &str,
+        flushes: u64,
+        flushed_cpus: u64,
+    ) -> io::Result<()> {
+        let dir = root.join(format!("vms/{id}"));
+        put(&dir.join("pid"), &pid.to_string())?;
+        put(&dir.join("dirty_cpus"), dirty_cpus)?;
+        put(&dir.join("ran_cpus"), ran_cpus)?;
+        put(&dir.join("flushes"), &flushes.to_string())?;
+        put(&dir.join("flushed_cpus"), &flushed_cpus.to_string())?;
+        if !dir.join("confidential").exists() {
+            put(&dir.join("confidential"), "unknown")?;
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

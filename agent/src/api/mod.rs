@@ -154,6 +154,21 @@ impl SevplaceApi {
         })
     }
 
+    /// [`Self::authorize`], with a denial counted like any other answer.
+    fn admit<T>(
+        &self,
+        method: &str,
+        req: &Request<T>,
+        need: Need,
+        start: Instant,
+    ) -> Result<(), Status> {
+        let r = self.authorize(method, req, need);
+        if r.is_err() {
+            self.observe(method, start, &r);
+        }
+        r
+    }
+
     fn observe<T>(&self, method: &str, start: Instant, r: &Result<T, Status>) {
         let code = match r {
             Ok(_) => tonic::Code::Ok,
@@ -172,6 +187,12 @@ impl SevplaceApi {
             .await
             .map_err(|e| Status::internal(format!("worker failed: {e}")))?
     }
+}
+
+/// A VM by id, or NOT_FOUND.
+fn known_vm(core: &AgentCore, id: &str) -> Result<crate::reconcile::VmView, Status> {
+    core.view(id)
+        .ok_or_else(|| Status::not_found(format!("no VM {id:?}")))
 }
 
 /// Module VM records, or none when the module is absent or unusable.
@@ -193,10 +214,7 @@ impl SevplaceService for SevplaceApi {
         req: Request<pb::GetHostRequest>,
     ) -> Result<Response<pb::GetHostResponse>, Status> {
         let start = Instant::now();
-        if let Err(e) = self.authorize("GetHost", &req, Need::Read) {
-            self.observe("GetHost", start, &Err::<(), _>(e.clone()));
-            return Err(e);
-        }
+        self.admit("GetHost", &req, Need::Read, start)?;
         let r = self
             .with_core(|core| {
                 Ok(pb::GetHostResponse {
@@ -213,10 +231,7 @@ impl SevplaceService for SevplaceApi {
         req: Request<pb::PlaceVmRequest>,
     ) -> Result<Response<pb::PlaceVmResponse>, Status> {
         let start = Instant::now();
-        if let Err(e) = self.authorize("PlaceVm", &req, Need::Admin) {
-            self.observe("PlaceVm", start, &Err::<(), _>(e.clone()));
-            return Err(e);
-        }
+        self.admit("PlaceVm", &req, Need::Admin, start)?;
         let r = match place_call(req.get_ref()) {
             Ok(call) => {
                 let validate_only = call.validate_only;
@@ -241,10 +256,7 @@ impl SevplaceService for SevplaceApi {
         req: Request<pb::ReleaseVmRequest>,
     ) -> Result<Response<pb::ReleaseVmResponse>, Status> {
         let start = Instant::now();
-        if let Err(e) = self.authorize("ReleaseVm", &req, Need::Admin) {
-            self.observe("ReleaseVm", start, &Err::<(), _>(e.clone()));
-            return Err(e);
-        }
+        self.admit("ReleaseVm", &req, Need::Admin, start)?;
         let r = match vm_id(&req.get_ref().vm_id) {
             Ok(id) => {
                 self.with_core(move |core| {
@@ -266,16 +278,11 @@ impl SevplaceService for SevplaceApi {
         req: Request<pb::GetVmRequest>,
     ) -> Result<Response<pb::GetVmResponse>, Status> {
         let start = Instant::now();
-        if let Err(e) = self.authorize("GetVm", &req, Need::Read) {
-            self.observe("GetVm", start, &Err::<(), _>(e.clone()));
-            return Err(e);
-        }
+        self.admit("GetVm", &req, Need::Read, start)?;
         let id = req.into_inner().vm_id;
         let r = self
             .with_core(move |core| {
-                let view = core
-                    .view(&id)
-                    .ok_or_else(|| Status::not_found(format!("no VM {id:?}")))?;
+                let view = known_vm(core, &id)?;
                 let records = module_records(core);
                 Ok(pb::GetVmResponse {
                     vm: Some(vm_pb(core, &view, &records)),
@@ -291,10 +298,7 @@ impl SevplaceService for SevplaceApi {
         req: Request<pb::ListVmsRequest>,
     ) -> Result<Response<pb::ListVmsResponse>, Status> {
         let start = Instant::now();
-        if let Err(e) = self.authorize("ListVms", &req, Need::Read) {
-            self.observe("ListVms", start, &Err::<(), _>(e.clone()));
-            return Err(e);
-        }
+        self.admit("ListVms", &req, Need::Read, start)?;
         let q = req.into_inner();
         let r = self
             .with_core(move |core| {
@@ -358,16 +362,11 @@ impl SevplaceService for SevplaceApi {
         req: Request<pb::ScrubVmRequest>,
     ) -> Result<Response<pb::ScrubVmResponse>, Status> {
         let start = Instant::now();
-        if let Err(e) = self.authorize("ScrubVm", &req, Need::Admin) {
-            self.observe("ScrubVm", start, &Err::<(), _>(e.clone()));
-            return Err(e);
-        }
+        self.admit("ScrubVm", &req, Need::Admin, start)?;
         let id = req.into_inner().vm_id;
         let r = self
             .with_core(move |core| {
-                let view = core
-                    .view(&id)
-                    .ok_or_else(|| Status::not_found(format!("no VM {id:?}")))?;
+                let view = known_vm(core, &id)?;
                 if view.pid == 0 {
                     return Err(Status::failed_precondition(format!(
                         "VM {id} has no running process"
@@ -411,10 +410,7 @@ impl SevplaceService for SevplaceApi {
         req: Request<pb::WatchEventsRequest>,
     ) -> Result<Response<Self::WatchEventsStream>, Status> {
         let start = Instant::now();
-        if let Err(e) = self.authorize("WatchEvents", &req, Need::Read) {
-            self.observe("WatchEvents", start, &Err::<(), _>(e.clone()));
-            return Err(e);
-        }
+        self.admit("WatchEvents", &req, Need::Read, start)?;
         let only = req.into_inner().vm_id;
         let mut rx = self.ctx.events.subscribe();
         let stream = async_stream_events(move |tx| async move {

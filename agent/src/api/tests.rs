@@ -30,11 +30,6 @@ impl ThreadAffinity for NoAffinity {
     }
 }
 
-fn write(path: &std::path::Path, v: &str) {
-    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-    std::fs::write(path, format!("{v}\n")).unwrap();
-}
-
 struct Served {
     dir: tempfile::TempDir,
     ctx: Arc<AgentContext>,
@@ -54,23 +49,8 @@ async fn serve(event_capacity: usize) -> Served {
         ),
     )
     .unwrap();
-    for (f, v) in [
-        ("abi_version", "1"),
-        ("mode", "targeted"),
-        ("flushes_total", "0"),
-        ("flushed_cpus_total", "0"),
-        ("full_flushes_total", "0"),
-        ("scrubs_total", "0"),
-        ("scrubbed_cpus_total", "0"),
-        ("vms/3/pid", "900"),
-        ("vms/3/dirty_cpus", "0-3"),
-        ("vms/3/ran_cpus", "0-7"),
-        ("vms/3/flushes", "0"),
-        ("vms/3/flushed_cpus", "0"),
-        ("vms/3/confidential", "unknown"),
-    ] {
-        write(&module.join(f), v);
-    }
+    crate::kmod::fake_tree::write_globals(&module, "targeted", [0; 5]).unwrap();
+    crate::kmod::fake_tree::write_record(&module, 3, 900, "0-3", "0-7", 0, 0).unwrap();
     let metrics = Arc::new(Metrics::new());
     let events = Arc::new(EventBus::new(event_capacity));
     let mut core = AgentCore::new(

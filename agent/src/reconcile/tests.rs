@@ -407,35 +407,11 @@ fn unwritable_checkpoint_changes_nothing() {
     );
 }
 
-/// Writes a sevflush ABI v1 tree with one VM record.
+/// A sevflush tree with one VM record.
 fn write_module(root: &Path, id: u64, pid: u32, dirty: &str, flushes: u64) {
-    let files = [
-        ("abi_version", "1".to_string()),
-        ("mode", "targeted".to_string()),
-        ("flushes_total", (10 + flushes).to_string()),
-        ("flushed_cpus_total", "40".to_string()),
-        ("full_flushes_total", "2".to_string()),
-        ("scrubs_total", "0".to_string()),
-        ("scrubbed_cpus_total", "0".to_string()),
-    ];
-    for (f, v) in files {
-        std::fs::create_dir_all(root).unwrap();
-        std::fs::write(root.join(f), format!("{v}\n")).unwrap();
-    }
-    let vm = root.join(format!("vms/{id}"));
-    std::fs::create_dir_all(&vm).unwrap();
-    for (f, v) in [
-        ("pid", pid.to_string()),
-        ("dirty_cpus", dirty.to_string()),
-        ("ran_cpus", "0-7".to_string()),
-        ("flushes", flushes.to_string()),
-        ("flushed_cpus", (flushes * 2).to_string()),
-    ] {
-        std::fs::write(vm.join(f), format!("{v}\n")).unwrap();
-    }
-    if !vm.join("confidential").exists() {
-        std::fs::write(vm.join("confidential"), "unknown\n").unwrap();
-    }
+    use crate::kmod::fake_tree::{write_globals, write_record};
+    write_globals(root, "targeted", [10 + flushes, 40, 2, 0, 0]).unwrap();
+    write_record(root, id, pid, dirty, "0-7", flushes, flushes * 2).unwrap();
 }
 
 #[test]
