@@ -81,6 +81,9 @@ fn now_secs() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// The last scan error, so a persistent one is logged once.
+static LAST_SCAN_ERROR: Mutex<Option<String>> = Mutex::new(None);
+
 /// One reconcile pass: the scan runs without the core's lock.
 pub async fn reconcile_once(ctx: &Arc<AgentContext>) {
     let ctx = ctx.clone();
@@ -88,12 +91,28 @@ pub async fn reconcile_once(ctx: &Arc<AgentContext>) {
         let scanner = ctx.lock().scanner();
         match scanner.scan() {
             Ok(scan) => {
+                if let Some(prev) = LAST_SCAN_ERROR
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .take()
+                {
+                    tracing::info!(previous = %prev, "host scan works again");
+                }
                 let report = ctx.lock().reconcile(scan);
                 for e in &report.errors {
                     tracing::warn!(error = %e, "reconcile");
                 }
             }
-            Err(e) => tracing::error!(error = %e, "host scan failed"),
+            Err(e) => {
+                // Logged when it starts or changes, not on every pass.
+                let msg = e.to_string();
+                let mut last = LAST_SCAN_ERROR.lock().unwrap_or_else(|p| p.into_inner());
+                if last.as_deref() != Some(msg.as_str()) {
+                    tracing::error!(error = %msg, "host scan failed; retrying every period");
+                    *last = Some(msg);
+                }
+                return;
+            }
         }
     })
     .await;

@@ -11,7 +11,7 @@ pub mod enforce;
 pub mod events;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
 
 use crate::cgroup::{CgroupError, CpusetWriter};
@@ -146,6 +146,10 @@ pub struct AgentCore {
     auto_failed: BTreeSet<(u32, u64)>,
     pub events: Arc<EventBus>,
     metrics: Arc<Metrics>,
+    /// The capacity summary of the placements at a checkpoint generation:
+    /// placements change only with a new generation, and GetHost asks
+    /// for the summary far more often than placements change.
+    capacity_cache: Mutex<Option<(u64, placement::CapacitySummary)>>,
 }
 
 /// Whether `vm` is the process `selector` names.
@@ -217,6 +221,7 @@ impl AgentCore {
             auto_failed: BTreeSet::new(),
             events,
             metrics,
+            capacity_cache: Mutex::new(None),
         };
         core.update_pool_metric();
         Ok(core)
@@ -300,9 +305,22 @@ impl AgentCore {
             .set(self.placements.confidential_domains().len() as i64);
     }
 
-    /// Capacity summary from the engine.
+    /// Capacity summary from the engine, computed once per checkpoint
+    /// generation.
     pub fn capacity(&self) -> placement::CapacitySummary {
-        placement::capacity(&self.topology, &self.placements, &self.reservations)
+        let generation = self.checkpoint.generation;
+        let mut cache = self
+            .capacity_cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        match cache.as_ref() {
+            Some((g, c)) if *g == generation => c.clone(),
+            _ => {
+                let c = placement::capacity(&self.topology, &self.placements, &self.reservations);
+                *cache = Some((generation, c.clone()));
+                c
+            }
+        }
     }
 
     /// Writes `next` as the checkpoint, then adopts it.

@@ -255,6 +255,12 @@ fn exit_releases_and_restart_restores() {
     assert!(core.view("vm-a").is_none());
     assert!(core.placements().get(&VmId::new("vm-a").unwrap()).is_none());
     assert_eq!(core.checkpoint().intents.len(), 2);
+    // The cached capacity follows the release.
+    assert_ne!(core.capacity(), cap_before);
+    assert_eq!(
+        core.capacity(),
+        placement::capacity(core.topology(), core.placements(), core.reservations())
+    );
     // The pending one stays pending.
     assert_eq!(core.view("vm-c").unwrap().state, VmState::Pending);
 }
