@@ -111,7 +111,6 @@ pub async fn reconcile_once(ctx: &Arc<AgentContext>) {
                     tracing::error!(error = %msg, "host scan failed; retrying every period");
                     *last = Some(msg);
                 }
-                return;
             }
         }
     })
