@@ -310,9 +310,14 @@ pub async fn run(settings: Settings, options: RunOptions) -> Result<(), DaemonEr
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
     let router = tonic::transport::Server::builder()
+        .max_concurrent_streams(settings.max_concurrent_streams)
+        .timeout(Duration::from_millis(settings.request_timeout_ms))
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(SevplaceServiceServer::new(SevplaceApi::new(ctx.clone())));
+        .add_service(
+            SevplaceServiceServer::new(SevplaceApi::new(ctx.clone()))
+                .max_decoding_message_size(settings.max_message_bytes),
+        );
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let wait = |mut rx: watch::Receiver<bool>| async move {

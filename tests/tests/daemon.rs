@@ -421,3 +421,40 @@ fn peer_credentials_gate_mutating_calls() {
     // The daemon survived the denials.
     assert!(d.ctl(&["vm", "x"]).status.success());
 }
+
+#[test]
+fn message_size_and_time_limits() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("sevplaced.toml"),
+        "[server]\nmax_message_bytes = 1024\nrequest_timeout_ms = 300\n",
+    )
+    .unwrap();
+    let root =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../agent/tests/fixtures/milan-64c");
+    let d = Daemon::start_in(dir, &["--host-root", root.to_str().unwrap()], &[]);
+    let rt = runtime();
+    rt.block_on(async {
+        let mut c = sevplace::client::connect(&d.socket).await.unwrap();
+        let big = c
+            .place_vm(sevplace_proto::v1::PlaceVmRequest {
+                vm_id: "x".repeat(4096),
+                vcpus: 1,
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(big.code(), tonic::Code::OutOfRange, "{big:?}");
+        assert!(big.message().contains("too large"), "{big:?}");
+        // The service still answers normal calls.
+        assert!(c.get_host(GetHostRequest {}).await.is_ok());
+        // The call time limit does not cut a WatchEvents stream.
+        let mut s = c
+            .watch_events(sevplace_proto::v1::WatchEventsRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        let r = tokio::time::timeout(Duration::from_millis(1200), s.message()).await;
+        assert!(r.is_err(), "the stream ended early: {r:?}");
+    });
+}

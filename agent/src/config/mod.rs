@@ -51,6 +51,9 @@ pub struct Settings {
     pub socket_group: Option<String>,
     pub read_group: Option<String>,
     pub admin_group: Option<String>,
+    pub max_message_bytes: usize,
+    pub max_concurrent_streams: u32,
+    pub request_timeout_ms: u64,
     pub listen_tcp: Option<SocketAddr>,
     pub metrics_addr: Option<SocketAddr>,
     pub host_root: PathBuf,
@@ -276,6 +279,17 @@ fn validate(cfg: &config::Config) -> Result<Settings, ConfigError> {
             format!("{period} is outside 100..=3600000"),
         ));
     }
+    let int_in = |key: &str, lo: i64, hi: i64| -> Result<i64, ConfigError> {
+        let v = cfg.get_int(key).map_err(|e| bad(key, e))?;
+        if (lo..=hi).contains(&v) {
+            Ok(v)
+        } else {
+            Err(bad(key, format!("{v} is outside {lo}..={hi}")))
+        }
+    };
+    let max_message_bytes = int_in("server.max_message_bytes", 1024, 64 << 20)? as usize;
+    let max_concurrent_streams = int_in("server.max_concurrent_streams", 1, 10_000)? as u32;
+    let request_timeout_ms = int_in("server.request_timeout_ms", 100, 3_600_000)? as u64;
     let log_format = match get_string(cfg, "log.format")?.as_str() {
         "text" => LogFormat::Text,
         "json" => LogFormat::Json,
@@ -289,6 +303,9 @@ fn validate(cfg: &config::Config) -> Result<Settings, ConfigError> {
         socket_group: (!group.is_empty()).then_some(group),
         read_group: Some(get_string(cfg, "server.read_group")?).filter(|g| !g.is_empty()),
         admin_group: Some(get_string(cfg, "server.admin_group")?).filter(|g| !g.is_empty()),
+        max_message_bytes,
+        max_concurrent_streams,
+        request_timeout_ms,
         listen_tcp: optional_addr(cfg, "server.listen_tcp")?,
         metrics_addr: optional_addr(cfg, "metrics.addr")?,
         host_root,

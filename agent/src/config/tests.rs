@@ -102,6 +102,18 @@ fn bad_values_are_named() {
         ),
         ("[log]\nformat = \"xml\"\n", "log.format"),
         (
+            "[server]\nmax_message_bytes = 10\n",
+            "server.max_message_bytes",
+        ),
+        (
+            "[server]\nmax_concurrent_streams = 0\n",
+            "server.max_concurrent_streams",
+        ),
+        (
+            "[server]\nrequest_timeout_ms = -1\n",
+            "server.request_timeout_ms",
+        ),
+        (
             "[reconcile]\nauto_place_confidential = \"maybe\"\n",
             "reconcile.auto_place_confidential",
         ),
