@@ -48,6 +48,8 @@ pub struct Metrics {
     pub grpc_duration: Family<MethodLabels, Histogram>,
     pub confidential_pool_l3_domains: Gauge,
     pub drift_corrections: Family<ReasonLabels, Counter>,
+    pub pin_failures: Family<ReasonLabels, Counter>,
+    pub vms_failing_pins: Gauge,
     pub reconcile_duration: Histogram,
     pub vm_dirty_cpus: Family<VmLabels, Gauge>,
     pub vm_ran_cpus: Family<VmLabels, Gauge>,
@@ -173,6 +175,18 @@ impl Metrics {
             "Threads or cgroups put back into their placement, by reason",
             drift_corrections.clone(),
         );
+        let pin_failures = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "pin_failures",
+            "Failed attempts to apply a placement to a VM's threads or cgroups, by error kind",
+            pin_failures.clone(),
+        );
+        let vms_failing_pins = Gauge::default();
+        registry.register(
+            "vms_failing_pins",
+            "VMs whose placement could not be applied on the last attempt (retried with backoff)",
+            vms_failing_pins.clone(),
+        );
         let reconcile_duration = latency_buckets();
         registry.register(
             "reconcile_duration_seconds",
@@ -236,6 +250,8 @@ impl Metrics {
             confidential_vms.clone(),
         );
         Self {
+            pin_failures,
+            vms_failing_pins,
             vm_dirty_cpus,
             vm_ran_cpus,
             vm_vcpus,

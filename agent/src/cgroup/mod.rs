@@ -123,6 +123,22 @@ impl CgroupError {
         }
     }
 
+    /// A short stable name of the error kind, for metrics labels.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::VmGone { .. } => "gone",
+            Self::Permission { .. } => "permission",
+            Self::InvalidSet { .. } => "invalid_set",
+            Self::Busy { .. } => "busy",
+            Self::NoSpace { .. } => "no_space",
+            Self::Missing { .. } => "missing",
+            Self::NoCpuset { .. } => "no_cpuset",
+            Self::BadPath { .. } => "bad_path",
+            Self::Malformed { .. } => "malformed",
+            Self::Io { .. } => "io",
+        }
+    }
+
     /// The thread or VM exited: release, do not retry.
     pub fn is_gone(&self) -> bool {
         matches!(self, Self::VmGone { .. })

@@ -526,6 +526,14 @@ impl AgentCore {
                     }
                 }
                 Err(e) => {
+                    if !e.is_gone() {
+                        self.metrics
+                            .pin_failures
+                            .get_or_create(&crate::metrics::ReasonLabels {
+                                reason: e.kind().to_string(),
+                            })
+                            .inc();
+                    }
                     result = Err(e);
                     break;
                 }
@@ -673,6 +681,9 @@ impl AgentCore {
                 .publish(&format!("pid-{pid}"), EventKind::Exited { pid });
         }
         self.unmanaged = by_pid;
+        self.metrics
+            .vms_failing_pins
+            .set(self.runtime.values().filter(|r| r.failures > 0).count() as i64);
         self.auto_failed
             .retain(|(pid, _)| self.unmanaged.contains_key(pid));
         if self.auto_place {

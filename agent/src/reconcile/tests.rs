@@ -513,3 +513,128 @@ fn promtool_check_metrics(text: &str) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// An affinity that fails with a chosen errno until it is healed.
+struct FailingAffinity {
+    inner: Arc<FakeAffinity>,
+    failing: Mutex<Option<i32>>,
+}
+
+impl ThreadAffinity for FailingAffinity {
+    fn set(&self, tid: u32, cpus: &CpuSet) -> Result<(), CgroupError> {
+        if let Some(errno) = *self.failing.lock().unwrap() {
+            let e = std::io::Error::from_raw_os_error(errno);
+            return Err(match errno {
+                libc_errno::EACCES => CgroupError::Permission {
+                    target: format!("sched_setaffinity({tid})"),
+                    source: e,
+                },
+                libc_errno::EBUSY => CgroupError::Busy {
+                    target: format!("sched_setaffinity({tid})"),
+                    source: e,
+                },
+                libc_errno::ENOSPC => CgroupError::NoSpace {
+                    target: format!("sched_setaffinity({tid})"),
+                    source: e,
+                },
+                _ => CgroupError::InvalidSet {
+                    target: format!("sched_setaffinity({tid})"),
+                    value: cpus.to_string(),
+                    reason: e.to_string(),
+                },
+            });
+        }
+        self.inner.set(tid, cpus)
+    }
+}
+
+mod libc_errno {
+    pub const EACCES: i32 = 13;
+    pub const EBUSY: i32 = 16;
+    pub const ENOSPC: i32 = 28;
+    pub const EINVAL: i32 = 22;
+}
+
+#[test]
+fn failing_pins_keep_the_intent_report_and_retry_with_backoff() {
+    for errno in [
+        libc_errno::EACCES,
+        libc_errno::EBUSY,
+        libc_errno::ENOSPC,
+        libc_errno::EINVAL,
+    ] {
+        let f = Fixture::new();
+        f.add_vm(950, 2, true);
+        let failing = Arc::new(FailingAffinity {
+            inner: f.affinity.clone(),
+            failing: Mutex::new(Some(errno)),
+        });
+        let mut core = AgentCore::new(
+            Arc::new(Topology::synthetic(1, 8, 8, 2, 1)),
+            Reservations::default(),
+            HostAccess {
+                scanner: VmScanner::new(f.proc()),
+                cgroups: None,
+                module: ModuleReader::new(f.dir.path().join("sevflush")),
+                affinity: failing.clone(),
+            },
+            CheckpointStore::in_dir(f.dir.path().join("state")),
+            f.metrics.clone(),
+            f.events.clone(),
+        )
+        .unwrap();
+        core.reconcile(f.scan(&core));
+        // The call is acknowledged: the intent is durable even though the
+        // pin failed; the VM is reported drifted.
+        let v = core.place(call("vm-f", Some(950), 2)).unwrap();
+        assert_eq!(v.state, VmState::Drifted, "errno {errno}");
+        assert_eq!(
+            CheckpointStore::in_dir(f.dir.path().join("state"))
+                .load()
+                .unwrap()
+                .intents
+                .len(),
+            1
+        );
+        let mut attempts = 0;
+        let mut passes = 0;
+        for _ in 0..8 {
+            let r = core.reconcile(f.scan(&core));
+            passes += 1;
+            if !r.errors.is_empty() {
+                attempts += 1;
+            }
+        }
+        // Backoff: fewer attempts than passes, and never zero.
+        assert!(
+            attempts >= 1 && attempts < passes,
+            "errno {errno}: {attempts} attempts in {passes} passes"
+        );
+        let text = f.metrics.encode_prometheus();
+        assert!(text.contains("sevplace_vms_failing_pins 1"), "{text}");
+        assert!(
+            text.contains("sevplace_pin_failures_total{reason="),
+            "{text}"
+        );
+        assert_eq!(core.view("vm-f").unwrap().state, VmState::Drifted);
+        // Healed: the next attempt pins and the VM is placed; nothing was lost.
+        *failing.failing.lock().unwrap() = None;
+        let mut placed = false;
+        for _ in 0..70 {
+            core.reconcile(f.scan(&core));
+            if core.view("vm-f").unwrap().state == VmState::Placed {
+                placed = true;
+                break;
+            }
+        }
+        assert!(placed, "errno {errno}: never placed after healing");
+        let p = core.view("vm-f").unwrap().placement.unwrap();
+        for (index, set) in allowed(&core, &f) {
+            assert_eq!(set, p.vcpu_cpus[index as usize]);
+        }
+        assert!(f
+            .metrics
+            .encode_prometheus()
+            .contains("sevplace_vms_failing_pins 0"));
+    }
+}
