@@ -43,6 +43,11 @@ fn exported_names() -> BTreeSet<String> {
         std::time::Duration::from_millis(1),
     );
     m.observe_drift("thread_moved");
+    m.pin_failures
+        .get_or_create(&sevplace::metrics::ReasonLabels {
+            reason: "busy".into(),
+        })
+        .inc();
     m.observe_reconcile(std::time::Duration::from_millis(1));
     m.set_module(&ModuleStatus {
         state: ModuleState::Loaded,
