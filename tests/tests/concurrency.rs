@@ -47,10 +47,7 @@ fn concurrent_place_and_release() {
         let owned_final = owned_final.clone();
         let shared_answers = shared_answers.clone();
         workers.push(std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
+            let rt = sevplace_tests::runtime();
             rt.block_on(async {
                 let mut c = sevplace::client::connect(&socket).await.unwrap();
                 let mut x: u32 = 0x9e37_79b9 ^ (t + 1);
@@ -124,10 +121,7 @@ fn concurrent_place_and_release() {
         w.join().expect("worker");
     }
 
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = sevplace_tests::runtime();
     let vms = rt.block_on(async {
         let mut c = sevplace::client::connect(&socket).await.unwrap();
         c.list_vms(pb::ListVmsRequest {

@@ -5,14 +5,7 @@
 use std::time::Duration;
 
 use sevplace_proto::v1::GetHostRequest;
-use sevplace_tests::{http_get, Daemon};
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
+use sevplace_tests::{http_get, promtool_check_metrics, runtime, Daemon};
 
 #[test]
 fn get_host_health_metrics_and_sigterm() {
@@ -258,36 +251,6 @@ fn fixture_host_root() {
         Some(128)
     );
     assert_eq!(v["host"]["module"]["state"], "MODULE_STATE_ABSENT");
-}
-
-/// `promtool check metrics` (Debian's prometheus package) on a scrape.
-fn promtool_check_metrics(body: &str) {
-    use std::io::Write;
-    let Ok(mut child) = std::process::Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-    else {
-        eprintln!(
-            "SKIP promtool check metrics: promtool is not installed (apt install prometheus)"
-        );
-        return;
-    };
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(body.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "promtool check metrics: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 #[test]

@@ -88,10 +88,7 @@ fn place_pin_drift_exit() {
 
     // Drift: move vCPU 0 by hand with taskset; the agent puts it back and
     // says so on WatchEvents.
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = sevplace_tests::runtime();
     let mut stream = rt.block_on(async {
         let mut c = sevplace::client::connect(&d.socket).await.unwrap();
         c.watch_events(pb::WatchEventsRequest {
@@ -158,10 +155,7 @@ fn kill9_during_place_burst_keeps_every_acknowledged_placement() {
         let socket = socket.clone();
         let acked = acked.clone();
         workers.push(std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
+            let rt = sevplace_tests::runtime();
             rt.block_on(async {
                 let Ok(mut c) = sevplace::client::connect(&socket).await else {
                     return;
