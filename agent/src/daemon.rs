@@ -3,7 +3,7 @@
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use sevplace_proto::v1::sevplace_service_server::SevplaceServiceServer;
 use tokio::sync::watch;
@@ -21,6 +21,7 @@ use crate::notify::Notifier;
 use crate::placement::Reservations;
 use crate::reconcile::enforce::SchedAffinity;
 use crate::reconcile::events::EventBus;
+use crate::reconcile::priority::PriorityMutex;
 use crate::reconcile::{AgentCore, AgentError, HostAccess};
 use crate::server::{self, ListenError, OwnedSocket};
 use crate::state::CheckpointStore;
@@ -43,6 +44,8 @@ pub enum DaemonError {
     Core(#[from] AgentError),
     #[error("{0}")]
     Access(#[from] crate::access::UnknownGroup),
+    #[error("reconcile thread: {0}")]
+    ReconcileThread(std::io::Error),
     #[error("signal handler: {0}")]
     Signal(std::io::Error),
 }
@@ -84,39 +87,37 @@ fn now_secs() -> u64 {
 /// The last scan error, so a persistent one is logged once.
 static LAST_SCAN_ERROR: Mutex<Option<String>> = Mutex::new(None);
 
-/// One reconcile pass: the scan runs without the core's lock.
-pub async fn reconcile_once(ctx: &Arc<AgentContext>) {
-    let ctx = ctx.clone();
-    let r = tokio::task::spawn_blocking(move || {
-        let scanner = ctx.lock().scanner();
-        match scanner.scan() {
-            Ok(scan) => {
-                if let Some(prev) = LAST_SCAN_ERROR
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .take()
-                {
-                    tracing::info!(previous = %prev, "host scan works again");
-                }
-                let report = ctx.lock().reconcile(scan);
-                for e in &report.errors {
-                    tracing::warn!(error = %e, "reconcile");
-                }
+/// One reconcile pass, on the calling thread: the scan runs without the
+/// core's lock, the rest takes it ahead of queued API calls.
+pub fn reconcile_pass(ctx: &AgentContext) {
+    let scanner = ctx.lock_first().scanner();
+    match scanner.scan() {
+        Ok(scan) => {
+            if let Some(prev) = LAST_SCAN_ERROR
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take()
+            {
+                tracing::info!(previous = %prev, "host scan works again");
             }
-            Err(e) => {
-                // Logged when it starts or changes, not on every pass.
-                let msg = e.to_string();
-                let mut last = LAST_SCAN_ERROR.lock().unwrap_or_else(|p| p.into_inner());
-                if last.as_deref() != Some(msg.as_str()) {
-                    tracing::error!(error = %msg, "host scan failed; retrying every period");
-                    *last = Some(msg);
-                }
+            let asked = Instant::now();
+            let mut core = ctx.lock_first();
+            ctx.metrics.observe_reconcile_lock_wait(asked.elapsed());
+            let report = core.reconcile(scan);
+            drop(core);
+            for e in &report.errors {
+                tracing::warn!(error = %e, "reconcile");
             }
         }
-    })
-    .await;
-    if let Err(e) = r {
-        tracing::error!(error = %e, "reconcile pass panicked");
+        Err(e) => {
+            // Logged when it starts or changes, not on every pass.
+            let msg = e.to_string();
+            let mut last = LAST_SCAN_ERROR.lock().unwrap_or_else(|p| p.into_inner());
+            if last.as_deref() != Some(msg.as_str()) {
+                tracing::error!(error = %msg, "host scan failed; retrying every period");
+                *last = Some(msg);
+            }
+        }
     }
     LAST_PASS.store(now_secs(), std::sync::atomic::Ordering::Relaxed);
 }
@@ -174,8 +175,28 @@ async fn reconcile_loop(
         if stopping {
             return;
         }
-        reconcile_once(&ctx).await;
+        // This runtime serves only the loop: the pass blocks it, not the
+        // API's workers, and the API's load does not delay it.
+        reconcile_pass(&ctx);
     }
+}
+
+/// Starts the reconcile loop on a thread of its own with a runtime of its
+/// own, so neither the API's worker threads nor its blocking pool, both
+/// of which a flood of calls can fill, stand between the loop and its
+/// period.
+fn spawn_reconcile_thread(
+    ctx: Arc<AgentContext>,
+    period: Duration,
+    exit_watches: bool,
+    stop: watch::Receiver<bool>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::Builder::new()
+        .name("sevplace-reconcile".into())
+        .spawn(move || rt.block_on(reconcile_loop(ctx, period, exit_watches, stop)))
 }
 
 /// Opens a pidfd for every managed VM process not watched yet; its exit
@@ -279,13 +300,16 @@ pub async fn run(settings: Settings, options: RunOptions) -> Result<(), DaemonEr
     )?;
     let ctx = Arc::new(AgentContext {
         access,
-        core: Arc::new(Mutex::new(core)),
+        core: Arc::new(PriorityMutex::new(core)),
         events,
         metrics: metrics.clone(),
     });
     // The first pass runs before the socket is bound, so the first answer
     // already reflects the host.
-    reconcile_once(&ctx).await;
+    let first = ctx.clone();
+    if let Err(e) = tokio::task::spawn_blocking(move || reconcile_pass(&first)).await {
+        tracing::error!(error = %e, "first reconcile pass panicked");
+    }
 
     let (socket, unix_listener) = OwnedSocket::bind(
         &settings.socket,
@@ -328,12 +352,9 @@ pub async fn run(settings: Settings, options: RunOptions) -> Result<(), DaemonEr
     let period = Duration::from_millis(settings.reconcile_period_ms);
     // pidfds name real processes: only with the real /proc.
     let exit_watches = settings.host_root == std::path::Path::new("/");
-    tasks.spawn(reconcile_loop(
-        ctx.clone(),
-        period,
-        exit_watches,
-        stop_rx.clone(),
-    ));
+    let reconcile_thread =
+        spawn_reconcile_thread(ctx.clone(), period, exit_watches, stop_rx.clone())
+            .map_err(DaemonError::ReconcileThread)?;
     let notifier = Notifier::from_env();
     if let Some(wd) = notifier.watchdog() {
         tasks.spawn(watchdog_feeder(
@@ -392,6 +413,14 @@ pub async fn run(settings: Settings, options: RunOptions) -> Result<(), DaemonEr
     .is_err()
     {
         tasks.abort_all();
+    }
+    // A pass in progress finishes (its checkpoint write is atomic); the
+    // loop then sees the stop.
+    let joined = tokio::task::spawn_blocking(move || reconcile_thread.join());
+    match tokio::time::timeout(SHUTDOWN_GRACE, joined).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(_) => tracing::error!("reconcile loop panicked"),
+        Err(_) => tracing::warn!("reconcile pass still running after the grace period"),
     }
     drop(socket);
     tracing::info!("stopped");

@@ -51,6 +51,7 @@ pub struct Metrics {
     pub pin_failures: Family<ReasonLabels, Counter>,
     pub vms_failing_pins: Gauge,
     pub reconcile_duration: Histogram,
+    pub reconcile_lock_wait: Histogram,
     pub vm_dirty_cpus: Family<VmLabels, Gauge>,
     pub vm_ran_cpus: Family<VmLabels, Gauge>,
     pub vm_vcpus: Family<VmLabels, Gauge>,
@@ -193,6 +194,12 @@ impl Metrics {
             "Time of one reconcile pass",
             reconcile_duration.clone(),
         );
+        let reconcile_lock_wait = latency_buckets();
+        registry.register(
+            "reconcile_lock_wait_seconds",
+            "Time a reconcile pass waited for the core lock held by API calls",
+            reconcile_lock_wait.clone(),
+        );
         let vm_dirty_cpus = Family::<VmLabels, Gauge>::default();
         registry.register(
             "vm_dirty_cpus",
@@ -265,6 +272,7 @@ impl Metrics {
             last: std::sync::Mutex::new(CounterReadings::default()),
             drift_corrections,
             reconcile_duration,
+            reconcile_lock_wait,
             registry,
             cpus,
             l3_domains,
@@ -386,6 +394,11 @@ impl Metrics {
     /// Records one reconcile pass.
     pub fn observe_reconcile(&self, elapsed: Duration) {
         self.reconcile_duration.observe(elapsed.as_secs_f64());
+    }
+
+    /// Records how long a reconcile pass waited for the core lock.
+    pub fn observe_reconcile_lock_wait(&self, waited: Duration) {
+        self.reconcile_lock_wait.observe(waited.as_secs_f64());
     }
 
     /// Records one gRPC call.

@@ -5,7 +5,7 @@
 pub mod convert;
 
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, MutexGuard};
 use std::time::Instant;
 
 use sevplace_proto::v1 as pb;
@@ -19,23 +19,28 @@ use crate::kmod::ModuleVm;
 use crate::metrics::Metrics;
 use crate::placement::PlaceError;
 use crate::reconcile::events::EventBus;
+use crate::reconcile::priority::{CallGuard, PriorityMutex};
 use crate::reconcile::{AgentCore, AgentError, PlaceCall};
 use crate::state::VmSelector;
 use crate::types::VmId;
 
 /// What the service reads and acts on.
 pub struct AgentContext {
-    pub core: Arc<Mutex<AgentCore>>,
+    pub core: Arc<PriorityMutex<AgentCore>>,
     pub access: crate::access::AccessPolicy,
     pub events: Arc<EventBus>,
     pub metrics: Arc<Metrics>,
 }
 
 impl AgentContext {
-    /// The core, even if a panic poisoned its lock: every mutation is
-    /// checkpointed before it is applied, so the state stays consistent.
-    pub fn lock(&self) -> MutexGuard<'_, AgentCore> {
-        self.core.lock().unwrap_or_else(|p| p.into_inner())
+    /// The core for an API call (behind a waiting reconcile pass).
+    pub fn lock(&self) -> CallGuard<'_, AgentCore> {
+        self.core.lock()
+    }
+
+    /// The core for the reconcile loop (ahead of queued calls).
+    pub fn lock_first(&self) -> MutexGuard<'_, AgentCore> {
+        self.core.lock_first()
     }
 }
 

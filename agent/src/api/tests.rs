@@ -2,7 +2,7 @@
 //! sevflush tree): ScrubVm writes `scrub` and reports what it flushed, and a
 //! WatchEvents client that does not read is dropped with a status.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use sevplace_proto::v1 as pb;
@@ -83,7 +83,7 @@ async fn serve(event_capacity: usize) -> Served {
     })
     .unwrap();
     let ctx = Arc::new(AgentContext {
-        core: Arc::new(Mutex::new(core)),
+        core: Arc::new(crate::reconcile::priority::PriorityMutex::new(core)),
         access: crate::access::AccessPolicy::default(),
         events,
         metrics,

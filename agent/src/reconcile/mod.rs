@@ -9,6 +9,7 @@
 
 pub mod enforce;
 pub mod events;
+pub mod priority;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
