@@ -2,7 +2,7 @@
 //! or SIGINT.
 
 use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use sevplace_proto::v1::sevplace_service_server::SevplaceServiceServer;
@@ -73,19 +73,18 @@ pub struct RunOptions {
     pub reset_state: bool,
 }
 
-/// Seconds since the epoch of the last finished reconcile pass, read by
-/// the watchdog feeder: a stuck loop stops the feed and systemd restarts
-/// the agent.
+/// Milliseconds on the monotonic clock (from the process's first use of
+/// it) at the end of the last reconcile pass, read by the watchdog feeder:
+/// a stuck loop stops the feed and systemd restarts the agent. The wall
+/// clock plays no part, so setting it forward or back neither stops the
+/// feed nor hides a stuck loop.
 static LAST_PASS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
-fn now_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+fn monotonic_ms() -> u64 {
+    static ORIGIN: OnceLock<Instant> = OnceLock::new();
+    let ms = ORIGIN.get_or_init(Instant::now).elapsed().as_millis();
+    u64::try_from(ms).unwrap_or(u64::MAX)
 }
-
-/// The last scan error, so a persistent one is logged once.
-static LAST_SCAN_ERROR: Mutex<Option<String>> = Mutex::new(None);
 
 /// One reconcile pass, on the calling thread: the scan runs without the
 /// core's lock, the rest takes it ahead of queued API calls.
@@ -93,13 +92,6 @@ pub fn reconcile_pass(ctx: &AgentContext) {
     let scanner = ctx.lock_first().scanner();
     match scanner.scan() {
         Ok(scan) => {
-            if let Some(prev) = LAST_SCAN_ERROR
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .take()
-            {
-                tracing::info!(previous = %prev, "host scan works again");
-            }
             let asked = Instant::now();
             let mut core = ctx.lock_first();
             ctx.metrics.observe_reconcile_lock_wait(asked.elapsed());
@@ -109,17 +101,10 @@ pub fn reconcile_pass(ctx: &AgentContext) {
                 tracing::warn!(error = %e, "reconcile");
             }
         }
-        Err(e) => {
-            // Logged when it starts or changes, not on every pass.
-            let msg = e.to_string();
-            let mut last = LAST_SCAN_ERROR.lock().unwrap_or_else(|p| p.into_inner());
-            if last.as_deref() != Some(msg.as_str()) {
-                tracing::error!(error = %msg, "host scan failed; retrying every period");
-                *last = Some(msg);
-            }
-        }
+        // Logged by the condition when it starts or changes.
+        Err(e) => ctx.lock_first().scan_failed(e.to_string()),
     }
-    LAST_PASS.store(now_secs(), std::sync::atomic::Ordering::Relaxed);
+    LAST_PASS.store(monotonic_ms(), std::sync::atomic::Ordering::Relaxed);
 }
 
 /// Feeds the systemd watchdog while reconcile passes keep finishing.
@@ -138,12 +123,13 @@ async fn watchdog_feeder(
         if stopping {
             return;
         }
-        let age = now_secs().saturating_sub(LAST_PASS.load(std::sync::atomic::Ordering::Relaxed));
-        if Duration::from_secs(age) <= stale_after {
+        let age =
+            monotonic_ms().saturating_sub(LAST_PASS.load(std::sync::atomic::Ordering::Relaxed));
+        if Duration::from_millis(age) <= stale_after {
             notifier.watchdog_ping();
         } else {
             tracing::error!(
-                age_s = age,
+                age_ms = age,
                 "reconcile loop stalled; not feeding the watchdog"
             );
         }

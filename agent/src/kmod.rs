@@ -99,6 +99,23 @@ pub struct ModuleReader {
     dir: PathBuf,
 }
 
+impl ModuleError {
+    /// Whether the error means the file or directory went away while it
+    /// was read: the module was unloaded (sysfs answers ENODEV for an open
+    /// file of a removed kobject, ENOENT afterwards) or, for a VM record,
+    /// the VM was destroyed.
+    pub fn is_vanished(&self) -> bool {
+        match self {
+            Self::Absent(_) => true,
+            Self::Read { source, .. } => {
+                source.kind() == std::io::ErrorKind::NotFound
+                    || source.raw_os_error() == Some(libc::ENODEV)
+            }
+            _ => false,
+        }
+    }
+}
+
 fn read_value(path: &Path) -> Result<String, ModuleError> {
     std::fs::read_to_string(path)
         .map(|s| s.trim_end_matches('\n').to_string())
@@ -179,6 +196,12 @@ impl ModuleReader {
             Err(e @ ModuleError::Absent(_)) => {
                 ModuleStatus::without_counters(ModuleState::Absent, 0, e.to_string())
             }
+            // Unloaded (or loading) between two reads.
+            Err(e) if e.is_vanished() => ModuleStatus::without_counters(
+                ModuleState::Absent,
+                0,
+                format!("the sevflush module went away while it was read ({e})"),
+            ),
             Err(e @ ModuleError::AbiMismatch { found, .. }) => {
                 ModuleStatus::without_counters(ModuleState::AbiMismatch, found, e.to_string())
             }
@@ -187,14 +210,24 @@ impl ModuleReader {
     }
 
     /// Every VM record (`vms/<id>/`), ordered by id. A record that vanishes
-    /// while it is read (its VM was destroyed) is left out.
+    /// while it is read (its VM was destroyed) is left out; the module
+    /// vanishing as a whole is `Absent`.
     pub fn vm_records(&self) -> Result<Vec<ModuleVm>, ModuleError> {
-        self.abi_version()?;
+        let absent = |e: ModuleError| {
+            if e.is_vanished() {
+                ModuleError::Absent(self.dir.clone())
+            } else {
+                e
+            }
+        };
+        self.abi_version().map_err(absent)?;
         let dir = self.dir.join("vms");
-        let entries = std::fs::read_dir(&dir).map_err(|source| ModuleError::Read {
-            path: dir.clone(),
-            source,
-        })?;
+        let entries = std::fs::read_dir(&dir)
+            .map_err(|source| ModuleError::Read {
+                path: dir.clone(),
+                source,
+            })
+            .map_err(absent)?;
         let mut ids: Vec<u64> = entries
             .filter_map(|e| e.ok())
             .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse().ok()))
@@ -204,10 +237,13 @@ impl ModuleReader {
         for id in ids {
             match self.vm_record(id) {
                 Ok(r) => out.push(r),
-                Err(ModuleError::Read { source, .. })
-                    if source.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) if e.is_vanished() => {}
                 Err(e) => return Err(e),
             }
+        }
+        // Records read while the module went away are not kept.
+        if !self.dir.join("abi_version").exists() {
+            return Err(ModuleError::Absent(self.dir.clone()));
         }
         Ok(out)
     }
@@ -410,5 +446,78 @@ mod tests {
             .read_cpulist("vms/1/dirty_cpus")
             .unwrap_err();
         assert!(e.to_string().contains("dirty_cpus"), "{e}");
+    }
+
+    /// The module unloads and loads again while the agent reads it: the
+    /// whole tree appears and vanishes at once (as kernfs removes a
+    /// kobject's directory), here by renames. Every read is the module
+    /// loaded with complete records, or absent; never an error state, never
+    /// a record with missing fields.
+    #[test]
+    fn unload_mid_read_is_absent_never_an_error() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        let base = tempfile::tempdir().unwrap();
+        let live = base.path().join("sevflush");
+        let stop = Arc::new(AtomicBool::new(false));
+        let toggler = {
+            let (base, live, stop) = (base.path().to_path_buf(), live.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut i = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let stage = base.join(format!("stage-{i}"));
+                    fake_tree::write_globals(&stage, "targeted", [1, 2, 3, 4, 5]).unwrap();
+                    for id in 1..=8u64 {
+                        fake_tree::write_record(&stage, id, 1000 + id as u32, "0-3", "0-7", id, id)
+                            .unwrap();
+                    }
+                    std::fs::rename(&stage, &live).unwrap();
+                    std::thread::sleep(std::time::Duration::from_micros(300));
+                    let gone = base.join(format!("gone-{i}"));
+                    std::fs::rename(&live, &gone).unwrap();
+                    std::fs::remove_dir_all(&gone).unwrap();
+                    i += 1;
+                }
+            })
+        };
+        let reader = ModuleReader::new(&live);
+        let (mut loaded, mut absent, mut records) = (0, 0, 0);
+        let started = std::time::Instant::now();
+        // Until both states were seen often (the bound only ends a broken
+        // toggler).
+        while (loaded < 200 || absent < 200 || records == 0)
+            && started.elapsed() < std::time::Duration::from_secs(60)
+        {
+            let st = reader.status();
+            match st.state {
+                ModuleState::Loaded => {
+                    loaded += 1;
+                    assert_eq!(st.mode, "targeted");
+                    assert_eq!(st.scrubbed_cpus_total, 5);
+                }
+                ModuleState::Absent => absent += 1,
+                other => panic!("{other:?}: {}", st.message),
+            }
+            match reader.vm_records() {
+                Ok(rs) => {
+                    assert!(rs.len() <= 8);
+                    for r in rs {
+                        records += 1;
+                        assert_eq!(r.pid, 1000 + r.id as u32);
+                        assert_eq!(r.dirty_cpus, CpuSet::range(0, 3));
+                        assert_eq!(r.ran_cpus, CpuSet::range(0, 7));
+                        assert_eq!((r.flushes, r.flushed_cpus), (r.id, r.id));
+                    }
+                }
+                Err(ModuleError::Absent(_)) => {}
+                Err(e) => panic!("{e}"),
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        toggler.join().unwrap();
+        assert!(
+            loaded > 0 && absent > 0 && records > 0,
+            "both states seen: loaded {loaded}, absent {absent}, records {records}"
+        );
     }
 }

@@ -52,6 +52,8 @@ pub struct Metrics {
     pub vms_failing_pins: Gauge,
     pub reconcile_duration: Histogram,
     pub reconcile_lock_wait: Histogram,
+    pub condition: Family<ConditionLabels, Gauge>,
+    pub checkpoint_write_failures: Counter,
     pub vm_dirty_cpus: Family<VmLabels, Gauge>,
     pub vm_ran_cpus: Family<VmLabels, Gauge>,
     pub vm_vcpus: Family<VmLabels, Gauge>,
@@ -118,6 +120,12 @@ fn advance(counter: &Counter, last: u64, reading: u64) {
     if delta > 0 {
         counter.inc_by(delta);
     }
+}
+
+/// Labels of `sevplace_condition`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConditionLabels {
+    pub condition: String,
 }
 
 /// Labels of `sevplace_drift_corrections_total`.
@@ -193,6 +201,25 @@ impl Metrics {
             "reconcile_duration_seconds",
             "Time of one reconcile pass",
             reconcile_duration.clone(),
+        );
+        let condition = Family::<ConditionLabels, Gauge>::default();
+        registry.register(
+            "condition",
+            "1 while a condition keeps the agent from doing its whole job (GetHost lists them)",
+            condition.clone(),
+        );
+        for kind in crate::reconcile::conditions::ConditionKind::ALL {
+            condition
+                .get_or_create(&ConditionLabels {
+                    condition: kind.as_str().to_string(),
+                })
+                .set(0);
+        }
+        let checkpoint_write_failures = Counter::default();
+        registry.register(
+            "checkpoint_write_failures",
+            "Failed writes of the intent checkpoint (the change was refused or postponed)",
+            checkpoint_write_failures.clone(),
         );
         let reconcile_lock_wait = latency_buckets();
         registry.register(
@@ -273,6 +300,8 @@ impl Metrics {
             drift_corrections,
             reconcile_duration,
             reconcile_lock_wait,
+            condition,
+            checkpoint_write_failures,
             registry,
             cpus,
             l3_domains,
@@ -394,6 +423,15 @@ impl Metrics {
     /// Records one reconcile pass.
     pub fn observe_reconcile(&self, elapsed: Duration) {
         self.reconcile_duration.observe(elapsed.as_secs_f64());
+    }
+
+    /// Sets `sevplace_condition{condition}`.
+    pub fn set_condition(&self, kind: crate::reconcile::conditions::ConditionKind, raised: bool) {
+        self.condition
+            .get_or_create(&ConditionLabels {
+                condition: kind.as_str().to_string(),
+            })
+            .set(i64::from(raised));
     }
 
     /// Records how long a reconcile pass waited for the core lock.

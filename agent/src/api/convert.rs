@@ -241,6 +241,22 @@ pub fn host(core: &AgentCore) -> pb::Host {
             .collect(),
         module: Some(module_status(&core.module().status())),
         vm_count: core.vm_count() as u32,
+        conditions: core.conditions().iter().map(condition).collect(),
+    }
+}
+
+pub fn condition(c: &crate::reconcile::conditions::Condition) -> pb::Condition {
+    use crate::reconcile::conditions::ConditionKind as K;
+    let t = match c.kind {
+        K::CheckpointWriteFailing => pb::ConditionType::CheckpointWriteFailing,
+        K::HostScanFailing => pb::ConditionType::HostScanFailing,
+        K::PinsFailing => pb::ConditionType::PinsFailing,
+        K::ModuleUnusable => pb::ConditionType::ModuleUnusable,
+    };
+    pb::Condition {
+        r#type: t as i32,
+        message: c.message.clone(),
+        since: Some(timestamp(c.since)),
     }
 }
 

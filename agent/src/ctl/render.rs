@@ -123,6 +123,23 @@ pub fn host(h: &pb::Host) -> String {
         }
         let _ = writeln!(o);
     }
+    if h.conditions.is_empty() {
+        let _ = writeln!(o, "conditions  none");
+    }
+    for c in &h.conditions {
+        let _ = writeln!(
+            o,
+            "condition   {}: {}",
+            pb::ConditionType::try_from(c.r#type).map_or_else(
+                |e| format!("unknown({})", e.0),
+                |t| t
+                    .as_str_name()
+                    .trim_start_matches("CONDITION_TYPE_")
+                    .to_lowercase()
+            ),
+            c.message
+        );
+    }
     o
 }
 

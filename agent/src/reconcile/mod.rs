@@ -7,6 +7,7 @@
 //! `kill -9`. Observed state is always re-read from procfs, never assumed
 //! from what was last written.
 
+pub mod conditions;
 pub mod enforce;
 pub mod events;
 pub mod priority;
@@ -29,6 +30,7 @@ use crate::state::{
 use crate::topology::Topology;
 use crate::types::{ConfidentialClass, VmId};
 
+use conditions::{Change, Condition, ConditionKind, Conditions};
 use events::{EventBus, EventKind};
 
 /// Lifecycle of a VM as the agent sees it.
@@ -151,6 +153,7 @@ pub struct AgentCore {
     /// placements change only with a new generation, and GetHost asks
     /// for the summary far more often than placements change.
     capacity_cache: Mutex<Option<(u64, placement::CapacitySummary)>>,
+    conditions: Conditions,
 }
 
 /// Whether `vm` is the process `selector` names.
@@ -223,6 +226,7 @@ impl AgentCore {
             events,
             metrics,
             capacity_cache: Mutex::new(None),
+            conditions: Conditions::default(),
         };
         core.update_pool_metric();
         Ok(core)
@@ -324,12 +328,52 @@ impl AgentCore {
         }
     }
 
-    /// Writes `next` as the checkpoint, then adopts it.
+    /// Writes `next` as the checkpoint, then adopts it. A failed write
+    /// leaves the current checkpoint in force and raises
+    /// `CheckpointWriteFailing` until a write succeeds.
     fn commit(&mut self, mut next: Checkpoint) -> Result<(), CheckpointError> {
         next.generation = self.checkpoint.generation + 1;
-        self.store.save(&next)?;
+        if let Err(e) = self.store.save(&next) {
+            self.metrics.checkpoint_write_failures.inc();
+            self.set_condition(ConditionKind::CheckpointWriteFailing, Err(e.to_string()));
+            return Err(e);
+        }
+        self.set_condition(ConditionKind::CheckpointWriteFailing, Ok(()));
         self.checkpoint = next;
         Ok(())
+    }
+
+    /// Raises (`Err`) or clears (`Ok`) a condition, logging and exporting
+    /// the change.
+    pub fn set_condition(&mut self, kind: ConditionKind, result: Result<(), String>) {
+        let change = match result {
+            Ok(()) => self.conditions.clear(kind),
+            Err(message) => self.conditions.raise(kind, message, SystemTime::now()),
+        };
+        let message = self.conditions.get(kind).map(|c| c.message.as_str());
+        match change {
+            Change::Raised | Change::MessageChanged => {
+                tracing::error!(
+                    condition = kind.as_str(),
+                    message = message.unwrap_or(""),
+                    "condition raised"
+                );
+            }
+            Change::Cleared => tracing::info!(condition = kind.as_str(), "condition cleared"),
+            Change::None => {}
+        }
+        self.metrics
+            .set_condition(kind, self.conditions.is_raised(kind));
+    }
+
+    /// The raised conditions.
+    pub fn conditions(&self) -> Vec<Condition> {
+        self.conditions.list()
+    }
+
+    /// Records a failed host scan (the pass did not run).
+    pub fn scan_failed(&mut self, message: String) {
+        self.set_condition(ConditionKind::HostScanFailing, Err(message));
     }
 
     fn find_process(&self, selector: &VmSelector) -> Result<Option<DiscoveredVm>, AgentError> {
@@ -602,6 +646,7 @@ impl AgentCore {
     /// One reconcile pass over a fresh scan of the host.
     pub fn reconcile(&mut self, scan: Vec<DiscoveredVm>) -> PassReport {
         let start = Instant::now();
+        self.set_condition(ConditionKind::HostScanFailing, Ok(()));
         let mut report = PassReport {
             vms_seen: scan.len(),
             ..PassReport::default()
@@ -682,9 +727,24 @@ impl AgentCore {
                 .publish(&format!("pid-{pid}"), EventKind::Exited { pid });
         }
         self.unmanaged = by_pid;
-        self.metrics
-            .vms_failing_pins
-            .set(self.runtime.values().filter(|r| r.failures > 0).count() as i64);
+        let failing: Vec<&VmId> = self
+            .runtime
+            .iter()
+            .filter(|(_, r)| r.failures > 0)
+            .map(|(id, _)| id)
+            .collect();
+        self.metrics.vms_failing_pins.set(failing.len() as i64);
+        let pins = if failing.is_empty() {
+            Ok(())
+        } else {
+            let names: Vec<String> = failing.iter().map(|id| id.to_string()).collect();
+            Err(format!(
+                "placements of {} VM(s) cannot be applied, retried with backoff: {}",
+                names.len(),
+                names.join(", ")
+            ))
+        };
+        self.set_condition(ConditionKind::PinsFailing, pins);
         self.auto_failed
             .retain(|(pid, _)| self.unmanaged.contains_key(pid));
         if self.auto_place {
@@ -699,19 +759,25 @@ impl AgentCore {
     /// records with the agent's classification, and refreshes the module
     /// and per-VM metrics.
     fn sync_module(&mut self) {
+        use crate::kmod::ModuleState;
         let status = self.host.module.status();
         self.metrics.set_module(&status);
-        let records = if status.state == crate::kmod::ModuleState::Loaded {
-            match self.host.module.vm_records() {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot read sevflush VM records");
-                    Vec::new()
-                }
+        let (records, usable) = match status.state {
+            ModuleState::Loaded => match self.host.module.vm_records() {
+                Ok(r) => (r, Ok(())),
+                // Unloaded between the two reads: absent, not unusable.
+                Err(e) if e.is_vanished() => (Vec::new(), Ok(())),
+                Err(e) => (
+                    Vec::new(),
+                    Err(format!("cannot read sevflush VM records: {e}")),
+                ),
+            },
+            ModuleState::Absent => (Vec::new(), Ok(())),
+            ModuleState::AbiMismatch | ModuleState::Error => {
+                (Vec::new(), Err(status.message.clone()))
             }
-        } else {
-            Vec::new()
         };
+        self.set_condition(ConditionKind::ModuleUnusable, usable);
         let mut figures = Vec::new();
         for v in self.views() {
             if v.pid == 0 {

@@ -411,6 +411,21 @@ fn unwritable_checkpoint_changes_nothing() {
         f.affinity.calls.lock().unwrap().is_empty(),
         "nothing pinned"
     );
+    let text = f.metrics.encode_prometheus();
+    assert!(text.contains("sevplace_condition{condition=\"checkpoint_write_failing\"} 1"));
+    assert!(text.contains("sevplace_checkpoint_write_failures_total 1"));
+    assert_eq!(
+        core.conditions()[0].kind,
+        super::conditions::ConditionKind::CheckpointWriteFailing
+    );
+    // Writable again: the retried call succeeds and the condition clears.
+    std::fs::remove_file(f.dir.path().join("state")).unwrap();
+    core.place(call("vm-z", Some(600), 2)).unwrap();
+    assert!(core.conditions().is_empty());
+    assert!(f
+        .metrics
+        .encode_prometheus()
+        .contains("sevplace_condition{condition=\"checkpoint_write_failing\"} 0"));
 }
 
 /// A sevflush tree with one VM record.
@@ -613,6 +628,17 @@ fn failing_pins_keep_the_intent_report_and_retry_with_backoff() {
         let text = f.metrics.encode_prometheus();
         assert!(text.contains("sevplace_vms_failing_pins 1"), "{text}");
         assert!(
+            text.contains("sevplace_condition{condition=\"pins_failing\"} 1"),
+            "{text}"
+        );
+        let raised = core.conditions();
+        assert_eq!(raised.len(), 1, "{raised:?}");
+        assert_eq!(
+            raised[0].kind,
+            super::conditions::ConditionKind::PinsFailing
+        );
+        assert!(raised[0].message.contains("vm-f"), "{raised:?}");
+        assert!(
             text.contains("sevplace_pin_failures_total{reason="),
             "{text}"
         );
@@ -632,9 +658,9 @@ fn failing_pins_keep_the_intent_report_and_retry_with_backoff() {
         for (index, set) in allowed(&core, &f) {
             assert_eq!(set, p.vcpu_cpus[index as usize]);
         }
-        assert!(f
-            .metrics
-            .encode_prometheus()
-            .contains("sevplace_vms_failing_pins 0"));
+        let text = f.metrics.encode_prometheus();
+        assert!(text.contains("sevplace_vms_failing_pins 0"));
+        assert!(text.contains("sevplace_condition{condition=\"pins_failing\"} 0"));
+        assert!(core.conditions().is_empty());
     }
 }

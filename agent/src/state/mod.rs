@@ -286,7 +286,7 @@ impl CheckpointStore {
         let dir = self.dir();
         std::fs::create_dir_all(&dir).map_err(self.io("create directory", &dir))?;
         let tmp = self.tmp_path();
-        {
+        let written = (|| {
             use std::os::unix::fs::OpenOptionsExt;
             let mut f = std::fs::OpenOptions::new()
                 .write(true)
@@ -296,7 +296,13 @@ impl CheckpointStore {
                 .open(&tmp)
                 .map_err(self.io("create", &tmp))?;
             f.write_all(&bytes).map_err(self.io("write", &tmp))?;
-            f.sync_all().map_err(self.io("fsync", &tmp))?;
+            f.sync_all().map_err(self.io("fsync", &tmp))
+        })();
+        if let Err(e) = written {
+            // A partial temp file on a full disk holds space the next
+            // attempt needs; the checkpoint itself is untouched.
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
         }
         std::fs::rename(&tmp, &self.path).map_err(self.io("rename", &tmp))?;
         sync_dir(&dir).map_err(self.io("fsync directory", &dir))?;
