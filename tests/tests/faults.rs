@@ -1,0 +1,314 @@
+//! Faults of the host, injected under the real daemon: the checkpoint
+//! directory full (a real tmpfs filled to ENOSPC) or read-only (remounted
+//! ro), and the sevflush module unloading and loading while the agent reads
+//! it. For each: the daemon keeps serving, reports the condition in GetHost
+//! and /metrics, accepts the change again once the fault heals, and no
+//! acknowledged intent is lost across kill -9.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use sevplace_proto::v1 as pb;
+use sevplace_tests::{http_get, wait_until, Daemon};
+
+fn genoa() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../agent/tests/fixtures/genoa-2x96-nps1")
+}
+
+fn place(id: &str) -> pb::PlaceVmRequest {
+    pb::PlaceVmRequest {
+        vm_id: id.to_string(),
+        vcpus: 4,
+        confidential_class: pb::ConfidentialClass::SevSnp as i32,
+        ..Default::default()
+    }
+}
+
+/// A tmpfs mounted on a directory; unmounted on drop.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    /// `None` (with a printed reason) when mounting is not possible here.
+    fn mount(test: &str, at: &Path, size: &str) -> Option<Self> {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIP {test}: mounting a tmpfs needs root");
+            return None;
+        }
+        std::fs::create_dir_all(at).expect("mount point");
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700"), "tmpfs"])
+            .arg(at)
+            .output()
+            .expect("mount");
+        if !out.status.success() {
+            eprintln!(
+                "SKIP {test}: mount -t tmpfs failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+            return None;
+        }
+        Some(Self(at.to_path_buf()))
+    }
+
+    fn remount(&self, opt: &str) {
+        let out = Command::new("mount")
+            .args(["-o", &format!("remount,{opt}")])
+            .arg(&self.0)
+            .output()
+            .expect("mount -o remount");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Fills the file system of `dir` with one file until ENOSPC.
+fn fill(dir: &Path) -> PathBuf {
+    let path = dir.join("filler");
+    let mut f = std::fs::File::create(&path).expect("filler");
+    let chunk = vec![0u8; 4096];
+    loop {
+        match f.write_all(&chunk) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => break,
+            Err(e) => panic!("filling {}: {e}", dir.display()),
+        }
+    }
+    let _ = f.sync_all();
+    path
+}
+
+fn conditions(c: &mut Client, rt: &tokio::runtime::Runtime) -> Vec<(i32, String)> {
+    rt.block_on(c.get_host(pb::GetHostRequest {}))
+        .expect("GetHost keeps answering")
+        .into_inner()
+        .host
+        .expect("host")
+        .conditions
+        .into_iter()
+        .map(|c| (c.r#type, c.message))
+        .collect()
+}
+
+fn listed(c: &mut Client, rt: &tokio::runtime::Runtime) -> Vec<String> {
+    let mut ids: Vec<String> = rt
+        .block_on(c.list_vms(pb::ListVmsRequest::default()))
+        .expect("ListVms keeps answering")
+        .into_inner()
+        .vms
+        .into_iter()
+        .map(|v| v.vm_id)
+        .collect();
+    ids.sort();
+    ids
+}
+
+type Client = sevplace_proto::v1::sevplace_service_client::SevplaceServiceClient<
+    tonic::transport::Channel,
+>;
+
+fn metric_line(d: &Daemon, needle: &str) -> String {
+    http_get(&d.metrics_addr, "/metrics", None)
+        .lines()
+        .find(|l| l.starts_with(needle))
+        .unwrap_or_else(|| panic!("no {needle} in /metrics"))
+        .to_string()
+}
+
+#[test]
+fn checkpoint_directory_full_or_read_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let Some(fs) = Tmpfs::mount("checkpoint_directory_full_or_read_only", &state, "512k") else {
+        return;
+    };
+    let root = host_root_copy();
+    let host_root = root.path().to_str().unwrap();
+    let d = Daemon::start_in(dir, &["--host-root", host_root], &[]);
+    let rt = sevplace_tests::runtime();
+    let mut c = rt.block_on(sevplace::client::connect(&d.socket)).unwrap();
+    rt.block_on(c.place_vm(place("vm-a"))).expect("place vm-a");
+
+    // Full: the call is refused with UNAVAILABLE (retryable), nothing
+    // changes, the condition is up.
+    let filler = fill(&state);
+    let err = rt.block_on(c.place_vm(place("vm-b"))).unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("No space left"), "{}", err.message());
+    let err = rt
+        .block_on(c.release_vm(pb::ReleaseVmRequest {
+            vm_id: "vm-a".into(),
+        }))
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    assert_eq!(listed(&mut c, &rt), ["vm-a"]);
+    let raised = conditions(&mut c, &rt);
+    assert_eq!(raised.len(), 1, "{raised:?}");
+    assert_eq!(
+        raised[0].0,
+        pb::ConditionType::CheckpointWriteFailing as i32
+    );
+    assert!(raised[0].1.contains("No space left"), "{raised:?}");
+    assert_eq!(
+        metric_line(&d, "sevplace_condition{condition=\"checkpoint_write_failing\"}"),
+        "sevplace_condition{condition=\"checkpoint_write_failing\"} 1"
+    );
+    assert_eq!(
+        metric_line(&d, "sevplace_checkpoint_write_failures_total"),
+        "sevplace_checkpoint_write_failures_total 2"
+    );
+    let host = d.ctl(&["host"]);
+    assert!(
+        String::from_utf8_lossy(&host.stdout).contains("condition   checkpoint_write_failing"),
+        "{}",
+        String::from_utf8_lossy(&host.stdout)
+    );
+
+    // Space again: the same call succeeds, the condition clears.
+    std::fs::remove_file(&filler).unwrap();
+    rt.block_on(c.place_vm(place("vm-b"))).expect("place vm-b");
+    assert!(conditions(&mut c, &rt).is_empty());
+
+    // Read-only.
+    fs.remount("ro");
+    let err = rt.block_on(c.place_vm(place("vm-c"))).unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("Read-only"), "{}", err.message());
+    assert_eq!(
+        conditions(&mut c, &rt)[0].0,
+        pb::ConditionType::CheckpointWriteFailing as i32
+    );
+    assert_eq!(listed(&mut c, &rt), ["vm-a", "vm-b"]);
+    fs.remount("rw");
+    rt.block_on(c.place_vm(place("vm-c"))).expect("place vm-c");
+    assert!(conditions(&mut c, &rt).is_empty());
+    drop(c);
+
+    // Every acknowledged intent survives kill -9.
+    let dir = d.kill9();
+    let d = Daemon::start_in(dir, &["--host-root", host_root], &[]);
+    let mut c = rt.block_on(sevplace::client::connect(&d.socket)).unwrap();
+    assert_eq!(listed(&mut c, &rt), ["vm-a", "vm-b", "vm-c"]);
+    drop(d);
+    drop(fs);
+}
+
+/// A copy of the Genoa fixture with an empty /proc (a host without VMs),
+/// to which a test can add /sys/kernel/sevflush.
+fn host_root_copy() -> tempfile::TempDir {
+    let root = tempfile::tempdir().unwrap();
+    let out = Command::new("cp")
+        .arg("-a")
+        .arg(format!("{}/.", genoa().display()))
+        .arg(root.path())
+        .output()
+        .expect("cp");
+    assert!(out.status.success());
+    std::fs::create_dir_all(root.path().join("proc")).unwrap();
+    root
+}
+
+#[test]
+fn module_unloading_and_loading_under_the_daemon() {
+    use sevplace::kmod::fake_tree::{write_globals, write_record};
+    let root = host_root_copy();
+    let kernel = root.path().join("sys/kernel");
+    let live = kernel.join("sevflush");
+    write_globals(&live, "targeted", [3, 12, 1, 0, 0]).unwrap();
+    write_record(&live, 1, 4242, "0-3", "0-7", 3, 12).unwrap();
+    let d = Daemon::start_in(
+        tempfile::tempdir().unwrap(),
+        &["--host-root", root.path().to_str().unwrap()],
+        &[("SEVPLACE__RECONCILE__PERIOD_MS", "100")],
+    );
+    let rt = sevplace_tests::runtime();
+    let mut c = rt.block_on(sevplace::client::connect(&d.socket)).unwrap();
+    let module_state = |c: &mut Client| {
+        rt.block_on(c.get_host(pb::GetHostRequest {}))
+            .expect("GetHost keeps answering")
+            .into_inner()
+            .host
+            .and_then(|h| h.module)
+            .map(|m| (m.state, m.message))
+            .expect("module status")
+    };
+    assert_eq!(module_state(&mut c).0, pb::ModuleState::Loaded as i32);
+    rt.block_on(c.place_vm(place("vm-a"))).expect("place vm-a");
+
+    // The module goes away and comes back at once (as kernfs removes and
+    // adds a kobject directory) every few milliseconds, for 3 s, while
+    // the reconcile loop (100 ms period) and the calls read it.
+    let stop = Arc::new(AtomicBool::new(false));
+    let toggler = {
+        let (kernel, live, stop) = (kernel.clone(), live.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let gone = kernel.join(format!(".gone-{i}"));
+                std::fs::rename(&live, &gone).unwrap();
+                std::fs::remove_dir_all(&gone).unwrap();
+                std::thread::sleep(Duration::from_millis(2));
+                let stage = kernel.join(format!(".stage-{i}"));
+                write_globals(&stage, "targeted", [3, 12, 1, 0, 0]).unwrap();
+                write_record(&stage, 1, 4242, "0-3", "0-7", 3, 12).unwrap();
+                std::fs::rename(&stage, &live).unwrap();
+                std::thread::sleep(Duration::from_millis(3));
+                i += 1;
+            }
+        })
+    };
+    let (mut loaded, mut absent) = (0, 0);
+    let start = std::time::Instant::now();
+    while start.elapsed() < Duration::from_secs(3) {
+        let (state, message) = module_state(&mut c);
+        match pb::ModuleState::try_from(state) {
+            Ok(pb::ModuleState::Loaded) => loaded += 1,
+            Ok(pb::ModuleState::Absent) => absent += 1,
+            other => panic!("module state {other:?}: {message}"),
+        }
+        assert_eq!(listed(&mut c, &rt), ["vm-a"]);
+    }
+    stop.store(true, Ordering::Relaxed);
+    toggler.join().unwrap();
+    eprintln!("module toggled: {loaded} answers loaded, {absent} absent");
+    assert!(loaded + absent > 0);
+    assert_eq!(
+        metric_line(&d, "sevplace_condition{condition=\"module_unusable\"}"),
+        "sevplace_condition{condition=\"module_unusable\"} 0",
+        "an unload is absence, not an unusable module"
+    );
+
+    // Gone for good: absent; placements and calls unaffected.
+    std::fs::remove_dir_all(&live).unwrap();
+    assert!(wait_until(Duration::from_secs(5), || module_state(&mut c).0
+        == pb::ModuleState::Absent as i32));
+    rt.block_on(c.place_vm(place("vm-b"))).expect("place vm-b");
+    // Back with another ABI: reported, and the condition is raised.
+    write_globals(&live, "targeted", [0; 5]).unwrap();
+    std::fs::write(live.join("abi_version"), "99\n").unwrap();
+    assert!(wait_until(Duration::from_secs(5), || {
+        metric_line(&d, "sevplace_condition{condition=\"module_unusable\"}").ends_with(" 1")
+    }));
+    let (state, message) = module_state(&mut c);
+    assert_eq!(state, pb::ModuleState::AbiMismatch as i32);
+    assert!(message.contains("99"), "{message}");
+    // Back with the right ABI: loaded, condition cleared.
+    std::fs::write(live.join("abi_version"), "1\n").unwrap();
+    assert!(wait_until(Duration::from_secs(5), || {
+        metric_line(&d, "sevplace_condition{condition=\"module_unusable\"}").ends_with(" 0")
+    }));
+    assert_eq!(module_state(&mut c).0, pb::ModuleState::Loaded as i32);
+    assert_eq!(listed(&mut c, &rt), ["vm-a", "vm-b"]);
+}
