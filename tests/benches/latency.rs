@@ -3,7 +3,9 @@
 //! validate_only, and acting PlaceVm (checkpoint write + fsync + rename on
 //! every call, each followed by a ReleaseVm). Baseline measured in the same
 //! run: grpc.health.v1 Check, the transport's floor. Then the daemon's
-//! resident memory and CPU use over 60 s idle on the real host.
+//! resident memory and CPU use over 60 s idle on the real host, and the
+//! time of a `/metrics` scrape over HTTP with 500 VMs (baseline: the same
+//! daemon with no VM, in the same run).
 //!
 //! `cargo bench -p sevplace-tests --bench latency`; `cargo test` runs it
 //! as a short smoke test.
@@ -161,6 +163,7 @@ fn main() {
         }
     }
     drop(d);
+    scrape(if full { 500 } else { 20 }, if full { 400 } else { 20 });
     // Idle: the real host, default settings, 60 s.
     let d = Daemon::start(&[]);
     let secs = if full { 60 } else { 2 };
@@ -173,5 +176,87 @@ fn main() {
     println!(
         "idle on the real host for {secs} s: CPU {cpu:.2}% of one core, RSS {} KiB",
         rss_kib(d.pid())
+    );
+}
+
+/// `n` scrapes of `/metrics` over HTTP/1.0 (a new connection each, as
+/// Prometheus does per scrape interval): p50, p99 and the body size.
+fn scrapes(addr: &str, n: u32) -> (Duration, Duration, usize) {
+    let mut times = Vec::with_capacity(n as usize);
+    let mut size = 0;
+    for _ in 0..n {
+        let t = Instant::now();
+        let body = sevplace_tests::http_get(addr, "/metrics", None);
+        times.push(t.elapsed());
+        assert!(body.starts_with("HTTP/1."), "{body}");
+        size = body.len();
+    }
+    times.sort();
+    (pct(&times, 0.5), pct(&times, 0.99), size)
+}
+
+/// The daemon on a copy of the Genoa host root: first with an empty
+/// procfs (baseline), then with `vms` QEMU-shaped VMs of 16 vCPUs, each
+/// with a sevflush record, so every per-VM series is exported. The VMs are
+/// discovered, not placed: their thread ids are fake and must never reach
+/// sched_setaffinity.
+fn scrape(vms: u32, n: u32) {
+    use sevplace::discovery::fake_procfs::{write_process, FakeProcess};
+    use sevplace::kmod::fake_tree;
+    let root = tempfile::tempdir().expect("tempdir");
+    let genoa = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../agent/tests/fixtures/genoa-2x96-nps1");
+    let ok = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(format!("{}/.", genoa.display()))
+        .arg(root.path())
+        .status()
+        .expect("cp")
+        .success();
+    assert!(ok, "copy of the host root");
+    let proc_root = root.path().join("proc");
+    let module = root.path().join("sys/kernel/sevflush");
+    std::fs::create_dir_all(&proc_root).expect("proc");
+    fake_tree::write_globals(&module, "targeted", [0; 5]).expect("sevflush tree");
+    let d = Daemon::start_in(
+        tempfile::tempdir().expect("tempdir"),
+        &["--host-root", root.path().to_str().expect("path")],
+        &[("SEVPLACE__RECONCILE__PERIOD_MS", "500")],
+    );
+    let (b50, b99, bsize) = scrapes(&d.metrics_addr, n);
+    for i in 0..vms {
+        let pid = 10_000 + i * 100;
+        let class = if i % 5 == 0 {
+            "sev-guest,id=s,policy=0x1"
+        } else {
+            "memory-backend-ram,id=m"
+        };
+        let p = FakeProcess::qemu_vm(pid, 16, &["qemu-system-x86_64", "-object", class]);
+        write_process(&proc_root, &p).expect("fake VM");
+        fake_tree::write_record(&module, u64::from(i) + 1, pid, "0-7", "0-15", 3, 24)
+            .expect("sevflush record");
+    }
+    let needle = format!("sevplace_vm_vcpus{{vm=\"pid-{}\"", 10_000 + (vms - 1) * 100);
+    let seen = sevplace_tests::wait_until(Duration::from_secs(120), || {
+        sevplace_tests::http_get(&d.metrics_addr, "/metrics", None).contains(&needle)
+    });
+    assert!(seen, "the daemon did not export {vms} VMs");
+    let (p50, p99, size) = scrapes(&d.metrics_addr, n);
+    println!("/metrics over HTTP, {n} scrapes per row, new connection each");
+    println!(
+        "{:<22} {:>10} {:>10} {:>10} {:>12}",
+        "host", "bytes", "p50", "p99", "p50/base"
+    );
+    println!(
+        "{:<22} {:>10} {:>10.1?} {:>10.1?} {:>12}",
+        "no VM (base)", bsize, b50, b99, "1.00"
+    );
+    println!(
+        "{:<22} {:>10} {:>10.1?} {:>10.1?} {:>12.2}",
+        format!("{vms} VMs x 16 vCPUs"),
+        size,
+        p50,
+        p99,
+        p50.as_secs_f64() / b50.as_secs_f64()
     );
 }

@@ -40,7 +40,13 @@ impl Tmpfs {
         }
         std::fs::create_dir_all(at).expect("mount point");
         let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700"), "tmpfs"])
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
             .arg(at)
             .output()
             .expect("mount");
@@ -115,9 +121,8 @@ fn listed(c: &mut Client, rt: &tokio::runtime::Runtime) -> Vec<String> {
     ids
 }
 
-type Client = sevplace_proto::v1::sevplace_service_client::SevplaceServiceClient<
-    tonic::transport::Channel,
->;
+type Client =
+    sevplace_proto::v1::sevplace_service_client::SevplaceServiceClient<tonic::transport::Channel>;
 
 fn metric_line(d: &Daemon, needle: &str) -> String {
     http_get(&d.metrics_addr, "/metrics", None)
@@ -162,7 +167,10 @@ fn checkpoint_directory_full_or_read_only() {
     );
     assert!(raised[0].1.contains("No space left"), "{raised:?}");
     assert_eq!(
-        metric_line(&d, "sevplace_condition{condition=\"checkpoint_write_failing\"}"),
+        metric_line(
+            &d,
+            "sevplace_condition{condition=\"checkpoint_write_failing\"}"
+        ),
         "sevplace_condition{condition=\"checkpoint_write_failing\"} 1"
     );
     assert_eq!(
@@ -292,7 +300,8 @@ fn module_unloading_and_loading_under_the_daemon() {
 
     // Gone for good: absent; placements and calls unaffected.
     std::fs::remove_dir_all(&live).unwrap();
-    assert!(wait_until(Duration::from_secs(5), || module_state(&mut c).0
+    assert!(wait_until(Duration::from_secs(5), || module_state(&mut c)
+        .0
         == pb::ModuleState::Absent as i32));
     rt.block_on(c.place_vm(place("vm-b"))).expect("place vm-b");
     // Back with another ABI: reported, and the condition is raised.
