@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sevplace_proto::v1 as pb;
-use sevplace_tests::{http_get, wait_until, Daemon};
+use sevplace_tests::{http_get, wait_until, Daemon, GuestVm};
 
 fn genoa() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../agent/tests/fixtures/genoa-2x96-nps1")
@@ -320,4 +320,226 @@ fn module_unloading_and_loading_under_the_daemon() {
     }));
     assert_eq!(module_state(&mut c).0, pb::ModuleState::Loaded as i32);
     assert_eq!(listed(&mut c, &rt), ["vm-a", "vm-b"]);
+}
+
+/// A cgroup v1 cpuset tree made by the test; on drop every task left in it
+/// goes back to the root cpuset and the directories are removed, deepest
+/// first.
+struct V1Tree {
+    mount: PathBuf,
+    dirs: Vec<PathBuf>,
+}
+
+impl V1Tree {
+    fn mkdir(&mut self, dir: PathBuf, cpus: &str, mems: &str) -> std::io::Result<()> {
+        std::fs::create_dir(&dir)?;
+        self.dirs.push(dir.clone());
+        std::fs::write(dir.join("cpuset.mems"), mems)?;
+        if !cpus.is_empty() {
+            std::fs::write(dir.join("cpuset.cpus"), cpus)?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for V1Tree {
+    fn drop(&mut self) {
+        for dir in self.dirs.iter().rev() {
+            if let Ok(tasks) = std::fs::read_to_string(dir.join("tasks")) {
+                for t in tasks.lines() {
+                    let _ = std::fs::write(self.mount.join("tasks"), t);
+                }
+            }
+            if let Err(e) = std::fs::remove_dir(dir) {
+                eprintln!("cleanup of {}: {e}", dir.display());
+            }
+        }
+    }
+}
+
+fn write(path: &Path, value: &str) {
+    std::fs::write(path, value)
+        .unwrap_or_else(|e| panic!("write {value:?} to {}: {e}", path.display()));
+}
+
+fn read_set(path: &Path) -> sevplace::CpuSet {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    sevplace::CpuSet::parse(text.trim()).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// A real kernel refusal under the daemon: a VM in libvirt's v1 cgroup
+/// layout (`NAME.libvirt-qemu/vcpuN`) is placed, then its vCPU cgroups are
+/// narrowed by hand and a sibling cpuset takes one of its CPUs with
+/// `cpu_exclusive`, so the agent's write that puts a vCPU cgroup back
+/// fails with EINVAL from the kernel (an exclusive sibling overlaps). The agent keeps the intent, reports
+/// the VM drifted, raises pins_failing, retries with backoff, and puts the
+/// placement back once the exclusive flag is cleared.
+#[test]
+fn real_v1_cpuset_refusal_is_reported_retried_and_healed() {
+    let test = "real_v1_cpuset_refusal_is_reported_retried_and_healed";
+    let mount = PathBuf::from("/sys/fs/cgroup/cpuset");
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIP {test}: not root");
+        return;
+    }
+    if !mount.join("cpuset.cpus").is_file() {
+        eprintln!(
+            "SKIP {test}: no cgroup v1 cpuset hierarchy at {}",
+            mount.display()
+        );
+        return;
+    }
+    let online = read_set(&mount.join("cpuset.effective_cpus"));
+    if online.len() < 2 {
+        eprintln!("SKIP {test}: needs two CPUs in the root cpuset, has {online}");
+        return;
+    }
+    let mems = std::fs::read_to_string(mount.join("cpuset.effective_mems")).unwrap();
+    let mems = mems.trim();
+    let mut tree = V1Tree {
+        mount: mount.clone(),
+        dirs: Vec::new(),
+    };
+    let top = mount.join(format!("sevplace-fault-{}", std::process::id()));
+    tree.mkdir(top.clone(), &online.to_string(), mems).unwrap();
+    if let Err(e) = std::fs::write(top.join("cpuset.cpu_exclusive"), "1") {
+        eprintln!(
+            "SKIP {test}: a test cpuset cannot be exclusive next to this host's cpusets: {e}"
+        );
+        return;
+    }
+    let machine = top.join("qemu-1-cgfault.libvirt-qemu");
+    tree.mkdir(machine.clone(), &online.to_string(), mems)
+        .unwrap();
+    // An exclusive child needs an exclusive parent.
+    write(&machine.join("cpuset.cpu_exclusive"), "1");
+    for child in ["vcpu0", "vcpu1", "emulator"] {
+        tree.mkdir(machine.join(child), &online.to_string(), mems)
+            .unwrap();
+    }
+    let excl = machine.join("excl");
+    tree.mkdir(excl.clone(), "", mems).unwrap();
+
+    let Some(vm) = GuestVm::start(
+        test,
+        &["--vcpus", "2", "-name", "guest=cgfault,debug-threads=on"],
+    ) else {
+        return;
+    };
+    for (tid, comm) in vm.threads() {
+        let group = match comm
+            .strip_prefix("CPU ")
+            .and_then(|r| r.strip_suffix("/KVM"))
+        {
+            Some(i) => format!("vcpu{i}"),
+            None => "emulator".to_string(),
+        };
+        write(&machine.join(&group).join("tasks"), &tid.to_string());
+    }
+    let d = Daemon::start_in(
+        tempfile::tempdir().unwrap(),
+        &[],
+        &[("SEVPLACE__RECONCILE__PERIOD_MS", "200")],
+    );
+    let rt = sevplace_tests::runtime();
+    let mut c = rt.block_on(sevplace::client::connect(&d.socket)).unwrap();
+    let get = |c: &mut Client| {
+        rt.block_on(c.get_vm(pb::GetVmRequest {
+            vm_id: "vm-cg".into(),
+        }))
+        .expect("GetVm keeps answering")
+        .into_inner()
+        .vm
+        .expect("vm")
+    };
+    assert!(wait_until(Duration::from_secs(10), || {
+        rt.block_on(c.list_vms(pb::ListVmsRequest::default()))
+            .is_ok_and(|r| r.into_inner().vms.iter().any(|v| v.pid == vm.pid))
+    }));
+    rt.block_on(c.place_vm(pb::PlaceVmRequest {
+        vm_id: "vm-cg".into(),
+        vcpus: 2,
+        confidential_class: pb::ConfidentialClass::None as i32,
+        selector: Some(pb::VmSelector {
+            selector: Some(pb::vm_selector::Selector::Pid(vm.pid)),
+        }),
+        ..Default::default()
+    }))
+    .expect("place vm-cg");
+    let placement = get(&mut c).placement.expect("placement");
+    let sets: Vec<sevplace::CpuSet> = placement
+        .vcpus
+        .iter()
+        .map(|v| v.cpus.iter().copied().collect())
+        .collect();
+    assert_eq!(sets.len(), 2);
+    for (i, set) in sets.iter().enumerate() {
+        assert_eq!(
+            &read_set(&machine.join(format!("vcpu{i}/cpuset.cpus"))),
+            set
+        );
+    }
+
+    // The fault: one placed CPU taken by an exclusive sibling of the vCPU
+    // cgroups.
+    let union = sets[0].union(&sets[1]);
+    let taken = union.iter().last().expect("a placed CPU");
+    let rest = online.difference(&sevplace::CpuSet::range(taken, taken));
+    let fallback = rest.first().expect("another CPU").to_string();
+    for child in ["vcpu0", "vcpu1", "emulator"] {
+        let file = machine.join(child).join("cpuset.cpus");
+        let narrowed = read_set(&file).intersection(&rest);
+        let value = if narrowed.is_empty() {
+            fallback.clone()
+        } else {
+            narrowed.to_string()
+        };
+        write(&file, &value);
+    }
+    write(&excl.join("cpuset.cpus"), &taken.to_string());
+    write(&excl.join("cpuset.cpu_exclusive"), "1");
+
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            metric_line(&d, "sevplace_condition{condition=\"pins_failing\"}").ends_with(" 1")
+        }),
+        "the refused write did not raise pins_failing"
+    );
+    let raised = conditions(&mut c, &rt);
+    assert!(
+        raised
+            .iter()
+            .any(|(t, m)| *t == pb::ConditionType::PinsFailing as i32 && m.contains("vm-cg")),
+        "{raised:?}"
+    );
+    let failures = metric_line(&d, "sevplace_pin_failures_total{reason=\"invalid_set\"}");
+    assert!(!failures.ends_with(" 0"), "{failures}");
+    let v = get(&mut c);
+    assert_eq!(v.state, pb::VmState::Drifted as i32);
+    assert_eq!(v.placement.expect("intent kept").vcpus.len(), 2);
+
+    // Healed: the retry widens the VM's cgroup and restores every vCPU.
+    write(&excl.join("cpuset.cpu_exclusive"), "0");
+    assert!(
+        wait_until(Duration::from_secs(30), || get(&mut c).state
+            == pb::VmState::Placed as i32),
+        "not placed again after the fault was cleared"
+    );
+    for (i, set) in sets.iter().enumerate() {
+        assert_eq!(
+            &read_set(&machine.join(format!("vcpu{i}/cpuset.cpus"))),
+            set
+        );
+        assert_eq!(
+            &sevplace_tests::cpus_allowed(vm.pid, vm.vcpu_tid(i as u32)),
+            set
+        );
+    }
+    assert!(wait_until(Duration::from_secs(5), || {
+        metric_line(&d, "sevplace_condition{condition=\"pins_failing\"}").ends_with(" 0")
+    }));
+    drop(c);
+    drop(d);
+    drop(vm);
+    drop(tree);
 }

@@ -127,8 +127,7 @@ fn load(
                                     .place_vm(pb::PlaceVmRequest {
                                         vm_id: format!("probe-{t}"),
                                         vcpus: 1,
-                                        confidential_class: pb::ConfidentialClass::None
-                                            as i32,
+                                        confidential_class: pb::ConfidentialClass::None as i32,
                                         shared: true,
                                         validate_only: true,
                                         ..Default::default()
