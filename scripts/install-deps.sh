@@ -10,6 +10,7 @@ APT_PACKAGES=(
   prometheus   # promtool: checks /metrics output and alert rules
   systemd      # systemd-analyze: verifies the unit file
   qemu-system-x86  # real QEMU VMs for the discovery/pinning tests and the kernel rig
+  faketime     # libfaketime: wall-clock jumps under the real daemon (tests/tests/clock.rs)
 )
 if [ -n "${SEVPLACE_EXTRA_APT:-}" ]; then
   # shellcheck disable=SC2206
