@@ -22,9 +22,11 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{
-    CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, RootCertStore,
-    ServerConfig, SignatureScheme,
+    CertificateError, DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme,
 };
+/// The rustls configs this module builds, for callers of
+/// [`crate::client::channel_tls`].
+pub use rustls::{ClientConfig, ServerConfig};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
@@ -478,6 +480,11 @@ async fn accept_loop(
                     };
                     // A closed channel means the server is stopping.
                     let _ = tx.send(Ok(stream)).await;
+                }
+                // A connection closed before or during the ClientHello is
+                // a TCP probe (load balancer, port scan), not a TLS client.
+                Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                    tracing::debug!(peer = %addr, error = %e, "connection closed before the TLS handshake finished")
                 }
                 Ok(Err(e)) => failures.record(addr, &e.to_string()),
                 Err(_) => failures.record(addr, "handshake timed out"),
