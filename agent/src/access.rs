@@ -1,8 +1,11 @@
 //! Who may call what. On the Unix socket the caller is known by
 //! `SO_PEERCRED`: read-only RPCs are open to root, the admin group and the
 //! read group (to everyone who can connect when no read group is set);
-//! mutating RPCs to root and the admin group only. A caller without
-//! credentials (TCP) gets read-only access.
+//! mutating RPCs to root and the admin group only. On TCP with mutual TLS
+//! the caller is known by the names of its client certificate (admitted at
+//! the handshake): read-only RPCs for every admitted client, mutating RPCs
+//! for names in `server.tls_admin_clients`. A caller without credentials
+//! (plaintext TCP with `server.insecure_tcp`) gets read-only access.
 
 /// What an RPC needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,7 +24,14 @@ pub enum Peer {
         pid: Option<i32>,
         gids: Vec<u32>,
     },
-    /// A peer without credentials (TCP).
+    /// A mutual-TLS client, known by the names of its certificate (SAN DNS
+    /// names, or subject CNs without them); its chain and an admitted name
+    /// were checked at the handshake.
+    Tls {
+        names: Vec<String>,
+        addr: Option<std::net::SocketAddr>,
+    },
+    /// A peer without credentials (plaintext TCP).
     Remote,
 }
 
@@ -30,6 +40,8 @@ pub enum Peer {
 pub struct AccessPolicy {
     pub read_gid: Option<u32>,
     pub admin_gid: Option<u32>,
+    /// TLS client names (lower case) that may make mutating calls.
+    pub tls_admin_clients: Vec<String>,
 }
 
 /// Why a group could not be resolved.
@@ -62,6 +74,7 @@ impl AccessPolicy {
         Ok(Self {
             read_gid: gid("server.read_group", read_group)?,
             admin_gid: gid("server.admin_group", admin_group)?,
+            tls_admin_clients: Vec::new(),
         })
     }
 }
@@ -73,6 +86,21 @@ pub fn authorize(peer: &Peer, need: Need, policy: &AccessPolicy) -> Result<(), S
             Need::Read => Ok(()),
             Need::Admin => {
                 Err("mutating calls are not accepted over TCP without client credentials".into())
+            }
+        },
+        Peer::Tls { names, .. } => match need {
+            Need::Read => Ok(()),
+            Need::Admin => {
+                if names
+                    .iter()
+                    .any(|n| policy.tls_admin_clients.iter().any(|a| a == n))
+                {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "TLS client {names:?} may not make mutating calls (not in server.tls_admin_clients)"
+                    ))
+                }
             }
         },
         Peer::Local { uid: 0, .. } => Ok(()),
@@ -132,6 +160,11 @@ mod tests {
         let grouped = AccessPolicy {
             read_gid: Some(100),
             admin_gid: Some(200),
+            tls_admin_clients: vec!["orchestrator".into()],
+        };
+        let tls = |names: &[&str]| Peer::Tls {
+            names: names.iter().map(|n| n.to_string()).collect(),
+            addr: None,
         };
         let cases = [
             (local(0, &[0]), Need::Admin, &grouped, true),
@@ -144,6 +177,17 @@ mod tests {
             (local(1000, &[200]), Need::Read, &grouped, true),
             (Peer::Remote, Need::Read, &grouped, true),
             (Peer::Remote, Need::Admin, &grouped, false),
+            (tls(&["monitor"]), Need::Read, &grouped, true),
+            (tls(&["monitor"]), Need::Admin, &grouped, false),
+            (tls(&[]), Need::Read, &grouped, true),
+            (tls(&[]), Need::Admin, &grouped, false),
+            (
+                tls(&["monitor", "orchestrator"]),
+                Need::Admin,
+                &grouped,
+                true,
+            ),
+            (tls(&["orchestrator"]), Need::Admin, &open, false),
         ];
         for (peer, need, policy, want) in cases {
             assert_eq!(

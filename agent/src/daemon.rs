@@ -48,6 +48,8 @@ pub enum DaemonError {
     ReconcileThread(std::io::Error),
     #[error("signal handler: {0}")]
     Signal(std::io::Error),
+    #[error("TCP mutual TLS: {0}")]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// How long in-flight calls may run after SIGTERM.
@@ -280,10 +282,19 @@ pub async fn run(settings: Settings, options: RunOptions) -> Result<(), DaemonEr
     )?;
     let mut core = core;
     core.set_auto_place(settings.auto_place_confidential);
-    let access = AccessPolicy::resolve(
+    let mut access = AccessPolicy::resolve(
         settings.read_group.as_deref(),
         settings.admin_group.as_deref(),
     )?;
+    if let Some(tls) = &settings.tls {
+        access.tls_admin_clients = tls.admin_clients.clone();
+    }
+    // The TLS files are read and checked before anything is bound, so a bad
+    // file stops the start with its name.
+    let tls_config = match (&settings.listen_tcp, &settings.tls) {
+        (Some(_), Some(tls)) => Some(crate::tls::server_config(tls)?),
+        _ => None,
+    };
     let ctx = Arc::new(AgentContext {
         access,
         core: Arc::new(PriorityMutex::new(core)),
@@ -355,17 +366,40 @@ pub async fn run(settings: Settings, options: RunOptions) -> Result<(), DaemonEr
         tasks.spawn(server::serve_metrics(l, metrics.clone(), stop_rx.clone()));
     }
     if let Some(l) = tcp_listener {
-        tracing::warn!(addr = ?l.local_addr().ok(), "serving gRPC on plain TCP");
+        let addr = l.local_addr().ok();
         let r = router.clone();
         let rx = stop_rx.clone();
-        tasks.spawn(async move {
-            if let Err(e) = r
-                .serve_with_incoming_shutdown(TcpListenerStream::new(l), wait(rx))
-                .await
-            {
-                tracing::error!(error = %e, "TCP gRPC server failed");
+        match tls_config {
+            Some(config) => {
+                tracing::info!(
+                    addr = ?addr,
+                    allowed_clients = ?settings.tls.as_ref().map(|t| &t.allowed_clients),
+                    admin_clients = ?settings.tls.as_ref().map(|t| &t.admin_clients),
+                    "serving gRPC on TCP with mutual TLS"
+                );
+                let incoming = crate::tls::incoming(l, config, crate::tls::HANDSHAKE_TIMEOUT);
+                tasks.spawn(async move {
+                    if let Err(e) = r.serve_with_incoming_shutdown(incoming, wait(rx)).await {
+                        tracing::error!(error = %e, "TCP gRPC server failed");
+                    }
+                });
             }
-        });
+            None => {
+                tracing::warn!(
+                    addr = ?addr,
+                    "server.insecure_tcp: serving gRPC on plaintext TCP without client \
+                     authentication (read-only for everyone who can reach the address)"
+                );
+                tasks.spawn(async move {
+                    if let Err(e) = r
+                        .serve_with_incoming_shutdown(TcpListenerStream::new(l), wait(rx))
+                        .await
+                    {
+                        tracing::error!(error = %e, "TCP gRPC server failed");
+                    }
+                });
+            }
+        }
     }
     tracing::info!(socket = %socket.path().display(), "serving gRPC");
     notifier.ready();

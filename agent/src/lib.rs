@@ -18,6 +18,7 @@ pub mod reconcile;
 pub mod server;
 pub mod simulate;
 pub mod state;
+pub mod tls;
 pub mod topology;
 pub mod types;
 

@@ -63,6 +63,8 @@ pub struct Daemon {
     pub dir: tempfile::TempDir,
     pub socket: PathBuf,
     pub metrics_addr: String,
+    /// stderr of the daemon, when started with [`Daemon::start_logged`].
+    log: Option<std::sync::Arc<std::sync::Mutex<String>>>,
 }
 
 impl Daemon {
@@ -75,6 +77,30 @@ impl Daemon {
     /// Starts `sevplaced` in `dir` (reused across restarts: same socket,
     /// same state directory) with extra flags and environment.
     pub fn start_in(dir: tempfile::TempDir, extra: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::start_with(dir, extra, env, false)
+    }
+
+    /// Like [`Daemon::start_in`], and keeps the daemon's stderr for
+    /// [`Daemon::log`] (it is also echoed to the test's stderr).
+    pub fn start_logged(dir: tempfile::TempDir, extra: &[&str]) -> Self {
+        Self::start_with(dir, extra, &[], true)
+    }
+
+    /// Everything the daemon wrote to stderr so far (empty unless started
+    /// with [`Daemon::start_logged`]).
+    pub fn log(&self) -> String {
+        self.log
+            .as_ref()
+            .map(|l| l.lock().unwrap_or_else(|p| p.into_inner()).clone())
+            .unwrap_or_default()
+    }
+
+    fn start_with(
+        dir: tempfile::TempDir,
+        extra: &[&str],
+        env: &[(&str, &str)],
+        capture: bool,
+    ) -> Self {
         let socket = dir.path().join("run/sevplaced.sock");
         let metrics_addr = format!("127.0.0.1:{}", free_port());
         let config = dir.path().join("sevplaced.toml");
@@ -94,14 +120,35 @@ impl Daemon {
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(if capture {
+                Stdio::piped()
+            } else {
+                Stdio::inherit()
+            })
             .spawn()
             .expect("spawn sevplaced");
+        let mut child = child;
+        let log = child.stderr.take().map(|stderr| {
+            let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+            let sink = log.clone();
+            std::thread::spawn(move || {
+                use std::io::BufRead;
+                for line in std::io::BufReader::new(stderr).lines() {
+                    let Ok(line) = line else { break };
+                    eprintln!("{line}");
+                    let mut l = sink.lock().unwrap_or_else(|p| p.into_inner());
+                    l.push_str(&line);
+                    l.push('\n');
+                }
+            });
+            log
+        });
         let mut d = Self {
             child,
             dir,
             socket,
             metrics_addr,
+            log,
         };
         d.wait_ready(Duration::from_secs(30));
         d
@@ -328,5 +375,112 @@ pub fn promtool_check_metrics(body: &str) {
         "promtool check metrics: {}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Certificates made at test time for the mutual-TLS tests, as PEM files in
+/// one directory: `ca.pem`; `server.pem`/`server-key.pem` for `localhost`
+/// and 127.0.0.1; and client pairs `<name>.pem`/`<name>-key.pem`:
+/// `orchestrator` and `monitor` (SAN `<name>.example`, signed by the CA),
+/// `stranger` (signed by the CA, a name no config admits), `expired`
+/// (`monitor.example`, not valid after 2020-01-01), `unknown-ca`
+/// (`monitor.example`, signed by another CA).
+pub struct TestPki {
+    pub dir: tempfile::TempDir,
+}
+
+impl TestPki {
+    pub fn generate() -> Self {
+        use rcgen::{
+            BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+            KeyPair, KeyUsagePurpose,
+        };
+        let new_ca = |name: &str| {
+            let mut p = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+            p.distinguished_name.push(DnType::CommonName, name);
+            p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+            let key = KeyPair::generate().expect("CA key");
+            let pem = p.self_signed(&key).expect("CA cert").pem();
+            (Issuer::new(p, key), pem)
+        };
+        let (ca, ca_pem) = new_ca("sevplace test CA");
+        let (other, _) = new_ca("another CA");
+        let pki = Self {
+            dir: tempfile::tempdir().expect("tempdir"),
+        };
+        std::fs::write(pki.path("ca.pem"), ca_pem).expect("write CA");
+        let leaf = |file: &str,
+                    issuer: &Issuer<'_, KeyPair>,
+                    sans: &[&str],
+                    server: bool,
+                    expired: bool| {
+            let mut p =
+                CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                    .expect("params");
+            p.distinguished_name.push(DnType::CommonName, sans[0]);
+            p.extended_key_usages = vec![if server {
+                ExtendedKeyUsagePurpose::ServerAuth
+            } else {
+                ExtendedKeyUsagePurpose::ClientAuth
+            }];
+            if expired {
+                p.not_before = rcgen::date_time_ymd(2019, 1, 1);
+                p.not_after = rcgen::date_time_ymd(2020, 1, 1);
+            }
+            let key = KeyPair::generate().expect("key");
+            let cert = p.signed_by(&key, issuer).expect("sign");
+            std::fs::write(pki.path(&format!("{file}.pem")), cert.pem()).expect("write cert");
+            std::fs::write(pki.path(&format!("{file}-key.pem")), key.serialize_pem())
+                .expect("write key");
+        };
+        leaf("server", &ca, &["localhost", "127.0.0.1"], true, false);
+        leaf("orchestrator", &ca, &["orchestrator.example"], false, false);
+        leaf("monitor", &ca, &["monitor.example"], false, false);
+        leaf("stranger", &ca, &["stranger.example"], false, false);
+        leaf("expired", &ca, &["monitor.example"], false, true);
+        leaf("unknown-ca", &other, &["monitor.example"], false, false);
+        pki
+    }
+
+    pub fn path(&self, file: &str) -> PathBuf {
+        self.dir.path().join(file)
+    }
+
+    /// The `[server]` lines of a daemon that serves mutual TLS on `addr`.
+    pub fn server_config(&self, addr: &str, allowed: &[&str], admin: &[&str]) -> String {
+        let list = |names: &[&str]| {
+            names
+                .iter()
+                .map(|n| format!("{n:?}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        format!(
+            "[server]\nlisten_tcp = {addr:?}\ntls_cert = {:?}\ntls_key = {:?}\ntls_client_ca = {:?}\ntls_allowed_clients = [{}]\ntls_admin_clients = [{}]\n",
+            self.path("server.pem"),
+            self.path("server-key.pem"),
+            self.path("ca.pem"),
+            list(allowed),
+            list(admin),
+        )
+    }
+
+    /// A client TLS config with the client pair `name`.
+    pub fn client(&self, name: &str) -> std::sync::Arc<sevplace::tls::ClientConfig> {
+        sevplace::tls::client_config(
+            &self.path("ca.pem"),
+            &self.path(&format!("{name}.pem")),
+            &self.path(&format!("{name}-key.pem")),
+        )
+        .expect("client TLS config")
+    }
+}
+
+/// Waits until something accepts TCP connections on `addr`.
+pub fn wait_tcp(addr: &str, timeout: Duration) {
+    assert!(
+        wait_until(timeout, || std::net::TcpStream::connect(addr).is_ok()),
+        "nothing listens on {addr} after {timeout:?}"
     );
 }

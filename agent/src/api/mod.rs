@@ -133,25 +133,34 @@ impl SevplaceApi {
         Self { ctx }
     }
 
-    /// Checks the caller (SO_PEERCRED on the Unix socket); a denial is
-    /// PERMISSION_DENIED and a log line with uid and pid.
+    /// Checks the caller (SO_PEERCRED on the Unix socket, the certificate
+    /// names on mutual TLS); a denial is PERMISSION_DENIED and a log line
+    /// with uid and pid or the names and address.
     fn authorize<T>(&self, method: &str, req: &Request<T>, need: Need) -> Result<(), Status> {
-        let peer = match req
+        let uds = req
             .extensions()
             .get::<tonic::transport::server::UdsConnectInfo>()
-            .and_then(|i| i.peer_cred)
-        {
-            Some(c) => Peer::Local {
+            .and_then(|i| i.peer_cred);
+        let tls = req.extensions().get::<crate::tls::TlsPeerInfo>();
+        let peer = match (uds, tls) {
+            (Some(c), _) => Peer::Local {
                 uid: c.uid(),
                 pid: c.pid(),
                 gids: crate::access::groups_of(c.uid(), c.gid()),
             },
-            None => Peer::Remote,
+            (None, Some(t)) => Peer::Tls {
+                names: t.names.to_vec(),
+                addr: t.remote_addr,
+            },
+            (None, None) => Peer::Remote,
         };
         authorize(&peer, need, &self.ctx.access).map_err(|reason| {
             match &peer {
                 Peer::Local { uid, pid, .. } => {
                     tracing::warn!(method, uid, pid = ?pid, %reason, "permission denied")
+                }
+                Peer::Tls { names, addr } => {
+                    tracing::warn!(method, ?names, peer = ?addr, %reason, "permission denied")
                 }
                 Peer::Remote => tracing::warn!(method, %reason, "permission denied"),
             }

@@ -18,7 +18,8 @@ struct Args {
     /// Unix socket of the gRPC API.
     #[arg(long, value_name = "PATH")]
     socket: Option<PathBuf>,
-    /// Also serve gRPC on this TCP address.
+    /// Also serve gRPC on this TCP address (mutual TLS with the server.tls_*
+    /// keys, or plaintext read-only with server.insecure_tcp).
     #[arg(long, value_name = "ADDR")]
     listen_tcp: Option<String>,
     /// Address of /metrics (empty string: off).

@@ -33,6 +33,15 @@ pub enum ConfigError {
     },
     #[error("config: {0}")]
     Load(#[from] config::ConfigError),
+    #[error(
+        "server.listen_tcp is set, and TCP is served with mutual TLS only: set {missing} \
+         (or server.insecure_tcp = true for plaintext read-only TCP)"
+    )]
+    TcpNeedsTls { missing: String },
+    #[error(
+        "server.insecure_tcp = true conflicts with {set}: TCP is either plaintext or mutual TLS"
+    )]
+    InsecureWithTls { set: String },
 }
 
 /// Log output format.
@@ -41,6 +50,23 @@ pub enum ConfigError {
 pub enum LogFormat {
     Text,
     Json,
+}
+
+/// Mutual TLS of the TCP listener: paths are read (and checked) when the
+/// daemon starts, by [`crate::tls::server_config`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct TlsSettings {
+    /// Server certificate chain, PEM, leaf first.
+    pub cert: PathBuf,
+    /// Private key of `cert`, PEM.
+    pub key: PathBuf,
+    /// CAs that sign client certificates, PEM bundle.
+    pub client_ca: PathBuf,
+    /// Admitted client names (lower case); empty: every certificate the CA
+    /// signed.
+    pub allowed_clients: Vec<String>,
+    /// Client names that may make mutating calls (lower case).
+    pub admin_clients: Vec<String>,
 }
 
 /// Validated settings.
@@ -55,6 +81,10 @@ pub struct Settings {
     pub max_concurrent_streams: u32,
     pub request_timeout_ms: u64,
     pub listen_tcp: Option<SocketAddr>,
+    /// mTLS of `listen_tcp`; `None` with `listen_tcp` set means
+    /// `insecure_tcp` (plaintext, read-only).
+    pub tls: Option<TlsSettings>,
+    pub insecure_tcp: bool,
     pub metrics_addr: Option<SocketAddr>,
     pub host_root: PathBuf,
     pub state_dir: PathBuf,
@@ -242,6 +272,95 @@ fn optional_addr(cfg: &config::Config, key: &str) -> Result<Option<SocketAddr>, 
         .map_err(|e| bad(key, format!("{s:?} is not an IP:port address ({e})")))
 }
 
+/// A list of client names: a TOML array of strings, or (from the
+/// environment) one string of names separated by commas or spaces. Names
+/// are DNS names, compared case-insensitively, so they are kept lower case.
+fn name_list(cfg: &config::Config, key: &str) -> Result<Vec<String>, ConfigError> {
+    let value: config::Value = cfg.get(key).map_err(|e| bad(key, e))?;
+    let items: Vec<String> = match value.kind {
+        config::ValueKind::Array(a) => a
+            .into_iter()
+            .map(|v| v.into_string().map_err(|e| bad(key, e)))
+            .collect::<Result<_, _>>()?,
+        config::ValueKind::String(s) => s
+            .split(|c: char| c == ',' || c.is_whitespace())
+            .filter(|n| !n.is_empty())
+            .map(str::to_string)
+            .collect(),
+        _ => return Err(bad(key, "must be a list of names")),
+    };
+    items
+        .into_iter()
+        .map(|n| {
+            let n = n.trim().to_ascii_lowercase();
+            if n.is_empty() || n.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                Err(bad(key, format!("{n:?} is not a client name")))
+            } else {
+                Ok(n)
+            }
+        })
+        .collect()
+}
+
+/// The TCP rule: with `listen_tcp` set, either all three TLS paths are set
+/// or `insecure_tcp` is true, never both and never neither.
+fn tcp_security(
+    cfg: &config::Config,
+    listen_tcp: Option<SocketAddr>,
+) -> Result<(Option<TlsSettings>, bool), ConfigError> {
+    let insecure = cfg
+        .get_bool("server.insecure_tcp")
+        .map_err(|e| bad("server.insecure_tcp", e))?;
+    let paths = ["server.tls_cert", "server.tls_key", "server.tls_client_ca"];
+    let mut values = Vec::with_capacity(paths.len());
+    for key in paths {
+        values.push(get_string(cfg, key)?.trim().to_string());
+    }
+    let allowed_clients = name_list(cfg, "server.tls_allowed_clients")?;
+    let admin_clients = name_list(cfg, "server.tls_admin_clients")?;
+    let set: Vec<&str> = paths
+        .iter()
+        .zip(&values)
+        .filter(|(_, v)| !v.is_empty())
+        .map(|(k, _)| *k)
+        .collect();
+    if listen_tcp.is_none() {
+        // Nothing listens on TCP: the TLS keys are unused; their name lists
+        // were still checked above, so a typo shows before it matters.
+        return Ok((None, insecure));
+    }
+    if insecure {
+        if !set.is_empty() {
+            return Err(ConfigError::InsecureWithTls {
+                set: set.join(", "),
+            });
+        }
+        return Ok((None, true));
+    }
+    let missing: Vec<&str> = paths
+        .iter()
+        .zip(&values)
+        .filter(|(_, v)| v.is_empty())
+        .map(|(k, _)| *k)
+        .collect();
+    if !missing.is_empty() {
+        return Err(ConfigError::TcpNeedsTls {
+            missing: missing.join(", "),
+        });
+    }
+    let [cert, key, client_ca] = [0, 1, 2].map(|i| PathBuf::from(&values[i]));
+    Ok((
+        Some(TlsSettings {
+            cert,
+            key,
+            client_ca,
+            allowed_clients,
+            admin_clients,
+        }),
+        false,
+    ))
+}
+
 fn validate(cfg: &config::Config) -> Result<Settings, ConfigError> {
     let socket = get_string(cfg, "server.socket")?;
     let socket = if socket.is_empty() {
@@ -297,6 +416,8 @@ fn validate(cfg: &config::Config) -> Result<Settings, ConfigError> {
     };
     let log_level = get_string(cfg, "log.level")?;
     tracing_subscriber::EnvFilter::try_new(&log_level).map_err(|e| bad("log.level", e))?;
+    let listen_tcp = optional_addr(cfg, "server.listen_tcp")?;
+    let (tls, insecure_tcp) = tcp_security(cfg, listen_tcp)?;
     Ok(Settings {
         socket,
         socket_mode,
@@ -306,7 +427,9 @@ fn validate(cfg: &config::Config) -> Result<Settings, ConfigError> {
         max_message_bytes,
         max_concurrent_streams,
         request_timeout_ms,
-        listen_tcp: optional_addr(cfg, "server.listen_tcp")?,
+        listen_tcp,
+        tls,
+        insecure_tcp,
         metrics_addr: optional_addr(cfg, "metrics.addr")?,
         host_root,
         state_dir,

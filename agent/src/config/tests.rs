@@ -128,3 +128,77 @@ fn bad_values_are_named() {
     let f = write_file("this is [not toml");
     assert!(load(Some(f.path()), &[], &FlagOverrides::default()).is_err());
 }
+
+#[test]
+fn tcp_needs_mutual_tls_or_an_explicit_insecure_tcp() {
+    let flags = FlagOverrides {
+        listen_tcp: Some("127.0.0.1:9479".into()),
+        ..Default::default()
+    };
+    let f = write_file("");
+    let err = load(Some(f.path()), &[], &flags).unwrap_err();
+    assert!(matches!(err, ConfigError::TcpNeedsTls { .. }), "{err}");
+    for key in [
+        "server.listen_tcp",
+        "server.tls_cert",
+        "server.tls_key",
+        "server.tls_client_ca",
+        "server.insecure_tcp",
+    ] {
+        assert!(err.to_string().contains(key), "{key}: {err}");
+    }
+
+    // Only the missing keys are named.
+    let f = write_file("[server]\ntls_cert = \"/etc/c.pem\"\ntls_key = \"/etc/k.pem\"\n");
+    let err = load(Some(f.path()), &[], &flags).unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains("set server.tls_client_ca ("), "{msg}");
+
+    let f = write_file("[server]\ninsecure_tcp = true\n");
+    let s = load(Some(f.path()), &[], &flags).unwrap();
+    assert!(s.insecure_tcp);
+    assert_eq!(s.tls, None);
+    assert_eq!(s.listen_tcp, Some("127.0.0.1:9479".parse().unwrap()));
+
+    let f = write_file("[server]\ninsecure_tcp = true\ntls_cert = \"/etc/c.pem\"\n");
+    let err = load(Some(f.path()), &[], &flags).unwrap_err();
+    assert!(matches!(err, ConfigError::InsecureWithTls { .. }), "{err}");
+    assert!(err.to_string().contains("server.tls_cert"), "{err}");
+
+    let f = write_file(
+        "[server]\ntls_cert = \"/etc/c.pem\"\ntls_key = \"/etc/k.pem\"\ntls_client_ca = \"/etc/ca.pem\"\ntls_allowed_clients = [\"Monitor.Example\"]\ntls_admin_clients = [\"orch.example\"]\n",
+    );
+    let s = load(Some(f.path()), &[], &flags).unwrap();
+    let tls = s.tls.unwrap();
+    assert_eq!(tls.cert, PathBuf::from("/etc/c.pem"));
+    assert_eq!(tls.client_ca, PathBuf::from("/etc/ca.pem"));
+    assert_eq!(tls.allowed_clients, ["monitor.example"]);
+    assert_eq!(tls.admin_clients, ["orch.example"]);
+    assert!(!s.insecure_tcp);
+
+    // A list from the environment is one string of names.
+    let e = env(&[(
+        "SEVPLACE__SERVER__TLS_ALLOWED_CLIENTS",
+        "a.example, B.example c",
+    )]);
+    let s = load(Some(f.path()), &e, &flags).unwrap();
+    assert_eq!(
+        s.tls.unwrap().allowed_clients,
+        ["a.example", "b.example", "c"]
+    );
+
+    // Without listen_tcp nothing is required.
+    let f = write_file("[server]\ntls_cert = \"/etc/c.pem\"\n");
+    let s = load(Some(f.path()), &[], &FlagOverrides::default()).unwrap();
+    assert_eq!(s.tls, None);
+
+    let f = write_file("[server]\ntls_admin_clients = 5\n");
+    let err = load(Some(f.path()), &[], &FlagOverrides::default()).unwrap_err();
+    assert!(
+        err.to_string().contains("server.tls_admin_clients"),
+        "{err}"
+    );
+    let f = write_file("[server]\ninsecure_tcp = \"maybe\"\n");
+    let err = load(Some(f.path()), &[], &flags).unwrap_err();
+    assert!(err.to_string().contains("server.insecure_tcp"), "{err}");
+}

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 use sevplace_proto::v1 as pb;
+use sevplace_proto::v1::sevplace_service_client::SevplaceServiceClient;
 use tokio_stream::StreamExt;
 
 use crate::api::convert;
@@ -20,6 +21,26 @@ pub struct Cli {
     /// Unix socket of sevplaced (default: the daemon's default for this user).
     #[arg(long, value_name = "PATH", global = true)]
     pub socket: Option<PathBuf>,
+    /// Call sevplaced over TCP at this address (host:port) instead of the
+    /// Unix socket; needs --ca, --cert and --key (mutual TLS), or --insecure.
+    #[arg(long, value_name = "ADDR", global = true)]
+    pub tcp: Option<String>,
+    /// With --tcp: PEM bundle of the CAs that sign the daemon's certificate.
+    #[arg(long, value_name = "FILE", global = true)]
+    pub ca: Option<PathBuf>,
+    /// With --tcp: client certificate (PEM) whose name the daemon admits.
+    #[arg(long, value_name = "FILE", global = true)]
+    pub cert: Option<PathBuf>,
+    /// With --tcp: private key (PEM) of --cert.
+    #[arg(long, value_name = "FILE", global = true)]
+    pub key: Option<PathBuf>,
+    /// With --tcp: the name the daemon's certificate must be valid for
+    /// (default: the host part of ADDR).
+    #[arg(long, value_name = "NAME", global = true)]
+    pub server_name: Option<String>,
+    /// With --tcp: plaintext TCP, for a daemon with server.insecure_tcp.
+    #[arg(long, global = true)]
+    pub insecure: bool,
     /// Print one JSON document instead of a table.
     #[arg(long, global = true)]
     pub json: bool,
@@ -151,6 +172,47 @@ async fn list_all(
     }
 }
 
+/// The channel the transport flags ask for: the Unix socket by default,
+/// mutual TLS with `--tcp --ca --cert --key`, plaintext TCP with `--tcp
+/// --insecure`.
+async fn channel(cli: &Cli) -> Result<tonic::transport::Channel, CtlError> {
+    let tls_flags = cli.ca.is_some() || cli.cert.is_some() || cli.key.is_some();
+    let Some(addr) = &cli.tcp else {
+        if tls_flags || cli.server_name.is_some() || cli.insecure {
+            return Err(CtlError::Usage(
+                "--ca, --cert, --key, --server-name and --insecure need --tcp".into(),
+            ));
+        }
+        let socket = cli
+            .socket
+            .clone()
+            .unwrap_or_else(crate::config::default_socket);
+        return Ok(client::channel(&socket).await?);
+    };
+    if cli.socket.is_some() {
+        return Err(CtlError::Usage(
+            "--socket and --tcp exclude each other".into(),
+        ));
+    }
+    if cli.insecure {
+        if tls_flags || cli.server_name.is_some() {
+            return Err(CtlError::Usage(
+                "--insecure excludes --ca, --cert, --key and --server-name".into(),
+            ));
+        }
+        return Ok(client::channel_tcp(addr).await?);
+    }
+    match (&cli.ca, &cli.cert, &cli.key) {
+        (Some(ca), Some(cert), Some(key)) => {
+            let config = crate::tls::client_config(ca, cert, key).map_err(client::ConnectError::from)?;
+            Ok(client::channel_tls(addr, cli.server_name.as_deref(), config).await?)
+        }
+        _ => Err(CtlError::Usage(
+            "--tcp needs --ca, --cert and --key (mutual TLS), or --insecure for a daemon with server.insecure_tcp".into(),
+        )),
+    }
+}
+
 /// Runs one command against the daemon.
 pub async fn run(cli: Cli) -> Result<(), CtlError> {
     if let Command::Simulate { trace, topology } = &cli.command {
@@ -160,11 +222,7 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
         );
         return Ok(());
     }
-    let socket = cli
-        .socket
-        .clone()
-        .unwrap_or_else(crate::config::default_socket);
-    let mut c = client::connect(&socket).await?;
+    let mut c = SevplaceServiceClient::new(channel(&cli).await?);
     match cli.command {
         Command::Host => {
             let r = c.get_host(pb::GetHostRequest {}).await?.into_inner();
