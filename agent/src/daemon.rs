@@ -282,6 +282,7 @@ pub async fn run(settings: Settings, options: RunOptions) -> Result<(), DaemonEr
     )?;
     let mut core = core;
     core.set_auto_place(settings.auto_place_confidential);
+    core.set_scrub_min_interval(Duration::from_millis(settings.scrub_min_interval_ms));
     let mut access = AccessPolicy::resolve(
         settings.read_group.as_deref(),
         settings.admin_group.as_deref(),

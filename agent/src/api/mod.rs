@@ -400,6 +400,15 @@ impl SevplaceService for SevplaceApi {
                         ))
                     })?;
                 let t0 = Instant::now();
+                let vm_id = VmId::new(&id).map_err(|e| invalid("vm_id", e.to_string()))?;
+                if let Err(wait) = core.admit_scrub(&vm_id, t0) {
+                    return Err(Status::with_error_details(
+                        tonic::Code::ResourceExhausted,
+                        format!("VM {id} was scrubbed less than the minimum interval ago; retry in {} ms", wait.as_millis().max(1)),
+                        ErrorDetails::with_retry_info(Some(wait)),
+                    ));
+                }
+                let module = core.module();
                 module
                     .scrub(before.id)
                     .map_err(|e| Status::internal(e.to_string()))?;

@@ -120,6 +120,25 @@ async fn scrub_writes_the_module_and_reports_the_flushed_cpus() {
         std::fs::read_to_string(s.dir.path().join("sevflush/vms/3/scrub")).unwrap(),
         "1\n"
     );
+    // A second scrub of the same VM within the interval (1 s by default)
+    // is refused with the time to wait, and the module is not asked.
+    std::fs::write(s.dir.path().join("sevflush/vms/3/scrub"), "").unwrap();
+    let e = c
+        .scrub_vm(pb::ScrubVmRequest {
+            vm_id: "vm-s".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+    let retry = tonic_types::StatusExt::get_error_details(&e)
+        .retry_info()
+        .and_then(|r| r.retry_delay)
+        .expect("RetryInfo");
+    assert!(retry <= std::time::Duration::from_secs(1), "{retry:?}");
+    assert_eq!(
+        std::fs::read_to_string(s.dir.path().join("sevflush/vms/3/scrub")).unwrap(),
+        ""
+    );
     // GetVm carries the module's view and the blast radius.
     let vm = c
         .get_vm(pb::GetVmRequest {

@@ -80,6 +80,7 @@ pub struct Settings {
     pub max_message_bytes: usize,
     pub max_concurrent_streams: u32,
     pub request_timeout_ms: u64,
+    pub scrub_min_interval_ms: u64,
     pub listen_tcp: Option<SocketAddr>,
     /// mTLS of `listen_tcp`; `None` with `listen_tcp` set means
     /// `insecure_tcp` (plaintext, read-only).
@@ -409,6 +410,7 @@ fn validate(cfg: &config::Config) -> Result<Settings, ConfigError> {
     let max_message_bytes = int_in("server.max_message_bytes", 1024, 64 << 20)? as usize;
     let max_concurrent_streams = int_in("server.max_concurrent_streams", 1, 10_000)? as u32;
     let request_timeout_ms = int_in("server.request_timeout_ms", 100, 3_600_000)? as u64;
+    let scrub_min_interval_ms = int_in("server.scrub_min_interval_ms", 0, 3_600_000)? as u64;
     let log_format = match get_string(cfg, "log.format")?.as_str() {
         "text" => LogFormat::Text,
         "json" => LogFormat::Json,
@@ -427,6 +429,7 @@ fn validate(cfg: &config::Config) -> Result<Settings, ConfigError> {
         max_message_bytes,
         max_concurrent_streams,
         request_timeout_ms,
+        scrub_min_interval_ms,
         listen_tcp,
         tls,
         insecure_tcp,

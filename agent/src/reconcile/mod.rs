@@ -154,6 +154,10 @@ pub struct AgentCore {
     /// for the summary far more often than placements change.
     capacity_cache: Mutex<Option<(u64, placement::CapacitySummary)>>,
     conditions: Conditions,
+    /// Shortest time between two scrubs of one VM.
+    scrub_min_interval: std::time::Duration,
+    /// When each VM was last scrubbed (monotonic clock).
+    last_scrub: BTreeMap<VmId, Instant>,
 }
 
 /// Whether `vm` is the process `selector` names.
@@ -227,9 +231,32 @@ impl AgentCore {
             metrics,
             capacity_cache: Mutex::new(None),
             conditions: Conditions::default(),
+            scrub_min_interval: std::time::Duration::from_secs(1),
+            last_scrub: BTreeMap::new(),
         };
         core.update_pool_metric();
         Ok(core)
+    }
+
+    /// Sets the shortest time between two scrubs of one VM (zero: no limit).
+    pub fn set_scrub_min_interval(&mut self, d: std::time::Duration) {
+        self.scrub_min_interval = d;
+    }
+
+    /// Admits a scrub of `vm` at `now`, or says how long to wait: scrubs of
+    /// one VM are at least the configured interval apart, which bounds the
+    /// flush IPIs an admin caller can cause.
+    pub fn admit_scrub(&mut self, vm: &VmId, now: Instant) -> Result<(), std::time::Duration> {
+        let min = self.scrub_min_interval;
+        self.last_scrub
+            .retain(|_, at| now.saturating_duration_since(*at) < min);
+        if let Some(at) = self.last_scrub.get(vm) {
+            return Err(min.saturating_sub(now.saturating_duration_since(*at)));
+        }
+        if !min.is_zero() {
+            self.last_scrub.insert(vm.clone(), now);
+        }
+        Ok(())
     }
 
     /// Turns auto placement of discovered confidential VMs on or off.

@@ -664,3 +664,29 @@ fn failing_pins_keep_the_intent_report_and_retry_with_backoff() {
         assert!(core.conditions().is_empty());
     }
 }
+
+#[test]
+fn scrubs_of_one_vm_are_spaced_by_the_interval() {
+    use std::time::{Duration, Instant};
+    let f = Fixture::new();
+    let mut core = f.core().unwrap();
+    core.set_scrub_min_interval(Duration::from_millis(1000));
+    let a = VmId::new("vm-a").unwrap();
+    let b = VmId::new("vm-b").unwrap();
+    let t0 = Instant::now();
+    let ms = |n: u64| t0 + Duration::from_millis(n);
+    // (vm, at, admitted or the wait)
+    let table: [(&VmId, Instant, Result<(), Duration>); 5] = [
+        (&a, ms(0), Ok(())),
+        (&a, ms(400), Err(Duration::from_millis(600))),
+        (&b, ms(400), Ok(())),
+        (&a, ms(1000), Ok(())),
+        (&b, ms(1399), Err(Duration::from_millis(1))),
+    ];
+    for (i, (vm, at, want)) in table.into_iter().enumerate() {
+        assert_eq!(core.admit_scrub(vm, at), want, "row {i}");
+    }
+    core.set_scrub_min_interval(Duration::ZERO);
+    assert_eq!(core.admit_scrub(&a, ms(1001)), Ok(()));
+    assert_eq!(core.admit_scrub(&a, ms(1001)), Ok(()));
+}
