@@ -164,8 +164,12 @@ async fn reconcile_loop(
             return;
         }
         // This runtime serves only the loop: the pass blocks it, not the
-        // API's workers, and the API's load does not delay it.
-        reconcile_pass(&ctx);
+        // API's workers, and the API's load does not delay it. A panicking
+        // pass is logged and the next one runs (the core lock survives it).
+        let pass = std::panic::AssertUnwindSafe(|| reconcile_pass(&ctx));
+        if std::panic::catch_unwind(pass).is_err() {
+            tracing::error!("reconcile pass panicked");
+        }
     }
 }
 

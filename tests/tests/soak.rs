@@ -1,8 +1,8 @@
 //! Soak: the real daemon on the real host under mixed RPC load and VM
 //! churn (`kvm-guest-fixture` processes started, placed, released or
 //! killed), loopback only, for `SEVPLACE_SOAK_SECS` seconds (60 in the
-//! test suite; the long run is `SEVPLACE_SOAK_SECS=600 cargo test --release
-//! -p sevplace-tests --test soak -- --nocapture`). The daemon's resident
+//! test suite; the long run is `SEVPLACE_SOAK_SECS=600 cargo test -p
+//! sevplace-tests --test soak -- --nocapture`). The daemon's resident
 //! memory and open file descriptors are sampled every second.
 //!
 //! Stated bounds, after a warm-up of a sixth of the run (at least 10 s):
