@@ -176,6 +176,15 @@ fn option_values<'a>(args: &'a [String], names: &[&str]) -> Vec<&'a str> {
     out
 }
 
+/// Splits the text of `/proc/<pid>/cmdline` (NUL-terminated arguments)
+/// into arguments; empty arguments are dropped.
+pub fn parse_proc_cmdline(text: &str) -> Vec<String> {
+    text.split('\0')
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
 /// Classifies a VMM command line (`argv`, program first). Pure; see the
 /// module documentation for the rules.
 pub fn classify_cmdline(args: &[String]) -> Classification {
