@@ -65,3 +65,20 @@ fn corpus_passes_the_checks() {
 fn regressions_pass_the_checks() {
     replay(&fuzz_dir().join("regressions"));
 }
+
+/// Found by the checkpoint target's order property: a document with a
+/// valid checksum whose intents are out of order or repeated was accepted,
+/// and `Checkpoint::upsert` (a binary search) then kept duplicate intents.
+#[test]
+fn checkpoint_with_unsorted_or_repeated_intents_is_corrupt() {
+    for name in ["unsorted-intents", "repeated-intent"] {
+        let path = fuzz_dir().join("regressions/checkpoint").join(name);
+        let data = std::fs::read(&path).unwrap();
+        match sevplace::state::decode(&data) {
+            Err(sevplace::state::DecodeFault::Corrupt(what)) => {
+                assert!(what.contains("not sorted by vm_id"), "{what}")
+            }
+            other => panic!("{}: {other:?}", path.display()),
+        }
+    }
+}

@@ -398,8 +398,20 @@ pub fn decode(bytes: &[u8]) -> Result<Checkpoint, DecodeFault> {
             env.crc32
         )));
     }
-    serde_json::from_str(env.payload.get())
-        .map_err(|e| DecodeFault::Corrupt(format!("bad payload: {e}")))
+    let checkpoint: Checkpoint = serde_json::from_str(env.payload.get())
+        .map_err(|e| DecodeFault::Corrupt(format!("bad payload: {e}")))?;
+    // `Checkpoint::upsert` relies on this order.
+    if let Some(w) = checkpoint
+        .intents
+        .windows(2)
+        .find(|w| w[0].vm_id >= w[1].vm_id)
+    {
+        return Err(DecodeFault::Corrupt(format!(
+            "intents are not sorted by vm_id with one per VM ({} before {})",
+            w[0].vm_id, w[1].vm_id
+        )));
+    }
+    Ok(checkpoint)
 }
 
 #[cfg(test)]
