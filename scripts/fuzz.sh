@@ -57,10 +57,11 @@ for t in "${targets[@]}"; do
   rc=0
   "${cargo[@]}" fuzz run "${build_opts[@]}" "$t" "$corpus" "${seeds[@]}" -- \
     -max_total_time="$seconds" -timeout=10 -print_final_stats=1 >"$log" 2>&1 || rc=$?
-  grep -E '^(INFO: (seed|Loaded)|#[0-9]+ +(INITED|DONE))' "$log" || true
+  grep -E '^(INFO: seed corpus|#[0-9]+[[:space:]]+(INITED|DONE))' "$log" || true
   execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -n1)
   rate=$(sed -n 's/^stat::average_exec_per_sec: *//p' "$log" | tail -n1)
   cov=$(grep -oE 'cov: [0-9]+ ft: [0-9]+ corp: [0-9]+/[^ ]+' "$log" | tail -n1)
+  pcs=$(sed -n 's/^INFO: Loaded 1 PC tables (\([0-9]*\) PCs).*/\1/p' "$log" | tail -n1)
   if [ "$rc" -ne 0 ]; then
     failed+=("$t")
     grep -A6 -E 'panicked at|ERROR: (AddressSanitizer|libFuzzer)|SUMMARY:' "$log" | head -n 60 || true
@@ -69,7 +70,8 @@ for t in "${targets[@]}"; do
   else
     status=ok
   fi
-  summary+=("$(printf '%-14s %-6s %10s execs %8s execs/s  %s' "$t" "$status" "${execs:-?}" "${rate:-?}" "${cov:-?}")")
+  summary+=("$(printf '%-14s %-6s %10s execs %8s execs/s  %s (of %s PCs)' \
+    "$t" "$status" "${execs:-?}" "${rate:-?}" "${cov:-?}" "${pcs:-?}")")
 done
 end=$(date +%s)
 

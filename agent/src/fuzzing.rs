@@ -49,8 +49,9 @@ pub fn target(name: &str) -> Option<fn(&[u8])> {
     TARGETS.iter().find(|(n, _)| *n == name).map(|(_, f)| *f)
 }
 
-/// Every file the agent reads as text goes through `read_to_string`, which
-/// rejects invalid UTF-8 before any parser sees it.
+/// The files the agent reads with `read_to_string` are rejected when they
+/// are not UTF-8 before any parser sees them; the process-controlled
+/// `stat` and `cmdline` are read lossily instead (`procfs::read_text_lossy`).
 fn text(data: &[u8]) -> Option<&str> {
     std::str::from_utf8(data).ok()
 }
@@ -119,11 +120,13 @@ fn stat_line(st: &TaskStat) -> String {
 /// (`Cpus_allowed_list`), fd link targets and `syscall`. Each parsed value,
 /// written back in the kernel's format, parses to the same value.
 pub fn check_procfs(data: &[u8]) {
-    let Some(input) = text(data) else { return };
-    if let Ok(st) = parse_stat(input) {
+    // `stat` is read lossily (the thread name need not be UTF-8).
+    let lossy = String::from_utf8_lossy(data);
+    if let Ok(st) = parse_stat(&lossy) {
         let line = stat_line(&st);
         assert_eq!(parse_stat(&line), Ok(st), "stat line {line:?}");
     }
+    let Some(input) = text(data) else { return };
     if let Ok(set) = parse_status_cpus_allowed(input) {
         assert_cpulist_round_trip(&set);
         let status = format!("Name:\tqemu\nCpus_allowed_list:\t{set}\n");
@@ -243,8 +246,9 @@ pub fn check_sevflush(data: &[u8]) {
 /// of the program, and consistent with its rules (module docs of
 /// `discovery::cmdline`).
 pub fn check_qemu_cmdline(data: &[u8]) {
-    let Some(input) = text(data) else { return };
-    let args = parse_proc_cmdline(input);
+    // The command line is read lossily (it need not be UTF-8).
+    let input = String::from_utf8_lossy(data);
+    let args = parse_proc_cmdline(&input);
     assert!(args.iter().all(|a| !a.is_empty() && !a.contains('\0')));
     let c: Classification = classify_cmdline(&args);
     assert_eq!(classify_cmdline(&args), c, "not deterministic");
