@@ -37,3 +37,9 @@ if command -v rustup >/dev/null 2>&1; then
     rustup component list --installed 2>/dev/null | grep -q "^$c" || rustup component add "$c"
   done
 fi
+
+# cargo-fuzz for scripts/fuzz.sh (runs on stable with RUSTC_BOOTSTRAP=1).
+if command -v cargo >/dev/null 2>&1 && ! cargo fuzz --version >/dev/null 2>&1; then
+  echo "install-deps: cargo install cargo-fuzz --locked"
+  cargo install cargo-fuzz --locked --quiet
+fi

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test of the project: the Rust workspace (unit, property,
-# fixture, real-host and end-to-end tests), then the kernel module's checks
+# fixture, real-host and end-to-end tests), the fuzz targets for a bounded
+# time (scripts/fuzz.sh), then the kernel module's checks
 # and the QEMU rig when they are present. Installs what it needs first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,6 +14,9 @@ scripts/install-deps.sh
 step "cargo test --workspace"
 cargo test --workspace --all-targets
 cargo test --workspace --doc
+
+step "fuzzing (cargo fuzz, ${FUZZ_SECONDS:-30} s per target)"
+scripts/fuzz.sh
 
 step "release build and Debian packages"
 cargo build --release --bins

@@ -99,6 +99,96 @@ pub struct ModuleReader {
     dir: PathBuf,
 }
 
+/// A fault in the content of one module file, before its path is attached
+/// (see [`ValueError::at`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ValueError {
+    #[error("bad value {value:?}: {reason}")]
+    Value { value: String, reason: &'static str },
+    #[error("bad cpulist: {0}")]
+    CpuList(#[from] CpuListError),
+}
+
+impl ValueError {
+    /// The [`ModuleError`] for this fault in the file at `path`.
+    pub fn at(self, path: PathBuf) -> ModuleError {
+        match self {
+            Self::Value { value, reason } => ModuleError::Value {
+                path,
+                value,
+                reason,
+            },
+            Self::CpuList(source) => ModuleError::CpuList { path, source },
+        }
+    }
+}
+
+/// The value of a sysfs file: its text without trailing newlines.
+pub fn file_value(text: &str) -> &str {
+    text.trim_end_matches('\n')
+}
+
+/// Parses an unsigned counter file (`flushes_total`, `vms/<id>/flushes`, ...).
+pub fn parse_u64(text: &str) -> Result<u64, ValueError> {
+    let v = file_value(text);
+    v.parse().map_err(|_| ValueError::Value {
+        value: v.to_string(),
+        reason: "not an unsigned integer",
+    })
+}
+
+/// Parses `abi_version`; whether the version is supported is checked by
+/// [`ModuleReader::abi_version`].
+pub fn parse_abi_version(text: &str) -> Result<u32, ValueError> {
+    let v = parse_u64(text)?;
+    u32::try_from(v).map_err(|_| ValueError::Value {
+        value: v.to_string(),
+        reason: "out of range",
+    })
+}
+
+/// Parses `mode`: `observe` or `targeted`.
+pub fn parse_mode(text: &str) -> Result<String, ValueError> {
+    match file_value(text) {
+        m @ ("observe" | "targeted") => Ok(m.to_string()),
+        m => Err(ValueError::Value {
+            value: m.to_string(),
+            reason: "not observe or targeted",
+        }),
+    }
+}
+
+/// Parses `vms/<id>/pid`.
+pub fn parse_pid(text: &str) -> Result<u32, ValueError> {
+    let v = parse_u64(text)?;
+    u32::try_from(v).map_err(|_| ValueError::Value {
+        value: v.to_string(),
+        reason: "pid out of range",
+    })
+}
+
+/// Parses a cpulist file (`vms/<id>/dirty_cpus`, `vms/<id>/ran_cpus`).
+pub fn parse_cpulist(text: &str) -> Result<CpuSet, ValueError> {
+    Ok(CpuSet::parse(file_value(text))?)
+}
+
+/// Parses `vms/<id>/unknown_past`: `1` is true, anything else false.
+pub fn parse_unknown_past(text: &str) -> bool {
+    file_value(text) == "1"
+}
+
+/// The record id of a `vms/` entry name, when it is one.
+pub fn parse_record_name(name: &str) -> Option<u64> {
+    name.parse().ok()
+}
+
+fn read_text(path: &Path) -> Result<String, ModuleError> {
+    std::fs::read_to_string(path).map_err(|source| ModuleError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
 impl ModuleError {
     /// Whether the error means the file or directory went away while it
     /// was read: the module was unloaded (sysfs answers ENODEV for an open
@@ -117,21 +207,19 @@ impl ModuleError {
 }
 
 fn read_value(path: &Path) -> Result<String, ModuleError> {
-    std::fs::read_to_string(path)
-        .map(|s| s.trim_end_matches('\n').to_string())
-        .map_err(|source| ModuleError::Read {
-            path: path.to_path_buf(),
-            source,
-        })
+    read_text(path).map(|s| file_value(&s).to_string())
+}
+
+/// Reads the file at `path` and parses it with `parse`.
+fn read_parsed<T>(
+    path: &Path,
+    parse: impl FnOnce(&str) -> Result<T, ValueError>,
+) -> Result<T, ModuleError> {
+    parse(&read_text(path)?).map_err(|e| e.at(path.to_path_buf()))
 }
 
 fn read_u64(path: &Path) -> Result<u64, ModuleError> {
-    let v = read_value(path)?;
-    v.parse().map_err(|_| ModuleError::Value {
-        path: path.to_path_buf(),
-        value: v,
-        reason: "not an unsigned integer",
-    })
+    read_parsed(path, parse_u64)
 }
 
 impl ModuleReader {
@@ -149,13 +237,7 @@ impl ModuleReader {
         if !self.dir.exists() {
             return Err(ModuleError::Absent(self.dir.clone()));
         }
-        let path = self.dir.join("abi_version");
-        let v = read_u64(&path)?;
-        let v = u32::try_from(v).map_err(|_| ModuleError::Value {
-            path,
-            value: v.to_string(),
-            reason: "out of range",
-        })?;
+        let v = read_parsed(&self.dir.join("abi_version"), parse_abi_version)?;
         if !SUPPORTED_ABI.contains(&v) {
             return Err(ModuleError::AbiMismatch {
                 found: v,
@@ -166,14 +248,7 @@ impl ModuleReader {
     }
 
     fn read_status(&self, abi: u32) -> Result<ModuleStatus, ModuleError> {
-        let mode = read_value(&self.dir.join("mode"))?;
-        if mode != "observe" && mode != "targeted" {
-            return Err(ModuleError::Value {
-                path: self.dir.join("mode"),
-                value: mode,
-                reason: "not observe or targeted",
-            });
-        }
+        let mode = read_parsed(&self.dir.join("mode"), parse_mode)?;
         let n = |name: &str| read_u64(&self.dir.join(name));
         Ok(ModuleStatus {
             state: ModuleState::Loaded,
@@ -230,7 +305,7 @@ impl ModuleReader {
             .map_err(absent)?;
         let mut ids: Vec<u64> = entries
             .filter_map(|e| e.ok())
-            .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse().ok()))
+            .filter_map(|e| e.file_name().to_str().and_then(parse_record_name))
             .collect();
         ids.sort_unstable();
         let mut out = Vec::with_capacity(ids.len());
@@ -252,14 +327,9 @@ impl ModuleReader {
     pub fn vm_record(&self, id: u64) -> Result<ModuleVm, ModuleError> {
         let rel = |f: &str| format!("vms/{id}/{f}");
         let n = |f: &str| read_u64(&self.dir.join(rel(f)));
-        let pid_path = self.dir.join(rel("pid"));
-        let pid = u32::try_from(n("pid")?).map_err(|_| ModuleError::Value {
-            path: pid_path,
-            value: String::new(),
-            reason: "pid out of range",
-        })?;
-        let unknown_past = match read_value(&self.dir.join(rel("unknown_past"))) {
-            Ok(v) => Some(v == "1"),
+        let pid = read_parsed(&self.dir.join(rel("pid")), parse_pid)?;
+        let unknown_past = match read_text(&self.dir.join(rel("unknown_past"))) {
+            Ok(v) => Some(parse_unknown_past(&v)),
             Err(ModuleError::Read { source, .. })
                 if source.kind() == std::io::ErrorKind::NotFound =>
             {
@@ -298,9 +368,7 @@ impl ModuleReader {
 
     /// Reads a cpulist file of a VM record (`dirty_cpus`, `ran_cpus`).
     pub fn read_cpulist(&self, rel: &str) -> Result<CpuSet, ModuleError> {
-        let path = self.dir.join(rel);
-        let v = read_value(&path)?;
-        CpuSet::parse(&v).map_err(|source| ModuleError::CpuList { path, source })
+        read_parsed(&self.dir.join(rel), parse_cpulist)
     }
 }
 

@@ -10,6 +10,8 @@ pub mod cpuset;
 pub mod ctl;
 pub mod daemon;
 pub mod discovery;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod kmod;
 pub mod metrics;
 pub mod notify;

@@ -145,6 +145,27 @@ impl CgroupError {
     }
 }
 
+/// Whether `cgroup.subtree_control` enables `cpuset` (its words may carry
+/// a `+`).
+pub fn lists_cpuset(text: &str) -> bool {
+    text.split_whitespace()
+        .any(|w| w.trim_start_matches('+') == "cpuset")
+}
+
+/// Parses a thread or process id list (`tasks`, `cgroup.threads`,
+/// `cgroup.procs`): one id per line, blank lines skipped; the error names
+/// the first line that is not an id.
+pub fn parse_thread_ids(text: &str) -> Result<Vec<u32>, String> {
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            l.trim()
+                .parse()
+                .map_err(|_| format!("{l:?} is not a thread id"))
+        })
+        .collect()
+}
+
 /// Where the cpuset controller is on this host.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CgroupHost {
@@ -356,15 +377,10 @@ impl CpusetWriter {
     pub fn read_threads(&self, cgroup: &str) -> Result<Vec<u32>, CgroupError> {
         let file = self.dir_of(cgroup)?.join(self.threads_file());
         let text = Self::read(&file)?;
-        text.lines()
-            .filter(|l| !l.trim().is_empty())
-            .map(|l| {
-                l.trim().parse().map_err(|_| CgroupError::Malformed {
-                    target: file.display().to_string(),
-                    what: format!("{l:?} is not a thread id"),
-                })
-            })
-            .collect()
+        parse_thread_ids(&text).map_err(|what| CgroupError::Malformed {
+            target: file.display().to_string(),
+            what,
+        })
     }
 
     fn threads_file(&self) -> &'static str {
@@ -483,10 +499,7 @@ impl CpusetWriter {
                 Err(CgroupError::Missing { .. }) => String::new(),
                 Err(e) => return Err(e),
             };
-            let enabled = current
-                .split_whitespace()
-                .any(|w| w.trim_start_matches('+') == "cpuset");
-            if !enabled {
+            if !lists_cpuset(&current) {
                 Self::write(&sc, "+cpuset", false, log)?;
             }
             if is_target {

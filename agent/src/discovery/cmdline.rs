@@ -176,6 +176,15 @@ fn option_values<'a>(args: &'a [String], names: &[&str]) -> Vec<&'a str> {
     out
 }
 
+/// Splits the text of `/proc/<pid>/cmdline` (NUL-terminated arguments)
+/// into arguments; empty arguments are dropped.
+pub fn parse_proc_cmdline(text: &str) -> Vec<String> {
+    text.split('\0')
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
 /// Classifies a VMM command line (`argv`, program first). Pure; see the
 /// module documentation for the rules.
 pub fn classify_cmdline(args: &[String]) -> Classification {
@@ -184,13 +193,15 @@ pub fn classify_cmdline(args: &[String]) -> Classification {
         .first()
         .map(|a| a.rsplit('/').next().unwrap_or(a.as_str()))
         .unwrap_or("");
+    // Options follow the program; the program name itself is never one.
+    let options = args.get(1..).unwrap_or_default();
 
-    let objects: Vec<QemuObject> = option_values(args, &["object"])
+    let objects: Vec<QemuObject> = option_values(options, &["object"])
         .into_iter()
         .filter_map(parse_object)
         .collect();
-    let machines = option_values(args, &["machine", "M"]);
-    let names = option_values(args, &["name"]);
+    let machines = option_values(options, &["machine", "M"]);
+    let names = option_values(options, &["name"]);
 
     out.is_qemu = program.starts_with("qemu")
         || !objects.is_empty()
@@ -229,7 +240,7 @@ pub fn classify_cmdline(args: &[String]) -> Classification {
     } else if out.is_qemu {
         out.class = Some(ConfidentialClass::None);
     } else if program.starts_with("cloud-hypervisor") {
-        let snp = option_values(args, &["platform"]).into_iter().any(|p| {
+        let snp = option_values(options, &["platform"]).into_iter().any(|p| {
             split_qemu_opts(p)
                 .iter()
                 .any(|(k, v)| k == "sev_snp" && v == "on")
@@ -361,6 +372,22 @@ mod tests {
         ];
         assert_eq!(classify_cmdline(&snp).class, Some(SevSnp));
         assert_eq!(classify_cmdline(&snp).sev_policy, Some(0x30000));
+    }
+
+    /// Found by the qemu_cmdline fuzz target: the program name was scanned
+    /// as an option, so a process named `-object` (argv[0] is set by the
+    /// process) was taken for QEMU, or for an SEV guest.
+    #[test]
+    fn program_name_is_not_an_option() {
+        let named = |program: &str| {
+            let mut args = vec![program.to_string()];
+            args.extend(argv("sev-guest,id=x -nographic"));
+            classify_cmdline(&args)
+        };
+        assert_eq!(named("-object"), Classification::default());
+        assert_eq!(named("/usr/bin/-object"), Classification::default());
+        let eq = vec!["--object=sev-guest,id=x".to_string()];
+        assert_eq!(classify_cmdline(&eq), Classification::default());
     }
 
     #[test]

@@ -329,12 +329,8 @@ impl VmScanner {
 
         let main = procfs::read_task_stat(root, pid, pid).map_err(err)?;
         let cmdline_path = self.pid_dir(pid).join("cmdline");
-        let cmdline: Vec<String> = procfs::read_text(&cmdline_path)
-            .map_err(err)?
-            .split('\0')
-            .filter(|s| !s.is_empty())
-            .map(str::to_string)
-            .collect();
+        let cmdline =
+            cmdline::parse_proc_cmdline(&procfs::read_text_lossy(&cmdline_path).map_err(err)?);
         let cgroup_path = self.pid_dir(pid).join("cgroup");
         let cgroup_text = procfs::read_text(&cgroup_path).map_err(err)?;
         let cgroup = parse_proc_cgroup(&cgroup_text).map_err(|e| DiscoveryError::Malformed {

@@ -189,10 +189,19 @@ pub fn read_text(path: &Path) -> Result<String, ProcReadError> {
     std::fs::read_to_string(path).map_err(|e| ProcReadError::from_io(path, e))
 }
 
+/// Reads a procfs file whose content the process sets (its command line,
+/// a thread's name in `stat`) and need not be UTF-8; bytes that are not
+/// UTF-8 become U+FFFD.
+pub fn read_text_lossy(path: &Path) -> Result<String, ProcReadError> {
+    std::fs::read(path)
+        .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+        .map_err(|e| ProcReadError::from_io(path, e))
+}
+
 /// Reads and parses `task/<tid>/stat` of process `pid`.
 pub fn read_task_stat(proc_root: &Path, pid: u32, tid: u32) -> Result<TaskStat, ProcReadError> {
     let path = task_file(proc_root, pid, tid, "stat");
-    let text = read_text(&path)?;
+    let text = read_text_lossy(&path)?;
     parse_stat(&text).map_err(|what| ProcReadError::Malformed { path, what })
 }
 

@@ -333,3 +333,37 @@ fn skipped_entries_are_logged_with_their_path() {
     assert!(log.contains(&status.display().to_string()), "{log}");
     assert!(log.contains("WARN"), "{log}");
 }
+
+/// A command line or thread name is set by the process and need not be
+/// UTF-8 (a Latin-1 disk image path, a renamed thread): the VM is still
+/// found and classified, with the bytes that are not UTF-8 read as U+FFFD.
+#[test]
+fn command_line_and_thread_names_that_are_not_utf8() {
+    let dir = tempfile::tempdir().unwrap();
+    let vm = FakeProcess::qemu_vm(100, 2, SEV_ES_QEMU);
+    let pid_dir = write_process(dir.path(), &vm).unwrap();
+    let mut cmdline = std::fs::read(pid_dir.join("cmdline")).unwrap();
+    cmdline.extend_from_slice(b"-drive\0file=/var/lib/images/caf\xe9.qcow2\0");
+    std::fs::write(pid_dir.join("cmdline"), cmdline).unwrap();
+    let worker = pid_dir.join("task/101/stat");
+    let stat = std::fs::read(&worker).unwrap();
+    let stat = String::from_utf8(stat)
+        .unwrap()
+        .replacen("(call_rcu)", "(w\u{1}\u{2})", 1);
+    let mut bytes = stat.into_bytes();
+    let at = bytes.iter().position(|&b| b == 1).unwrap();
+    bytes[at] = 0xff;
+    std::fs::write(&worker, bytes).unwrap();
+
+    let vms = VmScanner::new(dir.path()).scan().unwrap();
+    assert_eq!(vms.len(), 1);
+    let v = &vms[0];
+    assert_eq!(v.class, Some(ConfidentialClass::SevEs));
+    assert_eq!(
+        v.cmdline.last().map(String::as_str),
+        Some("file=/var/lib/images/caf\u{fffd}.qcow2")
+    );
+    assert_eq!(v.vcpus.len(), 2);
+    let others: Vec<&str> = v.other_threads.iter().map(|t| t.comm.as_str()).collect();
+    assert!(others.contains(&"w\u{fffd}\u{2}"), "{others:?}");
+}

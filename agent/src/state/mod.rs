@@ -357,12 +357,20 @@ pub fn encode(checkpoint: &Checkpoint) -> Result<Vec<u8>, serde_json::Error> {
     Ok(out)
 }
 
-enum DecodeFault {
+/// Why a checkpoint document was rejected; [`CheckpointStore::load`] adds
+/// the file's path.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeFault {
+    /// The document cannot be trusted.
+    #[error("{0}")]
     Corrupt(String),
+    /// The document has this format version, newer than this build reads.
+    #[error("format version {0} is newer than version {CHECKPOINT_VERSION}")]
     Newer(u64),
 }
 
-fn decode(bytes: &[u8]) -> Result<Checkpoint, DecodeFault> {
+/// Parses and checks an on-disk document (the inverse of [`encode`]).
+pub fn decode(bytes: &[u8]) -> Result<Checkpoint, DecodeFault> {
     // The version is checked first: a newer format may change the rest.
     let generic: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| {
         DecodeFault::Corrupt(if e.is_eof() {
@@ -396,8 +404,20 @@ fn decode(bytes: &[u8]) -> Result<Checkpoint, DecodeFault> {
             env.crc32
         )));
     }
-    serde_json::from_str(env.payload.get())
-        .map_err(|e| DecodeFault::Corrupt(format!("bad payload: {e}")))
+    let checkpoint: Checkpoint = serde_json::from_str(env.payload.get())
+        .map_err(|e| DecodeFault::Corrupt(format!("bad payload: {e}")))?;
+    // `Checkpoint::upsert` relies on this order.
+    if let Some(w) = checkpoint
+        .intents
+        .windows(2)
+        .find(|w| w[0].vm_id >= w[1].vm_id)
+    {
+        return Err(DecodeFault::Corrupt(format!(
+            "intents are not sorted by vm_id with one per VM ({} before {})",
+            w[0].vm_id, w[1].vm_id
+        )));
+    }
+    Ok(checkpoint)
 }
 
 #[cfg(test)]
