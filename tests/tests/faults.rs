@@ -342,6 +342,14 @@ impl V1Tree {
     }
 }
 
+impl V1Tree {
+    /// Removes one directory made by `mkdir` (it must be empty).
+    fn rmdir(&mut self, dir: &Path) {
+        std::fs::remove_dir(dir).unwrap_or_else(|e| panic!("rmdir {}: {e}", dir.display()));
+        self.dirs.retain(|d| d != dir);
+    }
+}
+
 impl Drop for V1Tree {
     fn drop(&mut self) {
         for dir in self.dirs.iter().rev() {
@@ -371,7 +379,9 @@ fn read_set(path: &Path) -> sevplace::CpuSet {
 /// layout (`NAME.libvirt-qemu/vcpuN`) is placed, then its vCPU cgroups are
 /// narrowed by hand and a sibling cpuset takes one of its CPUs with
 /// `cpu_exclusive`, so the agent's write that puts a vCPU cgroup back
-/// fails with EINVAL from the kernel (an exclusive sibling overlaps). The agent keeps the intent, reports
+/// fails with EINVAL from the kernel (an exclusive sibling overlaps); then
+/// a vCPU cgroup is widened and given a child on another CPU, so the write
+/// back fails with EBUSY (a child would lose its CPU). The agent keeps the intent, reports
 /// the VM drifted, raises pins_failing, retries with backoff, and puts the
 /// placement back once the exclusive flag is cleared.
 #[test]
@@ -538,6 +548,46 @@ fn real_v1_cpuset_refusal_is_reported_retried_and_healed() {
     assert!(wait_until(Duration::from_secs(5), || {
         metric_line(&d, "sevplace_condition{condition=\"pins_failing\"}").ends_with(" 0")
     }));
+
+    // EBUSY: vCPU 1's cgroup widened by hand and given a child cpuset on a
+    // CPU outside vCPU 1's placement, and the thread moved; writing the
+    // placement back would take that CPU from the child, which the kernel
+    // refuses with EBUSY.
+    let vcpu1 = machine.join("vcpu1");
+    match online.difference(&sets[1]).first() {
+        None => eprintln!("note: vCPU 1 is placed on every CPU; no EBUSY case here"),
+        Some(other) => {
+            write(&vcpu1.join("cpuset.cpus"), &online.to_string());
+            let child = vcpu1.join("held");
+            tree.mkdir(child.clone(), &other.to_string(), mems).unwrap();
+            // Since Linux 6.2 a cpuset change keeps the affinity a thread
+            // asked for; move the thread too, as a hand-made drift does.
+            let out = std::process::Command::new("taskset")
+                .args(["-p", "-c", &online.to_string(), &vm.vcpu_tid(1).to_string()])
+                .output()
+                .expect("taskset");
+            assert!(out.status.success());
+            assert!(
+                wait_until(Duration::from_secs(20), || {
+                    http_get(&d.metrics_addr, "/metrics", None)
+                        .lines()
+                        .any(|l| l.starts_with("sevplace_pin_failures_total{reason=\"busy\"}"))
+                }),
+                "the refused write (EBUSY) was not counted"
+            );
+            assert_eq!(get(&mut c).state, pb::VmState::Drifted as i32);
+            assert!(conditions(&mut c, &rt)
+                .iter()
+                .any(|(t, _)| *t == pb::ConditionType::PinsFailing as i32));
+            tree.rmdir(&child);
+            assert!(
+                wait_until(Duration::from_secs(30), || get(&mut c).state
+                    == pb::VmState::Placed as i32),
+                "not placed again after the child cpuset was removed"
+            );
+            assert_eq!(read_set(&vcpu1.join("cpuset.cpus")), sets[1]);
+        }
+    }
     drop(c);
     drop(d);
     drop(vm);
