@@ -382,7 +382,8 @@ pub async fn run(settings: Settings, options: RunOptions) -> Result<(), DaemonEr
                     admin_clients = ?settings.tls.as_ref().map(|t| &t.admin_clients),
                     "serving gRPC on TCP with mutual TLS"
                 );
-                let incoming = crate::tls::incoming(l, config, crate::tls::HANDSHAKE_TIMEOUT);
+                let incoming =
+                    crate::tls::incoming(l, config, crate::tls::HANDSHAKE_TIMEOUT, metrics.clone());
                 tasks.spawn(async move {
                     if let Err(e) = r.serve_with_incoming_shutdown(incoming, wait(rx)).await {
                         tracing::error!(error = %e, "TCP gRPC server failed");

@@ -54,6 +54,7 @@ pub struct Metrics {
     pub reconcile_lock_wait: Histogram,
     pub condition: Family<ConditionLabels, Gauge>,
     pub checkpoint_write_failures: Counter,
+    pub tls_handshakes: Family<HandshakeLabels, Counter>,
     pub vm_dirty_cpus: Family<VmLabels, Gauge>,
     pub vm_ran_cpus: Family<VmLabels, Gauge>,
     pub vm_vcpus: Family<VmLabels, Gauge>,
@@ -120,6 +121,15 @@ fn advance(counter: &Counter, last: u64, reading: u64) {
     if delta > 0 {
         counter.inc_by(delta);
     }
+}
+
+/// Labels of `sevplace_tls_handshakes_total`: `ok`, `refused` (the
+/// client's certificate or name was not accepted, or TLS failed),
+/// `timeout`, or `closed` (the connection ended before the handshake, as a
+/// TCP probe does).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HandshakeLabels {
+    pub result: String,
 }
 
 /// Labels of `sevplace_condition`.
@@ -221,6 +231,12 @@ impl Metrics {
             "Failed writes of the intent checkpoint (the change was refused or postponed)",
             checkpoint_write_failures.clone(),
         );
+        let tls_handshakes = Family::<HandshakeLabels, Counter>::default();
+        registry.register(
+            "tls_handshakes",
+            "TLS handshakes on the TCP listener by result (ok, refused, timeout, closed)",
+            tls_handshakes.clone(),
+        );
         let reconcile_lock_wait = latency_buckets();
         registry.register(
             "reconcile_lock_wait_seconds",
@@ -302,6 +318,7 @@ impl Metrics {
             reconcile_lock_wait,
             condition,
             checkpoint_write_failures,
+            tls_handshakes,
             registry,
             cpus,
             l3_domains,
@@ -437,6 +454,15 @@ impl Metrics {
     /// Records how long a reconcile pass waited for the core lock.
     pub fn observe_reconcile_lock_wait(&self, waited: Duration) {
         self.reconcile_lock_wait.observe(waited.as_secs_f64());
+    }
+
+    /// Counts one TLS handshake on the TCP listener by its result.
+    pub fn observe_tls_handshake(&self, result: &str) {
+        self.tls_handshakes
+            .get_or_create(&HandshakeLabels {
+                result: result.to_string(),
+            })
+            .inc();
     }
 
     /// Records one gRPC call.

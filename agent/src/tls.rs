@@ -416,6 +416,7 @@ pub fn incoming(
     listener: TcpListener,
     config: Arc<ServerConfig>,
     handshake_timeout: Duration,
+    metrics: Arc<crate::metrics::Metrics>,
 ) -> ReceiverStream<Result<MtlsStream, io::Error>> {
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(accept_loop(
@@ -423,6 +424,7 @@ pub fn incoming(
         TlsAcceptor::from(config),
         handshake_timeout,
         tx,
+        metrics,
     ));
     ReceiverStream::new(rx)
 }
@@ -432,6 +434,7 @@ async fn accept_loop(
     acceptor: TlsAcceptor,
     handshake_timeout: Duration,
     tx: mpsc::Sender<Result<MtlsStream, io::Error>>,
+    metrics: Arc<crate::metrics::Metrics>,
 ) {
     let slots = Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES));
     let failures = Arc::new(FailureLog::default());
@@ -459,9 +462,17 @@ async fn accept_loop(
         let acceptor = acceptor.clone();
         let tx = tx.clone();
         let failures = failures.clone();
+        let metrics = metrics.clone();
         tokio::spawn(async move {
             let _slot = slot;
-            match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
+            let result = tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await;
+            metrics.observe_tls_handshake(match &result {
+                Ok(Ok(_)) => "ok",
+                Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => "closed",
+                Ok(Err(_)) => "refused",
+                Err(_) => "timeout",
+            });
+            match result {
                 Ok(Ok(tls)) => {
                     let names = tls
                         .get_ref()

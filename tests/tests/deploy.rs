@@ -32,8 +32,9 @@ fn run_ok(cmd: &mut Command) -> String {
     text
 }
 
-/// Names of every metric family the agent exports, with VMs and a module.
-fn exported_names() -> BTreeSet<String> {
+/// The agent's metrics with every family populated (VMs, a module, each
+/// kind of observation).
+fn populated_metrics() -> sevplace::metrics::Metrics {
     use sevplace::kmod::{ModuleState, ModuleStatus};
     use sevplace::metrics::{Metrics, VmFigures, VmLabels};
     let m = Metrics::new();
@@ -49,6 +50,9 @@ fn exported_names() -> BTreeSet<String> {
         })
         .inc();
     m.observe_reconcile(std::time::Duration::from_millis(1));
+    m.observe_reconcile_lock_wait(std::time::Duration::from_millis(1));
+    m.observe_tls_handshake("ok");
+    m.checkpoint_write_failures.inc();
     m.set_module(&ModuleStatus {
         state: ModuleState::Loaded,
         abi_version: 1,
@@ -71,12 +75,53 @@ fn exported_names() -> BTreeSet<String> {
         flushes: Some(1),
         flushed_cpus: Some(2),
     }]);
-    m.encode_prometheus()
+    m
+}
+
+/// Names of every metric family the agent exports, with VMs and a module.
+fn exported_names() -> BTreeSet<String> {
+    populated_metrics()
+        .encode_prometheus()
         .lines()
         .filter(|l| !l.starts_with('#') && !l.is_empty())
         .filter_map(|l| l.split(['{', ' ']).next())
         .map(str::to_string)
         .collect()
+}
+
+/// `(family, type)` of every family, from the `# TYPE` lines.
+fn exported_families() -> BTreeSet<(String, String)> {
+    populated_metrics()
+        .encode_prometheus()
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| {
+            let (name, kind) = l.split_once(' ')?;
+            Some((name.to_string(), kind.to_string()))
+        })
+        .collect()
+}
+
+/// The metrics reference in docs/operations.md lists every family the
+/// agent exports with its type, and nothing else.
+#[test]
+fn metrics_reference_lists_every_family() {
+    let doc = std::fs::read_to_string(deploy().join("../docs/operations.md")).unwrap();
+    let section = doc
+        .split("## Metrics")
+        .nth(1)
+        .and_then(|s| s.split("\n## ").next())
+        .expect("a Metrics section in docs/operations.md");
+    let listed: BTreeSet<(String, String)> = section
+        .lines()
+        .filter_map(|l| {
+            let cells: Vec<&str> = l.split('|').map(str::trim).collect();
+            let name = cells.get(1)?.strip_prefix('`')?.split(['`', '{']).next()?;
+            let kind = cells.get(2)?;
+            Some((name.to_string(), kind.to_string()))
+        })
+        .collect();
+    assert_eq!(listed, exported_families(), "docs/operations.md ## Metrics");
 }
 
 fn metric_names_in(expr: &str) -> Vec<String> {

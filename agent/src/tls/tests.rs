@@ -124,7 +124,12 @@ async fn serve(config: Arc<ServerConfig>, handshake_timeout: Duration) -> Socket
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (_reporter, health) = tonic_health::server::health_reporter();
-    let incoming = incoming(listener, config, handshake_timeout);
+    let incoming = incoming(
+        listener,
+        config,
+        handshake_timeout,
+        Arc::new(crate::metrics::Metrics::new()),
+    );
     tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(health)
