@@ -236,6 +236,19 @@ pub fn http_get(addr: &str, path: &str, accept: Option<&str>) -> String {
     out
 }
 
+/// The value of `series` (a metric name with its labels, as exported) in
+/// a `/metrics` body; `None` when the body has no such sample.
+pub fn sample_in(body: &str, series: &str) -> Option<f64> {
+    body.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// The value of `series` in the `/metrics` the daemon at `addr` serves now.
+pub fn metric_value(addr: &str, series: &str) -> Option<f64> {
+    sample_in(&http_get(addr, "/metrics", None), series)
+}
+
 /// A `kvm-guest-fixture` VM; killed and reaped on drop.
 pub struct GuestVm {
     pub child: Child,

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use sevplace_proto::v1 as pb;
-use sevplace_tests::{http_get, Daemon};
+use sevplace_tests::{metric_value, Daemon};
 
 const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
 const DAY: i64 = 86_400;
@@ -38,10 +38,7 @@ fn real_now() -> i64 {
 }
 
 fn passes(d: &Daemon) -> f64 {
-    http_get(&d.metrics_addr, "/metrics", None)
-        .lines()
-        .find_map(|l| l.strip_prefix("sevplace_reconcile_duration_seconds_count "))
-        .and_then(|v| v.trim().parse().ok())
+    metric_value(&d.metrics_addr, "sevplace_reconcile_duration_seconds_count")
         .expect("reconcile pass count")
 }
 

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sevplace_proto::v1 as pb;
-use sevplace_tests::{http_get, wait_until, Daemon, GuestVm};
+use sevplace_tests::{metric_value, wait_until, Daemon, GuestVm};
 
 fn genoa() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../agent/tests/fixtures/genoa-2x96-nps1")
@@ -124,12 +124,9 @@ fn listed(c: &mut Client, rt: &tokio::runtime::Runtime) -> Vec<String> {
 type Client =
     sevplace_proto::v1::sevplace_service_client::SevplaceServiceClient<tonic::transport::Channel>;
 
-fn metric_line(d: &Daemon, needle: &str) -> String {
-    http_get(&d.metrics_addr, "/metrics", None)
-        .lines()
-        .find(|l| l.starts_with(needle))
-        .unwrap_or_else(|| panic!("no {needle} in /metrics"))
-        .to_string()
+/// The value of `series` in the daemon's /metrics; it must be there.
+fn metric(d: &Daemon, series: &str) -> f64 {
+    metric_value(&d.metrics_addr, series).unwrap_or_else(|| panic!("no {series} in /metrics"))
 }
 
 #[test]
@@ -167,16 +164,13 @@ fn checkpoint_directory_full_or_read_only() {
     );
     assert!(raised[0].1.contains("No space left"), "{raised:?}");
     assert_eq!(
-        metric_line(
+        metric(
             &d,
             "sevplace_condition{condition=\"checkpoint_write_failing\"}"
         ),
-        "sevplace_condition{condition=\"checkpoint_write_failing\"} 1"
+        1.0
     );
-    assert_eq!(
-        metric_line(&d, "sevplace_checkpoint_write_failures_total"),
-        "sevplace_checkpoint_write_failures_total 2"
-    );
+    assert_eq!(metric(&d, "sevplace_checkpoint_write_failures_total"), 2.0);
     let host = d.ctl(&["host"]);
     assert!(
         String::from_utf8_lossy(&host.stdout).contains("condition   checkpoint_write_failing"),
@@ -293,8 +287,8 @@ fn module_unloading_and_loading_under_the_daemon() {
     eprintln!("module toggled: {loaded} answers loaded, {absent} absent");
     assert!(loaded + absent > 0);
     assert_eq!(
-        metric_line(&d, "sevplace_condition{condition=\"module_unusable\"}"),
-        "sevplace_condition{condition=\"module_unusable\"} 0",
+        metric(&d, "sevplace_condition{condition=\"module_unusable\"}"),
+        0.0,
         "an unload is absence, not an unusable module"
     );
 
@@ -308,7 +302,7 @@ fn module_unloading_and_loading_under_the_daemon() {
     write_globals(&live, "targeted", [0; 5]).unwrap();
     std::fs::write(live.join("abi_version"), "99\n").unwrap();
     assert!(wait_until(Duration::from_secs(5), || {
-        metric_line(&d, "sevplace_condition{condition=\"module_unusable\"}").ends_with(" 1")
+        metric(&d, "sevplace_condition{condition=\"module_unusable\"}") == 1.0
     }));
     let (state, message) = module_state(&mut c);
     assert_eq!(state, pb::ModuleState::AbiMismatch as i32);
@@ -316,7 +310,7 @@ fn module_unloading_and_loading_under_the_daemon() {
     // Back with the right ABI: loaded, condition cleared.
     std::fs::write(live.join("abi_version"), "1\n").unwrap();
     assert!(wait_until(Duration::from_secs(5), || {
-        metric_line(&d, "sevplace_condition{condition=\"module_unusable\"}").ends_with(" 0")
+        metric(&d, "sevplace_condition{condition=\"module_unusable\"}") == 0.0
     }));
     assert_eq!(module_state(&mut c).0, pb::ModuleState::Loaded as i32);
     assert_eq!(listed(&mut c, &rt), ["vm-a", "vm-b"]);
@@ -511,7 +505,7 @@ fn real_v1_cpuset_refusal_is_reported_retried_and_healed() {
 
     assert!(
         wait_until(Duration::from_secs(20), || {
-            metric_line(&d, "sevplace_condition{condition=\"pins_failing\"}").ends_with(" 1")
+            metric(&d, "sevplace_condition{condition=\"pins_failing\"}") == 1.0
         }),
         "the refused write did not raise pins_failing"
     );
@@ -522,8 +516,8 @@ fn real_v1_cpuset_refusal_is_reported_retried_and_healed() {
             .any(|(t, m)| *t == pb::ConditionType::PinsFailing as i32 && m.contains("vm-cg")),
         "{raised:?}"
     );
-    let failures = metric_line(&d, "sevplace_pin_failures_total{reason=\"invalid_set\"}");
-    assert!(!failures.ends_with(" 0"), "{failures}");
+    let failures = metric(&d, "sevplace_pin_failures_total{reason=\"invalid_set\"}");
+    assert!(failures > 0.0, "{failures}");
     let v = get(&mut c);
     assert_eq!(v.state, pb::VmState::Drifted as i32);
     assert_eq!(v.placement.expect("intent kept").vcpus.len(), 2);
@@ -546,7 +540,7 @@ fn real_v1_cpuset_refusal_is_reported_retried_and_healed() {
         );
     }
     assert!(wait_until(Duration::from_secs(5), || {
-        metric_line(&d, "sevplace_condition{condition=\"pins_failing\"}").ends_with(" 0")
+        metric(&d, "sevplace_condition{condition=\"pins_failing\"}") == 0.0
     }));
 
     // EBUSY: vCPU 1's cgroup widened by hand and given a child cpuset on a
@@ -569,9 +563,11 @@ fn real_v1_cpuset_refusal_is_reported_retried_and_healed() {
             assert!(out.status.success());
             assert!(
                 wait_until(Duration::from_secs(20), || {
-                    http_get(&d.metrics_addr, "/metrics", None)
-                        .lines()
-                        .any(|l| l.starts_with("sevplace_pin_failures_total{reason=\"busy\"}"))
+                    metric_value(
+                        &d.metrics_addr,
+                        "sevplace_pin_failures_total{reason=\"busy\"}",
+                    )
+                    .is_some()
                 }),
                 "the refused write (EBUSY) was not counted"
             );

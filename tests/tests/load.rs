@@ -9,20 +9,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sevplace_proto::v1 as pb;
-use sevplace_tests::{cpus_allowed, http_get, wait_until, Daemon, GuestVm};
+use sevplace_tests::{cpus_allowed, http_get, sample_in, wait_until, Daemon, GuestVm};
 
 const PERIOD_MS: u64 = 200;
 const CLIENT_THREADS: usize = 4;
 const CALLS_PER_THREAD: usize = 16;
 const FLOOD: Duration = Duration::from_secs(6);
-
-/// The value of an unlabelled sample in a Prometheus text body.
-fn sample(body: &str, name: &str) -> f64 {
-    body.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no sample {name} in /metrics"))
-}
 
 /// Starts the flood; returns the stop flag, the call counter and the
 /// threads.
@@ -134,6 +126,9 @@ fn reconcile_keeps_its_period_under_a_request_flood() {
     let (stop, calls, threads) = flood(&d.socket);
     // Let the flood reach full strength.
     std::thread::sleep(Duration::from_secs(1));
+    let sample = |body: &str, series: &str| {
+        sample_in(body, series).unwrap_or_else(|| panic!("no sample {series} in /metrics"))
+    };
     let before = http_get(&d.metrics_addr, "/metrics", None);
     let passes_before = sample(&before, "sevplace_reconcile_duration_seconds_count");
     let calls_before = calls.load(Ordering::Relaxed);

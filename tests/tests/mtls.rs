@@ -127,13 +127,9 @@ fn mutual_tls_admits_listed_names_and_refuses_the_rest() {
     // Handshakes are counted by result.
     let metrics = sevplace_tests::http_get(&d.metrics_addr, "/metrics", None);
     for result in ["ok", "refused"] {
-        let series = format!("sevplace_tls_handshakes_total{{result=\"{result}\"}} ");
-        let n: u64 = metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(&series))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0);
-        assert!(n >= 1, "no {result} handshake counted:\n{metrics}");
+        let series = format!("sevplace_tls_handshakes_total{{result=\"{result}\"}}");
+        let n = sevplace_tests::sample_in(&metrics, &series).unwrap_or(0.0);
+        assert!(n >= 1.0, "no {result} handshake counted:\n{metrics}");
     }
     assert!(d.terminate(Duration::from_secs(10)).success());
 }
