@@ -6,6 +6,7 @@ set -euo pipefail
 
 APT_PACKAGES=(
   build-essential pkg-config python3 curl ca-certificates
+  python3-venv # the grpcio client tests (tests/tests/python_client.rs)
   util-linux   # taskset
   prometheus   # promtool: checks /metrics output and alert rules
   systemd      # systemd-analyze: verifies the unit file

@@ -8,6 +8,21 @@ cd "$(dirname "$0")/.."
 
 step() { printf '\n=== %s\n' "$*"; }
 
+# Every skip is appended here by the tests' skip helper (tests/src/skip.rs)
+# and summarized at exit, pass or fail.
+SEVPLACE_SKIP_LOG=$(mktemp -t sevplace-skips.XXXXXX)
+export SEVPLACE_SKIP_LOG
+skip_summary() {
+  local n
+  n=$(grep -c . "$SEVPLACE_SKIP_LOG" || true)
+  printf '\n=== skipped tests: %s\n' "$n"
+  if [ "$n" -gt 0 ]; then
+    sort "$SEVPLACE_SKIP_LOG" | awk -F '\t' '{ printf "  %s (needs %s): %s\n", $1, $2, $3 }'
+  fi
+  rm -f "$SEVPLACE_SKIP_LOG"
+}
+trap skip_summary EXIT
+
 step "dependencies"
 scripts/install-deps.sh
 
