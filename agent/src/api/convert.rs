@@ -239,14 +239,14 @@ pub fn host(core: &AgentCore) -> pb::Host {
                     .collect(),
             })
             .collect(),
-        module: Some(module_status(&core.module().status())),
+        module: Some(module_status(&core.module_status())),
         vm_count: core.vm_count() as u32,
         conditions: core.conditions().iter().map(condition).collect(),
     }
 }
 
-pub fn condition(c: &crate::reconcile::conditions::Condition) -> pb::Condition {
-    use crate::reconcile::conditions::ConditionKind as K;
+pub fn condition(c: &crate::conditions::Condition) -> pb::Condition {
+    use crate::conditions::ConditionKind as K;
     let t = match c.kind {
         K::CheckpointWriteFailing => pb::ConditionType::CheckpointWriteFailing,
         K::HostScanFailing => pb::ConditionType::HostScanFailing,

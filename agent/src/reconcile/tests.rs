@@ -8,9 +8,17 @@ use std::sync::{Arc, Mutex};
 use super::enforce::ThreadAffinity;
 use super::events::{EventBus, EventKind};
 use super::*;
+
 use crate::cgroup::CgroupError;
+use crate::cpuset::CpuSet;
 use crate::discovery::fake_procfs::{write_process, FakeProcess};
+use crate::discovery::{DiscoveredVm, VmScanner};
 use crate::kmod::ModuleReader;
+use crate::metrics::Metrics;
+use crate::placement::{self, Reservations};
+use crate::state::{CheckpointStore, VmSelector};
+use crate::topology::Topology;
+use crate::types::{ConfidentialClass, VmId};
 
 /// Writes affinity into the fake procfs (so the next scan sees it), and
 /// fails with `VmGone` for threads whose task directory is gone.
@@ -416,7 +424,7 @@ fn unwritable_checkpoint_changes_nothing() {
     assert!(text.contains("sevplace_checkpoint_write_failures_total 1"));
     assert_eq!(
         core.conditions()[0].kind,
-        super::conditions::ConditionKind::CheckpointWriteFailing
+        crate::conditions::ConditionKind::CheckpointWriteFailing
     );
     // Writable again: the retried call succeeds and the condition clears.
     std::fs::remove_file(f.dir.path().join("state")).unwrap();
@@ -635,7 +643,7 @@ fn failing_pins_keep_the_intent_report_and_retry_with_backoff() {
         assert_eq!(raised.len(), 1, "{raised:?}");
         assert_eq!(
             raised[0].kind,
-            super::conditions::ConditionKind::PinsFailing
+            crate::conditions::ConditionKind::PinsFailing
         );
         assert!(raised[0].message.contains("vm-f"), "{raised:?}");
         assert!(
