@@ -19,7 +19,7 @@ use crate::kmod::ModuleVm;
 use crate::placement::PlaceError;
 use crate::reconcile::{AgentContext, AgentCore, AgentError, PlaceCall};
 use crate::state::VmSelector;
-use crate::types::VmId;
+use crate::types::{VmId, VmKey};
 
 /// The gRPC service implementation.
 pub struct SevplaceApi {
@@ -99,11 +99,11 @@ pub fn place_call(r: &pb::PlaceVmRequest) -> Result<PlaceCall, Status> {
         return Err(invalid("vcpus", "must be at least 1"));
     }
     Ok(PlaceCall {
-        vm_id: vm_id(&r.vm_id)?,
+        vm_id: VmKey::named(&r.vm_id).map_err(|e| invalid("vm_id", e.to_string()))?,
         selector,
         vcpus: r.vcpus,
         class: convert::class_from_pb(class),
-        shared: r.shared,
+        dedicated: !r.shared,
         numa_node: r.numa_node,
         validate_only: r.validate_only,
     })
@@ -193,7 +193,7 @@ fn known_vm(core: &AgentCore, id: &str) -> Result<crate::reconcile::VmView, Stat
 }
 
 fn vm_pb(core: &AgentCore, v: &crate::reconcile::VmView, records: &[ModuleVm]) -> pb::Vm {
-    let record = records.iter().find(|r| v.pid != 0 && r.pid == v.pid);
+    let record = v.pid.and_then(|pid| records.iter().find(|r| r.pid == pid));
     convert::vm(core.topology(), v, record)
 }
 

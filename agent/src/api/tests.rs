@@ -79,7 +79,7 @@ async fn serve(event_capacity: usize) -> Served {
         }),
         vcpus: 2,
         class: Some(ConfidentialClass::Sev),
-        shared: false,
+        dedicated: true,
         numa_node: None,
         validate_only: false,
     })

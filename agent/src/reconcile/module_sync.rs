@@ -31,20 +31,20 @@ impl AgentCore {
         self.set_condition(ConditionKind::ModuleUnusable, usable);
         let mut figures = Vec::new();
         for v in self.views() {
-            if v.pid == 0 {
+            let Some(pid) = v.pid else {
                 continue;
-            }
-            let record = records.iter().find(|r| r.pid == v.pid);
+            };
+            let record = records.iter().find(|r| r.pid == pid);
             if let (Some(r), Some(class)) = (record, v.class) {
                 if r.confidential != class.as_str() {
                     if let Err(e) = self.host.module.set_confidential(r.id, class) {
-                        tracing::warn!(vm = %v.vm_id, error = %e, "cannot label the module's VM record");
+                        tracing::warn!(vm = %v.key, error = %e, "cannot label the module's VM record");
                     }
                 }
             }
             figures.push(crate::metrics::VmFigures {
                 labels: crate::metrics::VmLabels {
-                    vm: v.vm_id.clone(),
+                    vm: v.key.to_string(),
                     confidential: v.class.map_or("unknown", |c| c.as_str()).to_string(),
                 },
                 vcpus: v.vcpus,

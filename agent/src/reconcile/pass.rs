@@ -8,7 +8,7 @@ use std::time::Instant;
 use crate::conditions::ConditionKind;
 use crate::discovery::DiscoveredVm;
 use crate::state::{IntentRecord, VmSelector};
-use crate::types::VmId;
+use crate::types::{VmId, VmKey};
 
 use super::agent_core::AgentCore;
 use super::context::AgentContext;
@@ -66,9 +66,7 @@ impl AgentCore {
             .collect();
         for vm in candidates {
             let vcpus = vm.vcpu_fds.len().max(vm.vcpus.len()) as u32;
-            let Ok(vm_id) = VmId::new(format!("pid-{}", vm.pid)) else {
-                continue;
-            };
+            let vm_id = VmKey::Process(vm.pid).to_id();
             let call = PlaceCall {
                 vm_id: vm_id.clone(),
                 selector: Some(VmSelector::Process {
@@ -77,7 +75,7 @@ impl AgentCore {
                 }),
                 vcpus,
                 class: None,
-                shared: false,
+                dedicated: true,
                 numa_node: None,
                 validate_only: false,
             };
@@ -156,7 +154,7 @@ impl AgentCore {
         for (pid, vm) in &by_pid {
             if !self.unmanaged.contains_key(pid) {
                 self.events.publish(
-                    &format!("pid-{pid}"),
+                    &VmKey::Process(*pid).to_string(),
                     EventKind::Discovered {
                         pid: *pid,
                         class: vm.class,
@@ -173,7 +171,7 @@ impl AgentCore {
             .collect();
         for pid in gone {
             self.events
-                .publish(&format!("pid-{pid}"), EventKind::Exited { pid });
+                .publish(&VmKey::Process(pid).to_string(), EventKind::Exited { pid });
         }
         self.unmanaged = by_pid;
         let failing: Vec<&VmId> = self

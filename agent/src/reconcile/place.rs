@@ -8,7 +8,7 @@ use crate::discovery::{DiscoveredVm, DiscoveryError};
 use crate::placement::{self, Placement, PlacementRequest, PlacementState, Reservations};
 use crate::state::{self, IntentRecord, PlacementRecord, VmSelector};
 use crate::topology::Topology;
-use crate::types::{ConfidentialClass, VmId};
+use crate::types::{ConfidentialClass, VmId, VmKey};
 
 use super::agent_core::{AgentCore, Runtime};
 use super::enforce;
@@ -24,7 +24,8 @@ pub struct PlaceCall {
     pub selector: Option<VmSelector>,
     pub vcpus: u32,
     pub class: Option<ConfidentialClass>,
-    pub shared: bool,
+    /// Whole cores of its own; false: shared (floating vCPUs).
+    pub dedicated: bool,
     pub numa_node: Option<u32>,
     pub validate_only: bool,
 }
@@ -98,6 +99,19 @@ impl AgentCore {
                 reason: "must be at least 1".into(),
             });
         }
+        // `pid-N` names the VM process N only: an intent under that id for
+        // another process would collide with it.
+        if let VmKey::Process(pid) = VmKey::of_id(&call.vm_id) {
+            if !matches!(call.selector, Some(VmSelector::Process { pid: p, .. }) if p == pid) {
+                return Err(AgentError::InvalidArgument {
+                    field: "vm_id",
+                    reason: format!(
+                        "{} has the form pid-<N>, which names a VM by its process; choose another id",
+                        call.vm_id
+                    ),
+                });
+            }
+        }
         let selector = call.selector.clone().unwrap_or(VmSelector::LibvirtDomain {
             name: call.vm_id.to_string(),
         });
@@ -123,13 +137,13 @@ impl AgentCore {
             vm_id: call.vm_id.clone(),
             vcpus: call.vcpus,
             class,
-            dedicated: !call.shared,
+            dedicated: call.dedicated,
             numa_preference: call.numa_node,
         };
         let stored_request = state::PlacementRequest {
             vcpus: call.vcpus,
             class: call.class,
-            dedicated: !call.shared,
+            dedicated: call.dedicated,
             numa_node: call.numa_node,
         };
 
@@ -157,14 +171,14 @@ impl AgentCore {
         )?;
         if call.validate_only {
             return Ok(VmView {
-                vm_id: call.vm_id.to_string(),
-                pid: found.as_ref().map_or(0, |v| v.pid),
+                key: VmKey::of_id(&call.vm_id),
+                pid: found.as_ref().map(|v| v.pid),
                 libvirt_domain: found.as_ref().and_then(|v| v.libvirt_domain.clone()),
                 class: Some(class),
                 class_source: source,
                 state: VmState::Pending,
                 vcpus: call.vcpus,
-                shared: call.shared,
+                dedicated: call.dedicated,
                 threads: found.map(|v| v.vcpus).unwrap_or_default(),
                 placement: Some(p),
                 placed_at: None,

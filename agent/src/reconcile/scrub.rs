@@ -71,25 +71,21 @@ impl AgentCore {
         let view = self
             .view(id)
             .ok_or_else(|| AgentError::NotFound(format!("no VM {id:?}")))?;
-        if view.pid == 0 {
+        let Some(pid) = view.pid else {
             return Err(AgentError::FailedPrecondition(format!(
                 "VM {id} has no running process"
             )));
-        }
+        };
         let records = self
             .host
             .module
             .vm_records()
             .map_err(|e| AgentError::FailedPrecondition(e.to_string()))?;
-        let before = records
-            .into_iter()
-            .find(|r| r.pid == view.pid)
-            .ok_or_else(|| {
-                AgentError::FailedPrecondition(format!(
-                    "the sevflush module does not track VM {id} (pid {})",
-                    view.pid
-                ))
-            })?;
+        let before = records.into_iter().find(|r| r.pid == pid).ok_or_else(|| {
+            AgentError::FailedPrecondition(format!(
+                "the sevflush module does not track VM {id} (pid {pid})"
+            ))
+        })?;
         let t0 = Instant::now();
         let vm_id = VmId::new(id).map_err(|e| AgentError::InvalidArgument {
             field: "vm_id",

@@ -131,7 +131,7 @@ fn call(id: &str, pid: Option<u32>, vcpus: u32) -> PlaceCall {
         }),
         vcpus,
         class: None,
-        shared: false,
+        dedicated: true,
         numa_node: None,
         validate_only: false,
     }
@@ -182,6 +182,40 @@ fn place_classifies_pins_and_is_idempotent() {
         stored.intents[0].placement.as_ref().unwrap().vcpu_cpus,
         p.vcpu_cpus
     );
+}
+
+#[test]
+fn an_orchestrator_id_pid_n_does_not_collide_with_an_unmanaged_vm() {
+    let f = Fixture::new();
+    f.add_vm(42, 2, false);
+    f.add_vm(100, 2, false);
+    let mut core = f.core().unwrap();
+    core.reconcile(f.scan(&core));
+    let unmanaged = core.view("pid-42").unwrap();
+    assert_eq!(unmanaged.key, crate::types::VmKey::Process(42));
+    assert_eq!(unmanaged.pid, Some(42));
+
+    // "pid-42" for process 100 would name two VMs: refused, nothing stored.
+    match core.place(call("pid-42", Some(100), 2)) {
+        Err(AgentError::InvalidArgument {
+            field: "vm_id",
+            reason,
+        }) => {
+            assert!(reason.contains("pid-<N>"), "{reason}")
+        }
+        other => panic!("expected vm_id refused, got {other:?}"),
+    }
+    assert!(core.checkpoint().intents.is_empty());
+    assert_eq!(core.view("pid-42").unwrap().state, VmState::Unmanaged);
+    assert_eq!(core.view("pid-100").unwrap().state, VmState::Unmanaged);
+
+    // An id that only looks like one (not the canonical pid form) is a name.
+    let v = core.place(call("pid-042", Some(100), 2)).unwrap();
+    assert_eq!(v.key.to_string(), "pid-042");
+    assert_eq!(v.pid, Some(100));
+    assert_eq!(core.view("pid-42").unwrap().pid, Some(42));
+    let keys: Vec<String> = core.views().iter().map(|v| v.key.to_string()).collect();
+    assert_eq!(keys, ["pid-042", "pid-42"]);
 }
 
 #[test]

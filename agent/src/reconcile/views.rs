@@ -5,7 +5,7 @@ use std::time::SystemTime;
 
 use crate::discovery::DiscoveredVm;
 use crate::placement::Placement;
-use crate::types::{ConfidentialClass, VmId};
+use crate::types::{ConfidentialClass, VmKey};
 
 use super::agent_core::AgentCore;
 
@@ -30,31 +30,37 @@ pub enum ClassSource {
 /// A VM as reported by GetVm and ListVms.
 #[derive(Debug, Clone)]
 pub struct VmView {
-    pub vm_id: String,
-    pub pid: u32,
+    pub key: VmKey,
+    /// The VM's process, when one is running.
+    pub pid: Option<u32>,
     pub libvirt_domain: Option<String>,
     pub class: Option<ConfidentialClass>,
     pub class_source: ClassSource,
     pub state: VmState,
     pub vcpus: u32,
-    pub shared: bool,
+    /// Whole cores of its own (false: shared, floating vCPUs). Unmanaged
+    /// VMs report true: the agent shares nothing of theirs.
+    pub dedicated: bool,
     pub placement: Option<Placement>,
     pub threads: Vec<crate::discovery::VcpuThread>,
     pub placed_at: Option<SystemTime>,
 }
 
 impl AgentCore {
-    /// One VM by id (`pid-N` for unmanaged VMs).
+    /// One VM by its wire id (`pid-N` for VMs known by process only).
     pub fn view(&self, vm_id: &str) -> Option<VmView> {
-        if let Some(pid) = vm_id
-            .strip_prefix("pid-")
-            .and_then(|p| p.parse::<u32>().ok())
-        {
-            if let Some(vm) = self.unmanaged.get(&pid) {
+        self.view_key(&VmKey::parse(vm_id).ok()?)
+    }
+
+    /// One VM by key: a process key names an unmanaged VM, or the intent
+    /// auto placement made for it; a named key names an intent.
+    pub fn view_key(&self, key: &VmKey) -> Option<VmView> {
+        if let VmKey::Process(pid) = key {
+            if let Some(vm) = self.unmanaged.get(pid) {
                 return Some(Self::unmanaged_view(vm));
             }
         }
-        let id = VmId::new(vm_id).ok()?;
+        let id = key.to_id();
         let intent = self.checkpoint.get(&id)?;
         let rt = self.runtime.get(&id);
         let observed = rt.and_then(|r| r.observed.as_ref());
@@ -66,8 +72,8 @@ impl AgentCore {
         };
         let class = placement.as_ref().map(|p| p.request.class);
         Some(VmView {
-            vm_id: id.to_string(),
-            pid: observed.map_or(0, |v| v.pid),
+            key: key.clone(),
+            pid: observed.map(|v| v.pid),
             libvirt_domain: observed.and_then(|v| v.libvirt_domain.clone()),
             class,
             class_source: if intent.request.class.is_some() {
@@ -77,7 +83,7 @@ impl AgentCore {
             },
             state,
             vcpus: intent.request.vcpus,
-            shared: !intent.request.dedicated,
+            dedicated: intent.request.dedicated,
             placement,
             threads: observed.map(|v| v.vcpus.clone()).unwrap_or_default(),
             placed_at: rt.and_then(|r| r.placed_at),
@@ -86,8 +92,8 @@ impl AgentCore {
 
     fn unmanaged_view(vm: &DiscoveredVm) -> VmView {
         VmView {
-            vm_id: format!("pid-{}", vm.pid),
-            pid: vm.pid,
+            key: VmKey::Process(vm.pid),
+            pid: Some(vm.pid),
             libvirt_domain: vm.libvirt_domain.clone(),
             class: vm.class,
             class_source: if vm.class.is_some() {
@@ -97,7 +103,7 @@ impl AgentCore {
             },
             state: VmState::Unmanaged,
             vcpus: vm.vcpus.len() as u32,
-            shared: false,
+            dedicated: true,
             placement: None,
             threads: vm.vcpus.clone(),
             placed_at: None,
@@ -110,10 +116,10 @@ impl AgentCore {
             .checkpoint
             .intents
             .iter()
-            .filter_map(|i| self.view(i.vm_id.as_str()))
+            .filter_map(|i| self.view_key(&VmKey::of_id(&i.vm_id)))
             .chain(self.unmanaged.values().map(Self::unmanaged_view))
             .collect();
-        out.sort_by(|a, b| a.vm_id.cmp(&b.vm_id));
+        out.sort_by_key(|v| v.key.to_string());
         out
     }
 
