@@ -6,6 +6,7 @@ pub mod api;
 pub mod authority;
 pub mod cgroup;
 pub mod client;
+pub mod conditions;
 pub mod config;
 pub mod cpuset;
 pub mod ctl;
