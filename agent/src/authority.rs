@@ -13,17 +13,34 @@
 use h2::ext::PathAuthority;
 use tower::filter::FilterLayer;
 
+/// A request refused by [`refuse_path_authority`]. Its source is the h2
+/// PROTOCOL_ERROR that hyper resets the stream with (hyper takes the reason
+/// from the error's source chain). The h2 error is the source, not the
+/// error itself, because tonic turns a top-level `h2::Error` into a gRPC
+/// status answer instead of a reset.
+#[derive(Debug, thiserror::Error)]
+#[error("malformed :authority {authority:?} on a TCP listener")]
+pub struct PathAuthorityRefused {
+    authority: String,
+    #[source]
+    reset: h2::Error,
+}
+
 /// Refuses a request whose `:authority` was a path: the stream is reset
-/// with PROTOCOL_ERROR (hyper resets a stream with the `h2::Reason` of the
-/// service error).
-pub fn refuse_path_authority<B>(req: hyper::Request<B>) -> Result<hyper::Request<B>, h2::Error> {
+/// with PROTOCOL_ERROR, as stock h2 resets it.
+pub fn refuse_path_authority<B>(
+    req: hyper::Request<B>,
+) -> Result<hyper::Request<B>, PathAuthorityRefused> {
     match req.extensions().get::<PathAuthority>() {
         Some(authority) => {
             tracing::debug!(
                 authority = authority.as_str(),
                 "malformed :authority on a TCP listener; resetting the stream"
             );
-            Err(h2::Error::from(h2::Reason::PROTOCOL_ERROR))
+            Err(PathAuthorityRefused {
+                authority: authority.as_str().to_string(),
+                reset: h2::Error::from(h2::Reason::PROTOCOL_ERROR),
+            })
         }
         None => Ok(req),
     }
@@ -31,7 +48,7 @@ pub fn refuse_path_authority<B>(req: hyper::Request<B>) -> Result<hyper::Request
 
 /// The layer of the TCP listeners that applies [`refuse_path_authority`].
 pub type TcpAuthorityLayer<B> =
-    FilterLayer<fn(hyper::Request<B>) -> Result<hyper::Request<B>, h2::Error>>;
+    FilterLayer<fn(hyper::Request<B>) -> Result<hyper::Request<B>, PathAuthorityRefused>>;
 
 /// [`TcpAuthorityLayer`] for the request body of a tonic server.
 pub fn tcp_authority_layer() -> TcpAuthorityLayer<tonic::body::Body> {

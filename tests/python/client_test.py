@@ -68,7 +68,6 @@ for want in [
     SERVICE,
     "grpc.health.v1.Health",
     "grpc.reflection.v1alpha.ServerReflection",
-    "grpc.reflection.v1.ServerReflection",
 ]:
     check(f"reflection v1alpha lists {want}", want in listed, listed)
 files = answers[1].file_descriptor_response.file_descriptor_proto

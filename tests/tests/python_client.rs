@@ -144,7 +144,7 @@ fn python_grpcio_client_calls_every_rpc() {
     let out = Command::new(&python)
         .arg(repo().join("tests/python/client_test.py"))
         .arg(&d.socket)
-        .arg(&addr)
+        .arg(addr.as_str())
         .arg(stubs.path())
         .output()
         .expect("run client_test.py");
