@@ -38,6 +38,15 @@ if command -v rustup >/dev/null 2>&1; then
   done
 fi
 
+# Build chroots (debootstrap minbase of trixie and sid, cached in
+# /var/cache/sevplace-kmod) for the kernels whose userland is newer than
+# Debian 12: kmod/ci.sh and kmod/rig/run.sh build sevflush.ko inside them.
+if [ "$(id -u)" -eq 0 ] && [ -x kmod/tools/chroot.sh ]; then
+  for k in bpo sid; do
+    echo "install-deps: build chroot for $k: $(kmod/tools/chroot.sh "$k")"
+  done
+fi
+
 # cargo-fuzz for scripts/fuzz.sh (runs on stable with RUSTC_BOOTSTRAP=1).
 if command -v cargo >/dev/null 2>&1 && ! cargo fuzz --version >/dev/null 2>&1; then
   echo "install-deps: cargo install cargo-fuzz --locked"
