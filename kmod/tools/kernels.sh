@@ -78,9 +78,9 @@ pkgs() {
 	for f in "$APT"/lists/*_main_binary-amd64_Packages*; do
 		[[ ${f##*/} =~ _dists_($1)_main_ ]] || continue
 		/usr/lib/apt/apt-helper cat-file "$f"
-	done | awk -v re="$2" '
+	done | RE=$2 awk '
 		/^Package: / { p = $2 }
-		/^Version: / { if (p ~ re) print p, $2 }'
+		/^Version: / { if (p ~ ENVIRON["RE"]) print p, $2 }'
 }
 
 resolve() {
@@ -102,7 +102,7 @@ resolve() {
 	[ -n "$line" ] || { echo "kernels.sh: no $name kernel with headers in the package lists" >&2; return 1; }
 	read -r img ver abi <<<"$line"
 	# prefer the signed image package name when both exist at this version
-	if [[ $img == *-unsigned ]] && pkgs "$suites" "^linux-image-${abi//+/\\+}\$" | grep -qx "linux-image-$abi $ver"; then
+	if [[ $img == *-unsigned ]] && pkgs "$suites" "^linux-image-${abi//+/[+]}\$" | grep -qx "linux-image-$abi $ver"; then
 		img=linux-image-$abi
 	fi
 	hdr=linux-headers-$abi
