@@ -130,7 +130,7 @@ if [ ! -x "$BB_DIR/bin/busybox" ]; then
 fi
 BUSYBOX=$BB_DIR/bin/busybox
 
-declare -A CHROOT
+declare -A CHROOT VMLINUZ MODDIR
 for s in ${KERNELS//,/ }; do
 	abi=${ABI[$s]} pkg=${IMG[$s]} ver=${VER[$s]} hdr=${HDR[$s]}
 	if [ ! -f "$CACHE/kernels/$abi/.done" ]; then
@@ -139,8 +139,25 @@ for s in ${KERNELS//,/ }; do
 		rm -rf "$CACHE/kernels/$abi"
 		mkdir -p "$CACHE/kernels/$abi"
 		dpkg-deb -x "$DEB" "$CACHE/kernels/$abi"
+		# 7.x: the image package only depends on linux-binary-<abi>
+		# (vmlinuz) and linux-modules-<abi> of the same version
+		img_deb=$DEB
+		for dep in $(dpkg-deb -f "$img_deb" Depends | tr ',' '\n' | awk '{print $1}'); do
+			case $dep in
+			"linux-binary-$abi" | "linux-modules-$abi")
+				log "$s: fetching $dep=$ver"
+				fetch_deb "$dep" "$ver"
+				dpkg-deb -x "$DEB" "$CACHE/kernels/$abi"
+				;;
+			esac
+		done
 		touch "$CACHE/kernels/$abi/.done"
 	fi
+	# merged /usr (7.x packages): /usr/lib/modules, vmlinuz in /boot or /usr/lib
+	VMLINUZ[$s]=$(find "$CACHE/kernels/$abi" -name "vmlinuz-$abi" -o -name vmlinuz -path "*$abi*" | head -n 1)
+	MODDIR[$s]=$(find "$CACHE/kernels/$abi" -maxdepth 4 -type d -path "*/lib/modules/$abi" | head -n 1)
+	[ -n "${VMLINUZ[$s]}" ] && [ -n "${MODDIR[$s]}" ] ||
+		die "$s: no vmlinuz or modules for $abi in $CACHE/kernels/$abi (remove it to fetch again)"
 	case $s in
 	bpo|sid)
 		# userland newer than Debian 12: headers live in a build chroot
@@ -246,7 +263,7 @@ copy_with_libs() {
 build_initramfs() {
 	local s=$1 abi=${ABI[$1]} root moddir f n
 	root=$WORK/root-$s
-	moddir=$CACHE/kernels/$abi/lib/modules/$abi
+	moddir=${MODDIR[$s]}
 	rm -rf "$root"
 	mkdir -p "$root"/{bin,sbin,usr/bin,usr/sbin,proc,sys,dev,run,tmp,etc,rig/modules}
 	cp "$BUSYBOX" "$root/bin/busybox"
@@ -345,7 +362,7 @@ for s in ${KERNELS//,/ }; do
 		-accel "tcg,thread=$TCG_THREAD" -cpu EPYC,+svm,+npt -smp 4 -m 1024 \
 		-display none -monitor none -no-reboot \
 		-serial "file:$con" -serial "file:$res" \
-		-kernel "$CACHE/kernels/$abi/boot/vmlinuz-$abi" -initrd "$WORK/initrd-$s.cpio" \
+		-kernel "${VMLINUZ[$s]}" -initrd "$WORK/initrd-$s.cpio" \
 		-append "console=ttyS0 panic=-1 loglevel=7 mitigations=off rdinit=/init" \
 		</dev/null >"$OUT/qemu-$s.log" 2>&1 &
 	qpid=$!
