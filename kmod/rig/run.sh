@@ -438,7 +438,10 @@ if grep -qh 'NOTE:' "$OUT"/results-*.log 2>/dev/null; then
 fi
 echo "---- kernels booted"
 for s in ${KERNELS//,/ }; do
-	echo "$s: ${ABI[$s]} (${IMG[$s]} ${VER[$s]}), module $([ "$DKMS" = 1 ] && [ -z "${CHROOT[$s]}" ] && echo "built by DKMS" || echo "built ${CHROOT[$s]:+in ${CHROOT[$s]}}${CHROOT[$s]:-on this host}")"
+	if [ -n "${CHROOT[$s]}" ]; then how="built in ${CHROOT[$s]}"
+	elif [ "$DKMS" = 1 ]; then how="built by DKMS"
+	else how="built on this host"; fi
+	echo "$s: ${ABI[$s]} (${IMG[$s]} ${VER[$s]}), module $how"
 done
 echo "---- figures"
 printf '%s\n' "${FIGURES[@]}"
