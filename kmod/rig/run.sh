@@ -18,7 +18,7 @@ KERNELS=6.1,6.12,bpo,sid
 DKMS=0
 KMOD_SRC=$REPO/kmod
 OUT=$REPO/target/rig
-BOOT_TIMEOUT=${RIG_BOOT_TIMEOUT:-900}
+BOOT_TIMEOUT=${RIG_BOOT_TIMEOUT:-1800}
 # a guest that prints nothing (console or results) for this long is stuck
 STALL_TIMEOUT=${RIG_STALL_TIMEOUT:-120}
 TCG_THREAD=${RIG_TCG_THREAD:-single}
