@@ -778,7 +778,8 @@ impl AgentCore {
             self.auto_place_unmanaged(&mut report);
         }
         self.sync_module();
-        self.metrics.observe_reconcile(start.elapsed());
+        self.metrics
+            .observe_reconcile_phase("compare_and_act", start.elapsed());
         report
     }
 
