@@ -38,6 +38,19 @@ if command -v rustup >/dev/null 2>&1; then
   done
 fi
 
+# Build chroots (debootstrap minbase of trixie and sid, cached in
+# /var/cache/sevplace-kmod) for the kernels whose userland is newer than
+# Debian 12: kmod/ci.sh and kmod/rig/run.sh build sevflush.ko inside them.
+# Both at once: each is mostly download and unpack time.
+if [ "$(id -u)" -eq 0 ] && [ -x kmod/tools/chroot.sh ]; then
+  kmod/tools/kernels.sh >/dev/null   # package lists first, once
+  kmod/tools/chroot.sh bpo >/dev/null & bpo=$!
+  kmod/tools/chroot.sh sid >/dev/null & sid=$!
+  wait "$bpo"
+  wait "$sid"
+  echo "install-deps: build chroots for trixie-backports and sid ready"
+fi
+
 # cargo-fuzz for scripts/fuzz.sh (runs on stable with RUSTC_BOOTSTRAP=1).
 if command -v cargo >/dev/null 2>&1 && ! cargo fuzz --version >/dev/null 2>&1; then
   echo "install-deps: cargo install cargo-fuzz --locked"
