@@ -258,10 +258,12 @@ pub async fn run(settings: Settings, options: RunOptions) -> Result<(), DaemonEr
         Arc::new(topology),
         Reservations {
             host: settings.reserved_cpus.clone(),
+            whole_cores_for_plain: settings.whole_cores_for_plain_vms,
             ..Reservations::default()
         },
         HostAccess {
-            scanner: VmScanner::new(settings.host_path("/proc")),
+            scanner: VmScanner::new(settings.host_path("/proc"))
+                .with_full_rescan_every(settings.full_rescan_every),
             cgroups,
             module,
             affinity: Arc::new(SchedAffinity),
