@@ -45,7 +45,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 pub use cgroup_path::{
-    parse_libvirt_path, parse_proc_cgroup, CgroupLocation, Hierarchy, LibvirtCgroup, LibvirtLayout,
+    parse_libvirt_path, parse_proc_cgroup, CgroupLocation, LibvirtCgroup, LibvirtLayout,
 };
 pub use cmdline::{classify_cmdline, Classification};
 pub use pidfd::VmExitWatch;

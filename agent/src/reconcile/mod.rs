@@ -129,7 +129,7 @@ pub struct HostAccess {
     /// `None` when the host has no usable cpuset hierarchy: affinity only.
     pub cgroups: Option<CpusetWriter>,
     pub module: ModuleReader,
-    pub affinity: Arc<dyn enforce::ThreadAffinity>,
+    pub affinity: Arc<dyn crate::cgroup::ThreadAffinity>,
 }
 
 /// The agent's state and the operations on it.
@@ -576,7 +576,8 @@ impl AgentCore {
         let mut applied = 0;
         for fix in &fixes {
             match enforce::apply(fix, self.host.cgroups.as_ref(), self.host.affinity.as_ref()) {
-                Ok(cgroup_rewritten) => {
+                Ok(enforce::Applied::HelperGone) => applied += 1,
+                Ok(enforce::Applied::Pinned { cgroup_rewritten }) => {
                     applied += 1;
                     let reason = if cgroup_rewritten {
                         events::DriftReason::CgroupRecreated
