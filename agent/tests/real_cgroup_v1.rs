@@ -97,7 +97,8 @@ fn pin_like_daemon(
     tid: u32,
     desired: &CpuSet,
 ) -> Result<bool, CgroupError> {
-    let observed = cgroup::read_thread_cpus_allowed(proc_self(), std::process::id(), tid)?;
+    let observed =
+        sevplace::discovery::read_thread_cpus_allowed(proc_self(), std::process::id(), tid)?;
     let fix = ThreadFix {
         tid,
         vcpu: Some(index),
@@ -182,7 +183,7 @@ fn stray_samples(pid: u32, tid: u32, set: &CpuSet, n: usize) -> Vec<u32> {
         if switches(pid, tid) <= base {
             continue;
         }
-        if let Ok(Some(cpu)) = cgroup::read_thread_last_cpu(proc_self(), pid, tid) {
+        if let Ok(Some(cpu)) = sevplace::discovery::read_thread_last_cpu(proc_self(), pid, tid) {
             counted += 1;
             if !set.contains(cpu) {
                 stray.push(cpu);
@@ -228,7 +229,7 @@ fn v1_cpuset_moves_threads_and_applies_cpus() {
     assert_eq!(writer.read_threads(&t0).unwrap(), vec![workers.tids[0]]);
     for (tid, set) in [(workers.tids[0], &set_a), (workers.tids[1], &set_b)] {
         assert_eq!(
-            &cgroup::read_thread_cpus_allowed(proc_self(), pid, tid).unwrap(),
+            &sevplace::discovery::read_thread_cpus_allowed(proc_self(), pid, tid).unwrap(),
             set
         );
         assert_eq!(&cgroup::get_thread_affinity(tid).unwrap(), set);
@@ -239,7 +240,7 @@ fn v1_cpuset_moves_threads_and_applies_cpus() {
     // Re-pin t0 to the other CPU: the kernel updates the thread's mask.
     assert!(pin_like_daemon(&writer, &t0, 0, workers.tids[0], &set_b).unwrap());
     assert_eq!(
-        cgroup::read_thread_cpus_allowed(proc_self(), pid, workers.tids[0]).unwrap(),
+        sevplace::discovery::read_thread_cpus_allowed(proc_self(), pid, workers.tids[0]).unwrap(),
         set_b
     );
     assert!(stray_samples(pid, workers.tids[0], &set_b, 10).is_empty());
@@ -329,7 +330,8 @@ fn v1_cpuset_errors_are_typed() {
         }
     );
     assert_eq!(
-        cgroup::read_thread_cpus_allowed(proc_self(), std::process::id(), tid).unwrap(),
+        sevplace::discovery::read_thread_cpus_allowed(proc_self(), std::process::id(), tid)
+            .unwrap(),
         one
     );
 

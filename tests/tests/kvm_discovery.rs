@@ -74,8 +74,12 @@ fn start_fixture(args: &[&str]) -> VmProcess {
 }
 
 fn host_cpus() -> CpuSet {
-    cgroup::read_thread_cpus_allowed(Path::new(PROC), std::process::id(), std::process::id())
-        .expect("own Cpus_allowed_list")
+    sevplace::discovery::read_thread_cpus_allowed(
+        Path::new(PROC),
+        std::process::id(),
+        std::process::id(),
+    )
+    .expect("own Cpus_allowed_list")
 }
 
 /// Context switches of a thread (voluntary + nonvoluntary, from status).
@@ -115,7 +119,7 @@ fn sample_last_cpus(pid: u32, pins: &[(u32, CpuSet)], rounds: usize) -> Samples 
             if !matches!((now, b), (Some(n), Some(b)) if n > *b) {
                 continue;
             }
-            let cpu = cgroup::read_thread_last_cpu(Path::new(PROC), pid, *tid)
+            let cpu = sevplace::discovery::read_thread_last_cpu(Path::new(PROC), pid, *tid)
                 .expect("vCPU stat")
                 .expect("last CPU");
             if !set.contains(cpu) {
@@ -236,7 +240,8 @@ fn fixture_vm_is_discovered_classified_and_pinned_by_affinity() {
     assert!(!emulator_fixes.is_empty());
     assert!(emulator_fixes.iter().all(|f| f.cgroup.is_none()));
     for f in &emulator_fixes {
-        let allowed = cgroup::read_thread_cpus_allowed(Path::new(PROC), vm.pid, f.tid).unwrap();
+        let allowed =
+            sevplace::discovery::read_thread_cpus_allowed(Path::new(PROC), vm.pid, f.tid).unwrap();
         assert_eq!(
             allowed, emulator,
             "emulator thread {} Cpus_allowed_list",
@@ -245,7 +250,8 @@ fn fixture_vm_is_discovered_classified_and_pinned_by_affinity() {
     }
     let mut checks = Vec::new();
     for (index, tid, set) in &pins {
-        let allowed = cgroup::read_thread_cpus_allowed(Path::new(PROC), vm.pid, *tid).unwrap();
+        let allowed =
+            sevplace::discovery::read_thread_cpus_allowed(Path::new(PROC), vm.pid, *tid).unwrap();
         assert_eq!(&allowed, set, "vCPU {index} Cpus_allowed_list");
         checks.push((*tid, set.clone()));
     }
@@ -369,8 +375,9 @@ fn fixture_vm_pinned_with_real_v1_cpuset() {
             if members != vec![*tid] {
                 return Err(format!("{cg}: tasks {members:?}, want [{tid}]"));
             }
-            let allowed = cgroup::read_thread_cpus_allowed(Path::new(PROC), vm.pid, *tid)
-                .map_err(|e| e.to_string())?;
+            let allowed =
+                sevplace::discovery::read_thread_cpus_allowed(Path::new(PROC), vm.pid, *tid)
+                    .map_err(|e| e.to_string())?;
             if &allowed != set {
                 return Err(format!(
                     "vCPU {index}: Cpus_allowed_list {allowed}, want {set}"
@@ -445,7 +452,8 @@ fn vm_killed_between_discovery_and_pinning_is_vm_gone() {
         alone.vcpus[0].cpus_allowed = host_cpus();
         let err = pin_like_daemon(&alone, &record, &BTreeSet::new(), None).unwrap_err();
         assert!(err.is_gone(), "affinity on an exited vCPU: {err:?}");
-        let err = cgroup::read_thread_cpus_allowed(Path::new(PROC), vm.pid, v.tid).unwrap_err();
+        let err = sevplace::discovery::read_thread_cpus_allowed(Path::new(PROC), vm.pid, v.tid)
+            .unwrap_err();
         assert!(err.is_gone(), "readback of an exited vCPU: {err:?}");
     }
     let err = scanner.inspect(vm.pid).unwrap_err();
@@ -540,7 +548,7 @@ fn real_qemu_is_discovered_and_pinned() {
     assert!(fixes.iter().all(|f| f.cgroup.is_none()), "{fixes:?}");
     for (_, tid, set) in &pins {
         assert_eq!(
-            &cgroup::read_thread_cpus_allowed(Path::new(PROC), pid, *tid).unwrap(),
+            &sevplace::discovery::read_thread_cpus_allowed(Path::new(PROC), pid, *tid).unwrap(),
             set
         );
     }
@@ -730,7 +738,8 @@ fn fixture_in_libvirt_v1_layout_is_recognised_and_pinned_through_its_vcpu_cgroup
             }
             let v = vm.vcpus.iter().find(|v| v.index == *index).ok_or("vCPU")?;
             let allowed =
-                cgroup::read_thread_cpus_allowed(Path::new(PROC), pid, v.tid).map_err(e)?;
+                sevplace::discovery::read_thread_cpus_allowed(Path::new(PROC), pid, v.tid)
+                    .map_err(e)?;
             if &allowed != set {
                 return Err(format!(
                     "vCPU {index}: Cpus_allowed_list {allowed}, want {set}"
@@ -757,7 +766,8 @@ fn fixture_in_libvirt_v1_layout_is_recognised_and_pinned_through_its_vcpu_cgroup
             let v0 = vm.vcpus.iter().find(|v| v.index == 0).ok_or("vCPU 0")?;
             writer.set_cpus(&cg0, &cpus).map_err(e)?;
             let allowed =
-                cgroup::read_thread_cpus_allowed(Path::new(PROC), pid, v0.tid).map_err(e)?;
+                sevplace::discovery::read_thread_cpus_allowed(Path::new(PROC), pid, v0.tid)
+                    .map_err(e)?;
             if allowed != want || writer.read_cpus(&cg0).map_err(e)? != cpus {
                 return Err(format!(
                     "after widening: thread {allowed}, cgroup {:?}",
@@ -787,8 +797,8 @@ fn fixture_in_libvirt_v1_layout_is_recognised_and_pinned_through_its_vcpu_cgroup
                     "drift of vCPU 0 not fixed through {cg0}: {fixes:?}"
                 ));
             }
-            let fixed =
-                cgroup::read_thread_cpus_allowed(Path::new(PROC), pid, v0.tid).map_err(e)?;
+            let fixed = sevplace::discovery::read_thread_cpus_allowed(Path::new(PROC), pid, v0.tid)
+                .map_err(e)?;
             if fixed != want || writer.read_cpus(&cg0).map_err(e)? != want {
                 return Err(format!("drift not corrected: thread {fixed}"));
             }

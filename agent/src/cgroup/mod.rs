@@ -13,7 +13,9 @@
 //! every ancestor's `cgroup.subtree_control`, `threaded` children,
 //! `cgroup.threads`). [`fs`] holds the single-write and read helpers both
 //! use. `sched_setaffinity` is in [`affinity`], behind the
-//! [`ThreadAffinity`] trait.
+//! [`ThreadAffinity`] trait. This module sits below `discovery`: the
+//! procfs readback of what the kernel enforces is
+//! `discovery::read_thread_cpus_allowed`.
 
 pub mod affinity;
 pub mod fs;
@@ -23,7 +25,6 @@ pub mod v2;
 use std::fmt;
 use std::path::{Component, Path, PathBuf};
 
-use crate::discovery::procfs::{self, ProcReadError};
 use crate::CpuSet;
 
 pub use affinity::{get_thread_affinity, set_thread_affinity, SchedAffinity, ThreadAffinity};
@@ -471,47 +472,6 @@ impl CpusetWriter {
         }
         fs::remove_dir_tree(&dir)
     }
-}
-
-fn proc_err(e: ProcReadError) -> CgroupError {
-    match e {
-        ProcReadError::Gone { path } => CgroupError::VmGone {
-            target: Target::File(path),
-        },
-        ProcReadError::Permission { path } => CgroupError::Permission {
-            target: Target::File(path),
-            value: String::new(),
-            source: std::io::Error::from_raw_os_error(nix::errno::Errno::EACCES as i32),
-        },
-        ProcReadError::Malformed { path, what } => CgroupError::Malformed {
-            target: Target::File(path),
-            what,
-        },
-        ProcReadError::Io { path, source } => CgroupError::Io {
-            target: Target::File(path),
-            value: String::new(),
-            source,
-        },
-    }
-}
-
-/// Reads back `Cpus_allowed_list` of thread `tid` of process `pid` from a
-/// procfs root: the set the kernel enforces (affinity within the cpuset).
-pub fn read_thread_cpus_allowed(
-    proc_root: &Path,
-    pid: u32,
-    tid: u32,
-) -> Result<CpuSet, CgroupError> {
-    procfs::read_cpus_allowed(proc_root, pid, tid).map_err(proc_err)
-}
-
-/// Reads the CPU thread `tid` last ran on (stat field 39).
-pub fn read_thread_last_cpu(
-    proc_root: &Path,
-    pid: u32,
-    tid: u32,
-) -> Result<Option<u32>, CgroupError> {
-    procfs::read_last_cpu(proc_root, pid, tid).map_err(proc_err)
 }
 
 #[cfg(test)]
