@@ -11,12 +11,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sevplace::cgroup::CgroupError;
+use sevplace::cgroup::ThreadAffinity;
 use sevplace::discovery::fake_procfs::{write_process, FakeProcess};
 use sevplace::discovery::VmScanner;
 use sevplace::kmod::{fake_tree, ModuleReader};
 use sevplace::metrics::Metrics;
 use sevplace::placement::Reservations;
-use sevplace::reconcile::enforce::ThreadAffinity;
 use sevplace::reconcile::events::EventBus;
 use sevplace::reconcile::{AgentCore, HostAccess, PlaceCall};
 use sevplace::state::{CheckpointStore, VmSelector};

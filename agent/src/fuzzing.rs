@@ -11,10 +11,10 @@
 
 use std::path::{Component, Path, PathBuf};
 
-use crate::cgroup::{self, CgroupHost, CpusetWriter};
+use crate::cgroup::{self, CgroupHost, CpusetWriter, Hierarchy};
 use crate::cpuset::{CpuListError, CpuSet, MAX_CPU_ID};
 use crate::discovery::cgroup_path::{
-    libvirt_vcpu_index, parse_libvirt_path, parse_proc_cgroup, systemd_unescape, Hierarchy,
+    libvirt_vcpu_index, parse_libvirt_path, parse_proc_cgroup, systemd_unescape,
 };
 use crate::discovery::cmdline::{
     classify_cmdline, parse_proc_cmdline, Classification, SEV_POLICY_ES,

@@ -2,14 +2,21 @@
 //! created and removed by the test, real threads of this process moved in,
 //! `cpuset.cpus` applied and read back from `/proc/self/task/<tid>/status`.
 //! Skipped with a printed reason when not root or no v1 cpuset is mounted.
+//!
+//! Threads are pinned through the daemon's enforcement path
+//! (`reconcile::enforce::apply` with the real `sched_setaffinity`); the
+//! test arranges the cgroups and moves the threads the way libvirt does.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use sevplace::cgroup::{self, CgroupError, CgroupKind, CpusetWriter};
-use sevplace::discovery::Hierarchy;
+use sevplace::cgroup::{
+    self, CgroupError, CgroupKind, CpusetWriter, Hierarchy, SchedAffinity, ThreadAffinity,
+};
+use sevplace::reconcile::enforce::{apply, Applied, ThreadFix};
+use sevplace::reconcile::events::DriftReason;
 use sevplace::CpuSet;
 
 #[path = "../../tests/src/skip.rs"]
@@ -93,6 +100,32 @@ fn unique_base() -> String {
     format!("/sevplace-test-{}-{nanos:x}", std::process::id())
 }
 
+/// Pins thread `tid` (vCPU `index`) in `cgroup` to `desired` through the
+/// daemon's path; returns whether the cgroup had to be rewritten.
+fn pin_like_daemon(
+    writer: &CpusetWriter,
+    cgroup: &str,
+    index: u32,
+    tid: u32,
+    desired: &CpuSet,
+) -> Result<bool, CgroupError> {
+    let observed =
+        sevplace::discovery::read_thread_cpus_allowed(proc_self(), std::process::id(), tid)?;
+    let fix = ThreadFix {
+        tid,
+        vcpu: Some(index),
+        cgroup: Some(cgroup.to_string()),
+        helper: false,
+        observed,
+        desired: desired.clone(),
+        reason: DriftReason::NewThread,
+    };
+    match apply(&fix, Some(writer), &SchedAffinity)? {
+        Applied::Pinned { cgroup_rewritten } => Ok(cgroup_rewritten),
+        Applied::HelperGone => unreachable!("a vCPU fix is never a helper's"),
+    }
+}
+
 /// Threads that alternate short bursts of work and sleep until stopped.
 struct Workers {
     tids: Vec<u32>,
@@ -162,7 +195,7 @@ fn stray_samples(pid: u32, tid: u32, set: &CpuSet, n: usize) -> Vec<u32> {
         if switches(pid, tid) <= base {
             continue;
         }
-        if let Ok(Some(cpu)) = cgroup::read_thread_last_cpu(proc_self(), pid, tid) {
+        if let Ok(Some(cpu)) = sevplace::discovery::read_thread_last_cpu(proc_self(), pid, tid) {
             counted += 1;
             if !set.contains(cpu) {
                 stray.push(cpu);
@@ -193,19 +226,22 @@ fn v1_cpuset_moves_threads_and_applies_cpus() {
     let set_b: CpuSet = [cpu_b].into_iter().collect();
     let t0 = format!("{base}/t0");
     let t1 = format!("{base}/t1");
-    writer
-        .pin_thread(&t0, workers.tids[0], &set_a, None)
-        .unwrap();
-    writer
-        .pin_thread(&t1, workers.tids[1], &set_b, None)
-        .unwrap();
+    // Arranged as libvirt does: each thread in its own cgroup on every CPU.
+    for (cg, tid) in [(&t0, workers.tids[0]), (&t1, workers.tids[1])] {
+        writer
+            .ensure_cpuset(cg, &host_cpus, None, CgroupKind::Threaded)
+            .unwrap();
+        writer.move_thread(cg, tid).unwrap();
+    }
+    assert!(pin_like_daemon(&writer, &t0, 0, workers.tids[0], &set_a).unwrap());
+    assert!(pin_like_daemon(&writer, &t1, 1, workers.tids[1], &set_b).unwrap());
 
     assert_eq!(writer.read_cpus(&t0).unwrap(), set_a);
     assert_eq!(writer.read_effective_cpus(&t1).unwrap(), set_b);
     assert_eq!(writer.read_threads(&t0).unwrap(), vec![workers.tids[0]]);
     for (tid, set) in [(workers.tids[0], &set_a), (workers.tids[1], &set_b)] {
         assert_eq!(
-            &cgroup::read_thread_cpus_allowed(proc_self(), pid, tid).unwrap(),
+            &sevplace::discovery::read_thread_cpus_allowed(proc_self(), pid, tid).unwrap(),
             set
         );
         assert_eq!(&cgroup::get_thread_affinity(tid).unwrap(), set);
@@ -214,9 +250,9 @@ fn v1_cpuset_moves_threads_and_applies_cpus() {
     }
 
     // Re-pin t0 to the other CPU: the kernel updates the thread's mask.
-    writer.set_cpus(&t0, &set_b).unwrap();
+    assert!(pin_like_daemon(&writer, &t0, 0, workers.tids[0], &set_b).unwrap());
     assert_eq!(
-        cgroup::read_thread_cpus_allowed(proc_self(), pid, workers.tids[0]).unwrap(),
+        sevplace::discovery::read_thread_cpus_allowed(proc_self(), pid, workers.tids[0]).unwrap(),
         set_b
     );
     assert!(stray_samples(pid, workers.tids[0], &set_b, 10).is_empty());
@@ -261,7 +297,7 @@ fn v1_cpuset_errors_are_typed() {
         .unwrap();
     let err = writer.move_thread(&ok, dead).unwrap_err();
     assert!(err.is_gone(), "{err:?}");
-    let err = cgroup::set_thread_affinity(dead, &host_cpus).unwrap_err();
+    let err = SchedAffinity.set(dead, &host_cpus).unwrap_err();
     assert!(err.is_gone(), "{err:?}");
 
     // EINVAL: a child set outside its parent's (needs two CPUs).
@@ -278,10 +314,10 @@ fn v1_cpuset_errors_are_typed() {
             .unwrap();
         let err = writer.set_cpus(&child, &last).unwrap_err();
         assert!(matches!(err, CgroupError::InvalidSet { .. }), "{err:?}");
-        // ensure_cpuset widens the parent first, so the same request succeeds.
-        writer
-            .ensure_cpuset(&child, &last, None, CgroupKind::Threaded)
-            .unwrap();
+        // The daemon's path widens the parent first, so the same request
+        // succeeds.
+        writer.move_thread(&child, tid).unwrap();
+        assert!(pin_like_daemon(&writer, &child, 0, tid, &last).unwrap());
         assert_eq!(writer.read_cpus(&child).unwrap(), last);
         assert!(last.is_subset(&writer.read_cpus(&narrow).unwrap()));
     } else {
@@ -290,9 +326,24 @@ fn v1_cpuset_errors_are_typed() {
 
     // sched_setaffinity for a thread with no cgroup of its own.
     let one: CpuSet = host_cpus.iter().last().into_iter().collect();
-    cgroup::set_thread_affinity(tid, &one).unwrap();
+    let fix = ThreadFix {
+        tid,
+        vcpu: Some(0),
+        cgroup: None,
+        helper: false,
+        observed: host_cpus.clone(),
+        desired: one.clone(),
+        reason: DriftReason::NewThread,
+    };
     assert_eq!(
-        cgroup::read_thread_cpus_allowed(proc_self(), std::process::id(), tid).unwrap(),
+        apply(&fix, Some(&writer), &SchedAffinity).unwrap(),
+        Applied::Pinned {
+            cgroup_rewritten: false
+        }
+    );
+    assert_eq!(
+        sevplace::discovery::read_thread_cpus_allowed(proc_self(), std::process::id(), tid)
+            .unwrap(),
         one
     );
 

@@ -3,15 +3,23 @@
 //! and, when installed, Debian's QEMU with `-accel kvm`. Skipped with a
 //! printed reason when `/dev/kvm` is absent or unusable; the cgroup part is
 //! skipped when not root or no cgroup v1 cpuset hierarchy is mounted.
+//!
+//! Every pin goes through the daemon's enforcement path
+//! (`reconcile::enforce::desired_sets` and `apply` with the real
+//! `sched_setaffinity`); cgroups and thread moves only arrange the layouts
+//! libvirt makes.
 
+use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use sevplace::cgroup::{self, CpusetWriter, PinMethod, VcpuEnforcer};
-use sevplace::discovery::{DiscoveredVm, Hierarchy, VcpuMatch, VmExitWatch, VmScanner};
-use sevplace::{ConfidentialClass, CpuSet, VmId};
+use sevplace::cgroup::{self, CgroupError, CpusetWriter, Hierarchy, SchedAffinity};
+use sevplace::discovery::{DiscoveredVm, VcpuMatch, VmExitWatch, VmScanner};
+use sevplace::reconcile::enforce::{apply, desired_sets, ThreadFix};
+use sevplace::state::PlacementRecord;
+use sevplace::{ConfidentialClass, CpuSet};
 use sevplace_tests::skip;
 
 const FIXTURE: &str = env!("CARGO_BIN_EXE_kvm-guest-fixture");
@@ -67,8 +75,12 @@ fn start_fixture(args: &[&str]) -> VmProcess {
 }
 
 fn host_cpus() -> CpuSet {
-    cgroup::read_thread_cpus_allowed(Path::new(PROC), std::process::id(), std::process::id())
-        .expect("own Cpus_allowed_list")
+    sevplace::discovery::read_thread_cpus_allowed(
+        Path::new(PROC),
+        std::process::id(),
+        std::process::id(),
+    )
+    .expect("own Cpus_allowed_list")
 }
 
 /// Context switches of a thread (voluntary + nonvoluntary, from status).
@@ -108,7 +120,7 @@ fn sample_last_cpus(pid: u32, pins: &[(u32, CpuSet)], rounds: usize) -> Samples 
             if !matches!((now, b), (Some(n), Some(b)) if n > *b) {
                 continue;
             }
-            let cpu = cgroup::read_thread_last_cpu(Path::new(PROC), pid, *tid)
+            let cpu = sevplace::discovery::read_thread_last_cpu(Path::new(PROC), pid, *tid)
                 .expect("vCPU stat")
                 .expect("last CPU");
             if !set.contains(cpu) {
@@ -120,6 +132,33 @@ fn sample_last_cpus(pid: u32, pins: &[(u32, CpuSet)], rounds: usize) -> Samples 
         }
     }
     out
+}
+
+/// Pins `vm` to `record` the way the daemon does: the fixes
+/// [`desired_sets`] decides (`known`: vCPU threads pinned before), each
+/// applied by [`apply`] with the real `sched_setaffinity`, stopping at the
+/// first error. Returns the fixes applied.
+fn pin_like_daemon(
+    vm: &DiscoveredVm,
+    record: &PlacementRecord,
+    known: &BTreeSet<u32>,
+    writer: Option<&CpusetWriter>,
+) -> Result<Vec<ThreadFix>, CgroupError> {
+    let fixes = desired_sets(vm, record, known, writer.map(CpusetWriter::hierarchy));
+    for fix in &fixes {
+        apply(fix, writer, &SchedAffinity)?;
+    }
+    Ok(fixes)
+}
+
+/// The placement record of `(index, set)` vCPU pins (sorted by index).
+fn record_of(pins: &[(u32, CpuSet)], emulator: Option<CpuSet>) -> PlacementRecord {
+    let mut sorted = pins.to_vec();
+    sorted.sort_by_key(|p| p.0);
+    PlacementRecord {
+        vcpu_cpus: sorted.into_iter().map(|p| p.1).collect(),
+        emulator_cpus: emulator,
+    }
 }
 
 /// vCPU `i` gets CPU `cpus[i % n]`.
@@ -180,25 +219,40 @@ fn fixture_vm_is_discovered_classified_and_pinned_by_affinity() {
     assert!(scanner.is_same_process(vm.pid, vm.start_time).unwrap());
 
     let pins = spread(&vm, &host_cpus());
-    // The enforcer picks affinity: the fixture has no libvirt cgroup.
-    let enforcer = VcpuEnforcer::new(CpusetWriter::detect("/sys/fs/cgroup").ok());
+    // Emulator threads go to the last CPU, a set they do not have yet (the
+    // host has more than one CPU), so they are pinned too.
+    let emulator: CpuSet = host_cpus().iter().last().into_iter().collect();
     let placement: Vec<(u32, CpuSet)> = pins.iter().map(|p| (p.0, p.2.clone())).collect();
-    let report = enforcer
-        .pin_vm(&vm, &placement, Some(&host_cpus()))
-        .expect("pin the fixture VM");
-    assert_eq!(
-        report.vcpus,
-        vec![
-            (0, PinMethod::Affinity),
-            (1, PinMethod::Affinity),
-            (2, PinMethod::Affinity)
-        ]
-    );
-    assert!(report.missing_vcpus.is_empty());
-    assert!(report.other_threads >= 1);
+    let writer = CpusetWriter::detect("/sys/fs/cgroup").ok();
+    let fixes = pin_like_daemon(
+        &vm,
+        &record_of(&placement, Some(emulator.clone())),
+        &BTreeSet::new(),
+        writer.as_ref(),
+    )
+    .expect("pin the fixture VM");
+    // Affinity only: the fixture has no libvirt cgroup.
+    let vcpu_fixes: Vec<(u32, Option<String>)> = fixes
+        .iter()
+        .filter_map(|f| Some((f.vcpu?, f.cgroup.clone())))
+        .collect();
+    assert_eq!(vcpu_fixes, vec![(0, None), (1, None), (2, None)]);
+    let emulator_fixes: Vec<&ThreadFix> = fixes.iter().filter(|f| f.vcpu.is_none()).collect();
+    assert!(!emulator_fixes.is_empty());
+    assert!(emulator_fixes.iter().all(|f| f.cgroup.is_none()));
+    for f in &emulator_fixes {
+        let allowed =
+            sevplace::discovery::read_thread_cpus_allowed(Path::new(PROC), vm.pid, f.tid).unwrap();
+        assert_eq!(
+            allowed, emulator,
+            "emulator thread {} Cpus_allowed_list",
+            f.tid
+        );
+    }
     let mut checks = Vec::new();
     for (index, tid, set) in &pins {
-        let allowed = cgroup::read_thread_cpus_allowed(Path::new(PROC), vm.pid, *tid).unwrap();
+        let allowed =
+            sevplace::discovery::read_thread_cpus_allowed(Path::new(PROC), vm.pid, *tid).unwrap();
         assert_eq!(&allowed, set, "vCPU {index} Cpus_allowed_list");
         checks.push((*tid, set.clone()));
     }
@@ -257,20 +311,20 @@ fn fixture_vm_pinned_with_real_v1_cpuset() {
         .map(|d| d.subsec_nanos())
         .unwrap_or(0);
     let base = format!("/sevplace-test-kvm-{}-{nanos:x}", std::process::id());
-    let writer = writer.with_agent_base(&base);
-    let vm_id = VmId::new("fixture").unwrap();
+    // libvirt's v1 layout without systemd, under a test-owned top cgroup.
+    let machine = format!("{base}/machine/fixture.libvirt-qemu");
 
     let mut args = vec!["--vcpus", "2"];
     args.extend_from_slice(SEV_ES_FLAGS);
     let vm_proc = start_fixture(&args);
-    let vm = VmScanner::new(PROC).inspect(vm_proc.pid).unwrap();
-    assert_eq!(vm.vcpus.len(), 2);
+    let pre = VmScanner::new(PROC).inspect(vm_proc.pid).unwrap();
+    assert_eq!(pre.vcpus.len(), 2);
 
     let cpus = host_cpus();
     // vCPUs on the highest CPUs first, in reverse, so the set differs from
     // the affinity test's.
     let list: Vec<u32> = cpus.to_vec().into_iter().rev().collect();
-    let pins: Vec<(u32, u32, CpuSet)> = vm
+    let pins: Vec<(u32, u32, CpuSet)> = pre
         .vcpus
         .iter()
         .map(|v| {
@@ -278,13 +332,46 @@ fn fixture_vm_pinned_with_real_v1_cpuset() {
             (v.index, v.tid, [cpu].into_iter().collect())
         })
         .collect();
+    let vcpu_cgroup = |index: u32| format!("{machine}/vcpu{index}");
 
     let result = (|| -> Result<(), String> {
+        let e = |e: CgroupError| e.to_string();
+        // Arrange the VM the way libvirt does: threads in emulator, vCPUs in
+        // vcpuN, every cgroup on all host CPUs.
+        let emulator = format!("{machine}/emulator");
         writer
-            .pin_vm_agent_layout(&vm_id, vm.pid, &cpus, &pins)
+            .ensure_cpuset(&emulator, &cpus, None, cgroup::CgroupKind::Threaded)
+            .map_err(e)?;
+        writer.move_process(&emulator, pre.pid).map_err(e)?;
+        for v in &pre.vcpus {
+            let cg = vcpu_cgroup(v.index);
+            writer
+                .ensure_cpuset(&cg, &cpus, None, cgroup::CgroupKind::Threaded)
+                .map_err(e)?;
+            writer.move_thread(&cg, v.tid).map_err(e)?;
+        }
+        let vm = VmScanner::new(PROC)
+            .inspect(pre.pid)
             .map_err(|e| e.to_string())?;
+        let placement: Vec<(u32, CpuSet)> = pins.iter().map(|p| (p.0, p.2.clone())).collect();
+        let fixes = pin_like_daemon(
+            &vm,
+            &record_of(&placement, Some(cpus.clone())),
+            &BTreeSet::new(),
+            Some(&writer),
+        )
+        .map_err(e)?;
+        for (index, _, _) in &pins {
+            let cg = vcpu_cgroup(*index);
+            if !fixes
+                .iter()
+                .any(|f| f.vcpu == Some(*index) && f.cgroup.as_deref() == Some(cg.as_str()))
+            {
+                return Err(format!("vCPU {index} not pinned through {cg}: {fixes:?}"));
+            }
+        }
         for (index, tid, set) in &pins {
-            let cg = writer.agent_vcpu_cgroup(&vm_id, *index);
+            let cg = vcpu_cgroup(*index);
             let cg_cpus = writer.read_cpus(&cg).map_err(|e| e.to_string())?;
             if &cg_cpus != set {
                 return Err(format!("{cg}: cpuset.cpus {cg_cpus}, want {set}"));
@@ -293,20 +380,21 @@ fn fixture_vm_pinned_with_real_v1_cpuset() {
             if members != vec![*tid] {
                 return Err(format!("{cg}: tasks {members:?}, want [{tid}]"));
             }
-            let allowed = cgroup::read_thread_cpus_allowed(Path::new(PROC), vm.pid, *tid)
-                .map_err(|e| e.to_string())?;
+            let allowed =
+                sevplace::discovery::read_thread_cpus_allowed(Path::new(PROC), vm.pid, *tid)
+                    .map_err(|e| e.to_string())?;
             if &allowed != set {
                 return Err(format!(
                     "vCPU {index}: Cpus_allowed_list {allowed}, want {set}"
                 ));
             }
         }
-        // Discovery sees the agent cgroups on the vCPU threads.
+        // Discovery sees the libvirt cgroups on the vCPU threads.
         let seen = VmScanner::new(PROC)
             .inspect(vm.pid)
             .map_err(|e| e.to_string())?;
         for v in &seen.vcpus {
-            let want = writer.agent_vcpu_cgroup(&vm_id, v.index);
+            let want = vcpu_cgroup(v.index);
             if v.cgroup.v1_cpuset.as_deref() != Some(want.as_str()) {
                 return Err(format!("vCPU {} in {:?}, want {want}", v.index, v.cgroup));
             }
@@ -339,9 +427,7 @@ fn fixture_vm_pinned_with_real_v1_cpuset() {
     }
     result.unwrap();
     removed.expect("remove the test cgroups");
-    println!(
-        "real KVM + real v1 cpuset: fixture pid {pid} vCPUs pinned in {base}/vm-fixture/vcpuN"
-    );
+    println!("real KVM + real v1 cpuset: fixture pid {pid} vCPUs pinned through {machine}/vcpuN");
 }
 
 #[test]
@@ -362,10 +448,17 @@ fn vm_killed_between_discovery_and_pinning_is_vm_gone() {
     assert!(watch.has_exited(), "pidfd reports the exit");
 
     let one: CpuSet = host_cpus().first().into_iter().collect();
+    // The daemon's pin of the snapshot taken before the exit: every vCPU
+    // fix fails with VmGone (the VM is released, not retried).
+    let record = record_of(&[(0, one.clone()), (1, one.clone())], None);
     for v in &vm.vcpus {
-        let err = cgroup::set_thread_affinity(v.tid, &one).unwrap_err();
+        let mut alone = vm.clone();
+        alone.vcpus.retain(|o| o.tid == v.tid);
+        alone.vcpus[0].cpus_allowed = host_cpus();
+        let err = pin_like_daemon(&alone, &record, &BTreeSet::new(), None).unwrap_err();
         assert!(err.is_gone(), "affinity on an exited vCPU: {err:?}");
-        let err = cgroup::read_thread_cpus_allowed(Path::new(PROC), vm.pid, v.tid).unwrap_err();
+        let err = sevplace::discovery::read_thread_cpus_allowed(Path::new(PROC), vm.pid, v.tid)
+            .unwrap_err();
         assert!(err.is_gone(), "readback of an exited vCPU: {err:?}");
     }
     let err = scanner.inspect(vm.pid).unwrap_err();
@@ -449,10 +542,18 @@ fn real_qemu_is_discovered_and_pinned() {
         assert_eq!(v.matched_by, VcpuMatch::ThreadName);
     }
     let pins = spread(&vm, &host_cpus());
+    let placement: Vec<(u32, CpuSet)> = pins.iter().map(|p| (p.0, p.2.clone())).collect();
+    let fixes = pin_like_daemon(
+        &vm,
+        &record_of(&placement, None),
+        &BTreeSet::new(),
+        CpusetWriter::detect("/sys/fs/cgroup").ok().as_ref(),
+    )
+    .unwrap();
+    assert!(fixes.iter().all(|f| f.cgroup.is_none()), "{fixes:?}");
     for (_, tid, set) in &pins {
-        cgroup::set_thread_affinity(*tid, set).unwrap();
         assert_eq!(
-            &cgroup::read_thread_cpus_allowed(Path::new(PROC), pid, *tid).unwrap(),
+            &sevplace::discovery::read_thread_cpus_allowed(Path::new(PROC), pid, *tid).unwrap(),
             set
         );
     }
@@ -583,7 +684,7 @@ fn fixture_in_libvirt_v1_layout_is_recognised_and_pinned_through_its_vcpu_cgroup
     let list = cpus.to_vec();
 
     let result = (|| -> Result<(), String> {
-        let e = |e: cgroup::CgroupError| e.to_string();
+        let e = |e: CgroupError| e.to_string();
         // Arrange the VM the way libvirt does: threads in emulator, vCPUs in vcpuN.
         let pre = VmScanner::new(PROC)
             .inspect(pid)
@@ -617,8 +718,7 @@ fn fixture_in_libvirt_v1_layout_is_recognised_and_pinned_through_its_vcpu_cgroup
             return Err(format!("libvirt_domain {:?}", vm.libvirt_domain));
         }
 
-        // The enforcer writes libvirt's vcpuN cgroups.
-        let enforcer = VcpuEnforcer::new(Some(writer.clone()));
+        // The daemon's path writes libvirt's vcpuN cgroups.
         let placement: Vec<(u32, CpuSet)> = vm
             .vcpus
             .iter()
@@ -627,13 +727,18 @@ fn fixture_in_libvirt_v1_layout_is_recognised_and_pinned_through_its_vcpu_cgroup
                 (v.index, [cpu].into_iter().collect())
             })
             .collect();
-        let report = enforcer.pin_vm(&vm, &placement, Some(&cpus)).map_err(e)?;
-        if report
-            .vcpus
+        let record = record_of(&placement, Some(cpus.clone()));
+        let fixes = pin_like_daemon(&vm, &record, &BTreeSet::new(), Some(&writer)).map_err(e)?;
+        let through: Vec<(u32, Option<String>)> = fixes
             .iter()
-            .any(|(_, m)| *m != PinMethod::LibvirtCgroup)
-        {
-            return Err(format!("pinned by {:?}", report.vcpus));
+            .filter_map(|f| Some((f.vcpu?, f.cgroup.clone())))
+            .collect();
+        let want: Vec<(u32, Option<String>)> = placement
+            .iter()
+            .map(|(i, _)| (*i, Some(lv.vcpu_path(*i))))
+            .collect();
+        if through != want {
+            return Err(format!("pinned through {through:?}, want {want:?}"));
         }
         for (index, set) in &placement {
             let cg = lv.vcpu_path(*index);
@@ -642,7 +747,8 @@ fn fixture_in_libvirt_v1_layout_is_recognised_and_pinned_through_its_vcpu_cgroup
             }
             let v = vm.vcpus.iter().find(|v| v.index == *index).ok_or("vCPU")?;
             let allowed =
-                cgroup::read_thread_cpus_allowed(Path::new(PROC), pid, v.tid).map_err(e)?;
+                sevplace::discovery::read_thread_cpus_allowed(Path::new(PROC), pid, v.tid)
+                    .map_err(e)?;
             if &allowed != set {
                 return Err(format!(
                     "vCPU {index}: Cpus_allowed_list {allowed}, want {set}"
@@ -669,7 +775,8 @@ fn fixture_in_libvirt_v1_layout_is_recognised_and_pinned_through_its_vcpu_cgroup
             let v0 = vm.vcpus.iter().find(|v| v.index == 0).ok_or("vCPU 0")?;
             writer.set_cpus(&cg0, &cpus).map_err(e)?;
             let allowed =
-                cgroup::read_thread_cpus_allowed(Path::new(PROC), pid, v0.tid).map_err(e)?;
+                sevplace::discovery::read_thread_cpus_allowed(Path::new(PROC), pid, v0.tid)
+                    .map_err(e)?;
             if allowed != want || writer.read_cpus(&cg0).map_err(e)? != cpus {
                 return Err(format!(
                     "after widening: thread {allowed}, cgroup {:?}",
@@ -689,9 +796,18 @@ fn fixture_in_libvirt_v1_layout_is_recognised_and_pinned_through_its_vcpu_cgroup
             if d0.cpus_allowed != other {
                 return Err(format!("drift to {other} not visible: {}", d0.cpus_allowed));
             }
-            enforcer.pin_vcpu(d0, &want).map_err(e)?;
-            let fixed =
-                cgroup::read_thread_cpus_allowed(Path::new(PROC), pid, v0.tid).map_err(e)?;
+            let known: BTreeSet<u32> = vm.vcpus.iter().map(|v| v.tid).collect();
+            let fixes = pin_like_daemon(&drifted, &record, &known, Some(&writer)).map_err(e)?;
+            if !fixes
+                .iter()
+                .any(|f| f.tid == d0.tid && f.cgroup.as_deref() == Some(cg0.as_str()))
+            {
+                return Err(format!(
+                    "drift of vCPU 0 not fixed through {cg0}: {fixes:?}"
+                ));
+            }
+            let fixed = sevplace::discovery::read_thread_cpus_allowed(Path::new(PROC), pid, v0.tid)
+                .map_err(e)?;
             if fixed != want || writer.read_cpus(&cg0).map_err(e)? != want {
                 return Err(format!("drift not corrected: thread {fixed}"));
             }

@@ -11,13 +11,13 @@ use tokio_stream::wrappers::UnixListenerStream;
 
 use super::*;
 use crate::cgroup::CgroupError;
+use crate::cgroup::ThreadAffinity;
 use crate::cpuset::CpuSet;
 use crate::discovery::fake_procfs::{write_process, FakeProcess};
 use crate::discovery::VmScanner;
 use crate::kmod::ModuleReader;
 use crate::metrics::Metrics;
 use crate::placement::Reservations;
-use crate::reconcile::enforce::ThreadAffinity;
 use crate::reconcile::events::EventBus;
 use crate::reconcile::{AgentCore, HostAccess, PlaceCall};
 use crate::state::CheckpointStore;

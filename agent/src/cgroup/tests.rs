@@ -183,20 +183,31 @@ fn v2_pre_7_1_layout_enables_cpuset_top_down() {
 }
 
 #[test]
-fn v2_agent_layout_order() {
+fn v2_domain_with_threaded_children_order() {
     let root = tempfile::tempdir().unwrap();
     write(&root.path().join("cgroup.controllers"), "cpuset\n");
     write(&root.path().join("cgroup.subtree_control"), "\n");
     let w = CpusetWriter::detect(root.path()).unwrap();
-    let vm = VmId::new("vm-a").unwrap();
-    let log = w
-        .pin_vm_agent_layout(
-            &vm,
-            900,
-            &CpuSet::range(0, 0),
-            &[(0, 901, CpuSet::range(2, 2)), (1, 902, CpuSet::range(3, 3))],
+    // A VM cgroup holding the process, with one threaded child per vCPU:
+    // the layout tests arrange and libvirt's v2 layout resembles.
+    let vm_cg = "/sevplace/vm-vm-a";
+    let mut log = w
+        .ensure_cpuset(
+            vm_cg,
+            &CpuSet::parse("0,2-3").unwrap(),
+            None,
+            CgroupKind::Domain,
         )
         .unwrap();
+    w.move_process(vm_cg, 900).unwrap();
+    for (index, tid, cpu) in [(0, 901, 2), (1, 902, 3)] {
+        let cg = format!("{vm_cg}/vcpu{index}");
+        log.extend(
+            w.ensure_cpuset(&cg, &CpuSet::range(cpu, cpu), None, CgroupKind::Threaded)
+                .unwrap(),
+        );
+        w.move_thread(&cg, tid).unwrap();
+    }
     let order: Vec<String> = log
         .iter()
         .map(|c| {
@@ -226,7 +237,31 @@ fn v2_agent_layout_order() {
         fs::read_to_string(d.join("vcpu1/cgroup.threads")).unwrap(),
         "902"
     );
-    w.remove(&w.agent_vm_cgroup(&vm)).unwrap_err(); // fake dirs hold files: rmdir fails
+    w.remove(vm_cg).unwrap_err(); // fake dirs hold files: rmdir fails
+}
+
+#[test]
+fn set_cpus_within_parents_widens_v1_ancestors_and_never_creates() {
+    let root = tempfile::tempdir().unwrap();
+    fake_v1(root.path());
+    let w = CpusetWriter::detect(root.path()).unwrap();
+    for (d, cpus) in [("a", "0-1"), ("a/b", "1")] {
+        write(
+            &root.path().join("cpuset").join(d).join("cpuset.cpus"),
+            cpus,
+        );
+        write(&root.path().join("cpuset").join(d).join("cpuset.mems"), "0");
+    }
+    let log = w
+        .set_cpus_within_parents("/a/b", &CpuSet::range(6, 6))
+        .unwrap();
+    let order: Vec<String> = log.iter().map(|c| c.value.clone()).collect();
+    assert_eq!(order, vec!["0-1,6", "6"]);
+    assert!(matches!(
+        w.set_cpus_within_parents("/a/none", &CpuSet::range(1, 1)),
+        Err(CgroupError::Missing { .. })
+    ));
+    assert!(!root.path().join("cpuset/a/none").exists());
 }
 
 #[test]
@@ -302,7 +337,7 @@ fn paths_and_errno_mapping() {
     use nix::errno::Errno;
     let map = |errno: Errno| {
         CgroupError::from_io(
-            Path::new("/f"),
+            Target::File(PathBuf::from("/f")),
             "1",
             false,
             std::io::Error::from_raw_os_error(errno as i32),

@@ -18,15 +18,7 @@
 //! The scope name is systemd-escaped (`\x2d` is `-`) and carries the libvirt
 //! domain id and the (possibly shortened) domain name: `qemu-ID-NAME`.
 
-/// Which cgroup hierarchy a path belongs to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Hierarchy {
-    /// The cgroup v1 hierarchy with the `cpuset` controller.
-    V1Cpuset,
-    /// The cgroup v2 unified hierarchy.
-    Unified,
-}
+use crate::cgroup::Hierarchy;
 
 /// How libvirt arranged a domain's cgroups.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]

@@ -45,7 +45,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 pub use cgroup_path::{
-    parse_libvirt_path, parse_proc_cgroup, CgroupLocation, Hierarchy, LibvirtCgroup, LibvirtLayout,
+    parse_libvirt_path, parse_proc_cgroup, CgroupLocation, LibvirtCgroup, LibvirtLayout,
 };
 pub use cmdline::{classify_cmdline, Classification};
 pub use pidfd::VmExitWatch;
@@ -670,3 +670,46 @@ pub fn qemu_vcpu_index(comm: &str) -> Option<u32> {
 
 #[cfg(test)]
 mod tests;
+
+/// A procfs read error as the [`crate::cgroup::CgroupError`] of the pin it
+/// checks.
+fn proc_err(e: ProcReadError) -> crate::cgroup::CgroupError {
+    match e {
+        ProcReadError::Gone { path } => crate::cgroup::CgroupError::VmGone {
+            target: crate::cgroup::Target::File(path),
+        },
+        ProcReadError::Permission { path } => crate::cgroup::CgroupError::Permission {
+            target: crate::cgroup::Target::File(path),
+            value: String::new(),
+            source: std::io::Error::from_raw_os_error(nix::errno::Errno::EACCES as i32),
+        },
+        ProcReadError::Malformed { path, what } => crate::cgroup::CgroupError::Malformed {
+            target: crate::cgroup::Target::File(path),
+            what,
+        },
+        ProcReadError::Io { path, source } => crate::cgroup::CgroupError::Io {
+            target: crate::cgroup::Target::File(path),
+            value: String::new(),
+            source,
+        },
+    }
+}
+
+/// Reads back `Cpus_allowed_list` of thread `tid` of process `pid` from a
+/// procfs root: the set the kernel enforces (affinity within the cpuset).
+pub fn read_thread_cpus_allowed(
+    proc_root: &Path,
+    pid: u32,
+    tid: u32,
+) -> Result<CpuSet, crate::cgroup::CgroupError> {
+    procfs::read_cpus_allowed(proc_root, pid, tid).map_err(proc_err)
+}
+
+/// Reads the CPU thread `tid` last ran on (stat field 39).
+pub fn read_thread_last_cpu(
+    proc_root: &Path,
+    pid: u32,
+    tid: u32,
+) -> Result<Option<u32>, crate::cgroup::CgroupError> {
+    procfs::read_last_cpu(proc_root, pid, tid).map_err(proc_err)
+}

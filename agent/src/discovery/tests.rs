@@ -2,6 +2,7 @@
 
 use super::fake_procfs::{write_process, write_thread, FakeProcess, FakeThread};
 use super::*;
+use crate::cgroup::Hierarchy;
 
 const SEV_ES_QEMU: &[&str] = &[
     "/usr/bin/qemu-system-x86_64",
@@ -240,7 +241,9 @@ fn qemu_names() {
 mod properties {
     use super::super::cgroup_path::{parse_libvirt_path, parse_proc_cgroup, systemd_unescape};
     use super::super::procfs::{parse_stat, parse_status_cpus_allowed, parse_syscall_kvm_run_fd};
-    use super::super::{classify_cmdline, fake_procfs::stat_line, Hierarchy};
+    use super::super::{classify_cmdline, fake_procfs::stat_line};
+    use crate::cgroup::Hierarchy;
+
     use proptest::prelude::*;
 
     proptest! {

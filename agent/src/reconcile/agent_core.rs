@@ -16,10 +16,10 @@ use crate::topology::Topology;
 use crate::types::VmId;
 
 use super::capacity::CapacityCache;
-use super::enforce::ThreadAffinity;
 use super::error::AgentError;
 use super::events::EventBus;
 use super::scrub::ScrubAdmission;
+use crate::cgroup::ThreadAffinity;
 
 /// Host access of the core.
 pub struct HostAccess {

@@ -253,7 +253,8 @@ impl AgentCore {
         let mut applied = 0;
         for fix in &fixes {
             match enforce::apply(fix, self.host.cgroups.as_ref(), self.host.affinity.as_ref()) {
-                Ok(cgroup_rewritten) => {
+                Ok(enforce::Applied::HelperGone) => applied += 1,
+                Ok(enforce::Applied::Pinned { cgroup_rewritten }) => {
                     applied += 1;
                     let reason = if cgroup_rewritten {
                         events::DriftReason::CgroupRecreated

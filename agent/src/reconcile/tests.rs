@@ -5,11 +5,11 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use super::enforce::ThreadAffinity;
 use super::events::{EventBus, EventKind};
 use super::*;
 
 use crate::cgroup::CgroupError;
+use crate::cgroup::{Target, ThreadAffinity};
 use crate::cpuset::CpuSet;
 use crate::discovery::fake_procfs::{write_process, FakeProcess};
 use crate::discovery::{DiscoveredVm, VmScanner};
@@ -42,7 +42,10 @@ impl ThreadAffinity for FakeAffinity {
         self.calls.lock().unwrap().push((tid, cpus.clone()));
         let Some(dir) = task_dir(&self.proc_root, tid) else {
             return Err(CgroupError::VmGone {
-                target: format!("sched_setaffinity({tid})"),
+                target: Target::Syscall {
+                    call: "sched_setaffinity",
+                    tid,
+                },
             });
         };
         let status = dir.join("status");
@@ -353,7 +356,10 @@ fn affinity_failing_with_esrch_releases_the_placement() {
     impl ThreadAffinity for AllGone {
         fn set(&self, tid: u32, _: &CpuSet) -> Result<(), CgroupError> {
             Err(CgroupError::VmGone {
-                target: format!("sched_setaffinity({tid})"),
+                target: Target::Syscall {
+                    call: "sched_setaffinity",
+                    tid,
+                },
             })
         }
     }
@@ -587,19 +593,34 @@ impl ThreadAffinity for FailingAffinity {
             let e = std::io::Error::from_raw_os_error(errno);
             return Err(match errno {
                 libc_errno::EACCES => CgroupError::Permission {
-                    target: format!("sched_setaffinity({tid})"),
+                    target: Target::Syscall {
+                        call: "sched_setaffinity",
+                        tid,
+                    },
+                    value: cpus.to_string(),
                     source: e,
                 },
                 libc_errno::EBUSY => CgroupError::Busy {
-                    target: format!("sched_setaffinity({tid})"),
+                    target: Target::Syscall {
+                        call: "sched_setaffinity",
+                        tid,
+                    },
+                    value: cpus.to_string(),
                     source: e,
                 },
                 libc_errno::ENOSPC => CgroupError::NoSpace {
-                    target: format!("sched_setaffinity({tid})"),
+                    target: Target::Syscall {
+                        call: "sched_setaffinity",
+                        tid,
+                    },
+                    value: cpus.to_string(),
                     source: e,
                 },
                 _ => CgroupError::InvalidSet {
-                    target: format!("sched_setaffinity({tid})"),
+                    target: Target::Syscall {
+                        call: "sched_setaffinity",
+                        tid,
+                    },
                     value: cpus.to_string(),
                     reason: e.to_string(),
                 },

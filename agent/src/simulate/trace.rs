@@ -283,7 +283,7 @@ impl Trace {
                 column: Some(e.column()),
                 message: e.to_string(),
             })?,
-            Format::Yaml => serde_yaml::from_str(text).map_err(|e| {
+            Format::Yaml => yaml_serde::from_str(text).map_err(|e| {
                 let loc = e.location();
                 SimError::Parse {
                     origin: origin.to_string(),
