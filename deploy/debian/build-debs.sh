@@ -4,14 +4,14 @@
 #                                 /etc/sevplace/sevplaced.toml (conffile), docs
 #   sevflush-dkms_<ver>_all.deb   module sources under /usr/src for DKMS
 # Usage: deploy/debian/build-debs.sh [OUT_DIR]   (default: target/debian)
-# The release binaries must be built first (cargo build --release).
+# The release binaries must be built first (cargo build --locked --release).
 set -euo pipefail
 top=$(cd "$(dirname "$0")/../.." && pwd)
 out=${1:-$top/target/debian}
 version=$(sed -n 's/^version = "\(.*\)"/\1/p' "$top/Cargo.toml" | head -1)
 bin=${SEVPLACE_BIN_DIR:-$top/target/release}
 for b in sevplaced sevplacectl; do
-  [ -x "$bin/$b" ] || { echo "build-debs: $bin/$b is missing (cargo build --release)" >&2; exit 1; }
+  [ -x "$bin/$b" ] || { echo "build-debs: $bin/$b is missing (cargo build --locked --release)" >&2; exit 1; }
 done
 mkdir -p "$out"
 work=$(mktemp -d)
