@@ -33,6 +33,13 @@ if [ "${#targets[@]}" -eq 0 ]; then
   exit 1
 fi
 
+# cargo fuzz build has no --locked (rust-fuzz/cargo-fuzz#312): resolve the
+# fuzz crate with --locked first, so a stale fuzz/Cargo.lock fails here
+# instead of being rewritten by the build.
+if ! "${cargo[@]}" metadata --locked --format-version 1 --manifest-path fuzz/Cargo.toml >/dev/null; then
+  echo "fuzz: fuzz/Cargo.lock is not current; run cargo metadata --manifest-path fuzz/Cargo.toml and commit it" >&2
+  exit 1
+fi
 start=$(date +%s)
 "${cargo[@]}" fuzz build "${build_opts[@]}"
 built=$(date +%s)

@@ -27,14 +27,14 @@ step "dependencies"
 scripts/install-deps.sh
 
 step "cargo test --workspace"
-cargo test --workspace --all-targets
-cargo test --workspace --doc
+cargo test --locked --workspace --all-targets
+cargo test --locked --workspace --doc
 
 step "fuzzing (cargo fuzz, ${FUZZ_SECONDS:-30} s per target)"
 scripts/fuzz.sh
 
 step "release build and Debian packages"
-cargo build --release --bins
+cargo build --locked --release --bins
 deploy/debian/check-debs.sh
 
 if [ -x kmod/ci.sh ]; then

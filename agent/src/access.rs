@@ -1,7 +1,7 @@
 //! Who may call what. On the Unix socket the caller is known by
 //! `SO_PEERCRED`: read-only RPCs are open to root, the admin group and the
 //! read group (to everyone who can connect when no read group is set);
-//! mutating RPCs to root and the admin group only. On TCP with mutual TLS
+//! mutating RPCs to root, the daemon's own uid and the admin group only. On TCP with mutual TLS
 //! the caller is known by the names of its client certificate (admitted at
 //! the handshake): read-only RPCs for every admitted client, mutating RPCs
 //! for names in `server.tls_admin_clients`. A caller without credentials
@@ -17,10 +17,11 @@ pub enum Need {
 /// The caller as the transport knows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Peer {
-    /// A Unix socket peer: uid, pid, and every group it belongs to
-    /// (primary and supplementary).
+    /// A Unix socket peer: uid, primary gid, pid, and every group it
+    /// belongs to (primary and supplementary).
     Local {
         uid: u32,
+        gid: u32,
         pid: Option<i32>,
         gids: Vec<u32>,
     },
@@ -42,6 +43,9 @@ pub struct AccessPolicy {
     pub admin_gid: Option<u32>,
     /// TLS client names (lower case) that may make mutating calls.
     pub tls_admin_clients: Vec<String>,
+    /// The uid the daemon runs as: a local caller with it may do what the
+    /// daemon itself can (a non-root daemon is managed by its own user).
+    pub daemon_uid: u32,
 }
 
 /// Why a group could not be resolved.
@@ -75,6 +79,7 @@ impl AccessPolicy {
             read_gid: gid("server.read_group", read_group)?,
             admin_gid: gid("server.admin_group", admin_group)?,
             tls_admin_clients: Vec::new(),
+            daemon_uid: nix::unistd::Uid::effective().as_raw(),
         })
     }
 }
@@ -104,6 +109,7 @@ pub fn authorize(peer: &Peer, need: Need, policy: &AccessPolicy) -> Result<(), S
             }
         },
         Peer::Local { uid: 0, .. } => Ok(()),
+        Peer::Local { uid, .. } if *uid == policy.daemon_uid => Ok(()),
         Peer::Local { uid, gids, .. } => {
             let in_group = |g: Option<u32>| g.is_some_and(|g| gids.contains(&g));
             let allowed = match need {
@@ -153,6 +159,7 @@ mod tests {
     fn decisions() {
         let local = |uid, gids: &[u32]| Peer::Local {
             uid,
+            gid: gids.first().copied().unwrap_or(uid),
             pid: Some(1),
             gids: gids.to_vec(),
         };
@@ -161,6 +168,11 @@ mod tests {
             read_gid: Some(100),
             admin_gid: Some(200),
             tls_admin_clients: vec!["orchestrator".into()],
+            daemon_uid: 0,
+        };
+        let own = AccessPolicy {
+            daemon_uid: 1000,
+            ..grouped.clone()
         };
         let tls = |names: &[&str]| Peer::Tls {
             names: names.iter().map(|n| n.to_string()).collect(),
@@ -188,6 +200,8 @@ mod tests {
                 true,
             ),
             (tls(&["orchestrator"]), Need::Admin, &open, false),
+            (local(1000, &[1000]), Need::Admin, &own, true),
+            (local(1001, &[1001]), Need::Admin, &own, false),
         ];
         for (peer, need, policy, want) in cases {
             assert_eq!(

@@ -1,16 +1,31 @@
 //! A gRPC client of `sevplaced`: over its Unix socket, or over TCP with
 //! mutual TLS (or plaintext TCP against a daemon with `insecure_tcp`).
 
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
 use sevplace_proto::v1::sevplace_service_client::SevplaceServiceClient;
 use tonic::transport::{Channel, Endpoint, Uri};
 
-/// Why the daemon could not be reached.
+/// Why the daemon could not be reached. Each message says what is wrong
+/// and what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
+    #[error("no socket at {}: sevplaced is not running, or serves another socket; start it (systemctl start sevplaced, or sevplaced) or pass the right --socket", path.display())]
+    NoSocket { path: PathBuf },
+    #[error("permission denied on {} ({access}): {fix}", path.display())]
+    PermissionDenied {
+        path: PathBuf,
+        /// Mode and group of the socket, or the directory that refused.
+        access: String,
+        fix: String,
+    },
+    #[error("sevplaced is not answering at {target} (connection refused): it is not running; start it (systemctl start sevplaced, or sevplaced){hint}")]
+    NotAnswering { target: String, hint: &'static str },
+    #[error("sevplaced at {target} did not answer within {seconds} s: it is stuck or overloaded; see journalctl -u sevplaced")]
+    Timeout { target: String, seconds: u64 },
     #[error("cannot connect to sevplaced at {target}: {source}")]
     Transport {
         target: String,
@@ -22,22 +37,121 @@ pub enum ConnectError {
     ServerName(String),
 }
 
+/// How long a connection attempt may take before the daemon counts as not
+/// answering.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The I/O error of the last connection attempt, kept by the connector so
+/// the failure can be explained (tonic's error hides it).
+type LastError = Arc<Mutex<Option<std::io::Error>>>;
+
+fn keep(last: &LastError, e: std::io::Error) -> std::io::Error {
+    let copy = std::io::Error::new(e.kind(), e.to_string());
+    if let Ok(mut l) = last.lock() {
+        *l = Some(e);
+    }
+    copy
+}
+
+fn taken(last: &LastError) -> Option<std::io::Error> {
+    last.lock().ok().and_then(|mut l| l.take())
+}
+
+/// `mode 0660, owner root, group sevplace` of a path, from its metadata.
+fn describe_access(path: &Path) -> Option<(String, Option<String>)> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).ok()?;
+    let name_of_group = nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(meta.gid()))
+        .ok()
+        .flatten()
+        .map(|g| g.name);
+    let owner = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(meta.uid()))
+        .ok()
+        .flatten()
+        .map_or(meta.uid().to_string(), |u| u.name);
+    let group = name_of_group.clone().unwrap_or(meta.gid().to_string());
+    Some((
+        format!(
+            "mode {:04o}, owner {owner}, group {group}",
+            meta.mode() & 0o7777
+        ),
+        name_of_group,
+    ))
+}
+
+/// The error of a failed connection to the Unix socket `path`.
+pub fn unix_error(path: &Path, e: &std::io::Error) -> Option<ConnectError> {
+    use std::io::ErrorKind;
+    match e.kind() {
+        ErrorKind::NotFound => Some(ConnectError::NoSocket {
+            path: path.to_path_buf(),
+        }),
+        ErrorKind::ConnectionRefused => Some(ConnectError::NotAnswering {
+            target: path.display().to_string(),
+            hint: " (the socket file is left from an earlier run; sevplaced replaces it at start)",
+        }),
+        ErrorKind::PermissionDenied => {
+            // The socket itself, or the first directory above it that
+            // refuses this user.
+            let (access, group) = describe_access(path)
+                .or_else(|| path.ancestors().skip(1).find_map(describe_access))
+                .unwrap_or_else(|| ("not readable".into(), None));
+            let fix = match group {
+                Some(g) if g != "root" => format!(
+                    "run as root, or as a member of group {g} (usermod -aG {g} $USER, then log in again)"
+                ),
+                _ => "run as root, or set server.socket_group and server.read_group to a group this user is in".into(),
+            };
+            Some(ConnectError::PermissionDenied {
+                path: path.to_path_buf(),
+                access,
+                fix,
+            })
+        }
+        _ => None,
+    }
+}
+
+/// The error of a failed TCP connection to `addr`.
+fn tcp_error(addr: &str, e: &std::io::Error) -> Option<ConnectError> {
+    match e.kind() {
+        std::io::ErrorKind::ConnectionRefused => Some(ConnectError::NotAnswering {
+            target: addr.to_string(),
+            hint: ", or check that server.listen_tcp is this address",
+        }),
+        std::io::ErrorKind::TimedOut => Some(ConnectError::Timeout {
+            target: addr.to_string(),
+            seconds: CONNECT_TIMEOUT.as_secs(),
+        }),
+        _ => None,
+    }
+}
+
 /// Opens a channel to the daemon's socket.
 pub async fn channel(socket: &Path) -> Result<Channel, ConnectError> {
     let target = socket.display().to_string();
     let p = socket.to_path_buf();
+    let last: LastError = Arc::default();
+    let seen = last.clone();
     // The URI is not used for a Unix socket; it must only parse.
-    let endpoint = Endpoint::from_static("http://localhost");
+    let endpoint = Endpoint::from_static("http://localhost").connect_timeout(CONNECT_TIMEOUT);
     endpoint
         .connect_with_connector(tower::service_fn(move |_: Uri| {
             let p = p.clone();
+            let last = seen.clone();
             async move {
-                let s = tokio::net::UnixStream::connect(p).await?;
+                let s = tokio::net::UnixStream::connect(p)
+                    .await
+                    .map_err(|e| keep(&last, e))?;
                 Ok::<_, std::io::Error>(TokioIo::new(s))
             }
         }))
         .await
-        .map_err(|source| ConnectError::Transport { target, source })
+        .map_err(|source| {
+            taken(&last)
+                .and_then(|e| unix_error(socket, &e))
+                .unwrap_or(ConnectError::Transport { target, source })
+        })
 }
 
 /// A `SevplaceService` client on the daemon's socket.
@@ -75,32 +189,59 @@ pub async fn channel_tls(
         .map_err(|_| ConnectError::ServerName(name))?;
     let connector = tokio_rustls::TlsConnector::from(config);
     let target = addr.to_string();
+    let last: LastError = Arc::default();
+    let seen = last.clone();
     endpoint(addr)?
+        .connect_timeout(CONNECT_TIMEOUT)
         .connect_with_connector(tower::service_fn(move |_: Uri| {
             let connector = connector.clone();
             let name = name.clone();
             let target = target.clone();
+            let last = seen.clone();
             async move {
-                let tcp = tokio::net::TcpStream::connect(target).await?;
+                let tcp = tokio::net::TcpStream::connect(target)
+                    .await
+                    .map_err(|e| keep(&last, e))?;
                 let tls = connector.connect(name, tcp).await?;
                 Ok::<_, std::io::Error>(TokioIo::new(tls))
             }
         }))
         .await
-        .map_err(|source| ConnectError::Transport {
-            target: addr.to_string(),
-            source,
+        .map_err(|source| {
+            taken(&last)
+                .and_then(|e| tcp_error(addr, &e))
+                .unwrap_or(ConnectError::Transport {
+                    target: addr.to_string(),
+                    source,
+                })
         })
 }
 
 /// Opens a plaintext TCP channel to `addr` (a daemon with `insecure_tcp`).
 pub async fn channel_tcp(addr: &str) -> Result<Channel, ConnectError> {
+    let target = addr.to_string();
+    let last: LastError = Arc::default();
+    let seen = last.clone();
     endpoint(addr)?
-        .connect()
+        .connect_timeout(CONNECT_TIMEOUT)
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let target = target.clone();
+            let last = seen.clone();
+            async move {
+                let tcp = tokio::net::TcpStream::connect(target)
+                    .await
+                    .map_err(|e| keep(&last, e))?;
+                Ok::<_, std::io::Error>(TokioIo::new(tcp))
+            }
+        }))
         .await
-        .map_err(|source| ConnectError::Transport {
-            target: addr.to_string(),
-            source,
+        .map_err(|source| {
+            taken(&last)
+                .and_then(|e| tcp_error(addr, &e))
+                .unwrap_or(ConnectError::Transport {
+                    target: addr.to_string(),
+                    source,
+                })
         })
 }
 

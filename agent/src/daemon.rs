@@ -40,8 +40,23 @@ pub enum DaemonError {
     Transport(#[from] tonic::transport::Error),
     #[error("gRPC reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
-    #[error("{0}; to start anyway, run sevplaced --reset-state")]
+    #[error("{0}")]
     Core(#[from] AgentError),
+    /// The checkpoint could not be read or moved aside at start: the file,
+    /// the cause, and what to do.
+    #[error("cannot start: {source}; {fix}")]
+    Checkpoint {
+        source: crate::state::CheckpointError,
+        fix: String,
+    },
+    /// The state directory cannot be created or written.
+    #[error("cannot start: state directory {}: {what}: {source}; {fix}", dir.display())]
+    StateDir {
+        dir: std::path::PathBuf,
+        what: &'static str,
+        source: std::io::Error,
+        fix: String,
+    },
     #[error("{0}")]
     Access(#[from] crate::access::UnknownGroup),
     #[error("reconcile thread: {0}")]
@@ -50,6 +65,67 @@ pub enum DaemonError {
     Signal(std::io::Error),
     #[error("TCP mutual TLS: {0}")]
     Tls(#[from] crate::tls::TlsError),
+}
+
+/// What to do about a checkpoint that stops the start, for a user who runs
+/// as `uid`.
+fn checkpoint_fix(e: &crate::state::CheckpointError, dir: &std::path::Path, uid: u32) -> String {
+    use crate::state::CheckpointError;
+    match e {
+        CheckpointError::Corrupt { .. } | CheckpointError::NewerVersion { .. } => {
+            "run sevplaced --reset-state once to move it aside".into()
+        }
+        CheckpointError::Io { source, .. } => state_dir_fix(source, dir, uid),
+    }
+}
+
+/// What to do about an I/O error on the state directory `dir`.
+fn state_dir_fix(e: &std::io::Error, dir: &std::path::Path, uid: u32) -> String {
+    if e.kind() == std::io::ErrorKind::PermissionDenied {
+        format!(
+            "uid {uid} may not use {}: run sevplaced as its owner (root for /var/lib/sevplace), \
+             or point --state-dir (state.dir) at a directory uid {uid} owns \
+             (the default for a non-root user is ~/.local/state/sevplace)",
+            dir.display()
+        )
+    } else {
+        format!(
+            "make {} a writable directory, or point --state-dir (state.dir) at another one",
+            dir.display()
+        )
+    }
+}
+
+/// Creates the state directory (0700) when missing and checks that this
+/// process may write it, so a bad directory stops the start instead of the
+/// first PlaceVm.
+fn prepare_state_dir(dir: &std::path::Path) -> Result<(), DaemonError> {
+    let uid = nix::unistd::Uid::effective().as_raw();
+    let fail = |what, source: std::io::Error| DaemonError::StateDir {
+        dir: dir.to_path_buf(),
+        what,
+        fix: state_dir_fix(&source, dir, uid),
+        source,
+    };
+    if !dir.exists() {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| fail("cannot create", e))?;
+    }
+    nix::unistd::access(
+        dir,
+        nix::unistd::AccessFlags::W_OK | nix::unistd::AccessFlags::X_OK,
+    )
+    .map_err(|e| fail("cannot write", e.into()))
+}
+
+/// The bound address of a TCP listener for a log line (`127.0.0.1:9478`).
+fn local_addr(l: &tokio::net::TcpListener) -> String {
+    l.local_addr()
+        .map_or_else(|e| format!("unknown ({e})"), |a| a.to_string())
 }
 
 /// How long in-flight calls may run after SIGTERM.
@@ -231,7 +307,7 @@ pub async fn run(settings: Settings, options: RunOptions) -> Result<(), DaemonEr
     metrics.set_topology(&topology, settings.reserved_cpus.len());
     let module = ModuleReader::new(settings.host_path("/sys/kernel/sevflush"));
     let status = module.status();
-    tracing::info!(state = ?status.state, message = %status.message, "sevflush module");
+    tracing::info!(state = ?status.state, detail = %status.message, "sevflush module");
 
     let cgroups = match CpusetWriter::detect(settings.host_path("/sys/fs/cgroup")) {
         Ok(w) => {
@@ -243,6 +319,9 @@ pub async fn run(settings: Settings, options: RunOptions) -> Result<(), DaemonEr
             None
         }
     };
+    prepare_state_dir(&settings.state_dir)?;
+    tracing::info!(dir = %settings.state_dir.display(), "state directory");
+    let uid = nix::unistd::Uid::effective().as_raw();
     let store = CheckpointStore::in_dir(&settings.state_dir);
     if options.reset_state {
         match store.reset() {
@@ -250,7 +329,12 @@ pub async fn run(settings: Settings, options: RunOptions) -> Result<(), DaemonEr
                 tracing::warn!(to = %moved.display(), "checkpoint moved aside; starting without intents")
             }
             Ok(None) => tracing::info!("no checkpoint to reset"),
-            Err(e) => return Err(DaemonError::Core(e.into())),
+            Err(source) => {
+                return Err(DaemonError::Checkpoint {
+                    fix: checkpoint_fix(&source, &settings.state_dir, uid),
+                    source,
+                })
+            }
         }
     }
     let events = Arc::new(EventBus::new(1024));
@@ -271,7 +355,14 @@ pub async fn run(settings: Settings, options: RunOptions) -> Result<(), DaemonEr
         store,
         metrics.clone(),
         events.clone(),
-    )?;
+    )
+    .map_err(|e| match e {
+        AgentError::Checkpoint(source) => DaemonError::Checkpoint {
+            fix: checkpoint_fix(&source, &settings.state_dir, uid),
+            source,
+        },
+        other => DaemonError::Core(other),
+    })?;
     let mut core = core;
     core.set_auto_place(settings.auto_place_confidential);
     core.set_scrub_min_interval(Duration::from_millis(settings.scrub_min_interval_ms));
@@ -370,19 +461,19 @@ pub async fn run(settings: Settings, options: RunOptions) -> Result<(), DaemonEr
         ));
     }
     if let Some(l) = metrics_listener {
-        tracing::info!(addr = ?l.local_addr().ok(), "serving /metrics");
+        tracing::info!(addr = %local_addr(&l), "serving /metrics");
         tasks.spawn(server::serve_metrics(l, metrics.clone(), stop_rx.clone()));
     }
     if let Some(l) = tcp_listener {
-        let addr = l.local_addr().ok();
+        let addr = local_addr(&l);
         let r = tcp_router;
         let rx = stop_rx.clone();
         match tls_config {
             Some(config) => {
                 tracing::info!(
-                    addr = ?addr,
-                    allowed_clients = ?settings.tls.as_ref().map(|t| &t.allowed_clients),
-                    admin_clients = ?settings.tls.as_ref().map(|t| &t.admin_clients),
+                    addr = %addr,
+                    allowed_clients = %settings.tls.as_ref().map_or(String::new(), |t| t.allowed_clients.join(",")),
+                    admin_clients = %settings.tls.as_ref().map_or(String::new(), |t| t.admin_clients.join(",")),
                     "serving gRPC on TCP with mutual TLS"
                 );
                 let incoming =
@@ -395,7 +486,7 @@ pub async fn run(settings: Settings, options: RunOptions) -> Result<(), DaemonEr
             }
             None => {
                 tracing::warn!(
-                    addr = ?addr,
+                    addr = %addr,
                     "server.insecure_tcp: serving gRPC on plaintext TCP without client \
                      authentication (read-only for everyone who can reach the address)"
                 );
@@ -427,7 +518,7 @@ pub async fn run(settings: Settings, options: RunOptions) -> Result<(), DaemonEr
             match tokio::time::timeout(SHUTDOWN_GRACE, &mut unix).await {
                 Ok(r) => r.map_err(DaemonError::from),
                 Err(_) => {
-                    tracing::warn!(grace = ?SHUTDOWN_GRACE, "connections still open after the grace period; closing them");
+                    tracing::warn!(grace_ms = SHUTDOWN_GRACE.as_millis() as u64, "connections still open after the grace period; closing them");
                     Ok(())
                 }
             }

@@ -63,6 +63,7 @@ pub struct Metrics {
     pub condition: Family<ConditionLabels, Gauge>,
     pub checkpoint_write_failures: Counter,
     pub tls_handshakes: Family<HandshakeLabels, Counter>,
+    pub audit_events: Family<AuditLabels, Counter>,
     pub vm_dirty_cpus: Family<VmLabels, Gauge>,
     pub vm_ran_cpus: Family<VmLabels, Gauge>,
     pub vm_vcpus: Family<VmLabels, Gauge>,
@@ -137,6 +138,14 @@ fn advance(counter: &Counter, last: u64, reading: u64) {
 /// TCP probe does).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HandshakeLabels {
+    pub result: String,
+}
+
+/// Labels of `sevplace_audit_events_total`: the mutating RPC and its
+/// result (`ok` or the gRPC code name).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuditLabels {
+    pub rpc: String,
     pub result: String,
 }
 
@@ -308,6 +317,12 @@ impl Metrics {
             "1 when the sevflush module is loaded with a supported ABI",
             kmod_loaded.clone(),
         );
+        let audit_events = Family::<AuditLabels, Counter>::default();
+        registry.register(
+            "audit_events",
+            "Answered mutating calls (PlaceVm, ReleaseVm, ScrubVm) by RPC and result",
+            audit_events.clone(),
+        );
         let confidential_vms = Gauge::default();
         registry.register(
             "confidential_vms",
@@ -335,6 +350,7 @@ impl Metrics {
             condition,
             checkpoint_write_failures,
             tls_handshakes,
+            audit_events,
             registry,
             cpus,
             l3_domains,
@@ -490,6 +506,16 @@ impl Metrics {
             .inc();
     }
 
+    /// Counts one answered mutating call by RPC and result.
+    pub fn observe_audit(&self, rpc: &str, result: &str) {
+        self.audit_events
+            .get_or_create(&AuditLabels {
+                rpc: rpc.to_string(),
+                result: result.to_string(),
+            })
+            .inc();
+    }
+
     /// Records one gRPC call.
     pub fn observe_grpc(&self, method: &str, code: tonic::Code, elapsed: Duration) {
         self.grpc_requests
@@ -510,13 +536,63 @@ impl Metrics {
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
-        out
+        sort_series(&out)
     }
 
     /// Every metric in the Prometheus text format 0.0.4.
     pub fn encode_prometheus(&self) -> String {
         openmetrics_to_prometheus(&self.encode_openmetrics())
     }
+}
+
+/// The label set of a sample line without its `le` label: the key that
+/// orders the series of a family (a histogram's `_bucket`, `_sum` and
+/// `_count` lines of one series share it).
+fn series_key(line: &str) -> String {
+    let (Some(open), Some(close)) = (line.find('{'), line.rfind('}')) else {
+        return String::new();
+    };
+    let labels = line.get(open + 1..close).unwrap_or_default();
+    match labels.find("le=\"") {
+        Some(i) => {
+            let rest = &labels[i + 4..];
+            let end = rest.find('"').map_or(labels.len(), |e| i + 4 + e + 1);
+            let (before, after) = (&labels[..i], &labels[end..]);
+            match (before.trim_end_matches(','), after.trim_start_matches(',')) {
+                ("", a) => a.to_string(),
+                (b, "") => b.to_string(),
+                (b, a) => format!("{b},{a}"),
+            }
+        }
+        None => labels.to_string(),
+    }
+}
+
+/// Orders the samples of each family by their label set, so the output is
+/// the same from scrape to scrape (the encoder walks hash maps). A stable
+/// sort keeps the lines of one series (histogram buckets, sum, count) in
+/// the encoder's order.
+pub fn sort_series(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut run: Vec<&str> = Vec::new();
+    let flush = |run: &mut Vec<&str>, out: &mut String| {
+        run.sort_by_cached_key(|l| series_key(l));
+        for l in run.drain(..) {
+            out.push_str(l);
+            out.push('\n');
+        }
+    };
+    for line in text.lines() {
+        if line.starts_with('#') {
+            flush(&mut run, &mut out);
+            out.push_str(line);
+            out.push('\n');
+        } else {
+            run.push(line);
+        }
+    }
+    flush(&mut run, &mut out);
+    out
 }
 
 /// Rewrites OpenMetrics text as Prometheus text 0.0.4: a counter family
@@ -573,6 +649,8 @@ mod tests {
     fn prometheus_text_renames_counters_and_drops_openmetrics_lines() {
         let m = Metrics::new();
         m.observe_grpc("GetHost", tonic::Code::Ok, Duration::from_micros(70));
+        m.observe_grpc("PlaceVm", tonic::Code::Ok, Duration::from_micros(70));
+        m.observe_grpc("ListVms", tonic::Code::NotFound, Duration::from_micros(70));
         let om = m.encode_openmetrics();
         assert!(om.contains("# TYPE sevplace_grpc_requests counter"));
         assert!(om.ends_with("# EOF\n"));
@@ -584,5 +662,47 @@ mod tests {
         assert!(text.contains("sevplace_grpc_requests_total{method=\"GetHost\",code=\"Ok\"} 1"));
         assert!(text.contains("# TYPE sevplace_build_info gauge"));
         assert!(!text.contains("# EOF") && !text.contains("# UNIT"));
+    }
+
+    #[test]
+    fn series_are_sorted_by_labels_and_histograms_stay_whole() {
+        let m = Metrics::new();
+        for method in ["PlaceVm", "GetHost", "ListVms", "GetVm"] {
+            m.observe_grpc(method, tonic::Code::Ok, Duration::from_micros(70));
+        }
+        let text = m.encode_prometheus();
+        let requests: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("sevplace_grpc_requests_total{"))
+            .collect();
+        let mut sorted = requests.clone();
+        sorted.sort();
+        assert_eq!(requests, sorted);
+        assert_eq!(requests.len(), 4);
+        // One series' histogram lines stay together, buckets in le order.
+        let get_host: Vec<&str> = text
+            .lines()
+            .filter(|l| {
+                l.starts_with("sevplace_grpc_request_duration_seconds")
+                    && l.contains("method=\"GetHost\"")
+            })
+            .collect();
+        let first = text.lines().position(|l| l == get_host[0]).unwrap_or(0);
+        let block: Vec<&str> = text.lines().skip(first).take(get_host.len()).collect();
+        assert_eq!(block, get_host);
+        assert!(get_host
+            .iter()
+            .rev()
+            .find(|l| l.contains("_bucket"))
+            .is_some_and(|l| l.contains("le=\"+Inf\"")));
+        assert_eq!(
+            series_key("x_bucket{method=\"A\",le=\"0.5\"} 1"),
+            "method=\"A\""
+        );
+        assert_eq!(
+            series_key("x_bucket{le=\"0.5\",method=\"A\"} 1"),
+            series_key("x_sum{method=\"A\"} 1")
+        );
+        assert_eq!(text, m.encode_prometheus());
     }
 }

@@ -4,7 +4,7 @@
 #                                 /etc/sevplace/sevplaced.toml (conffile), docs
 #   sevflush-dkms_<ver>_all.deb   module sources under /usr/src for DKMS
 # Usage: deploy/debian/build-debs.sh [--dkms-only] [OUT_DIR]   (default: target/debian)
-# The release binaries must be built first (cargo build --release), except
+# The release binaries must be built first (cargo build --locked --release), except
 # with --dkms-only, which builds sevflush-dkms alone.
 set -euo pipefail
 top=$(cd "$(dirname "$0")/../.." && pwd)
@@ -15,7 +15,7 @@ version=$(sed -n 's/^version = "\(.*\)"/\1/p' "$top/Cargo.toml" | head -1)
 bin=${SEVPLACE_BIN_DIR:-$top/target/release}
 if [ $dkms_only = 0 ]; then
   for b in sevplaced sevplacectl; do
-    [ -x "$bin/$b" ] || { echo "build-debs: $bin/$b is missing (cargo build --release)" >&2; exit 1; }
+    [ -x "$bin/$b" ] || { echo "build-debs: $bin/$b is missing (cargo build --locked --release)" >&2; exit 1; }
   done
 fi
 mkdir -p "$out"

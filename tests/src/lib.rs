@@ -27,6 +27,7 @@ pub fn bin_dir() -> PathBuf {
             let mut cmd = Command::new(env!("CARGO"));
             cmd.args([
                 "build",
+                "--locked",
                 "--quiet",
                 "-p",
                 "sevplace-agent",

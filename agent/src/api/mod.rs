@@ -2,6 +2,7 @@
 //! the agent core's operations off the async threads, and converts results
 //! and errors (gRPC status codes with field details).
 
+pub mod audit;
 pub mod convert;
 
 use std::pin::Pin;
@@ -119,34 +120,10 @@ impl SevplaceApi {
     /// Checks the caller (SO_PEERCRED on the Unix socket, the certificate
     /// names on mutual TLS); a denial is PERMISSION_DENIED and a log line
     /// with uid and pid or the names and address.
-    fn authorize<T>(&self, method: &str, req: &Request<T>, need: Need) -> Result<(), Status> {
-        let uds = req
-            .extensions()
-            .get::<tonic::transport::server::UdsConnectInfo>()
-            .and_then(|i| i.peer_cred);
-        let tls = req.extensions().get::<crate::tls::TlsPeerInfo>();
-        let peer = match (uds, tls) {
-            (Some(c), _) => Peer::Local {
-                uid: c.uid(),
-                pid: c.pid(),
-                gids: crate::access::groups_of(c.uid(), c.gid()),
-            },
-            (None, Some(t)) => Peer::Tls {
-                names: t.names.to_vec(),
-                addr: t.remote_addr,
-            },
-            (None, None) => Peer::Remote,
-        };
-        authorize(&peer, need, &self.ctx.access).map_err(|reason| {
-            match &peer {
-                Peer::Local { uid, pid, .. } => {
-                    tracing::warn!(method, uid, pid = ?pid, %reason, "permission denied")
-                }
-                Peer::Tls { names, addr } => {
-                    tracing::warn!(method, ?names, peer = ?addr, %reason, "permission denied")
-                }
-                Peer::Remote => tracing::warn!(method, %reason, "permission denied"),
-            }
+    fn authorize(&self, method: &str, peer: &Peer, need: Need) -> Result<(), Status> {
+        authorize(peer, need, &self.ctx.access).map_err(|reason| {
+            let caller = audit::Caller(peer);
+            tracing::warn!(method, %caller, %reason, "permission denied");
             Status::permission_denied(reason)
         })
     }
@@ -159,7 +136,18 @@ impl SevplaceApi {
         need: Need,
         start: Instant,
     ) -> Result<(), Status> {
-        let r = self.authorize(method, req, need);
+        self.admit_peer(method, &peer_of(req), need, start)
+    }
+
+    /// [`Self::admit`] for a caller already read from the request.
+    fn admit_peer(
+        &self,
+        method: &str,
+        peer: &Peer,
+        need: Need,
+        start: Instant,
+    ) -> Result<(), Status> {
+        let r = self.authorize(method, peer, need);
         if r.is_err() {
             self.observe(method, start, &r);
         }
@@ -183,6 +171,29 @@ impl SevplaceApi {
         tokio::task::spawn_blocking(move || f(&mut ctx.lock()))
             .await
             .map_err(|e| Status::internal(format!("worker failed: {e}")))?
+    }
+}
+
+/// The caller as the transport knows it: SO_PEERCRED on the Unix socket,
+/// the certificate names on mutual TLS, nothing on plaintext TCP.
+fn peer_of<T>(req: &Request<T>) -> Peer {
+    let uds = req
+        .extensions()
+        .get::<tonic::transport::server::UdsConnectInfo>()
+        .and_then(|i| i.peer_cred);
+    let tls = req.extensions().get::<crate::tls::TlsPeerInfo>();
+    match (uds, tls) {
+        (Some(c), _) => Peer::Local {
+            uid: c.uid(),
+            gid: c.gid(),
+            pid: c.pid(),
+            gids: crate::access::groups_of(c.uid(), c.gid()),
+        },
+        (None, Some(t)) => Peer::Tls {
+            names: t.names.to_vec(),
+            addr: t.remote_addr,
+        },
+        (None, None) => Peer::Remote,
     }
 }
 
@@ -223,7 +234,12 @@ impl SevplaceService for SevplaceApi {
         req: Request<pb::PlaceVmRequest>,
     ) -> Result<Response<pb::PlaceVmResponse>, Status> {
         let start = Instant::now();
-        self.admit("PlaceVm", &req, Need::Admin, start)?;
+        let peer = peer_of(&req);
+        let audit_vm = req.get_ref().vm_id.clone();
+        if let Err(s) = self.admit_peer("PlaceVm", &peer, Need::Admin, start) {
+            audit::record(&self.ctx.metrics, "PlaceVm", &audit_vm, &peer, Err(&s));
+            return Err(s);
+        }
         let r = match place_call(req.get_ref()) {
             Ok(call) => {
                 let validate_only = call.validate_only;
@@ -240,6 +256,13 @@ impl SevplaceService for SevplaceApi {
             Err(s) => Err(s),
         };
         self.observe("PlaceVm", start, &r);
+        audit::record(
+            &self.ctx.metrics,
+            "PlaceVm",
+            &audit_vm,
+            &peer,
+            r.as_ref().map(|_| ()),
+        );
         r.map(Response::new)
     }
 
@@ -248,7 +271,12 @@ impl SevplaceService for SevplaceApi {
         req: Request<pb::ReleaseVmRequest>,
     ) -> Result<Response<pb::ReleaseVmResponse>, Status> {
         let start = Instant::now();
-        self.admit("ReleaseVm", &req, Need::Admin, start)?;
+        let peer = peer_of(&req);
+        let audit_vm = req.get_ref().vm_id.clone();
+        if let Err(s) = self.admit_peer("ReleaseVm", &peer, Need::Admin, start) {
+            audit::record(&self.ctx.metrics, "ReleaseVm", &audit_vm, &peer, Err(&s));
+            return Err(s);
+        }
         let r = match vm_id(&req.get_ref().vm_id) {
             Ok(id) => {
                 self.with_core(move |core| {
@@ -262,6 +290,13 @@ impl SevplaceService for SevplaceApi {
             Err(s) => Err(s),
         };
         self.observe("ReleaseVm", start, &r);
+        audit::record(
+            &self.ctx.metrics,
+            "ReleaseVm",
+            &audit_vm,
+            &peer,
+            r.as_ref().map(|_| ()),
+        );
         r.map(Response::new)
     }
 
@@ -354,7 +389,12 @@ impl SevplaceService for SevplaceApi {
         req: Request<pb::ScrubVmRequest>,
     ) -> Result<Response<pb::ScrubVmResponse>, Status> {
         let start = Instant::now();
-        self.admit("ScrubVm", &req, Need::Admin, start)?;
+        let peer = peer_of(&req);
+        let audit_vm = req.get_ref().vm_id.clone();
+        if let Err(s) = self.admit_peer("ScrubVm", &peer, Need::Admin, start) {
+            audit::record(&self.ctx.metrics, "ScrubVm", &audit_vm, &peer, Err(&s));
+            return Err(s);
+        }
         let id = req.into_inner().vm_id;
         let r = self
             .with_core(move |core| {
@@ -369,6 +409,13 @@ impl SevplaceService for SevplaceApi {
             })
             .await;
         self.observe("ScrubVm", start, &r);
+        audit::record(
+            &self.ctx.metrics,
+            "ScrubVm",
+            &audit_vm,
+            &peer,
+            r.as_ref().map(|_| ()),
+        );
         r.map(Response::new)
     }
 

@@ -1,5 +1,6 @@
 //! sevplacectl: command-line client of sevplaced. Exit status: 0 on
-//! success, 2 on bad usage, 1 with a one-line error otherwise.
+//! success, 2 on bad usage, 1 with a one-line error otherwise (with
+//! `--json`: one JSON object `{"error":{"code","message"}}` on stderr).
 
 use std::process::ExitCode;
 
@@ -8,6 +9,14 @@ use sevplace::ctl::{self, Cli};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let json = cli.json;
+    let report = |e: &ctl::CtlError| {
+        if json {
+            eprintln!("{}", e.to_json());
+        } else {
+            eprintln!("sevplacectl: {e}");
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -21,11 +30,11 @@ fn main() -> ExitCode {
     match runtime.block_on(ctl::run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e @ ctl::CtlError::Usage(_)) => {
-            eprintln!("sevplacectl: {e}");
+            report(&e);
             ExitCode::from(2)
         }
         Err(e) => {
-            eprintln!("sevplacectl: {e}");
+            report(&e);
             ExitCode::FAILURE
         }
     }

@@ -72,11 +72,17 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     let filter = tracing_subscriber::EnvFilter::new(&settings.log_level);
+    let ansi = settings
+        .log_color
+        .enabled(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     match settings.log_format {
-        LogFormat::Json => builder.json().init(),
+        // One flat object per line: the event's fields next to "message",
+        // "level", "target" and "timestamp".
+        LogFormat::Json => builder.json().flatten_event(true).with_ansi(false).init(),
         LogFormat::Text => builder.init(),
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()

@@ -52,6 +52,33 @@ pub enum LogFormat {
     Json,
 }
 
+/// When text logs carry ANSI colour codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogColor {
+    /// Only when stderr is a terminal (never into a file, a pipe or the
+    /// journal).
+    Auto,
+    Always,
+    Never,
+}
+
+impl LogColor {
+    /// Whether to colour, given whether stderr is a terminal.
+    pub fn enabled(self, stderr_is_terminal: bool) -> bool {
+        match self {
+            LogColor::Auto => stderr_is_terminal,
+            LogColor::Always => true,
+            LogColor::Never => false,
+        }
+    }
+}
+
+/// Permission bits as the octal string they are written in (`"0660"`).
+fn serialize_octal<S: serde::Serializer>(mode: &u32, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format!("{mode:04o}"))
+}
+
 /// Mutual TLS of the TCP listener: paths are read (and checked) when the
 /// daemon starts, by [`crate::tls::server_config`].
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -73,6 +100,7 @@ pub struct TlsSettings {
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Settings {
     pub socket: PathBuf,
+    #[serde(serialize_with = "serialize_octal")]
     pub socket_mode: u32,
     pub socket_group: Option<String>,
     pub read_group: Option<String>,
@@ -98,6 +126,7 @@ pub struct Settings {
     pub full_rescan_every: u32,
     pub auto_place_confidential: bool,
     pub log_format: LogFormat,
+    pub log_color: LogColor,
     pub log_level: String,
 }
 
@@ -117,6 +146,23 @@ pub struct FlagOverrides {
     pub host_root: Option<PathBuf>,
     pub state_dir: Option<PathBuf>,
     pub log_format: Option<String>,
+}
+
+/// The default state directory for this user: `/var/lib/sevplace` for
+/// root, else `$XDG_STATE_HOME/sevplace` or `$HOME/.local/state/sevplace`
+/// (`None` without either variable). `env` is the process environment.
+pub fn default_state_dir(is_root: bool, env: &[(String, String)]) -> Option<PathBuf> {
+    if is_root {
+        return Some(PathBuf::from("/var/lib/sevplace"));
+    }
+    let var = |k: &str| {
+        env.iter()
+            .find(|(n, v)| n == k && v.starts_with('/'))
+            .map(|(_, v)| PathBuf::from(v))
+    };
+    var("XDG_STATE_HOME")
+        .map(|d| d.join("sevplace"))
+        .or_else(|| var("HOME").map(|h| h.join(".local/state/sevplace")))
 }
 
 /// The default socket path for this user: `/run/sevplace/sevplaced.sock`
@@ -250,7 +296,7 @@ pub fn load(
         }
     }
     let cfg = builder.build()?;
-    validate(&cfg)
+    validate(&cfg, env)
 }
 
 fn get_string(cfg: &config::Config, key: &str) -> Result<String, ConfigError> {
@@ -367,7 +413,7 @@ fn tcp_security(
     ))
 }
 
-fn validate(cfg: &config::Config) -> Result<Settings, ConfigError> {
+fn validate(cfg: &config::Config, env: &[(String, String)]) -> Result<Settings, ConfigError> {
     let socket = get_string(cfg, "server.socket")?;
     let socket = if socket.is_empty() {
         default_socket()
@@ -389,7 +435,17 @@ fn validate(cfg: &config::Config) -> Result<Settings, ConfigError> {
     if !host_root.is_absolute() {
         return Err(bad("host.root", "must be an absolute path"));
     }
-    let state_dir = PathBuf::from(get_string(cfg, "state.dir")?);
+    let state_dir = get_string(cfg, "state.dir")?;
+    let state_dir = if state_dir.is_empty() {
+        default_state_dir(nix::unistd::Uid::effective().is_root(), env).ok_or_else(|| {
+            bad(
+                "state.dir",
+                "empty and neither XDG_STATE_HOME nor HOME is set; set state.dir or --state-dir",
+            )
+        })?
+    } else {
+        PathBuf::from(state_dir)
+    };
     if !state_dir.is_absolute() {
         return Err(bad("state.dir", "must be an absolute path"));
     }
@@ -421,6 +477,17 @@ fn validate(cfg: &config::Config) -> Result<Settings, ConfigError> {
         "json" => LogFormat::Json,
         other => return Err(bad("log.format", format!("{other:?} is not text or json"))),
     };
+    let log_color = match get_string(cfg, "log.color")?.as_str() {
+        "auto" => LogColor::Auto,
+        "always" => LogColor::Always,
+        "never" => LogColor::Never,
+        other => {
+            return Err(bad(
+                "log.color",
+                format!("{other:?} is not auto, always or never"),
+            ))
+        }
+    };
     let log_level = get_string(cfg, "log.level")?;
     tracing_subscriber::EnvFilter::try_new(&log_level).map_err(|e| bad("log.level", e))?;
     let listen_tcp = optional_addr(cfg, "server.listen_tcp")?;
@@ -451,6 +518,7 @@ fn validate(cfg: &config::Config) -> Result<Settings, ConfigError> {
             .get_bool("reconcile.auto_place_confidential")
             .map_err(|e| bad("reconcile.auto_place_confidential", e))?,
         log_format,
+        log_color,
         log_level,
     })
 }

@@ -202,3 +202,45 @@ fn tcp_needs_mutual_tls_or_an_explicit_insecure_tcp() {
     let err = load(Some(f.path()), &[], &flags).unwrap_err();
     assert!(err.to_string().contains("server.insecure_tcp"), "{err}");
 }
+
+#[test]
+fn state_dir_default_follows_the_user() {
+    assert_eq!(
+        super::default_state_dir(true, &env(&[("HOME", "/home/a")])),
+        Some(PathBuf::from("/var/lib/sevplace"))
+    );
+    assert_eq!(
+        super::default_state_dir(false, &env(&[("HOME", "/home/a")])),
+        Some(PathBuf::from("/home/a/.local/state/sevplace"))
+    );
+    assert_eq!(
+        super::default_state_dir(
+            false,
+            &env(&[("HOME", "/home/a"), ("XDG_STATE_HOME", "/xdg")])
+        ),
+        Some(PathBuf::from("/xdg/sevplace"))
+    );
+    // A relative XDG_STATE_HOME is ignored, as the XDG spec says.
+    assert_eq!(
+        super::default_state_dir(
+            false,
+            &env(&[("HOME", "/home/a"), ("XDG_STATE_HOME", "rel")])
+        ),
+        Some(PathBuf::from("/home/a/.local/state/sevplace"))
+    );
+    assert_eq!(super::default_state_dir(false, &[]), None);
+}
+
+#[test]
+fn log_color_and_octal_mode() {
+    use super::LogColor;
+    assert!(LogColor::Auto.enabled(true) && !LogColor::Auto.enabled(false));
+    assert!(LogColor::Always.enabled(false) && !LogColor::Never.enabled(true));
+    let f = write_file("[log]\ncolor = \"never\"\n");
+    let s = load(Some(f.path()), &[], &FlagOverrides::default()).expect("valid");
+    assert_eq!(s.log_color, LogColor::Never);
+    let json = serde_json::to_value(&s).expect("json");
+    assert_eq!(json["socket_mode"], "0660");
+    let f = write_file("[log]\ncolor = \"sometimes\"\n");
+    assert!(load(Some(f.path()), &[], &FlagOverrides::default()).is_err());
+}

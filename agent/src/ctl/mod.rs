@@ -14,34 +14,36 @@ use crate::api::convert;
 use crate::client;
 use crate::types::ConfidentialClass;
 
-/// Command-line client of sevplaced.
+/// Command-line client of sevplaced. Connection options go before the
+/// command: `sevplacectl --socket PATH host`.
 #[derive(Parser, Debug)]
 #[command(name = "sevplacectl", version)]
 pub struct Cli {
     /// Unix socket of sevplaced (default: the daemon's default for this user).
-    #[arg(long, value_name = "PATH", global = true)]
+    #[arg(long, value_name = "PATH", help_heading = "Connection")]
     pub socket: Option<PathBuf>,
     /// Call sevplaced over TCP at this address (host:port) instead of the
     /// Unix socket; needs --ca, --cert and --key (mutual TLS), or --insecure.
-    #[arg(long, value_name = "ADDR", global = true)]
+    #[arg(long, value_name = "ADDR", help_heading = "Connection")]
     pub tcp: Option<String>,
     /// With --tcp: PEM bundle of the CAs that sign the daemon's certificate.
-    #[arg(long, value_name = "FILE", global = true)]
+    #[arg(long, value_name = "FILE", help_heading = "Connection")]
     pub ca: Option<PathBuf>,
     /// With --tcp: client certificate (PEM) whose name the daemon admits.
-    #[arg(long, value_name = "FILE", global = true)]
+    #[arg(long, value_name = "FILE", help_heading = "Connection")]
     pub cert: Option<PathBuf>,
     /// With --tcp: private key (PEM) of --cert.
-    #[arg(long, value_name = "FILE", global = true)]
+    #[arg(long, value_name = "FILE", help_heading = "Connection")]
     pub key: Option<PathBuf>,
     /// With --tcp: the name the daemon's certificate must be valid for
     /// (default: the host part of ADDR).
-    #[arg(long, value_name = "NAME", global = true)]
+    #[arg(long, value_name = "NAME", help_heading = "Connection")]
     pub server_name: Option<String>,
     /// With --tcp: plaintext TCP, for a daemon with server.insecure_tcp.
-    #[arg(long, global = true)]
+    #[arg(long, help_heading = "Connection")]
     pub insecure: bool,
-    /// Print one JSON document instead of a table.
+    /// Print JSON instead of a table: one document, or one line per refresh
+    /// (top) or event (watch); errors as one JSON object on stderr.
     #[arg(long, global = true)]
     pub json: bool,
     #[command(subcommand)]
@@ -55,63 +57,74 @@ pub enum Command {
     /// List VMs.
     Vms {
         /// Only this class (none, sev, sev-es, sev-snp); repeatable.
-        #[arg(long = "class")]
+        #[arg(long = "class", value_name = "CLASS")]
         classes: Vec<ConfidentialClass>,
     },
     /// Show one VM.
-    Vm { id: String },
+    Vm {
+        /// The VM's id (vm_id): the name given to place, or pid-<PID> for a
+        /// discovered VM.
+        id: String,
+    },
     /// Place a VM (or, with --validate-only, show where it would go).
     Place {
+        /// The id to give the VM (vm_id): letters, digits, '.', '_', '-'.
         id: String,
         /// PID of the VM's process.
-        #[arg(long)]
+        #[arg(long, value_name = "PID", allow_negative_numbers = true, value_parser = clap::value_parser!(u32).range(1..))]
         pid: Option<u32>,
         /// libvirt domain name of the VM.
-        #[arg(long)]
+        #[arg(long, value_name = "NAME")]
         domain: Option<String>,
-        /// Number of vCPUs.
-        #[arg(long)]
+        /// Number of vCPUs (1 or more).
+        #[arg(long, value_name = "N", allow_negative_numbers = true, value_parser = clap::value_parser!(u32).range(1..))]
         vcpus: u32,
         /// Confidential class (none, sev, sev-es, sev-snp); default: classify.
-        #[arg(long)]
+        #[arg(long, value_name = "CLASS")]
         confidential: Option<ConfidentialClass>,
         /// Overcommitted VM: float within the pool instead of dedicated cores.
         #[arg(long)]
         shared: bool,
         /// Preferred NUMA node.
-        #[arg(long)]
+        #[arg(long, value_name = "NODE", allow_negative_numbers = true)]
         numa: Option<u32>,
         /// Only compute the placement.
         #[arg(long)]
         validate_only: bool,
     },
     /// Release a VM's placement.
-    Release { id: String },
+    Release {
+        /// The VM's id (vm_id).
+        id: String,
+    },
     /// Flush the CPUs a VM dirtied since its last flush.
-    Scrub { id: String },
+    Scrub {
+        /// The VM's id (vm_id).
+        id: String,
+    },
     /// Replay a VM/reclaim trace on a topology through every placement and
     /// flush policy; no daemon needed.
     Simulate {
         /// Trace file (JSON or YAML).
-        #[arg(long)]
+        #[arg(long, value_name = "FILE")]
         trace: PathBuf,
         /// A named topology (e.g. genoa-2x96-nps1) or a host root directory.
-        #[arg(long)]
+        #[arg(long, value_name = "NAME|DIR")]
         topology: String,
     },
     /// Live view of the host: VMs, pinned CPUs, dirty CPUs, flush rates.
     Top {
         /// Seconds between refreshes.
-        #[arg(long, default_value_t = 1.0)]
+        #[arg(long, value_name = "SECONDS", default_value_t = 1.0)]
         interval: f64,
         /// Stop after this many refreshes (0: until interrupted).
-        #[arg(long, default_value_t = 0)]
+        #[arg(long, value_name = "N", default_value_t = 0)]
         iterations: u64,
     },
     /// Stream events.
     Watch {
-        /// Only events of this VM.
-        #[arg(long)]
+        /// Only events of this VM (its vm_id).
+        #[arg(long, value_name = "ID")]
         vm: Option<String>,
     },
 }
@@ -133,6 +146,26 @@ pub enum CtlError {
 
 fn code_name(c: tonic::Code) -> String {
     format!("{c:?}")
+}
+
+impl CtlError {
+    /// A short name of the failure for `--json` errors: the gRPC code of an
+    /// RPC error, else `connect`, `simulate`, `usage` or `json`.
+    pub fn code(&self) -> String {
+        match self {
+            CtlError::Connect(_) => "connect".into(),
+            CtlError::Rpc(s) => code_name(s.code()),
+            CtlError::Simulate(_) => "simulate".into(),
+            CtlError::Usage(_) => "usage".into(),
+            CtlError::Json(_) => "json".into(),
+        }
+    }
+
+    /// The error as one JSON object, for stderr with `--json`:
+    /// `{"error":{"code":"NotFound","message":"..."}}`.
+    pub fn to_json(&self) -> String {
+        serde_json::json!({"error": {"code": self.code(), "message": self.to_string()}}).to_string()
+    }
 }
 
 fn print_json<T: serde::Serialize>(v: &T) -> Result<(), CtlError> {
@@ -346,9 +379,15 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
                 );
                 if cli.json {
                     println!("{}", serde_json::to_string(&rows)?);
-                } else {
+                } else if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
                     // Clear the screen and home the cursor, then redraw.
                     print!("\x1b[H\x1b[2J{}", render::top(&host, &rows));
+                } else {
+                    // Piped: one screen after another, a blank line apart.
+                    if n > 0 {
+                        println!();
+                    }
+                    print!("{}", render::top(&host, &rows));
                 }
                 use std::io::Write;
                 let _ = std::io::stdout().flush();
@@ -367,6 +406,9 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
                 })
                 .await?
                 .into_inner();
+            if !cli.json {
+                println!("{}", render::EVENT_HEADER);
+            }
             while let Some(ev) = stream.next().await {
                 let ev = ev?;
                 if cli.json {

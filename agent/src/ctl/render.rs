@@ -16,6 +16,15 @@ pub fn cpulist(ids: &[u32]) -> String {
     }
 }
 
+/// A process id; `-` for none (0: a placement whose VM has no process).
+pub fn pid(p: u32) -> String {
+    if p == 0 {
+        "-".into()
+    } else {
+        p.to_string()
+    }
+}
+
 fn enum_name<E: std::fmt::Debug>(v: Result<E, prost::UnknownEnumValue>) -> String {
     match v {
         Ok(e) => format!("{e:?}").to_lowercase(),
@@ -170,7 +179,7 @@ pub fn vms(vms: &[pb::Vm]) -> String {
             o,
             "{:<24} {:>8} {:<8} {:<10} {:>5} {:<16} {:<16} {:>6}",
             vm.vm_id,
-            vm.pid,
+            pid(vm.pid),
             class(vm.confidential_class),
             enum_name(pb::VmState::try_from(vm.state)),
             vm.vcpus,
@@ -186,7 +195,7 @@ pub fn vms(vms: &[pb::Vm]) -> String {
 pub fn vm(vm: &pb::Vm) -> String {
     let mut o = String::new();
     let _ = writeln!(o, "vm          {}", vm.vm_id);
-    let _ = writeln!(o, "pid         {}", vm.pid);
+    let _ = writeln!(o, "pid         {}", pid(vm.pid));
     if !vm.libvirt_domain.is_empty() {
         let _ = writeln!(o, "domain      {}", vm.libvirt_domain);
     }
@@ -258,17 +267,27 @@ pub fn event(e: &pb::Event) -> String {
             cpulist(&d.enforced_cpus)
         ),
         Some(Kind::Flush(f)) => format!("flush {} cpus {}", f.kind, f.flushed_cpus),
-        Some(Kind::Exited(x)) => format!("exited pid {}", x.pid),
+        Some(Kind::Exited(x)) => format!("exited pid {}", pid(x.pid)),
         Some(Kind::Discovered(d)) => format!(
             "discovered pid {} class {} vcpus {}",
-            d.pid,
+            pid(d.pid),
             class(d.confidential_class),
             d.vcpus
         ),
         None => "unknown".into(),
     };
-    format!("{:>6} {} {}", e.sequence, e.vm_id, what)
+    let (kind, detail) = what.split_once(' ').unwrap_or((what.as_str(), ""));
+    format!(
+        "{:>6}  {:<24} {:<10} {}",
+        e.sequence,
+        e.vm_id,
+        kind,
+        if detail.is_empty() { "-" } else { detail }
+    )
 }
+
+/// The header line of `sevplacectl watch`, aligned with [`event`].
+pub const EVENT_HEADER: &str = "   SEQ  VM                       EVENT      DETAIL";
 
 /// One row of `sevplacectl top`.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -281,8 +300,10 @@ pub struct TopRow {
     pub vcpus: u32,
     pub pinned: String,
     pub dirty: String,
-    pub dirty_count: u32,
-    pub blast_l3: u32,
+    /// Dirty CPUs; `None` when the module does not track the VM.
+    pub dirty_count: Option<u32>,
+    /// L3 domains the next flush disturbs; `None` when not tracked.
+    pub blast_l3: Option<u32>,
     /// Targeted flushes per second since the previous refresh.
     pub flushes_per_second: Option<f64>,
 }
@@ -316,8 +337,8 @@ pub fn top_rows(vms: &[pb::Vm], prev: Option<(std::time::Duration, &[pb::Vm])>) 
                 } else {
                     "-".into()
                 },
-                dirty_count: flush.dirty_cpus.len() as u32,
-                blast_l3: flush.blast_radius_l3_domains,
+                dirty_count: flush.tracked.then_some(flush.dirty_cpus.len() as u32),
+                blast_l3: flush.tracked.then_some(flush.blast_radius_l3_domains),
                 flushes_per_second: rate,
             }
         })
@@ -346,10 +367,19 @@ pub fn top(h: &pb::Host, rows: &[TopRow]) -> String {
         let rate = r
             .flushes_per_second
             .map_or("-".into(), |v| format!("{v:.1}"));
+        let l3 = r.blast_l3.map_or("-".into(), |v| v.to_string());
         let _ = writeln!(
             o,
             "{:<24} {:>8} {:<8} {:<10} {:>5} {:<16} {:<16} {:>5} {:>9}",
-            r.vm_id, r.pid, r.class, r.state, r.vcpus, r.pinned, r.dirty, r.blast_l3, rate
+            r.vm_id,
+            pid(r.pid),
+            r.class,
+            r.state,
+            r.vcpus,
+            r.pinned,
+            r.dirty,
+            l3,
+            rate
         );
     }
     o
@@ -384,5 +414,53 @@ mod tests {
             screen.contains("FLUSH/S") && screen.contains("10.0"),
             "{screen}"
         );
+    }
+
+    #[test]
+    fn empty_values_are_dashes_everywhere() {
+        let vm = pb::Vm {
+            vm_id: "web1".into(),
+            pid: 0,
+            vcpus: 2,
+            ..Default::default()
+        };
+        let rows = top_rows(std::slice::from_ref(&vm), None);
+        assert_eq!(rows[0].blast_l3, None);
+        let top_line = top(&pb::Host::default(), &rows)
+            .lines()
+            .nth(2)
+            .unwrap_or_default()
+            .to_string();
+        let vms_line = vms(std::slice::from_ref(&vm))
+            .lines()
+            .nth(1)
+            .unwrap_or_default()
+            .to_string();
+        for line in [&top_line, &vms_line] {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            // VM PID CLASS STATE VCPUS PINNED DIRTY L3HIT [FLUSH/S]
+            assert_eq!(cols[1], "-", "{line}");
+            assert_eq!(cols[5], "-", "{line}");
+            assert_eq!(cols[6], "-", "{line}");
+            assert_eq!(cols[7], "-", "{line}");
+        }
+        assert!(vm_text_has_no_pid_0(&super::vm(&vm)));
+        let ev = pb::Event {
+            sequence: 11,
+            vm_id: "pid-7701".into(),
+            kind: Some(pb::event::Kind::Exited(pb::VmExited { pid: 7701 })),
+            ..Default::default()
+        };
+        let line = event(&ev);
+        assert_eq!(line, "    11  pid-7701                 exited     pid 7701");
+        assert_eq!(
+            EVENT_HEADER.find("EVENT"),
+            line.find("exited"),
+            "{EVENT_HEADER}\n{line}"
+        );
+    }
+
+    fn vm_text_has_no_pid_0(text: &str) -> bool {
+        text.lines().any(|l| l == "pid         -") && !text.contains("pid         0")
     }
 }

@@ -179,7 +179,7 @@ impl AgentCore {
             Change::Raised | Change::MessageChanged => {
                 tracing::error!(
                     condition = kind.as_str(),
-                    message = message.unwrap_or(""),
+                    detail = message.unwrap_or(""),
                     "condition raised"
                 );
             }

@@ -210,7 +210,7 @@ impl Report {
         );
         let _ = writeln!(
             out,
-            "{:<15} {:<14} {:>8} {:>15} {:>13} {:>15} {:>13} {:>8} {:>9} {:>9}",
+            "{:<15} {:<14} {:>8} {:>16} {:>12} {:>16} {:>14} {:>7} {:>4} {:>8} {:>5}",
             "PLACEMENT",
             "FLUSH",
             "RECLAIMS",
@@ -220,7 +220,8 @@ impl Report {
             "LIMIT mean/p99",
             "xLIMIT",
             "FIT",
-            "REJECTED"
+            "REJECTED",
+            "MIXED"
         );
         for c in &self.combinations {
             let _ = writeln!(
