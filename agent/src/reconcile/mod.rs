@@ -10,7 +10,9 @@
 pub mod conditions;
 pub mod enforce;
 pub mod events;
+pub mod matching;
 pub mod priority;
+pub mod refit;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
@@ -24,6 +26,7 @@ use crate::metrics::Metrics;
 use crate::placement::{
     self, PlaceError, Placement, PlacementRequest, PlacementState, Reservations,
 };
+use crate::state::selector::Resolution;
 use crate::state::{
     self, Checkpoint, CheckpointError, CheckpointStore, IntentRecord, PlacementRecord, VmSelector,
 };
@@ -41,6 +44,8 @@ pub enum VmState {
     Drifted,
     Unmanaged,
     Exited,
+    /// Kept, but no placement fits the current topology.
+    Unplaceable,
 }
 
 /// Where a VM's class came from.
@@ -78,6 +83,8 @@ pub struct VmView {
     pub placement: Option<Placement>,
     pub threads: Vec<crate::discovery::VcpuThread>,
     pub placed_at: Option<SystemTime>,
+    /// Set while the intent is unplaceable.
+    pub unplaceable: Option<refit::Unplaceable>,
 }
 
 /// Why an operation failed.
@@ -158,25 +165,9 @@ pub struct AgentCore {
     scrub_min_interval: std::time::Duration,
     /// When each VM was last scrubbed (monotonic clock).
     last_scrub: BTreeMap<VmId, Instant>,
-}
-
-/// Whether `vm` is the process `selector` names.
-fn selector_matches(selector: &VmSelector, vm: &DiscoveredVm) -> bool {
-    match selector {
-        VmSelector::Process { pid, start_time } => {
-            vm.pid == *pid && start_time.is_none_or(|t| t == vm.start_time)
-        }
-        VmSelector::LibvirtDomain { name } => {
-            vm.libvirt_domain.as_deref() == Some(name) || vm.guest_name.as_deref() == Some(name)
-        }
-        VmSelector::CgroupPath { path } => {
-            let p = path.trim_end_matches('/');
-            [&vm.cgroup.v1_cpuset, &vm.cgroup.unified]
-                .into_iter()
-                .flatten()
-                .any(|c| c == p || c.starts_with(&format!("{p}/")))
-        }
-    }
+    /// Intents no placement fits on the current topology; kept in the
+    /// checkpoint with their last placement, not pinned.
+    unplaceable: BTreeMap<VmId, refit::Unplaceable>,
 }
 
 /// The emulator threads of a confidential VM run outside the confidential
@@ -208,21 +199,19 @@ impl AgentCore {
         events: Arc<EventBus>,
     ) -> Result<Self, AgentError> {
         let checkpoint = store.load()?;
-        let mut placements = PlacementState::new();
-        let mut runtime = BTreeMap::new();
-        for intent in &checkpoint.intents {
-            if let Some(p) = &intent.engine {
-                placements.apply(p.clone())?;
-            }
-            runtime.insert(intent.vm_id.clone(), Runtime::default());
-        }
-        let core = Self {
+        let runtime = checkpoint
+            .intents
+            .iter()
+            .map(|i| (i.vm_id.clone(), Runtime::default()))
+            .collect();
+        let fitted = refit::refit(&topology, &reservations, &checkpoint.intents);
+        let mut core = Self {
             topology,
             reservations,
             host,
             store,
             checkpoint,
-            placements,
+            placements: PlacementState::new(),
             runtime,
             unmanaged: BTreeMap::new(),
             auto_place: false,
@@ -233,9 +222,120 @@ impl AgentCore {
             conditions: Conditions::default(),
             scrub_min_interval: std::time::Duration::from_secs(1),
             last_scrub: BTreeMap::new(),
+            unplaceable: BTreeMap::new(),
         };
-        core.update_pool_metric();
+        core.adopt_refit(fitted);
         Ok(core)
+    }
+
+    /// Adopts a new topology (CPU hotplug, SMT toggled) and checks every
+    /// intent's placement against it.
+    pub fn set_topology(&mut self, topology: Arc<Topology>) {
+        if *topology == *self.topology {
+            return;
+        }
+        tracing::warn!(
+            online = %topology.online,
+            was = %self.topology.online,
+            l3_domains = topology.l3_domains.len(),
+            "host topology changed; checking every placement against it"
+        );
+        self.topology = topology;
+        let fitted = refit::refit(&self.topology, &self.reservations, &self.checkpoint.intents);
+        self.adopt_refit(fitted);
+    }
+
+    /// Makes `fitted` the engine state: re-placed intents are saved to the
+    /// checkpoint before any pin (a failed save keeps them unplaceable,
+    /// with the error), then reported as events; unplaceable ones are kept
+    /// and named in a condition, a metric and the log.
+    fn adopt_refit(&mut self, mut fitted: refit::Refit) {
+        if !fitted.replaced.is_empty() {
+            let mut next = self.checkpoint.clone();
+            for (id, m) in &fitted.replaced {
+                if let Some(intent) = next.intents.iter_mut().find(|i| &i.vm_id == id) {
+                    intent.placement = Some(PlacementRecord {
+                        vcpu_cpus: m.new.vcpu_cpus.clone(),
+                        emulator_cpus: emulator_cpus(
+                            &self.topology,
+                            &fitted.placements,
+                            &self.reservations,
+                            &m.new,
+                        ),
+                    });
+                    intent.engine = Some(m.new.clone());
+                }
+            }
+            if let Err(e) = self.commit(next) {
+                for (id, m) in std::mem::take(&mut fitted.replaced) {
+                    fitted.placements.release(&id);
+                    fitted.unplaceable.insert(
+                        id,
+                        refit::Unplaceable {
+                            missing: m.old.cpus.difference(&self.topology.online),
+                            reason: format!("{}; the new placement could not be saved: {e}", m.reason),
+                        },
+                    );
+                }
+            }
+        }
+        for (id, m) in &fitted.replaced {
+            tracing::warn!(vm = %id, old = %m.old.cpus, new = %m.new.cpus, reason = %m.reason, "placement re-placed on the new topology");
+            if let Some(rt) = self.runtime.get_mut(id) {
+                // Every thread is pinned afresh: a placement, not drift.
+                rt.pinned_tids.clear();
+                rt.backoff = 0;
+            }
+            self.events.publish(
+                id.as_str(),
+                EventKind::Replaced {
+                    old_cpus: m.old.cpus.clone(),
+                    new: m.new.clone(),
+                    reason: m.reason.clone(),
+                },
+            );
+        }
+        for (id, u) in &fitted.unplaceable {
+            if self.unplaceable.get(id) != Some(u) {
+                tracing::error!(vm = %id, missing = %u.missing, reason = %u.reason, "no placement fits this topology; the intent is kept, unplaceable");
+            }
+        }
+        self.placements = fitted.placements;
+        self.unplaceable = fitted.unplaceable;
+        *self
+            .capacity_cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = None;
+        self.update_pool_metric();
+        self.update_unplaceable();
+    }
+
+    /// The unplaceable metric and condition from `self.unplaceable`.
+    fn update_unplaceable(&mut self) {
+        self.metrics
+            .vms_unplaceable
+            .set(self.unplaceable.len() as i64);
+        let result = if self.unplaceable.is_empty() {
+            Ok(())
+        } else {
+            let each: Vec<String> = self
+                .unplaceable
+                .iter()
+                .map(|(id, u)| {
+                    if u.missing.is_empty() {
+                        format!("{id} ({})", u.reason)
+                    } else {
+                        format!("{id} (missing CPUs {})", u.missing)
+                    }
+                })
+                .collect();
+            Err(format!(
+                "{} VM(s) have no placement that fits this host's topology and are kept unplaceable: {}",
+                each.len(),
+                each.join(", ")
+            ))
+        };
+        self.set_condition(ConditionKind::PlacementsUnplaceable, result);
     }
 
     /// Sets the shortest time between two scrubs of one VM (zero: no limit).
@@ -403,10 +503,17 @@ impl AgentCore {
         self.set_condition(ConditionKind::HostScanFailing, Err(message));
     }
 
-    fn find_process(&self, selector: &VmSelector) -> Result<Option<DiscoveredVm>, AgentError> {
+    /// The live VM `selector` names for the intent `for_vm`: none, one, or a
+    /// FAILED_PRECONDITION naming the VMs when it names several, a cgroup
+    /// above VMs' own cgroups, or a VM another intent holds.
+    fn find_process(
+        &self,
+        for_vm: &VmId,
+        selector: &VmSelector,
+    ) -> Result<Option<DiscoveredVm>, AgentError> {
         if let VmSelector::Process { pid, .. } = selector {
             return match self.host.scanner.inspect(*pid) {
-                Ok(vm) => Ok(Some(vm)),
+                Ok(vm) => self.unheld(for_vm, vm).map(Some),
                 Err(e) if e.is_gone() => {
                     Err(AgentError::NotFound(format!("no process with pid {pid}")))
                 }
@@ -417,14 +524,37 @@ impl AgentCore {
                 Err(e) => Err(e.into()),
             };
         }
-        let known = self
+        let known: Vec<&DiscoveredVm> = self
             .unmanaged
             .values()
-            .chain(self.runtime.values().filter_map(|r| r.observed.as_ref()));
-        Ok(known
-            .into_iter()
-            .find(|vm| selector_matches(selector, vm))
-            .cloned())
+            .chain(self.runtime.values().filter_map(|r| r.observed.as_ref()))
+            .collect();
+        match crate::state::selector::resolve(selector, known.iter().copied()) {
+            Resolution::None => Ok(None),
+            Resolution::One(vm) => self.unheld(for_vm, vm.clone()).map(Some),
+            Resolution::Invalid(e) => Err(AgentError::InvalidArgument {
+                field: e.field,
+                reason: e.reason,
+            }),
+            other => Err(AgentError::FailedPrecondition(
+                other.problem(selector).unwrap_or_default(),
+            )),
+        }
+    }
+
+    /// `vm`, unless an intent other than `for_vm` holds it.
+    fn unheld(&self, for_vm: &VmId, vm: DiscoveredVm) -> Result<DiscoveredVm, AgentError> {
+        let holder = self
+            .runtime
+            .iter()
+            .find(|(id, r)| *id != for_vm && r.observed.as_ref().is_some_and(|o| o.pid == vm.pid));
+        match holder {
+            Some((other, _)) => Err(AgentError::FailedPrecondition(format!(
+                "the selector names {}, which is VM {other}",
+                crate::state::selector::describe(&vm)
+            ))),
+            None => Ok(vm),
+        }
     }
 
     /// PlaceVm: idempotent by vm_id.
@@ -438,7 +568,35 @@ impl AgentCore {
         let selector = call.selector.clone().unwrap_or(VmSelector::LibvirtDomain {
             name: call.vm_id.to_string(),
         });
-        let found = self.find_process(&selector)?;
+        crate::state::selector::validate(&selector).map_err(|e| AgentError::InvalidArgument {
+            field: e.field,
+            reason: e.reason,
+        })?;
+        let stored_request = state::PlacementRequest {
+            vcpus: call.vcpus,
+            class: call.class,
+            dedicated: !call.shared,
+            numa_node: call.numa_node,
+        };
+        // An identical retry is answered from the intent, whatever the host
+        // shows now (the VM may have a twin since it was placed).
+        if let Some(existing) = self.checkpoint.get(&call.vm_id) {
+            let same_selector = match (&existing.selector, &selector) {
+                (VmSelector::Process { pid: a, .. }, VmSelector::Process { pid: b, .. }) => a == b,
+                (a, b) => a == b,
+            };
+            if existing.request == stored_request && same_selector {
+                return self
+                    .view(call.vm_id.as_str())
+                    .ok_or_else(|| AgentError::NotFound(call.vm_id.to_string()));
+            }
+            return Err(AgentError::AlreadyExists(format!(
+                "VM {} is already placed with a different request; release it first",
+                call.vm_id
+            )));
+        }
+
+        let found = self.find_process(&call.vm_id, &selector)?;
         let selector = match (&selector, &found) {
             (VmSelector::Process { pid, .. }, Some(vm)) => VmSelector::Process {
                 pid: *pid,
@@ -463,29 +621,6 @@ impl AgentCore {
             dedicated: !call.shared,
             numa_preference: call.numa_node,
         };
-        let stored_request = state::PlacementRequest {
-            vcpus: call.vcpus,
-            class: call.class,
-            dedicated: !call.shared,
-            numa_node: call.numa_node,
-        };
-
-        if let Some(existing) = self.checkpoint.get(&call.vm_id) {
-            let same_selector = match (&existing.selector, &selector) {
-                (VmSelector::Process { pid: a, .. }, VmSelector::Process { pid: b, .. }) => a == b,
-                (a, b) => a == b,
-            };
-            if existing.request == stored_request && same_selector {
-                return self
-                    .view(call.vm_id.as_str())
-                    .ok_or_else(|| AgentError::NotFound(call.vm_id.to_string()));
-            }
-            return Err(AgentError::AlreadyExists(format!(
-                "VM {} is already placed with a different request; release it first",
-                call.vm_id
-            )));
-        }
-
         let p = placement::place(
             &self.topology,
             &self.placements,
@@ -505,6 +640,7 @@ impl AgentCore {
                 threads: found.map(|v| v.vcpus).unwrap_or_default(),
                 placement: Some(p),
                 placed_at: None,
+                unplaceable: None,
             });
         }
 
@@ -655,6 +791,9 @@ impl AgentCore {
             .map(|p| p.cpus)
             .unwrap_or_default();
         self.update_pool_metric();
+        if self.unplaceable.remove(vm_id).is_some() {
+            self.update_unplaceable();
+        }
         let rt = self.runtime.remove(vm_id).unwrap_or_default();
         if exited {
             if let Some(vm) = &rt.observed {
@@ -681,15 +820,31 @@ impl AgentCore {
         let mut by_pid: BTreeMap<u32, DiscoveredVm> =
             scan.into_iter().map(|v| (v.pid, v)).collect();
 
+        let matches = matching::match_intents(&self.checkpoint.intents, &by_pid);
         let intents: Vec<IntentRecord> = self.checkpoint.intents.clone();
         for intent in intents {
-            let matched = by_pid
-                .values()
-                .find(|vm| selector_matches(&intent.selector, vm))
-                .map(|vm| vm.pid);
+            if let Some(problem) = matches.problems.get(&intent.vm_id) {
+                // Neither pinned nor taken for exited: the selector names
+                // VMs, just not one.
+                report.errors.push(format!("{}: {problem}", intent.vm_id));
+                if let Some(pid) = self
+                    .runtime
+                    .get(&intent.vm_id)
+                    .and_then(|r| r.observed.as_ref())
+                    .map(|v| v.pid)
+                {
+                    by_pid.remove(&pid);
+                }
+                continue;
+            }
+            let matched = matches.matched.get(&intent.vm_id).copied();
             let rt = self.runtime.entry(intent.vm_id.clone()).or_default();
             match matched.and_then(|pid| by_pid.remove(&pid)) {
                 Some(vm) => {
+                    if self.unplaceable.contains_key(&intent.vm_id) {
+                        rt.observed = Some(vm);
+                        continue;
+                    }
                     if rt.backoff > 0 {
                         rt.backoff -= 1;
                         rt.observed = Some(vm);
@@ -772,6 +927,10 @@ impl AgentCore {
             ))
         };
         self.set_condition(ConditionKind::PinsFailing, pins);
+        self.set_condition(
+            ConditionKind::SelectorsAmbiguous,
+            matches.summary().map_or(Ok(()), Err),
+        );
         self.auto_failed
             .retain(|(pid, _)| self.unmanaged.contains_key(pid));
         if self.auto_place {
@@ -854,7 +1013,9 @@ impl AgentCore {
         let rt = self.runtime.get(&id);
         let observed = rt.and_then(|r| r.observed.as_ref());
         let placement = self.placements.get(&id).cloned();
+        let unplaceable = self.unplaceable.get(&id).cloned();
         let state = match (observed, rt.is_some_and(|r| r.drifted)) {
+            _ if unplaceable.is_some() => VmState::Unplaceable,
             (None, _) => VmState::Pending,
             (Some(_), true) => VmState::Drifted,
             (Some(_), false) => VmState::Placed,
@@ -876,6 +1037,7 @@ impl AgentCore {
             placement,
             threads: observed.map(|v| v.vcpus.clone()).unwrap_or_default(),
             placed_at: rt.and_then(|r| r.placed_at),
+            unplaceable,
         })
     }
 
@@ -896,6 +1058,7 @@ impl AgentCore {
             placement: None,
             threads: vm.vcpus.clone(),
             placed_at: None,
+            unplaceable: None,
         }
     }
 
