@@ -10,7 +10,7 @@ use tokio::sync::watch;
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 
 use crate::access::AccessPolicy;
-use crate::api::{AgentContext, SevplaceApi};
+use crate::api::SevplaceApi;
 use crate::cgroup::CpusetWriter;
 use crate::config::Settings;
 use crate::discovery::pidfd::VmExitWatch;
@@ -22,7 +22,7 @@ use crate::placement::Reservations;
 use crate::reconcile::enforce::SchedAffinity;
 use crate::reconcile::events::EventBus;
 use crate::reconcile::priority::PriorityMutex;
-use crate::reconcile::{AgentCore, AgentError, HostAccess};
+use crate::reconcile::{AgentContext, AgentCore, AgentError, HostAccess};
 use crate::server::{self, ListenError, OwnedSocket};
 use crate::state::CheckpointStore;
 use crate::topology::{Topology, TopologyError};
@@ -121,29 +121,17 @@ impl TopologyProbe {
                 ctx.metrics.set_topology(&topology, self.reserved);
                 ctx.lock_first().set_topology(Arc::new(topology));
             }
-            Err(e) => tracing::warn!(error = %e, "the online CPUs changed but the topology cannot be read; retried next pass"),
+            Err(e) => {
+                tracing::warn!(error = %e, "the online CPUs changed but the topology cannot be read; retried next pass")
+            }
         }
     }
 }
 
-/// One reconcile pass, on the calling thread: the scan runs without the
-/// core's lock, the rest takes it ahead of queued API calls.
+/// One reconcile pass ([`crate::reconcile::run_pass`]), recorded for the
+/// watchdog.
 pub fn reconcile_pass(ctx: &AgentContext) {
-    let scanner = ctx.lock_first().scanner();
-    match scanner.scan() {
-        Ok(scan) => {
-            let asked = Instant::now();
-            let mut core = ctx.lock_first();
-            ctx.metrics.observe_reconcile_lock_wait(asked.elapsed());
-            let report = core.reconcile(scan);
-            drop(core);
-            for e in &report.errors {
-                tracing::warn!(error = %e, "reconcile");
-            }
-        }
-        // Logged by the condition when it starts or changes.
-        Err(e) => ctx.lock_first().scan_failed(e.to_string()),
-    }
+    crate::reconcile::run_pass(ctx);
     LAST_PASS.store(monotonic_ms(), std::sync::atomic::Ordering::Relaxed);
 }
 

@@ -118,7 +118,10 @@ fn check(
             unplaceable.push(v.vm_id.clone());
             continue;
         }
-        let p = v.placement.as_ref().unwrap_or_else(|| panic!("{} placed", v.vm_id));
+        let p = v
+            .placement
+            .as_ref()
+            .unwrap_or_else(|| panic!("{} placed", v.vm_id));
         let cpus: sevplace::CpuSet = p.cpus.iter().copied().collect();
         assert!(cpus.is_subset(&on), "{}: {cpus} not within {on}", v.vm_id);
         assert!(used.is_disjoint(&cpus), "{}: {cpus} given twice", v.vm_id);
@@ -127,7 +130,9 @@ fn check(
     let h = host(c, rt);
     let domains = h.topology.as_ref().expect("topology").l3_domains.len();
     assert!(
-        h.confidential_pool_l3_domains.iter().all(|&d| (d as usize) < domains),
+        h.confidential_pool_l3_domains
+            .iter()
+            .all(|&d| (d as usize) < domains),
         "pool {:?} on a host with {domains} L3 domains",
         h.confidential_pool_l3_domains
     );
@@ -241,7 +246,10 @@ fn replaced_events(
 ) -> Vec<(String, Vec<u32>, Vec<u32>)> {
     let mut out = Vec::new();
     while out.len() < want {
-        let next = rt.block_on(tokio::time::timeout(Duration::from_secs(15), events.message()));
+        let next = rt.block_on(tokio::time::timeout(
+            Duration::from_secs(15),
+            events.message(),
+        ));
         let Ok(Ok(Some(m))) = next else {
             panic!("only {} of {want} re-placement events: {next:?}", out.len());
         };
@@ -286,7 +294,10 @@ fn cpus_offline_and_smt_off_at_run_time_re_place_under_the_running_daemon() {
     if let Some(holder) = &holder_of_5 {
         let seen = replaced_events(&rt, &mut events, 1);
         assert_eq!(&seen[0].0, holder);
-        assert!(seen[0].1.contains(&5) && !seen[0].2.contains(&5), "{seen:?}");
+        assert!(
+            seen[0].1.contains(&5) && !seen[0].2.contains(&5),
+            "{seen:?}"
+        );
     }
     assert!(wait_until(Duration::from_secs(10), || {
         vms(&mut c, &rt).iter().all(|v| {

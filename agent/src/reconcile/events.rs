@@ -58,7 +58,7 @@ pub enum EventKind {
     /// The topology changed under a placement; the engine chose `new`.
     Replaced {
         old_cpus: CpuSet,
-        new: crate::placement::Placement,
+        new: Box<crate::placement::Placement>,
         reason: String,
     },
 }

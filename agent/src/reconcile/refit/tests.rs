@@ -115,11 +115,24 @@ fn smt_off_and_offline_cpus_replace_the_placements_that_used_them() {
         assert!(m.reason.contains("not online"), "{}", m.reason);
     }
     // One CPU of a's cores offline: only a moves.
-    let a_cpu = intents[0].engine.as_ref().unwrap().cpus.iter().next().unwrap();
+    let a_cpu = intents[0]
+        .engine
+        .as_ref()
+        .unwrap()
+        .cpus
+        .iter()
+        .next()
+        .unwrap();
     let one_off = topo.with_changes(&CpuSet::from_iter([a_cpu]), &CpuSet::new(), true);
     let r = refit(&one_off, &Reservations::default(), &intents);
-    assert_eq!(r.replaced.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["a"]);
-    assert_eq!(r.placements.get(&intents[1].vm_id), intents[1].engine.as_ref());
+    assert_eq!(
+        r.replaced.keys().map(|k| k.as_str()).collect::<Vec<_>>(),
+        ["a"]
+    );
+    assert_eq!(
+        r.placements.get(&intents[1].vm_id),
+        intents[1].engine.as_ref()
+    );
 }
 
 #[test]
@@ -138,9 +151,15 @@ fn a_numa_change_moves_placements_whose_nodes_changed() {
     assert_eq!(intents[1].engine.as_ref().unwrap().l3_domains, [1]);
     let r = refit(&nps4, &Reservations::default(), &intents);
     assert!(r.unplaceable.is_empty());
-    assert_eq!(r.replaced.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["b"]);
+    assert_eq!(
+        r.replaced.keys().map(|k| k.as_str()).collect::<Vec<_>>(),
+        ["b"]
+    );
     let m = &r.replaced[&intents[1].vm_id];
     assert!(m.reason.contains("NUMA"), "{}", m.reason);
     assert_eq!(r.placements.get(&intents[1].vm_id), Some(&m.new));
-    assert_eq!(r.placements.get(&intents[0].vm_id), intents[0].engine.as_ref());
+    assert_eq!(
+        r.placements.get(&intents[0].vm_id),
+        intents[0].engine.as_ref()
+    );
 }

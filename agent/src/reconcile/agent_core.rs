@@ -1,0 +1,316 @@
+//! The core's state, how it is loaded from the checkpoint, the commit of a
+//! new checkpoint, and the conditions it raises.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use crate::cgroup::CpusetWriter;
+use crate::conditions::{Change, Condition, ConditionKind, Conditions};
+use crate::discovery::{DiscoveredVm, VmScanner};
+use crate::kmod::{ModuleReader, ModuleStatus, ModuleVm};
+use crate::metrics::Metrics;
+use crate::placement::{PlacementState, Reservations};
+use crate::state::{Checkpoint, CheckpointError, CheckpointStore};
+use crate::topology::Topology;
+use crate::types::VmId;
+
+use super::capacity::CapacityCache;
+use super::enforce::ThreadAffinity;
+use super::error::AgentError;
+use super::events::EventBus;
+use super::events::EventKind;
+use super::refit;
+use super::scrub::ScrubAdmission;
+
+/// Host access of the core.
+pub struct HostAccess {
+    pub scanner: VmScanner,
+    /// `None` when the host has no usable cpuset hierarchy: affinity only.
+    pub cgroups: Option<CpusetWriter>,
+    pub module: ModuleReader,
+    pub affinity: Arc<dyn ThreadAffinity>,
+}
+
+/// Runtime facts of one intent.
+#[derive(Debug, Clone, Default)]
+pub(super) struct Runtime {
+    /// The VM process matched to the intent, from the last observation.
+    pub(super) observed: Option<DiscoveredVm>,
+    /// vCPU thread ids pinned so far.
+    pub(super) pinned_tids: BTreeSet<u32>,
+    pub(super) drifted: bool,
+    pub(super) placed_at: Option<SystemTime>,
+    /// Consecutive failed enforcement attempts, for backoff.
+    pub(super) failures: u32,
+    /// Passes to skip before the next attempt.
+    pub(super) backoff: u32,
+}
+
+/// The agent's state and the operations on it.
+pub struct AgentCore {
+    pub(super) topology: Arc<Topology>,
+    pub(super) reservations: Reservations,
+    pub(super) host: HostAccess,
+    pub(super) store: CheckpointStore,
+    pub(super) checkpoint: Checkpoint,
+    pub(super) placements: PlacementState,
+    pub(super) runtime: BTreeMap<VmId, Runtime>,
+    pub(super) unmanaged: BTreeMap<u32, DiscoveredVm>,
+    /// Place discovered confidential VMs without an orchestrator call.
+    pub(super) auto_place: bool,
+    /// `(pid, start_time)` of VMs auto placement could not place; tried
+    /// once, so a full host does not log every pass.
+    pub(super) auto_failed: BTreeSet<(u32, u64)>,
+    pub events: Arc<EventBus>,
+    pub(super) metrics: Arc<Metrics>,
+    pub(super) capacity_cache: CapacityCache,
+    pub(super) conditions: Conditions,
+    pub(super) scrubs: ScrubAdmission,
+    /// Intents no placement fits on the current topology; kept in the
+    /// checkpoint with their last placement, not pinned.
+    pub(super) unplaceable: BTreeMap<VmId, super::refit::Unplaceable>,
+}
+
+impl AgentCore {
+    /// Loads the checkpoint and restores the engine state from it. A
+    /// corrupt or newer checkpoint is an error: it is never dropped.
+    pub fn new(
+        topology: Arc<Topology>,
+        reservations: Reservations,
+        host: HostAccess,
+        store: CheckpointStore,
+        metrics: Arc<Metrics>,
+        events: Arc<EventBus>,
+    ) -> Result<Self, AgentError> {
+        let checkpoint = store.load()?;
+        let runtime = checkpoint
+            .intents
+            .iter()
+            .map(|i| (i.vm_id.clone(), Runtime::default()))
+            .collect();
+        let fitted = refit::refit(&topology, &reservations, &checkpoint.intents);
+        let mut core = Self {
+            topology,
+            reservations,
+            host,
+            store,
+            checkpoint,
+            placements: PlacementState::new(),
+            runtime,
+            unmanaged: BTreeMap::new(),
+            auto_place: false,
+            auto_failed: BTreeSet::new(),
+            events,
+            metrics,
+            capacity_cache: CapacityCache::default(),
+            conditions: Conditions::default(),
+            scrubs: ScrubAdmission::default(),
+            unplaceable: BTreeMap::new(),
+        };
+        core.adopt_refit(fitted);
+        Ok(core)
+    }
+
+    /// Adopts a new topology (CPU hotplug, SMT toggled) and checks every
+    /// intent's placement against it.
+    pub fn set_topology(&mut self, topology: Arc<Topology>) {
+        if *topology == *self.topology {
+            return;
+        }
+        tracing::warn!(
+            online = %topology.online,
+            was = %self.topology.online,
+            l3_domains = topology.l3_domains.len(),
+            "host topology changed; checking every placement against it"
+        );
+        self.topology = topology;
+        let fitted = refit::refit(&self.topology, &self.reservations, &self.checkpoint.intents);
+        self.adopt_refit(fitted);
+    }
+
+    /// Makes `fitted` the engine state: re-placed intents are saved to the
+    /// checkpoint before any pin (a failed save keeps them unplaceable,
+    /// with the error), then reported as events; unplaceable ones are kept
+    /// and named in a condition, a metric and the log.
+    fn adopt_refit(&mut self, mut fitted: refit::Refit) {
+        if !fitted.replaced.is_empty() {
+            let mut next = self.checkpoint.clone();
+            for (id, m) in &fitted.replaced {
+                if let Some(intent) = next.intents.iter_mut().find(|i| &i.vm_id == id) {
+                    intent.placement = Some(crate::state::PlacementRecord {
+                        vcpu_cpus: m.new.vcpu_cpus.clone(),
+                        emulator_cpus: super::place::emulator_cpus(
+                            &self.topology,
+                            &fitted.placements,
+                            &self.reservations,
+                            &m.new,
+                        ),
+                    });
+                    intent.engine = Some(m.new.clone());
+                }
+            }
+            if let Err(e) = self.commit(next) {
+                for (id, m) in std::mem::take(&mut fitted.replaced) {
+                    fitted.placements.release(&id);
+                    fitted.unplaceable.insert(
+                        id,
+                        refit::Unplaceable {
+                            missing: m.old.cpus.difference(&self.topology.online),
+                            reason: format!(
+                                "{}; the new placement could not be saved: {e}",
+                                m.reason
+                            ),
+                        },
+                    );
+                }
+            }
+        }
+        for (id, m) in &fitted.replaced {
+            tracing::warn!(vm = %id, old = %m.old.cpus, new = %m.new.cpus, reason = %m.reason, "placement re-placed on the new topology");
+            if let Some(rt) = self.runtime.get_mut(id) {
+                // Every thread is pinned afresh: a placement, not drift.
+                rt.pinned_tids.clear();
+                rt.backoff = 0;
+            }
+            self.events.publish(
+                id.as_str(),
+                EventKind::Replaced {
+                    old_cpus: m.old.cpus.clone(),
+                    new: Box::new(m.new.clone()),
+                    reason: m.reason.clone(),
+                },
+            );
+        }
+        for (id, u) in &fitted.unplaceable {
+            if self.unplaceable.get(id) != Some(u) {
+                tracing::error!(vm = %id, missing = %u.missing, reason = %u.reason, "no placement fits this topology; the intent is kept, unplaceable");
+            }
+        }
+        self.placements = fitted.placements;
+        self.unplaceable = fitted.unplaceable;
+        self.capacity_cache.clear();
+        self.update_pool_metric();
+        self.update_unplaceable();
+    }
+
+    /// The unplaceable metric and condition from `self.unplaceable`.
+    pub(super) fn update_unplaceable(&mut self) {
+        self.metrics
+            .vms_unplaceable
+            .set(self.unplaceable.len() as i64);
+        let result = if self.unplaceable.is_empty() {
+            Ok(())
+        } else {
+            let each: Vec<String> = self
+                .unplaceable
+                .iter()
+                .map(|(id, u)| {
+                    if u.missing.is_empty() {
+                        format!("{id} ({})", u.reason)
+                    } else {
+                        format!("{id} (missing CPUs {})", u.missing)
+                    }
+                })
+                .collect();
+            Err(format!(
+                "{} VM(s) have no placement that fits this host's topology and are kept unplaceable: {}",
+                each.len(),
+                each.join(", ")
+            ))
+        };
+        self.set_condition(ConditionKind::PlacementsUnplaceable, result);
+    }
+
+    /// Turns auto placement of discovered confidential VMs on or off.
+    pub fn set_auto_place(&mut self, on: bool) {
+        self.auto_place = on;
+    }
+
+    pub fn topology(&self) -> &Topology {
+        &self.topology
+    }
+
+    pub fn reservations(&self) -> &Reservations {
+        &self.reservations
+    }
+
+    pub fn placements(&self) -> &PlacementState {
+        &self.placements
+    }
+
+    /// The sevflush module's state and counters.
+    pub fn module_status(&self) -> ModuleStatus {
+        self.host.module.status()
+    }
+
+    /// The module's VM records; none when the module is absent or
+    /// unusable (the `ModuleUnusable` condition says why).
+    pub fn module_records(&self) -> Vec<ModuleVm> {
+        self.host.module.vm_records().unwrap_or_default()
+    }
+
+    pub fn checkpoint(&self) -> &Checkpoint {
+        &self.checkpoint
+    }
+
+    /// The host scanner (the scan is the slow part; callers run it without
+    /// holding the core's lock).
+    pub fn scanner(&self) -> VmScanner {
+        self.host.scanner.clone()
+    }
+
+    pub(super) fn update_pool_metric(&self) {
+        self.metrics
+            .confidential_pool_l3_domains
+            .set(self.placements.confidential_domains().len() as i64);
+    }
+
+    /// Writes `next` as the checkpoint, then adopts it. A failed write
+    /// leaves the current checkpoint in force and raises
+    /// `CheckpointWriteFailing` until a write succeeds.
+    pub(super) fn commit(&mut self, mut next: Checkpoint) -> Result<(), CheckpointError> {
+        next.generation = self.checkpoint.generation + 1;
+        if let Err(e) = self.store.save(&next) {
+            self.metrics.checkpoint_write_failures.inc();
+            self.set_condition(ConditionKind::CheckpointWriteFailing, Err(e.to_string()));
+            return Err(e);
+        }
+        self.set_condition(ConditionKind::CheckpointWriteFailing, Ok(()));
+        self.checkpoint = next;
+        Ok(())
+    }
+
+    /// Raises (`Err`) or clears (`Ok`) a condition, logging and exporting
+    /// the change.
+    pub fn set_condition(&mut self, kind: ConditionKind, result: Result<(), String>) {
+        let change = match result {
+            Ok(()) => self.conditions.clear(kind),
+            Err(message) => self.conditions.raise(kind, message, SystemTime::now()),
+        };
+        let message = self.conditions.get(kind).map(|c| c.message.as_str());
+        match change {
+            Change::Raised | Change::MessageChanged => {
+                tracing::error!(
+                    condition = kind.as_str(),
+                    message = message.unwrap_or(""),
+                    "condition raised"
+                );
+            }
+            Change::Cleared => tracing::info!(condition = kind.as_str(), "condition cleared"),
+            Change::None => {}
+        }
+        self.metrics
+            .set_condition(kind, self.conditions.is_raised(kind));
+    }
+
+    /// The raised conditions.
+    pub fn conditions(&self) -> Vec<Condition> {
+        self.conditions.list()
+    }
+
+    /// Records a failed host scan (the pass did not run).
+    pub fn scan_failed(&mut self, message: String) {
+        self.set_condition(ConditionKind::HostScanFailing, Err(message));
+    }
+}
