@@ -16,6 +16,7 @@
 #include <linux/kprobes.h>
 #include <linux/kvm_host.h>
 #include <linux/module.h>
+#include <linux/mutex.h>
 #include <linux/sched.h>
 #include <linux/slab.h>
 #include <linux/sysfs.h>
@@ -472,8 +473,70 @@ static struct kprobe sf_enc_ctx_kps[] = {
 
 static bool sf_enc_ctx_ok[ARRAY_SIZE(sf_enc_ctx_kps)];
 
-/* Tasks between the wbinvd kprobe and the end of sf_wbinvd_redirect(). */
+/* Tasks between the redirect kprobe and the end of the redirect target. */
 static atomic_t sf_redirects_active = ATOMIC_INIT(0);
+
+#if SEVFLUSH_KVM_FLUSHES_MASK
+/*
+ * 6.17+: KVM flushes an SEV VM with sev_writeback_caches(), an inline
+ * wrapper of wbnoinvd_on_cpus_mask(have_run_cpus), where have_run_cpus
+ * holds every CPU that ever ran the VM and is never cleared. The stock
+ * flush is already limited to those CPUs, so wherever this module knows
+ * nothing better it lets the stock flush run (counted in
+ * full_flushes_total). In targeted mode a VM with a record and a known past
+ * is flushed on its dirty set instead, which is a subset of have_run_cpus
+ * (pre_sev_run() sets the bit after the kvm_entry tracepoint fired), and
+ * the dirty set is cleared on flush.
+ */
+#define SF_REDIRECT_SYM	"wbnoinvd_on_cpus_mask"
+
+/* Same prototype as wbnoinvd_on_cpus_mask(): the registers are unchanged. */
+static void sf_mask_redirect(struct cpumask *have_run_cpus)
+{
+	const void *kvm = sf_ctx_find();
+	struct sf_vm *vm = NULL;
+
+	rcu_read_lock();
+	if (kvm)
+		vm = sf_vm_lookup(kvm);
+	if (vm)
+		sf_flush_vm(vm, SF_WHY_TARGETED);
+	else
+		on_each_cpu_mask(have_run_cpus, sf_flush_ipi,
+				 (void *)SF_FLUSH_WBNOINVD, 1);
+	rcu_read_unlock();
+	atomic_dec(&sf_redirects_active);
+}
+
+static int sf_redirect_pre(struct kprobe *p, struct pt_regs *regs)
+{
+	const void *kvm = sf_ctx_find();
+	struct sf_vm *vm;
+	bool redirect;
+
+	if (!kvm)
+		return 0;	/* not a per-VM flush: stock */
+	rcu_read_lock();
+	vm = sf_vm_lookup(kvm);
+	redirect = vm && READ_ONCE(sf_mode) == SF_MODE_TARGETED &&
+		!READ_ONCE(sf_enc_ctx_shared) &&
+		!test_bit(SF_VM_UNKNOWN_PAST, &vm->flags);
+	if (!redirect)
+		sf_full_flush_seen(vm);
+	rcu_read_unlock();
+	if (!redirect)
+		return 0;	/* stock: WBNOINVD on have_run_cpus */
+	atomic_inc(&sf_redirects_active);
+	instruction_pointer_set(regs, (unsigned long)sf_mask_redirect);
+	return 1;
+}
+#else
+/*
+ * 5.15-6.16: KVM flushes an SEV VM with wbinvd_on_all_cpus(). In targeted
+ * mode the flush made by one of sf_callers for a VM with a record becomes a
+ * flush of that VM's dirty set (all CPUs once if its past is unknown).
+ */
+#define SF_REDIRECT_SYM	"wbinvd_on_all_cpus"
 
 /*
  * Runs in place of wbinvd_on_all_cpus() called by one of sf_callers, in
@@ -496,7 +559,7 @@ static int sf_wbinvd_redirect(void)
 	return 0;
 }
 
-static int sf_wbinvd_pre(struct kprobe *p, struct pt_regs *regs)
+static int sf_redirect_pre(struct kprobe *p, struct pt_regs *regs)
 {
 	const void *kvm = sf_ctx_find();
 	struct sf_vm *vm;
@@ -515,27 +578,85 @@ static int sf_wbinvd_pre(struct kprobe *p, struct pt_regs *regs)
 	instruction_pointer_set(regs, (unsigned long)sf_wbinvd_redirect);
 	return 1;
 }
+#endif
 
 static struct kprobe sf_wbinvd_kp = {
-	.symbol_name = "wbinvd_on_all_cpus",
-	.pre_handler = sf_wbinvd_pre,
+	.symbol_name = SF_REDIRECT_SYM,
+	.pre_handler = sf_redirect_pre,
 };
 
 static bool sf_wbinvd_kp_ok, sf_init_vm_ok;
 
+#if SEVFLUSH_KVM_FLUSHES_MASK
+/*
+ * The test hook calls wbnoinvd_on_cpus_mask() itself. The kernel exports
+ * it to KVM only (EXPORT_SYMBOL_FOR_KVM), so this module does not link to
+ * it: it calls the address the redirect kprobe resolved, through a
+ * function pointer. With IBT that indirect call needs ENDBR64 at the
+ * function's entry; kprobes place the probe after it (kp.addr is entry + 4)
+ * and an exported function keeps it (its __ksymtab entry takes its
+ * address, so objtool does not seal it). If the entry holds no ENDBR64 on
+ * a CPU with IBT on, the hook refuses with EOPNOTSUPP instead of faulting.
+ */
+static DEFINE_MUTEX(sf_test_mask_lock);
+static struct cpumask sf_test_mask;	/* under sf_test_mask_lock */
+
+static int sf_test_flush(const void *kvm)
+{
+	static const u8 endbr64[] = { 0xf3, 0x0f, 0x1e, 0xfa };
+	void (*flush)(struct cpumask *cpus);
+	const u8 *addr;
+	struct sf_vm *vm;
+
+	if (!sf_wbinvd_kp_ok)
+		return -EOPNOTSUPP;
+	addr = (const u8 *)sf_wbinvd_kp.addr;
+	if (memcmp(addr - sizeof(endbr64), endbr64, sizeof(endbr64))) {
+		if (cpu_feature_enabled(X86_FEATURE_IBT))
+			return -EOPNOTSUPP;
+		pr_info_once("test_redirect_vm: %s entry has no ENDBR64, IBT off\n",
+			     SF_REDIRECT_SYM);
+	} else {
+		addr -= sizeof(endbr64);
+		pr_info_once("test_redirect_vm: %s entry has ENDBR64\n",
+			     SF_REDIRECT_SYM);
+	}
+	flush = (void (*)(struct cpumask *))addr;
+	mutex_lock(&sf_test_mask_lock);
+	/* KVM passes have_run_cpus: for a VM seen from creation, ran_cpus. */
+	rcu_read_lock();
+	vm = sf_vm_lookup(kvm);
+	if (vm)
+		cpumask_copy(&sf_test_mask, &vm->ran);
+	rcu_read_unlock();
+	if (vm)
+		flush(&sf_test_mask);
+	mutex_unlock(&sf_test_mask_lock);
+	return vm ? 0 : -EINVAL;
+}
+#else
+static int sf_test_flush(const void *kvm)
+{
+	wbinvd_on_all_cpus();
+	return 0;
+}
+#endif
+
 /*
  * Test switch for rigs without SEV hardware: writing a VM id N to
- * test_redirect_vm calls wbinvd_on_all_cpus() as KVM's per-VM callers do,
- * with the caller context of VM N recorded, so the redirect kprobe runs
- * exactly as for an SEV VM: in targeted mode VM N's dirty set is flushed
- * (flushes_total +1); in observe mode all CPUs are (full_flushes_total +1).
+ * test_redirect_vm makes the flush call KVM's per-VM callers make
+ * (wbinvd_on_all_cpus() up to 6.16, wbnoinvd_on_cpus_mask() of the VM's
+ * ran CPUs from 6.17), with the caller context of VM N recorded, so the
+ * redirect kprobe runs exactly as for an SEV VM: in targeted mode VM N's
+ * dirty set is flushed (flushes_total +1); in observe mode the stock flush
+ * runs (full_flushes_total +1).
  */
 static int sf_test_redirect_set(const char *val, const struct kernel_param *kp)
 {
 	const void *kvm = NULL;
 	struct sf_vm *vm;
 	u64 id;
-	int slot;
+	int slot, ret;
 
 	if (!sf_initialized || kstrtou64(val, 10, &id))
 		return -EINVAL;
@@ -549,9 +670,9 @@ static int sf_test_redirect_set(const char *val, const struct kernel_param *kp)
 	slot = sf_ctx_claim(kvm);
 	if (slot < 0)
 		return -EBUSY;
-	wbinvd_on_all_cpus();
+	ret = sf_test_flush(kvm);
 	sf_ctx_release(slot);
-	return 0;
+	return ret;
 }
 
 static const struct kernel_param_ops sf_test_redirect_ops = {
@@ -819,16 +940,11 @@ static void sf_register_targeted(void)
 	}
 	ret = register_kprobe(&sf_wbinvd_kp);
 	sf_wbinvd_kp_ok = !ret;
-	pr_info("hook wbinvd_on_all_cpus: %s (%d)\n",
+	pr_info("hook %s: %s (%d)\n", SF_REDIRECT_SYM,
 		ret ? "not installed" : "installed", ret);
 
-	/*
-	 * 6.17+ KVM flushes through sev_writeback_caches() and
-	 * wbnoinvd_on_cpus_mask(), which this module does not redirect;
-	 * Kbuild sets SEVFLUSH_KVM_FLUSHES_MASK for such kernels.
-	 */
 	sf_targeted_available = sf_wbinvd_kp_ok && sf_caller_ok[0] &&
-		enc_ctx_ok && !SEVFLUSH_KVM_FLUSHES_MASK;
+		enc_ctx_ok;
 }
 
 static void sf_remove_all_records(void)

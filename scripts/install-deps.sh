@@ -6,6 +6,7 @@ set -euo pipefail
 
 APT_PACKAGES=(
   build-essential pkg-config python3 curl ca-certificates
+  python3-venv # the grpcio client tests (tests/tests/python_client.rs)
   util-linux   # taskset
   prometheus   # promtool: checks /metrics output and alert rules
   systemd      # systemd-analyze: verifies the unit file
@@ -36,6 +37,19 @@ if command -v rustup >/dev/null 2>&1; then
   for c in rustfmt clippy; do
     rustup component list --installed 2>/dev/null | grep -q "^$c" || rustup component add "$c"
   done
+fi
+
+# Build chroots (debootstrap minbase of trixie and sid, cached in
+# /var/cache/sevplace-kmod) for the kernels whose userland is newer than
+# Debian 12: kmod/ci.sh and kmod/rig/run.sh build sevflush.ko inside them.
+# Both at once: each is mostly download and unpack time.
+if [ "$(id -u)" -eq 0 ] && [ -x kmod/tools/chroot.sh ]; then
+  kmod/tools/kernels.sh >/dev/null   # package lists first, once
+  kmod/tools/chroot.sh bpo >/dev/null & bpo=$!
+  kmod/tools/chroot.sh sid >/dev/null & sid=$!
+  wait "$bpo"
+  wait "$sid"
+  echo "install-deps: build chroots for trixie-backports and sid ready"
 fi
 
 # cargo-fuzz for scripts/fuzz.sh (runs on stable with RUSTC_BOOTSTRAP=1).

@@ -33,6 +33,7 @@ fn loaded_host() -> (Topology, Reservations, PlacementState) {
     let res = Reservations {
         host: [0].into_iter().collect(),
         shared_vcpus_per_cpu: 4,
+        ..Reservations::default()
     };
     let mut state = PlacementState::new();
     for i in 0..200 {

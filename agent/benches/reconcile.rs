@@ -77,6 +77,7 @@ fn run(vms_n: u32, vcpus: u32) {
         Reservations {
             host: CpuSet::new(),
             shared_vcpus_per_cpu: 32,
+            ..Reservations::default()
         },
         HostAccess {
             scanner: VmScanner::new(&proc_root),

@@ -303,10 +303,12 @@ pub async fn run(settings: Settings, options: RunOptions) -> Result<(), DaemonEr
         Arc::new(topology),
         Reservations {
             host: settings.reserved_cpus.clone(),
+            whole_cores_for_plain: settings.whole_cores_for_plain_vms,
             ..Reservations::default()
         },
         HostAccess {
-            scanner: VmScanner::new(settings.host_path("/proc")),
+            scanner: VmScanner::new(settings.host_path("/proc"))
+                .with_full_rescan_every(settings.full_rescan_every),
             cgroups,
             module,
             affinity: Arc::new(SchedAffinity),
@@ -366,15 +368,30 @@ pub async fn run(settings: Settings, options: RunOptions) -> Result<(), DaemonEr
         .register_encoded_file_descriptor_set(sevplace_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
-    let router = tonic::transport::Server::builder()
+    // grpcio-reflection and older grpcurl speak only v1alpha.
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(sevplace_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+    let api = SevplaceServiceServer::new(SevplaceApi::new(ctx.clone()))
+        .max_decoding_message_size(settings.max_message_bytes);
+    let server = tonic::transport::Server::builder()
         .max_concurrent_streams(settings.max_concurrent_streams)
-        .timeout(Duration::from_millis(settings.request_timeout_ms))
+        .timeout(Duration::from_millis(settings.request_timeout_ms));
+    // The Unix socket accepts the socket path as `:authority` (grpc-core
+    // clients send it); the TCP listeners refuse it (crate::authority).
+    let router = server
+        .clone()
+        .add_service(health_service.clone())
+        .add_service(reflection.clone())
+        .add_service(reflection_v1alpha.clone())
+        .add_service(api.clone());
+    let tcp_router = server
+        .layer(crate::authority::tcp_authority_layer())
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(
-            SevplaceServiceServer::new(SevplaceApi::new(ctx.clone()))
-                .max_decoding_message_size(settings.max_message_bytes),
-        );
+        .add_service(reflection_v1alpha)
+        .add_service(api);
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let wait = |mut rx: watch::Receiver<bool>| async move {
@@ -404,7 +421,7 @@ pub async fn run(settings: Settings, options: RunOptions) -> Result<(), DaemonEr
     }
     if let Some(l) = tcp_listener {
         let addr = l.local_addr().ok();
-        let r = router.clone();
+        let r = tcp_router;
         let rx = stop_rx.clone();
         match tls_config {
             Some(config) => {

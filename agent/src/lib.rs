@@ -3,6 +3,7 @@
 
 pub mod access;
 pub mod api;
+pub mod authority;
 pub mod cgroup;
 pub mod client;
 pub mod conditions;
@@ -20,6 +21,10 @@ pub mod placement;
 pub mod reconcile;
 pub mod server;
 pub mod simulate;
+/// The skip helper of every test (tests/src/skip.rs).
+#[cfg(test)]
+#[path = "../../tests/src/skip.rs"]
+pub(crate) mod skip;
 pub mod state;
 pub mod tls;
 pub mod topology;

@@ -38,6 +38,13 @@ pub struct MethodLabels {
     pub method: String,
 }
 
+/// `phase` of a reconcile pass: `scan` (reading procfs) or
+/// `compare_and_act` (matching intents, pinning, module sync).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseLabels {
+    pub phase: String,
+}
+
 /// Every metric the agent exports, registered once.
 pub struct Metrics {
     registry: Registry,
@@ -46,6 +53,7 @@ pub struct Metrics {
     pub numa_nodes: Gauge,
     pub grpc_requests: Family<GrpcLabels, Counter>,
     pub grpc_duration: Family<MethodLabels, Histogram>,
+    pub reconcile_phase_duration: Family<PhaseLabels, Histogram>,
     pub confidential_pool_l3_domains: Gauge,
     pub drift_corrections: Family<ReasonLabels, Counter>,
     pub pin_failures: Family<ReasonLabels, Counter>,
@@ -216,8 +224,15 @@ impl Metrics {
         let reconcile_duration = latency_buckets();
         registry.register(
             "reconcile_duration_seconds",
-            "Time of one reconcile pass",
+            "Time of one whole reconcile pass: procfs scan, lock wait, compare and act",
             reconcile_duration.clone(),
+        );
+        let reconcile_phase_duration =
+            Family::<PhaseLabels, Histogram>::new_with_constructor(latency_buckets as fn() -> _);
+        registry.register(
+            "reconcile_phase_duration_seconds",
+            "Time of one phase of a reconcile pass: scan (procfs) or compare_and_act",
+            reconcile_phase_duration.clone(),
         );
         let condition = Family::<ConditionLabels, Gauge>::default();
         registry.register(
@@ -323,6 +338,7 @@ impl Metrics {
             last: std::sync::Mutex::new(CounterReadings::default()),
             drift_corrections,
             reconcile_duration,
+            reconcile_phase_duration,
             reconcile_lock_wait,
             condition,
             checkpoint_write_failures,
@@ -445,9 +461,18 @@ impl Metrics {
             .inc();
     }
 
-    /// Records one reconcile pass.
+    /// Records one whole reconcile pass, scan included.
     pub fn observe_reconcile(&self, elapsed: Duration) {
         self.reconcile_duration.observe(elapsed.as_secs_f64());
+    }
+
+    /// Records one phase of a reconcile pass (`scan`, `compare_and_act`).
+    pub fn observe_reconcile_phase(&self, phase: &str, elapsed: Duration) {
+        self.reconcile_phase_duration
+            .get_or_create(&PhaseLabels {
+                phase: phase.to_string(),
+            })
+            .observe(elapsed.as_secs_f64());
     }
 
     /// Sets `sevplace_condition{condition}`.

@@ -12,25 +12,37 @@ use sevplace::cgroup::{self, CgroupError, CgroupKind, CpusetWriter};
 use sevplace::discovery::Hierarchy;
 use sevplace::CpuSet;
 
+#[path = "../../tests/src/skip.rs"]
+mod skip;
+use skip::skip;
+
 const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 
 fn v1_writer_or_skip(test: &str) -> Option<CpusetWriter> {
     if !nix::unistd::geteuid().is_root() {
-        eprintln!("SKIP {test}: not root");
+        skip(test, "root", "not root");
         return None;
     }
     if !Path::new(CGROUP_ROOT).join("cpuset/cpuset.cpus").is_file() {
-        eprintln!("SKIP {test}: no cgroup v1 cpuset hierarchy at {CGROUP_ROOT}/cpuset");
+        skip(
+            test,
+            "cgroup-v1-cpuset",
+            format_args!("no cgroup v1 cpuset hierarchy at {CGROUP_ROOT}/cpuset"),
+        );
         return None;
     }
     match CpusetWriter::detect(CGROUP_ROOT) {
         Ok(w) if w.hierarchy() == Hierarchy::V1Cpuset => Some(w),
         Ok(_) => {
-            eprintln!("SKIP {test}: the cpuset controller is on cgroup v2 here");
+            skip(
+                test,
+                "cgroup-v1-cpuset",
+                "the cpuset controller is on cgroup v2 here",
+            );
             None
         }
         Err(e) => {
-            eprintln!("SKIP {test}: {e}");
+            skip(test, "cgroup-v1-cpuset", e);
             None
         }
     }
@@ -273,7 +285,7 @@ fn v1_cpuset_errors_are_typed() {
         assert_eq!(writer.read_cpus(&child).unwrap(), last);
         assert!(last.is_subset(&writer.read_cpus(&narrow).unwrap()));
     } else {
-        eprintln!("SKIP EINVAL case: only one CPU");
+        skip("real_cgroup_v1 EINVAL case", "two-cpus", "only one CPU");
     }
 
     // sched_setaffinity for a thread with no cgroup of its own.

@@ -5,6 +5,9 @@ use std::path::PathBuf;
 use sevplace::topology::{Topology, TopologyError};
 use sevplace::CpuSet;
 
+#[path = "../../tests/src/skip.rs"]
+mod skip;
+
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures")
@@ -145,7 +148,11 @@ fn genoa_nps4_nodes_hold_three_ccx_each() {
 fn real_host() {
     let sys = PathBuf::from("/sys");
     if !sys.join("devices/system/cpu/online").exists() {
-        eprintln!("SKIP real_host: /sys/devices/system/cpu/online is missing");
+        skip::skip(
+            "real_host",
+            "sysfs-cpu",
+            "/sys/devices/system/cpu/online is missing",
+        );
         return;
     }
     let t = Topology::from_sysfs(&sys).expect("real /sys topology");

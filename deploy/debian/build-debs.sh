@@ -3,19 +3,26 @@
 #   sevplace_<ver>_amd64.deb      sevplaced, sevplacectl, systemd unit,
 #                                 /etc/sevplace/sevplaced.toml (conffile), docs
 #   sevflush-dkms_<ver>_all.deb   module sources under /usr/src for DKMS
-# Usage: deploy/debian/build-debs.sh [OUT_DIR]   (default: target/debian)
-# The release binaries must be built first (cargo build --release).
+# Usage: deploy/debian/build-debs.sh [--dkms-only] [OUT_DIR]   (default: target/debian)
+# The release binaries must be built first (cargo build --release), except
+# with --dkms-only, which builds sevflush-dkms alone.
 set -euo pipefail
 top=$(cd "$(dirname "$0")/../.." && pwd)
+dkms_only=0
+if [ "${1:-}" = --dkms-only ]; then dkms_only=1; shift; fi
 out=${1:-$top/target/debian}
 version=$(sed -n 's/^version = "\(.*\)"/\1/p' "$top/Cargo.toml" | head -1)
 bin=${SEVPLACE_BIN_DIR:-$top/target/release}
-for b in sevplaced sevplacectl; do
-  [ -x "$bin/$b" ] || { echo "build-debs: $bin/$b is missing (cargo build --release)" >&2; exit 1; }
-done
+if [ $dkms_only = 0 ]; then
+  for b in sevplaced sevplacectl; do
+    [ -x "$bin/$b" ] || { echo "build-debs: $bin/$b is missing (cargo build --release)" >&2; exit 1; }
+  done
+fi
 mkdir -p "$out"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
+
+if [ $dkms_only = 0 ]; then
 
 # --- agent --------------------------------------------------------------
 pkg=$work/sevplace
@@ -62,6 +69,7 @@ fi
 SH
 chmod 0755 "$pkg/DEBIAN/postinst" "$pkg/DEBIAN/prerm"
 dpkg-deb --root-owner-group -Zxz --build "$pkg" "$out/sevplace_${version}_amd64.deb" >/dev/null
+fi
 
 # --- module (DKMS) -------------------------------------------------------
 if [ -f "$top/kmod/dkms.conf" ]; then
@@ -90,8 +98,13 @@ CTL
 set -e
 if [ "\$1" = configure ]; then
   dkms add -m sevflush -v $version >/dev/null 2>&1 || true
-  dkms build -m sevflush -v $version && dkms install -m sevflush -v $version || \
-    echo "sevflush-dkms: the module did not build for \$(uname -r); sevplaced runs without it" >&2
+  # every kernel whose headers are installed, not only the running one
+  for b in /lib/modules/*/build; do
+    [ -e "\$b/Makefile" ] || continue
+    k=\${b%/build}; k=\${k##*/}
+    dkms install -m sevflush -v $version -k "\$k" ||
+      echo "sevflush-dkms: the module did not build for \$k; sevplaced runs without it there" >&2
+  done
 fi
 SH
   cat > "$mpkg/DEBIAN/prerm" <<SH

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# sevplace real-kernel rig: boot pinned Debian kernels under QEMU (TCG, with
-# nested SVM) and test sevflush.ko on a live KVM. See kmod/rig/README.md.
+# sevplace real-kernel rig: boot the newest Debian kernels under QEMU (TCG,
+# with nested SVM) and test sevflush.ko on a live KVM. See kmod/rig/README.md.
 #
-#   kmod/rig/run.sh [--kernels 6.1,6.12] [--kmod-src DIR] [--out DIR]
-#                   [--boot-timeout SECONDS]
+#   kmod/rig/run.sh [--kernels 6.1,6.12,bpo,sid] [--kmod-src DIR] [--out DIR]
+#                   [--boot-timeout SECONDS] [--dkms]
+# --dkms: load the module DKMS installed on this host for 6.1 and 6.12
+# (kmod/tools/dkms.sh install) instead of building it.
 #
 # Exit status: 0 when every test passed or was skipped, 1 otherwise
 # (any FAIL, a kernel oops/WARNING/BUG in a console log, a timeout, a build
@@ -12,10 +14,11 @@ set -euo pipefail
 
 RIG_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$RIG_DIR/../.." && pwd)
-KERNELS=6.1,6.12
+KERNELS=6.1,6.12,bpo,sid
+DKMS=0
 KMOD_SRC=$REPO/kmod
 OUT=$REPO/target/rig
-BOOT_TIMEOUT=${RIG_BOOT_TIMEOUT:-900}
+BOOT_TIMEOUT=${RIG_BOOT_TIMEOUT:-1800}
 # a guest that prints nothing (console or results) for this long is stuck
 STALL_TIMEOUT=${RIG_STALL_TIMEOUT:-120}
 TCG_THREAD=${RIG_TCG_THREAD:-single}
@@ -28,10 +31,10 @@ BROKEN_DEFINES="SF_BUG_NO_CACHE_RESET SEVFLUSH_BROKEN_NO_CACHE_RESET"
 # cache is not reset when a CPU comes back online (caught by cpu-hotplug)
 BROKEN2_DEFINES="SF_BUG_NO_ONLINE_RESET"
 # every test the guest must report, per kernel
-TESTS="rig-selftest tracking-pinned tracking-float flush-targeted flush-switch-off flush-redirect cpu-hotplug lifecycle-exit lifecycle-unknown-past bad-input load-unload agent-e2e negative-broken-cache-reset-detected negative-broken-online-reset-detected"
+TESTS="rig-selftest tracking-pinned tracking-float flush-targeted flush-switch-off flush-redirect flush-narrower-than-stock cpu-hotplug lifecycle-exit lifecycle-unknown-past bad-input load-unload agent-e2e negative-broken-cache-reset-detected negative-broken-online-reset-detected"
 
 usage() {
-	sed -n '2,12p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+	sed -n '2,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
 	exit 2
 }
 while [ $# -gt 0 ]; do
@@ -40,6 +43,7 @@ while [ $# -gt 0 ]; do
 	--kmod-src) KMOD_SRC=${2:?}; shift 2 ;;
 	--out) OUT=${2:?}; shift 2 ;;
 	--boot-timeout) BOOT_TIMEOUT=${2:?}; shift 2 ;;
+	--dkms) DKMS=1; shift ;;
 	-h|--help) usage ;;
 	*) echo "run.sh: unknown argument $1" >&2; usage ;;
 	esac
@@ -82,23 +86,17 @@ if [ ${#need[@]} -gt 0 ]; then
 	apt_install "${need[@]}"
 fi
 
-# ---------------------------------------------------------------- pins ------
-PINS=$RIG_DIR/kernels.env
-if [ -n "$KMOD_SRC_ABS" ] && [ -f "$KMOD_SRC_ABS/kernels.env" ]; then
-	if grep -q '^[[:space:]]*SEVPLACE_K[0-9]*_ABI=' "$KMOD_SRC_ABS/kernels.env"; then
-		PINS=$KMOD_SRC_ABS/kernels.env
-	else
-		log "$KMOD_SRC_ABS/kernels.env has no SEVPLACE_K<series>_ABI pins: using the rig's"
-	fi
-fi
-log "kernel pins from $PINS"
-# pin SERIES FIELD: SEVPLACE_K<series without dots>_<FIELD> from the pins
-# file (ABI, IMAGE, VERSION, HEADERS), read without running the file
-pin() {
-	local key
-	key=SEVPLACE_K${1//./}_$2
-	sed -n "s/^[[:space:]]*\(export[[:space:]]\{1,\}\)\{0,1\}$key=[\"']\{0,1\}\([^\"' #]*\).*/\2/p" "$PINS" | tail -1
-}
+# ---------------------------------------------------------------- kernels ---
+# Resolved from Debian's package lists now (kmod/tools/kernels.sh): the
+# newest 6.1 and 6.12 of bookworm, the newest trixie-backports and sid
+# kernels that have headers.
+TOOLS=$REPO/kmod/tools
+declare -A ABI IMG VER HDR
+for s in ${KERNELS//,/ }; do
+	case $s in 6.1|6.12|bpo|sid) ;; *) die "unknown kernel '$s' (6.1, 6.12, bpo, sid)" ;; esac
+	read -r _ abi ver img hdr _ < <("$TOOLS/kernels.sh" "$s") || die "cannot resolve kernel $s"
+	ABI[$s]=$abi VER[$s]=$ver IMG[$s]=$img HDR[$s]=$hdr
+done
 
 # ---------------------------------------------------------------- fetch -----
 # find_deb PACKAGE VERSION: sets DEB to the cached .deb of that version, or ""
@@ -111,15 +109,13 @@ find_deb() {
 	done
 }
 # fetch_deb PACKAGE VERSION: sets DEB, downloading into the cache if needed
+# (through kernels.sh's own apt configuration, which knows every suite)
 fetch_deb() {
 	mkdir -p "$CACHE/debs"
 	find_deb "$1" "$2"
 	[ -z "$DEB" ] || return 0
-	if ! (cd "$CACHE/debs" && apt-get download "$1=$2" >>"$OUT/apt.log" 2>&1); then
-		apt-get -o DPkg::Lock::Timeout=600 update >>"$OUT/apt.log" 2>&1 || true
-		(cd "$CACHE/debs" && apt-get download "$1=$2" >>"$OUT/apt.log" 2>&1) ||
-			die "cannot download $1=$2 (is the pin still in the Debian archive? log: $OUT/apt.log)"
-	fi
+	"$TOOLS/kernels.sh" --download "$CACHE/debs" "$1=$2" >>"$OUT/apt.log" 2>&1 ||
+		die "cannot download $1=$2 (log: $OUT/apt.log)"
 	find_deb "$1" "$2"
 	[ -n "$DEB" ] || die "no .deb for $1=$2 after download"
 }
@@ -134,29 +130,50 @@ if [ ! -x "$BB_DIR/bin/busybox" ]; then
 fi
 BUSYBOX=$BB_DIR/bin/busybox
 
-declare -A ABI
+declare -A CHROOT VMLINUZ MODDIR
 for s in ${KERNELS//,/ }; do
-	abi=$(pin "$s" ABI); pkg=$(pin "$s" IMAGE); ver=$(pin "$s" VERSION)
-	hdr=$(pin "$s" HEADERS); hdr=${hdr:-linux-headers-$abi}
-	if [ -z "$abi" ] || [ -z "$pkg" ] || [ -z "$ver" ]; then
-		die "no pin for kernel series $s in $PINS"
-	fi
-	ABI[$s]=$abi
+	abi=${ABI[$s]} pkg=${IMG[$s]} ver=${VER[$s]} hdr=${HDR[$s]}
 	if [ ! -f "$CACHE/kernels/$abi/.done" ]; then
 		log "$s: fetching $pkg=$ver"
 		fetch_deb "$pkg" "$ver"
 		rm -rf "$CACHE/kernels/$abi"
 		mkdir -p "$CACHE/kernels/$abi"
 		dpkg-deb -x "$DEB" "$CACHE/kernels/$abi"
+		# 7.x: the image package only depends on linux-binary-<abi>
+		# (vmlinuz) and linux-modules-<abi> of the same version
+		img_deb=$DEB
+		for dep in $(dpkg-deb -f "$img_deb" Depends | tr ',' '\n' | awk '{print $1}'); do
+			case $dep in
+			"linux-binary-$abi" | "linux-modules-$abi")
+				log "$s: fetching $dep=$ver"
+				fetch_deb "$dep" "$ver"
+				dpkg-deb -x "$DEB" "$CACHE/kernels/$abi"
+				;;
+			esac
+		done
 		touch "$CACHE/kernels/$abi/.done"
 	fi
-	if [ ! -e "/usr/src/linux-headers-$abi/Makefile" ] ||
-		[ "$(dpkg-query -W -f '${Version}' "$hdr" 2>/dev/null)" != "$ver" ]; then
-		log "$s: installing $hdr=$ver"
-		apt_install "$hdr=$ver"
-	fi
+	# merged /usr (7.x packages): /usr/lib/modules, vmlinuz in /boot or /usr/lib
+	VMLINUZ[$s]=$(find "$CACHE/kernels/$abi" -name "vmlinuz-$abi" -o -name vmlinuz -path "*$abi*" | head -n 1)
+	MODDIR[$s]=$(find "$CACHE/kernels/$abi" -maxdepth 4 -type d -path "*/lib/modules/$abi" | head -n 1)
+	[ -n "${VMLINUZ[$s]}" ] && [ -n "${MODDIR[$s]}" ] ||
+		die "$s: no vmlinuz or modules for $abi in $CACHE/kernels/$abi (remove it to fetch again)"
+	case $s in
+	bpo|sid)
+		# userland newer than Debian 12: headers live in a build chroot
+		CHROOT[$s]=$("$TOOLS/chroot.sh" "$s") || die "$s: no build chroot"
+		;;
+	*)
+		CHROOT[$s]=""
+		if [ ! -e "/usr/src/linux-headers-$abi/Makefile" ] ||
+			[ "$(dpkg-query -W -f '${Version}' "$hdr" 2>/dev/null)" != "$ver" ]; then
+			log "$s: installing $hdr=$ver"
+			apt_install "$hdr=$ver"
+		fi
+		;;
+	esac
 done
-log "kernels ready: $(for s in ${KERNELS//,/ }; do printf '%s=%s ' "$s" "${ABI[$s]}"; done)"
+log "kernels ready: $(for s in ${KERNELS//,/ }; do printf '%s=%s(%s) ' "$s" "${ABI[$s]}" "${VER[$s]}"; done)"
 
 # ---------------------------------------------------------------- build -----
 WORK=$OUT/work
@@ -190,12 +207,22 @@ build_kmod() {
 		fi
 		flags=(KCFLAGS="-D$def")
 	fi
-	if ! make -C "$dir" KDIR="/usr/src/linux-headers-$abi" "${flags[@]}" \
+	if [ "$variant" = normal ] && [ "$DKMS" = 1 ] && [ -z "${CHROOT[$s]}" ]; then
+		KO_PATH=$("$TOOLS/dkms.sh" module "$abi" "$dir") || { KO_ERR="no DKMS-built sevflush for $abi"; return 1; }
+		return 0
+	fi
+	local root=${CHROOT[$s]} bdir=$dir
+	if [ -n "$root" ]; then
+		# a build chroot: the copy goes inside it
+		bdir=/build/kmod-$s-$variant
+		rm -rf "$root$bdir" && mkdir -p "$root/build" && cp -a "$dir" "$root$bdir"
+	fi
+	if ! ${root:+"$TOOLS/in-chroot.sh" "$root"} make -C "$bdir" KDIR="/usr/src/linux-headers-$abi" "${flags[@]}" \
 		>"$OUT/kmod-$s-$variant.log" 2>&1; then
 		KO_ERR="build failed against linux-headers-$abi (log: $OUT/kmod-$s-$variant.log: $(grep -m1 -E 'error|Error' "$OUT/kmod-$s-$variant.log" | tr -d '\r' | cut -c1-160))"
 		return 1
 	fi
-	KO_PATH=$(find "$dir" -name sevflush.ko | head -1)
+	KO_PATH=$(find "$root$bdir" -name sevflush.ko | head -1)
 	[ -n "$KO_PATH" ] || { KO_ERR="make succeeded but no sevflush.ko"; return 1; }
 	local vm
 	vm=$(modinfo -F vermagic "$KO_PATH" | cut -d' ' -f1)
@@ -236,7 +263,7 @@ copy_with_libs() {
 build_initramfs() {
 	local s=$1 abi=${ABI[$1]} root moddir f n
 	root=$WORK/root-$s
-	moddir=$CACHE/kernels/$abi/lib/modules/$abi
+	moddir=${MODDIR[$s]}
 	rm -rf "$root"
 	mkdir -p "$root"/{bin,sbin,usr/bin,usr/sbin,proc,sys,dev,run,tmp,etc,rig/modules}
 	cp "$BUSYBOX" "$root/bin/busybox"
@@ -269,14 +296,27 @@ build_initramfs() {
 	if [ "${B_OK[$s]}" = 1 ]; then cp "$WORK/kmod-$s-broken.ko" "$root/rig/sevflush-broken.ko"; fi
 	if [ "${B2_OK[$s]}" = 1 ]; then cp "$WORK/kmod-$s-broken2.ko" "$root/rig/sevflush-broken2.ko"; fi
 	if [ "$AGENT" = 1 ]; then
-		copy_with_libs "$root" "$REPO/target/release/sevplaced"
-		copy_with_libs "$root" "$REPO/target/release/sevplacectl"
+		copy_with_libs "$root" "$BIN/sevplaced"
+		copy_with_libs "$root" "$BIN/sevplacectl"
 	fi
 	(cd "$root" && find . | LC_ALL=C sort | cpio -o -H newc --quiet) >"$WORK/initrd-$s.cpio"
 }
 
+# the agent binaries with the host's glibc and its other shared libraries
+# (copy_with_libs): the guest userland is this initramfs, whatever kernel
+BIN=${SEVPLACE_BIN_DIR:-${CARGO_TARGET_DIR:-$REPO/target}/release}
+# only_tests_without TEST...: RIG_ONLY_TESTS is set and names none of them
+# (the broken builds are then not needed)
+only_tests_without() {
+	local t
+	[ -n "${RIG_ONLY_TESTS:-}" ] || return 1
+	for t in "$@"; do
+		case " $RIG_ONLY_TESTS " in *" $t "*) return 1 ;; esac
+	done
+	return 0
+}
 AGENT=0
-[ -x "$REPO/target/release/sevplaced" ] && [ -x "$REPO/target/release/sevplacectl" ] && AGENT=1
+[ -x "$BIN/sevplaced" ] && [ -x "$BIN/sevplacectl" ] && AGENT=1
 declare -A K_OK K_ERR B_OK B_ERR B2_OK B2_ERR T_PARAM
 BUILD_FAIL=()
 for s in ${KERNELS//,/ }; do
@@ -292,7 +332,7 @@ for s in ${KERNELS//,/ }; do
 		BUILD_FAIL+=("FAIL $s kmod-build $KO_ERR")
 		log "$s: sevflush.ko NOT built: $KO_ERR"
 	fi
-	if [ "${K_OK[$s]}" = 1 ]; then
+	if [ "${K_OK[$s]}" = 1 ] && ! only_tests_without negative-broken-cache-reset-detected negative-broken-online-reset-detected; then
 		if build_kmod "$s" broken; then
 			cp "$KO_PATH" "$WORK/kmod-$s-broken.ko"
 			B_OK[$s]=1
@@ -332,7 +372,7 @@ for s in ${KERNELS//,/ }; do
 		-accel "tcg,thread=$TCG_THREAD" -cpu EPYC,+svm,+npt -smp 4 -m 1024 \
 		-display none -monitor none -no-reboot \
 		-serial "file:$con" -serial "file:$res" \
-		-kernel "$CACHE/kernels/$abi/boot/vmlinuz-$abi" -initrd "$WORK/initrd-$s.cpio" \
+		-kernel "${VMLINUZ[$s]}" -initrd "$WORK/initrd-$s.cpio" \
 		-append "console=ttyS0 panic=-1 loglevel=7 mitigations=off rdinit=/init" \
 		</dev/null >"$OUT/qemu-$s.log" 2>&1 &
 	qpid=$!
@@ -368,6 +408,10 @@ for s in ${KERNELS//,/ }; do
 		echo "FAIL $s qemu exited with $rc ($(tail -1 "$OUT/qemu-$s.log"))" >>"$REPORT"
 	fi
 	[ -n "$booted" ] || echo "FAIL $s guest did not reach init (console: $con)" >>"$REPORT"
+	uname_r=$(awk '/^RIG BOOTED/{print $4; exit}' "$res")
+	if [ -n "$uname_r" ] && [ "$uname_r" != "$abi" ]; then
+		echo "FAIL $s booted $uname_r, not $abi" >>"$REPORT"
+	fi
 	[ -n "$booted" ] && [ -z "$done_at" ] && echo "FAIL $s guest tests did not finish (results: $res)" >>"$REPORT"
 	bad=$(tr -d '\r' <"$con" | grep -E "$BADLOG" | head -1 || true)
 	[ -n "$bad" ] && echo "FAIL $s kernel-log ${bad}" >>"$REPORT"
@@ -392,6 +436,13 @@ if grep -qh 'NOTE:' "$OUT"/results-*.log 2>/dev/null; then
 		grep -h 'NOTE:' "$OUT/results-$s.log" 2>/dev/null | sed "s/^ *NOTE: */$s: /" || true
 	done
 fi
+echo "---- kernels booted"
+for s in ${KERNELS//,/ }; do
+	if [ -n "${CHROOT[$s]}" ]; then how="built in ${CHROOT[$s]}"
+	elif [ "$DKMS" = 1 ]; then how="built by DKMS"
+	else how="built on this host"; fi
+	echo "$s: ${ABI[$s]} (${IMG[$s]} ${VER[$s]}), module $how"
+done
 echo "---- figures"
 printf '%s\n' "${FIGURES[@]}"
 echo "total rig time: $(($(date +%s) - T_START))s"

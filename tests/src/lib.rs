@@ -6,6 +6,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod skip;
+pub use skip::skip;
+
 /// Directory of the workspace's built binaries (`target/<profile>`), found
 /// from the test executable (`target/<profile>/deps/<test>`). Cargo does not
 /// rebuild another package's binaries for this crate's tests, so the first
@@ -265,7 +268,7 @@ impl GuestVm {
             .write(true)
             .open("/dev/kvm")
         {
-            eprintln!("SKIP {test}: /dev/kvm unusable: {e}");
+            skip(test, "kvm", format_args!("/dev/kvm unusable: {e}"));
             return None;
         }
         let mut child = Command::new(bin("kvm-guest-fixture"))
@@ -371,8 +374,10 @@ pub fn promtool_check_metrics(body: &str) {
         .stderr(Stdio::piped())
         .spawn()
     else {
-        eprintln!(
-            "SKIP promtool check metrics: promtool is not installed (apt install prometheus)"
+        skip(
+            "promtool check metrics",
+            "promtool",
+            "promtool is not installed (apt install prometheus)",
         );
         return;
     };

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use sevplace_proto::v1 as pb;
-use sevplace_tests::{metric_value, Daemon};
+use sevplace_tests::{metric_value, skip, Daemon};
 
 const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
 const DAY: i64 = 86_400;
@@ -46,7 +46,11 @@ fn passes(d: &Daemon) -> f64 {
 fn wall_clock_jumps_change_nothing_but_timestamps() {
     let test = "wall_clock_jumps_change_nothing_but_timestamps";
     if !Path::new(LIBFAKETIME).is_file() {
-        eprintln!("SKIP {test}: {LIBFAKETIME} missing (Debian package faketime)");
+        skip(
+            test,
+            "faketime",
+            format_args!("{LIBFAKETIME} missing (Debian package faketime)"),
+        );
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -55,7 +59,11 @@ fn wall_clock_jumps_change_nothing_but_timestamps() {
     match faked_now(&offset) {
         Some(t) if (t - real_now() - DAY).abs() < 60 => {}
         other => {
-            eprintln!("SKIP {test}: libfaketime does not shift the clock here ({other:?})");
+            skip(
+                test,
+                "faketime",
+                format_args!("libfaketime does not shift the clock here ({other:?})"),
+            );
             return;
         }
     }

@@ -323,7 +323,11 @@ fn peer_credentials_gate_mutating_calls() {
         .status()
         .is_ok_and(|s| s.success());
     if !nobody_ok || !nix::unistd::Uid::effective().is_root() {
-        eprintln!("SKIP peer_credentials_gate_mutating_calls: needs root and setpriv");
+        sevplace_tests::skip(
+            "peer_credentials_gate_mutating_calls",
+            "root",
+            "needs root and setpriv",
+        );
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -359,7 +363,11 @@ fn peer_credentials_gate_mutating_calls() {
     if out.status.code() == Some(126)
         || String::from_utf8_lossy(&out.stderr).contains("Permission denied (os error 13)")
     {
-        eprintln!("SKIP peer_credentials_gate_mutating_calls: uid 65534 cannot run the test binaries here");
+        sevplace_tests::skip(
+            "peer_credentials_gate_mutating_calls",
+            "nobody-runs-test-binaries",
+            "uid 65534 cannot run the test binaries here",
+        );
         return;
     }
     assert!(

@@ -16,7 +16,7 @@ fn tool(name: &str, test: &str) -> bool {
         .output()
         .is_ok_and(|o| o.status.success());
     if !found {
-        eprintln!("SKIP {test}: {name} is not installed");
+        sevplace_tests::skip(test, name, format_args!("{name} is not installed"));
     }
     found
 }

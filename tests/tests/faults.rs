@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sevplace_proto::v1 as pb;
-use sevplace_tests::{metric_value, wait_until, Daemon, GuestVm};
+use sevplace_tests::{metric_value, skip, wait_until, Daemon, GuestVm};
 
 fn genoa() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../agent/tests/fixtures/genoa-2x96-nps1")
@@ -35,7 +35,7 @@ impl Tmpfs {
     /// `None` (with a printed reason) when mounting is not possible here.
     fn mount(test: &str, at: &Path, size: &str) -> Option<Self> {
         if !nix::unistd::geteuid().is_root() {
-            eprintln!("SKIP {test}: mounting a tmpfs needs root");
+            skip(test, "root", "mounting a tmpfs needs root");
             return None;
         }
         std::fs::create_dir_all(at).expect("mount point");
@@ -51,9 +51,13 @@ impl Tmpfs {
             .output()
             .expect("mount");
         if !out.status.success() {
-            eprintln!(
-                "SKIP {test}: mount -t tmpfs failed: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
+            skip(
+                test,
+                "tmpfs-mount",
+                format_args!(
+                    "mount -t tmpfs failed: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ),
             );
             return None;
         }
@@ -383,19 +387,24 @@ fn real_v1_cpuset_refusal_is_reported_retried_and_healed() {
     let test = "real_v1_cpuset_refusal_is_reported_retried_and_healed";
     let mount = PathBuf::from("/sys/fs/cgroup/cpuset");
     if !nix::unistd::geteuid().is_root() {
-        eprintln!("SKIP {test}: not root");
+        skip(test, "root", "not root");
         return;
     }
     if !mount.join("cpuset.cpus").is_file() {
-        eprintln!(
-            "SKIP {test}: no cgroup v1 cpuset hierarchy at {}",
-            mount.display()
+        skip(
+            test,
+            "cgroup-v1-cpuset",
+            format_args!("no cgroup v1 cpuset hierarchy at {}", mount.display()),
         );
         return;
     }
     let online = read_set(&mount.join("cpuset.effective_cpus"));
     if online.len() < 2 {
-        eprintln!("SKIP {test}: needs two CPUs in the root cpuset, has {online}");
+        skip(
+            test,
+            "two-cpus",
+            format_args!("needs two CPUs in the root cpuset, has {online}"),
+        );
         return;
     }
     let mems = std::fs::read_to_string(mount.join("cpuset.effective_mems")).unwrap();
@@ -407,8 +416,10 @@ fn real_v1_cpuset_refusal_is_reported_retried_and_healed() {
     let top = mount.join(format!("sevplace-fault-{}", std::process::id()));
     tree.mkdir(top.clone(), &online.to_string(), mems).unwrap();
     if let Err(e) = std::fs::write(top.join("cpuset.cpu_exclusive"), "1") {
-        eprintln!(
-            "SKIP {test}: a test cpuset cannot be exclusive next to this host's cpusets: {e}"
+        skip(
+            test,
+            "exclusive-cpuset",
+            format_args!("a test cpuset cannot be exclusive next to this host's cpusets: {e}"),
         );
         return;
     }

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use sevplace::cgroup::{self, CpusetWriter, PinMethod, VcpuEnforcer};
 use sevplace::discovery::{DiscoveredVm, Hierarchy, VcpuMatch, VmExitWatch, VmScanner};
 use sevplace::{ConfidentialClass, CpuSet, VmId};
+use sevplace_tests::skip;
 
 const FIXTURE: &str = env!("CARGO_BIN_EXE_kvm-guest-fixture");
 const PROC: &str = "/proc";
@@ -37,7 +38,7 @@ fn kvm_usable(test: &str) -> bool {
     {
         Ok(_) => true,
         Err(e) => {
-            eprintln!("SKIP {test}: /dev/kvm unusable: {e}");
+            skip(test, "kvm", format_args!("/dev/kvm unusable: {e}"));
             false
         }
     }
@@ -233,17 +234,21 @@ fn fixture_vm_pinned_with_real_v1_cpuset() {
         return;
     }
     if !nix::unistd::geteuid().is_root() {
-        eprintln!("SKIP {test}: not root");
+        skip(test, "root", "not root");
         return;
     }
     let writer = match CpusetWriter::detect("/sys/fs/cgroup") {
         Ok(w) if w.hierarchy() == Hierarchy::V1Cpuset => w,
         Ok(_) => {
-            eprintln!("SKIP {test}: the cpuset controller is on cgroup v2 here");
+            skip(
+                test,
+                "cgroup-v1-cpuset",
+                "the cpuset controller is on cgroup v2 here",
+            );
             return;
         }
         Err(e) => {
-            eprintln!("SKIP {test}: {e}");
+            skip(test, "cgroup-v1-cpuset", e);
             return;
         }
     };
@@ -402,7 +407,7 @@ fn real_qemu_is_discovered_and_pinned() {
     }
     let qemu = "/usr/bin/qemu-system-x86_64";
     if !Path::new(qemu).exists() {
-        eprintln!("SKIP {test}: {qemu} is not installed");
+        skip(test, "qemu", format_args!("{qemu} is not installed"));
         return;
     }
     let child = Command::new(qemu)
@@ -475,7 +480,7 @@ fn real_qemu_without_thread_names_is_matched_by_kvm_run() {
     }
     let qemu = "/usr/bin/qemu-system-x86_64";
     if !Path::new(qemu).exists() {
-        eprintln!("SKIP {test}: {qemu} is not installed");
+        skip(test, "qemu", format_args!("{qemu} is not installed"));
         return;
     }
     // No debug-threads: every QEMU thread is named "qemu-system-x86".
@@ -546,17 +551,21 @@ fn fixture_in_libvirt_v1_layout_is_recognised_and_pinned_through_its_vcpu_cgroup
         return;
     }
     if !nix::unistd::geteuid().is_root() {
-        eprintln!("SKIP {test}: not root");
+        skip(test, "root", "not root");
         return;
     }
     let writer = match CpusetWriter::detect("/sys/fs/cgroup") {
         Ok(w) if w.hierarchy() == Hierarchy::V1Cpuset => w,
         Ok(_) => {
-            eprintln!("SKIP {test}: the cpuset controller is on cgroup v2 here");
+            skip(
+                test,
+                "cgroup-v1-cpuset",
+                "the cpuset controller is on cgroup v2 here",
+            );
             return;
         }
         Err(e) => {
-            eprintln!("SKIP {test}: {e}");
+            skip(test, "cgroup-v1-cpuset", e);
             return;
         }
     };

@@ -104,7 +104,11 @@ async fn serve(event_capacity: usize) -> Served {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scrub_writes_the_module_and_reports_the_flushed_cpus() {
     if !nix::unistd::Uid::effective().is_root() {
-        eprintln!("SKIP scrub test: mutating calls need root (peer credentials)");
+        crate::skip::skip(
+            "scrub_writes_the_module_and_reports_the_flushed_cpus",
+            "root",
+            "mutating calls need root (peer credentials)",
+        );
         return;
     }
     let s = serve(64).await;

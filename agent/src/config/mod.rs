@@ -90,7 +90,12 @@ pub struct Settings {
     pub host_root: PathBuf,
     pub state_dir: PathBuf,
     pub reserved_cpus: CpuSet,
+    /// Plain dedicated VMs get whole cores too (no SMT sharing between
+    /// plain VMs).
+    pub whole_cores_for_plain_vms: bool,
     pub reconcile_period_ms: u64,
+    /// Passes between two full procfs rescans.
+    pub full_rescan_every: u32,
     pub auto_place_confidential: bool,
     pub log_format: LogFormat,
     pub log_level: String,
@@ -437,7 +442,11 @@ fn validate(cfg: &config::Config) -> Result<Settings, ConfigError> {
         host_root,
         state_dir,
         reserved_cpus,
+        whole_cores_for_plain_vms: cfg
+            .get_bool("placement.whole_cores_for_plain_vms")
+            .map_err(|e| bad("placement.whole_cores_for_plain_vms", e))?,
         reconcile_period_ms: period as u64,
+        full_rescan_every: int_in("reconcile.full_rescan_every", 1, 10_000)? as u32,
         auto_place_confidential: cfg
             .get_bool("reconcile.auto_place_confidential")
             .map_err(|e| bad("reconcile.auto_place_confidential", e))?,

@@ -200,10 +200,37 @@ impl DiscoveryError {
     }
 }
 
-/// Scans a procfs tree for KVM VMs.
+/// Passes between two full rescans when none is configured.
+pub const DEFAULT_FULL_RESCAN_EVERY: u32 = 10;
+
+/// Passes after its first sighting during which a process that holds no
+/// `kvm-vm` fd is inspected again (a VMM opens its VM fd shortly after it
+/// starts); after them it waits for the next full rescan.
+const NOT_A_VM_RECHECKS: u32 = 3;
+
+/// Scans a procfs tree for KVM VMs, reading only what changed: a process
+/// already identified as a VM (same pid and start time) keeps its fds,
+/// command line and cgroups from the scan that identified it and only has
+/// its threads re-listed; a process found not to be a VM is not opened
+/// again until the next full rescan. Every `full_rescan_every` scans (the
+/// first included) everything is read again, to catch what the shortcuts
+/// miss (a vCPU fd opened later, a process that became a VM late, a moved
+/// cgroup). Clones share the cache.
 #[derive(Debug, Clone)]
 pub struct VmScanner {
     proc_root: PathBuf,
+    full_rescan_every: u32,
+    cache: std::sync::Arc<std::sync::Mutex<ScanCache>>,
+}
+
+/// What earlier scans learned.
+#[derive(Debug, Default)]
+struct ScanCache {
+    scans: u64,
+    /// pid -> the identified VM (its start time tells pid reuse).
+    vms: BTreeMap<u32, Identity>,
+    /// pid -> scans since it was first found not to be a VM.
+    not_vms: BTreeMap<u32, u32>,
 }
 
 impl Default for VmScanner {
@@ -212,7 +239,19 @@ impl Default for VmScanner {
     }
 }
 
+/// What identifies a VM process and does not change while it runs (kept
+/// across scans until the next full rescan).
+#[derive(Debug, Clone)]
+struct Identity {
+    start_time: u64,
+    fds: KvmFds,
+    cmdline: Vec<String>,
+    cgroup: CgroupLocation,
+    classification: Classification,
+}
+
 /// The KVM fds of a process.
+#[derive(Debug, Clone)]
 struct KvmFds {
     has_vm: bool,
     /// fd number -> vCPU index.
@@ -223,7 +262,20 @@ impl VmScanner {
     pub fn new(proc_root: impl Into<PathBuf>) -> Self {
         Self {
             proc_root: proc_root.into(),
+            full_rescan_every: DEFAULT_FULL_RESCAN_EVERY,
+            cache: Default::default(),
         }
+    }
+
+    /// Sets the passes between two full rescans (1: every scan is full).
+    pub fn with_full_rescan_every(mut self, every: u32) -> Self {
+        self.full_rescan_every = every.max(1);
+        self
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, ScanCache> {
+        // The cache holds no invariant a panicking scan could break.
+        self.cache.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn proc_root(&self) -> &Path {
@@ -249,13 +301,46 @@ impl VmScanner {
             .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse().ok()))
             .collect();
         pids.sort_unstable();
+        let mut cache = self.cache();
+        let full = cache.scans % u64::from(self.full_rescan_every) == 0;
+        cache.scans += 1;
+        if full {
+            cache.vms.clear();
+            cache.not_vms.clear();
+        } else {
+            cache.vms.retain(|pid, _| pids.binary_search(pid).is_ok());
+            cache
+                .not_vms
+                .retain(|pid, _| pids.binary_search(pid).is_ok());
+        }
         let mut out = ScanOutcome::default();
         for pid in pids {
             out.processes += 1;
-            match self.inspect(pid) {
-                Ok(vm) => out.vms.push(vm),
-                Err(DiscoveryError::NotAVm { .. }) => {}
+            if let Some(seen) = cache.not_vms.get_mut(&pid) {
+                if *seen >= NOT_A_VM_RECHECKS {
+                    continue;
+                }
+                *seen += 1;
+            }
+            let known = cache.vms.get(&pid).cloned();
+            let result = match known {
+                Some(id) => self.refresh(pid, &id),
+                None => self.inspect_identified(pid).map(|(vm, id)| (vm, Some(id))),
+            };
+            match result {
+                Ok((vm, id)) => {
+                    if let Some(id) = id {
+                        cache.not_vms.remove(&pid);
+                        cache.vms.insert(pid, id);
+                    }
+                    out.vms.push(vm);
+                }
+                Err(DiscoveryError::NotAVm { .. }) => {
+                    cache.vms.remove(&pid);
+                    cache.not_vms.entry(pid).or_insert(0);
+                }
                 Err(e @ DiscoveryError::VmGone { .. }) => {
+                    cache.vms.remove(&pid);
                     out.exited += 1;
                     tracing::debug!(pid, error = %e, "process exited during scan");
                 }
@@ -314,9 +399,39 @@ impl VmScanner {
         }
     }
 
-    /// Inspects one process. `NotAVm` when it holds no `kvm-vm` fd,
-    /// `VmGone` when it exited.
+    /// Inspects one process, reading everything. `NotAVm` when it holds no
+    /// `kvm-vm` fd, `VmGone` when it exited.
     pub fn inspect(&self, pid: u32) -> Result<DiscoveredVm, DiscoveryError> {
+        self.inspect_identified(pid).map(|(vm, _)| vm)
+    }
+
+    fn inspect_identified(&self, pid: u32) -> Result<(DiscoveredVm, Identity), DiscoveryError> {
+        let id = self.identify(pid)?;
+        let main = procfs::read_task_stat(&self.proc_root, pid, pid)
+            .map_err(|e| DiscoveryError::from_proc(pid, e))?;
+        let vm = self.assemble(pid, &id, main)?;
+        Ok((vm, id))
+    }
+
+    /// A known VM again: its main thread's start time (a different one
+    /// means the pid was reused: the process is read from scratch and its
+    /// new identity returned), then its threads.
+    fn refresh(
+        &self,
+        pid: u32,
+        id: &Identity,
+    ) -> Result<(DiscoveredVm, Option<Identity>), DiscoveryError> {
+        let main = procfs::read_task_stat(&self.proc_root, pid, pid)
+            .map_err(|e| DiscoveryError::from_proc(pid, e))?;
+        if main.start_time != id.start_time {
+            return self.inspect_identified(pid).map(|(vm, id)| (vm, Some(id)));
+        }
+        Ok((self.assemble(pid, id, main)?, None))
+    }
+
+    /// Reads what identifies a VM process: its KVM fds, command line and
+    /// cgroups.
+    fn identify(&self, pid: u32) -> Result<Identity, DiscoveryError> {
         let fds = self.kvm_fds(pid)?;
         if !fds.has_vm {
             return Err(DiscoveryError::NotAVm {
@@ -324,10 +439,10 @@ impl VmScanner {
                 path: self.pid_dir(pid).join("fd"),
             });
         }
-        let root = &self.proc_root;
         let err = |e| DiscoveryError::from_proc(pid, e);
-
-        let main = procfs::read_task_stat(root, pid, pid).map_err(err)?;
+        let start_time = procfs::read_task_stat(&self.proc_root, pid, pid)
+            .map_err(err)?
+            .start_time;
         let cmdline_path = self.pid_dir(pid).join("cmdline");
         let cmdline =
             cmdline::parse_proc_cmdline(&procfs::read_text_lossy(&cmdline_path).map_err(err)?);
@@ -337,9 +452,30 @@ impl VmScanner {
             path: cgroup_path.clone(),
             what: e.to_string(),
         })?;
-
-        let threads = self.threads(pid)?;
         let classification = classify_cmdline(&cmdline);
+        Ok(Identity {
+            start_time,
+            fds,
+            cmdline,
+            cgroup,
+            classification,
+        })
+    }
+
+    /// The VM as of now: its threads listed and matched to vCPUs with the
+    /// fds of `id`.
+    fn assemble(
+        &self,
+        pid: u32,
+        id: &Identity,
+        main: procfs::TaskStat,
+    ) -> Result<DiscoveredVm, DiscoveryError> {
+        let root = &self.proc_root;
+        let fds = &id.fds;
+        let cmdline = id.cmdline.clone();
+        let cgroup = id.cgroup.clone();
+        let classification = id.classification.clone();
+        let threads = self.threads(pid)?;
 
         let mut vcpus: Vec<VcpuThread> = Vec::new();
         let mut rest: Vec<ThreadRecord> = Vec::new();

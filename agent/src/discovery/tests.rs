@@ -367,3 +367,58 @@ fn command_line_and_thread_names_that_are_not_utf8() {
     let others: Vec<&str> = v.other_threads.iter().map(|t| t.comm.as_str()).collect();
     assert!(others.contains(&"w\u{fffd}\u{2}"), "{others:?}");
 }
+
+#[test]
+fn incremental_scans_match_full_scans_and_catch_pid_reuse() {
+    let dir = tempfile::tempdir().unwrap();
+    write_process(dir.path(), &FakeProcess::qemu_vm(100, 2, SEV_ES_QEMU)).unwrap();
+    write_process(dir.path(), &FakeProcess::plain(50, "sshd")).unwrap();
+    let scanner = VmScanner::new(dir.path()).with_full_rescan_every(100);
+    let full = |d: &std::path::Path| VmScanner::new(d).scan().unwrap();
+    assert_eq!(scanner.scan().unwrap(), full(dir.path()));
+    // A known VM: its threads are re-listed (a new affinity shows) without
+    // re-reading its fds.
+    let mut vm = FakeProcess::qemu_vm(100, 2, SEV_ES_QEMU);
+    vm.threads[2].cpus_allowed = "3".into();
+    std::fs::remove_dir_all(dir.path().join("100")).unwrap();
+    write_process(dir.path(), &vm).unwrap();
+    let again = scanner.scan().unwrap();
+    assert_eq!(again, full(dir.path()));
+    assert_eq!(again[0].vcpus[0].cpus_allowed, CpuSet::range(3, 3));
+    // pid 100 reused by another VM (other start time, other command line):
+    // read from scratch.
+    std::fs::remove_dir_all(dir.path().join("100")).unwrap();
+    let mut reused = FakeProcess::qemu_vm(100, 3, &["/usr/bin/qemu-system-x86_64"]);
+    reused.start_time = 9999;
+    write_process(dir.path(), &reused).unwrap();
+    let after = scanner.scan().unwrap();
+    assert_eq!(after, full(dir.path()));
+    assert_eq!(after[0].start_time, 9999);
+    assert_eq!(after[0].class, Some(ConfidentialClass::None));
+    assert_eq!(after[0].vcpu_fds, vec![0, 1, 2]);
+    // A process that becomes a VM after its rechecks is found by the next
+    // full rescan.
+    let every = VmScanner::new(dir.path()).with_full_rescan_every(6);
+    write_process(dir.path(), &FakeProcess::plain(200, "qemu-system-x86")).unwrap();
+    for _ in 0..4 {
+        assert_eq!(every.scan().unwrap().len(), 1);
+    }
+    std::fs::remove_dir_all(dir.path().join("200")).unwrap();
+    let mut late = FakeProcess::qemu_vm(200, 1, &["/usr/bin/qemu-system-x86_64"]);
+    late.start_time = FakeProcess::plain(200, "x").start_time;
+    write_process(dir.path(), &late).unwrap();
+    assert_eq!(
+        every.scan().unwrap().len(),
+        1,
+        "not re-read before the full rescan"
+    );
+    assert_eq!(
+        every.scan().unwrap().len(),
+        1,
+        "not re-read before the full rescan"
+    );
+    assert_eq!(every.scan().unwrap().len(), 2, "found by the full rescan");
+    // A VM that exits leaves the cache.
+    std::fs::remove_dir_all(dir.path().join("200")).unwrap();
+    assert_eq!(every.scan().unwrap().len(), 1);
+}

@@ -11,8 +11,14 @@
 //!   placements, so there is nothing to shrink by hand).
 //! - A VM stays in one L3 domain when one fits; else it takes the fewest
 //!   domains of one NUMA node; across nodes only as a last resort.
-//! - Exclusive VMs (dedicated, and every sev-snp VM) get whole physical
-//!   cores: all SMT siblings of a core go to one VM.
+//! - Exclusive VMs (dedicated, and every sev-snp VM) get CPUs of their
+//!   own. Confidential ones get whole physical cores: all SMT siblings of a
+//!   core go to one VM (a sibling is a side channel). Plain dedicated VMs
+//!   take whole cores while their remaining vCPUs fill a core, then single
+//!   threads, first of cores another plain VM already holds part of (as
+//!   kubelet's static CPU manager does), unless
+//!   `Reservations::whole_cores_for_plain` keeps whole cores for them too.
+//!   No core is ever shared across the confidential boundary.
 //! - Best fit: the domain with the least room that still fits, so large free
 //!   domains stay whole.
 //! - Non-confidential VMs stay off confidential domains (and confidential
@@ -24,6 +30,7 @@
 //!   that already carry floating vCPUs first. Exclusive cores never carry
 //!   floating vCPUs, and a floating VM's set never changes once placed.
 
+mod occupancy;
 mod select;
 #[cfg(test)]
 mod tests;
@@ -34,6 +41,7 @@ use std::fmt;
 use crate::cpuset::CpuSet;
 use crate::topology::Topology;
 use crate::types::{ConfidentialClass, VmId};
+use occupancy::Occupancy;
 
 pub use select::{capacity, place};
 
@@ -103,7 +111,9 @@ impl PlacementRequest {
 #[serde(rename_all = "camelCase")]
 pub struct Placement {
     pub vm_id: VmId,
-    /// Every CPU the VM may run on (for exclusive VMs: all CPUs of its cores).
+    /// Every CPU the VM may run on (for exclusive VMs holding whole cores:
+    /// all CPUs of its cores; for plain VMs sharing cores: the threads it
+    /// holds).
     pub cpus: CpuSet,
     /// One entry per vCPU: a single CPU for dedicated VMs, `cpus` for
     /// floating ones.
@@ -152,6 +162,11 @@ pub struct Reservations {
     pub host: CpuSet,
     /// How many floating vCPUs one CPU carries (1 = no overcommit).
     pub shared_vcpus_per_cpu: u32,
+    /// True: plain dedicated VMs get whole cores like confidential ones.
+    /// False (kubelet's static default): two plain dedicated VMs may hold
+    /// the two threads of one core.
+    #[serde(default)]
+    pub whole_cores_for_plain: bool,
 }
 
 impl Default for Reservations {
@@ -159,16 +174,53 @@ impl Default for Reservations {
         Self {
             host: CpuSet::new(),
             shared_vcpus_per_cpu: 1,
+            whole_cores_for_plain: false,
         }
     }
 }
 
-/// The placements in force, by VM id. Everything else (pool domains, free
-/// cores, loads) is derived from them on each decision.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+/// The placements in force, by VM id, and what they hold (held CPUs,
+/// floating loads, VMs per domain), updated on every apply and release so a
+/// decision does not walk all placements. Serialized as the placements
+/// alone; the occupancy is rebuilt on load.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+#[serde(from = "PlacementsWire", into = "PlacementsWire")]
 pub struct PlacementState {
     placements: BTreeMap<VmId, Placement>,
+    occupancy: Occupancy,
 }
+
+/// The serialized form of `PlacementState`.
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
+struct PlacementsWire {
+    placements: BTreeMap<VmId, Placement>,
+}
+
+impl From<PlacementsWire> for PlacementState {
+    fn from(w: PlacementsWire) -> Self {
+        Self {
+            occupancy: Occupancy::rebuild(w.placements.values()),
+            placements: w.placements,
+        }
+    }
+}
+
+impl From<PlacementState> for PlacementsWire {
+    fn from(s: PlacementState) -> Self {
+        Self {
+            placements: s.placements,
+        }
+    }
+}
+
+/// Equal when the placements are equal (the occupancy follows from them).
+impl PartialEq for PlacementState {
+    fn eq(&self, other: &Self) -> bool {
+        self.placements == other.placements
+    }
+}
+
+impl Eq for PlacementState {}
 
 impl PlacementState {
     pub fn new() -> Self {
@@ -205,7 +257,7 @@ impl PlacementState {
                 reason: "already placed with a different request or CPU set".into(),
             });
         }
-        if placement.exclusive {
+        if placement.exclusive && !self.occupancy.held.is_disjoint(&placement.cpus) {
             if let Some(other) = self
                 .placements
                 .values()
@@ -221,13 +273,20 @@ impl PlacementState {
                 });
             }
         }
+        self.occupancy.add(&placement);
         self.placements.insert(placement.vm_id.clone(), placement);
         Ok(())
     }
 
     /// Removes a VM's placement; its CPUs are free again.
     pub fn release(&mut self, vm: &VmId) -> Option<Placement> {
-        self.placements.remove(vm)
+        let p = self.placements.remove(vm)?;
+        self.occupancy.remove(&p);
+        Some(p)
+    }
+
+    pub(crate) fn occupancy(&self) -> &Occupancy {
+        &self.occupancy
     }
 
     /// Places and records in one step.
@@ -245,15 +304,14 @@ impl PlacementState {
     /// The confidential pool: L3 domains that hold a confidential VM,
     /// ascending.
     pub fn confidential_domains(&self) -> Vec<usize> {
-        let mut out: Vec<usize> = self
-            .placements
-            .values()
-            .filter(|p| p.pool == Pool::Confidential)
-            .flat_map(|p| p.l3_domains.iter().copied())
-            .collect();
-        out.sort_unstable();
-        out.dedup();
-        out
+        let slot = Pool::Confidential.slot();
+        self.occupancy
+            .domain_vms
+            .iter()
+            .enumerate()
+            .filter(|(_, vms)| vms[slot] > 0)
+            .map(|(d, _)| d)
+            .collect()
     }
 }
 

@@ -2,7 +2,9 @@
 //! the order in which domains are tried, and the choice of cores.
 
 use std::cmp::Reverse;
+use std::ops::Range;
 
+use super::occupancy::PerPool;
 use super::{
     CapacitySummary, ClassCapacity, FreeCpus, PlaceError, Placement, PlacementRequest,
     PlacementState, Pool, Reservations, SizeFit, COMMON_SIZES,
@@ -11,90 +13,147 @@ use crate::cpuset::CpuSet;
 use crate::topology::Topology;
 use crate::types::{ConfidentialClass, VmId};
 
+/// How a request holds CPUs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Claim {
+    /// Whole physical cores: every SMT sibling goes to the VM (confidential
+    /// VMs always; plain ones with `Reservations::whole_cores_for_plain`).
+    WholeCores,
+    /// Single threads: whole cores while the remaining vCPUs fill one,
+    /// then threads of cores other plain VMs hold part of, then of free
+    /// cores (kubelet's static policy).
+    Threads,
+    /// Floating vCPUs of one pool over cores no exclusive VM holds.
+    Floating(Pool),
+}
+
+impl Claim {
+    fn of(req: &PlacementRequest, reservations: &Reservations) -> Self {
+        if !req.exclusive_cores() {
+            Claim::Floating(req.pool())
+        } else if req.pool() == Pool::Confidential || reservations.whole_cores_for_plain {
+            Claim::WholeCores
+        } else {
+            Claim::Threads
+        }
+    }
+}
+
 /// One physical core as the engine sees it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy)]
 struct CoreView {
     index: usize,
     /// SMT threads (online CPUs) of the core.
     threads: u32,
-    /// CPUs a floating VM may use on this core (not reserved, not isolated).
-    shared_cpus: CpuSet,
+    /// Threads no exclusive VM holds.
+    free: u32,
     /// Floating vCPUs the core carries at most.
     shared_capacity: u32,
-    /// Floating vCPUs placed on it.
-    load: u32,
-    /// Held by an exclusive VM.
-    owned: bool,
+    /// Floating vCPUs placed on it, by pool.
+    load: PerPool,
     /// Has a reserved CPU: never given to an exclusive VM.
     reserved: bool,
 }
 
 impl CoreView {
-    fn free_for_exclusive(&self) -> bool {
-        !self.owned && !self.reserved && self.load == 0
+    fn loaded(&self) -> bool {
+        self.load[0] + self.load[1] > 0
     }
 
-    fn spare(&self) -> u32 {
-        if self.owned {
+    /// Free for a VM that takes whole cores.
+    fn whole_free(&self) -> bool {
+        !self.reserved && !self.loaded() && self.threads > 0 && self.free == self.threads
+    }
+
+    /// Threads a plain dedicated VM may take: the core carries no floating
+    /// vCPU and no confidential VM holds it (a confidential VM holds every
+    /// thread, so any free thread is next to plain VMs only).
+    fn free_threads(&self) -> u32 {
+        if self.reserved || self.loaded() {
             0
         } else {
-            self.shared_capacity.saturating_sub(self.load)
+            self.free
+        }
+    }
+
+    /// Floating vCPUs of `pool` the core can still take: none on a core an
+    /// exclusive VM holds part of or that carries the other pool's vCPUs.
+    fn spare(&self, pool: Pool) -> u32 {
+        if self.free < self.threads || self.load[pool.other().slot()] > 0 {
+            0
+        } else {
+            self.shared_capacity
+                .saturating_sub(self.load[0] + self.load[1])
         }
     }
 }
 
-/// One L3 domain as the engine sees it.
+/// One L3 domain as the engine sees it, with its room kept as counters
+/// (recounted from its cores whenever a decision changes them).
 #[derive(Debug, Clone)]
 struct DomainView {
     index: usize,
     numa: u32,
-    cores: Vec<CoreView>,
-    confidential_vms: u32,
-    general_vms: u32,
+    /// Positions in `HostView::cores`.
+    cores: Range<usize>,
+    vms: PerPool,
+    whole_room: u32,
+    thread_room: u32,
+    spare: PerPool,
 }
 
 impl DomainView {
     fn is_empty(&self) -> bool {
-        self.confidential_vms == 0 && self.general_vms == 0
+        self.vms == [0, 0]
     }
 
-    /// Room for a VM, in vCPUs: threads of free cores for an exclusive VM,
-    /// spare floating capacity for a shared one.
-    fn room(&self, exclusive: bool) -> u32 {
-        if exclusive {
-            self.cores
-                .iter()
-                .filter(|c| c.free_for_exclusive())
-                .map(|c| c.threads)
-                .sum()
-        } else {
-            self.cores.iter().map(CoreView::spare).sum()
+    fn recount(&mut self, cores: &[CoreView]) {
+        let cores = &cores[self.cores.clone()];
+        self.whole_room = cores
+            .iter()
+            .filter(|c| c.whole_free())
+            .map(|c| c.threads)
+            .sum();
+        self.thread_room = cores.iter().map(CoreView::free_threads).sum();
+        self.spare = [
+            cores.iter().map(|c| c.spare(Pool::General)).sum(),
+            cores.iter().map(|c| c.spare(Pool::Confidential)).sum(),
+        ];
+    }
+
+    /// Room for a VM, in vCPUs.
+    fn room(&self, claim: Claim) -> u32 {
+        match claim {
+            Claim::WholeCores => self.whole_room,
+            Claim::Threads => self.thread_room,
+            Claim::Floating(pool) => self.spare[pool.slot()],
         }
     }
 
     /// Holds VMs of the pool other than `pool`.
     fn holds_other(&self, pool: Pool) -> bool {
-        match pool {
-            Pool::Confidential => self.general_vms > 0,
-            Pool::General => self.confidential_vms > 0,
-        }
+        self.vms[pool.other().slot()] > 0
     }
 
     fn holds_own(&self, pool: Pool) -> bool {
-        match pool {
-            Pool::Confidential => self.confidential_vms > 0,
-            Pool::General => self.general_vms > 0,
-        }
+        self.vms[pool.slot()] > 0
     }
 }
 
-/// The host as the engine sees it: one view per L3 domain.
+/// The host as the engine sees it: one view per L3 domain over one flat
+/// list of cores, built from the topology and the state's occupancy in
+/// O(cores) (no walk over the placements).
 #[derive(Debug, Clone)]
 struct HostView<'t> {
     topo: &'t Topology,
+    /// CPUs held by exclusive VMs when the view was built (used to name the
+    /// threads a new plain VM gets; `commit` does not update it).
+    held: &'t CpuSet,
+    reservations: &'t Reservations,
+    cores: Vec<CoreView>,
     domains: Vec<DomainView>,
-    /// `core index -> (domain, position in that domain's cores)`.
-    core_at: Vec<(usize, usize)>,
+    /// `core index -> position in cores` (`usize::MAX`: in no domain).
+    core_at: Vec<usize>,
 }
 
 /// A domain taken by a decision: the cores and the vCPUs put on each.
@@ -108,6 +167,8 @@ struct Take {
 struct Choice {
     takes: Vec<Take>,
     mixes_pools: bool,
+    /// Chosen by a one-domain stage (best fit in a single domain).
+    single: bool,
 }
 
 /// Which domains a stage may use.
@@ -133,72 +194,68 @@ enum Shape {
 }
 
 impl<'t> HostView<'t> {
-    fn build(topo: &'t Topology, state: &PlacementState, reservations: &Reservations) -> Self {
+    fn build(
+        topo: &'t Topology,
+        state: &'t PlacementState,
+        reservations: &'t Reservations,
+    ) -> Self {
+        let occ = state.occupancy();
         let ratio = reservations.shared_vcpus_per_cpu;
-        let mut core_at = vec![(0, 0); topo.cores.len()];
-        let mut domains: Vec<DomainView> = topo
-            .l3_domains
-            .iter()
-            .map(|d| {
-                let cores = d
-                    .cores
-                    .iter()
-                    .enumerate()
-                    .map(|(pos, &ci)| {
-                        core_at[ci] = (d.index, pos);
-                        let cpus = &topo.cores[ci].cpus;
-                        let shared_cpus: CpuSet = cpus
-                            .iter()
-                            .filter(|&c| {
-                                !reservations.host.contains(c) && !topo.isolated.contains(c)
-                            })
-                            .collect();
-                        CoreView {
-                            index: ci,
-                            threads: cpus.len() as u32,
-                            shared_capacity: shared_cpus.len() as u32 * ratio,
-                            shared_cpus,
-                            load: 0,
-                            owned: false,
-                            reserved: !cpus.is_disjoint(&reservations.host),
-                        }
-                    })
-                    .collect();
-                DomainView {
-                    index: d.index,
-                    numa: d.numa,
-                    cores,
-                    confidential_vms: 0,
-                    general_vms: 0,
-                }
-            })
-            .collect();
-        for p in state.iter() {
-            for (&ci, &n) in p.cores.iter().zip(&p.vcpus_per_core) {
-                let Some(&(d, pos)) = core_at.get(ci) else {
+        let mut cores = Vec::with_capacity(topo.cores.len());
+        let mut core_at = vec![usize::MAX; topo.cores.len()];
+        let mut domains = Vec::with_capacity(topo.l3_domains.len());
+        for d in &topo.l3_domains {
+            let start = cores.len();
+            for &ci in &d.cores {
+                let Some(core) = topo.cores.get(ci) else {
                     continue;
                 };
-                let core = &mut domains[d].cores[pos];
-                if p.exclusive {
-                    core.owned = true;
-                } else {
-                    core.load += n;
-                }
-            }
-            for &d in &p.l3_domains {
-                if let Some(v) = domains.get_mut(d) {
-                    match p.pool {
-                        Pool::Confidential => v.confidential_vms += 1,
-                        Pool::General => v.general_vms += 1,
+                core_at[ci] = cores.len();
+                let (mut threads, mut free, mut shared, mut reserved) = (0u32, 0u32, 0u32, false);
+                for c in core.cpus.iter() {
+                    threads += 1;
+                    let r = reservations.host.contains(c);
+                    reserved |= r;
+                    if !occ.held.contains(c) {
+                        free += 1;
+                    }
+                    if !r && !topo.isolated.contains(c) {
+                        shared += 1;
                     }
                 }
+                cores.push(CoreView {
+                    index: ci,
+                    threads,
+                    free,
+                    shared_capacity: shared * ratio,
+                    load: occ.load_of(ci),
+                    reserved,
+                });
             }
+            let mut view = DomainView {
+                index: d.index,
+                numa: d.numa,
+                cores: start..cores.len(),
+                vms: occ.vms_in(d.index),
+                whole_room: 0,
+                thread_room: 0,
+                spare: [0, 0],
+            };
+            view.recount(&cores);
+            domains.push(view);
         }
         Self {
             topo,
+            held: &occ.held,
+            reservations,
+            cores,
             domains,
             core_at,
         }
+    }
+
+    fn claim(&self, req: &PlacementRequest) -> Claim {
+        Claim::of(req, self.reservations)
     }
 
     fn in_tier(&self, d: &DomainView, pool: Pool, tier: Tier) -> bool {
@@ -222,7 +279,7 @@ impl<'t> HostView<'t> {
     /// Decides where `req` goes, or `None` when nothing fits.
     fn choose(&self, req: &PlacementRequest, allow_mixing: bool) -> Option<Choice> {
         let pool = req.pool();
-        let exclusive = req.exclusive_cores();
+        let claim = self.claim(req);
         let stages: &[(Shape, &[Tier])] = match pool {
             Pool::Confidential => &[
                 (Shape::Single, &[Tier::OwnPool, Tier::OwnOrEmpty]),
@@ -241,38 +298,44 @@ impl<'t> HostView<'t> {
                 (Shape::AnyNodes, &[Tier::Any]),
             ],
         };
+        let mut cands: Vec<Cand> = Vec::with_capacity(self.domains.len());
         for &(shape, tiers) in stages {
             for &tier in tiers {
                 if tier == Tier::Any && !allow_mixing {
                     return None;
                 }
-                let cands: Vec<Cand> = self
-                    .domains
-                    .iter()
-                    .filter(|d| self.in_tier(d, pool, tier))
-                    .map(|d| Cand {
-                        index: d.index,
-                        numa: d.numa,
-                        room: d.room(exclusive),
-                        empty: d.is_empty(),
-                        tie: Self::tie_key(pool, d.index),
-                    })
-                    .filter(|c| c.room > 0)
-                    .collect();
+                cands.clear();
+                cands.extend(
+                    self.domains
+                        .iter()
+                        .filter(|d| self.in_tier(d, pool, tier))
+                        .map(|d| Cand {
+                            index: d.index,
+                            numa: d.numa,
+                            room: d.room(claim),
+                            empty: d.is_empty(),
+                            tie: Self::tie_key(pool, d.index),
+                        })
+                        .filter(|c| c.room > 0),
+                );
                 if let Some(domains) = pick(&cands, req.vcpus, shape, req.numa_preference) {
                     let mixes_pools = domains.iter().any(|&d| self.domains[d].holds_other(pool));
-                    return Some(self.take(req, &domains, mixes_pools));
+                    let mut choice = self.take(req, claim, &domains, mixes_pools);
+                    choice.single = shape == Shape::Single;
+                    return Some(choice);
                 }
             }
         }
         None
     }
 
-    /// Fills `domains` in order with `req`'s vCPUs: exclusive VMs take free
-    /// cores, most threads first; floating VMs fill cores that already carry
-    /// floating vCPUs first (packing), then free ones.
-    fn take(&self, req: &PlacementRequest, domains: &[usize], mixes_pools: bool) -> Choice {
-        let exclusive = req.exclusive_cores();
+    /// Fills `domains` in order with `req`'s vCPUs: whole-core VMs take
+    /// free cores, most threads first; thread VMs take whole cores while
+    /// the rest fills one, then the threads left on cores other plain VMs
+    /// hold part of (fewest first), then threads of free cores; floating
+    /// VMs fill cores that already carry floating vCPUs first (packing),
+    /// then free ones.
+    fn take(&self, req: &PlacementRequest, claim: Claim, domains: &[usize], mixes: bool) -> Choice {
         let mut left = req.vcpus;
         let mut takes = Vec::new();
         for &di in domains {
@@ -280,60 +343,99 @@ impl<'t> HostView<'t> {
                 break;
             }
             let d = &self.domains[di];
+            let dcores = &self.cores[d.cores.clone()];
             let mut cores = Vec::new();
-            if exclusive {
-                let mut free: Vec<&CoreView> =
-                    d.cores.iter().filter(|c| c.free_for_exclusive()).collect();
-                free.sort_by_key(|c| (Reverse(c.threads), c.index));
-                for c in free {
-                    if left == 0 {
-                        break;
+            match claim {
+                Claim::WholeCores => {
+                    let mut free: Vec<&CoreView> =
+                        dcores.iter().filter(|c| c.whole_free()).collect();
+                    free.sort_by_key(|c| (Reverse(c.threads), c.index));
+                    for c in free {
+                        if left == 0 {
+                            break;
+                        }
+                        let n = c.threads.min(left);
+                        cores.push((c.index, n));
+                        left -= n;
                     }
-                    let n = c.threads.min(left);
-                    cores.push((c.index, n));
-                    left -= n;
                 }
-            } else {
-                let mut open: Vec<&CoreView> = d.cores.iter().filter(|c| c.spare() > 0).collect();
-                open.sort_by_key(|c| (c.load == 0, c.spare(), c.index));
-                for c in open {
-                    if left == 0 {
-                        break;
+                Claim::Threads => {
+                    let mut whole: Vec<&CoreView> =
+                        dcores.iter().filter(|c| c.whole_free()).collect();
+                    whole.sort_by_key(|c| (Reverse(c.threads), c.index));
+                    let mut rest = Vec::new();
+                    for c in whole {
+                        if left >= c.threads {
+                            cores.push((c.index, c.threads));
+                            left -= c.threads;
+                        } else {
+                            rest.push(c);
+                        }
                     }
-                    let n = c.spare().min(left);
-                    cores.push((c.index, n));
-                    left -= n;
+                    let mut partial: Vec<&CoreView> = dcores
+                        .iter()
+                        .filter(|c| c.free_threads() > 0 && !c.whole_free())
+                        .collect();
+                    partial.sort_by_key(|c| (c.free_threads(), c.index));
+                    for c in partial.into_iter().chain(rest) {
+                        if left == 0 {
+                            break;
+                        }
+                        let n = c.free_threads().min(left);
+                        cores.push((c.index, n));
+                        left -= n;
+                    }
+                }
+                Claim::Floating(pool) => {
+                    let mut open: Vec<&CoreView> =
+                        dcores.iter().filter(|c| c.spare(pool) > 0).collect();
+                    open.sort_by_key(|c| (!c.loaded(), c.spare(pool), c.index));
+                    for c in open {
+                        if left == 0 {
+                            break;
+                        }
+                        let n = c.spare(pool).min(left);
+                        cores.push((c.index, n));
+                        left -= n;
+                    }
                 }
             }
             takes.push(Take { domain: di, cores });
         }
-        Choice { takes, mixes_pools }
+        Choice {
+            takes,
+            mixes_pools: mixes,
+            single: domains.len() == 1,
+        }
     }
 
     /// Records a choice in the view (used by `capacity` to place one VM
     /// after another without building placements).
     fn commit(&mut self, req: &PlacementRequest, choice: &Choice) {
-        let exclusive = req.exclusive_cores();
+        let claim = self.claim(req);
         for t in &choice.takes {
             for &(ci, n) in &t.cores {
-                let (d, pos) = self.core_at[ci];
-                let core = &mut self.domains[d].cores[pos];
-                if exclusive {
-                    core.owned = true;
-                } else {
-                    core.load += n;
+                let Some(core) = self
+                    .core_at
+                    .get(ci)
+                    .and_then(|&pos| self.cores.get_mut(pos))
+                else {
+                    continue;
+                };
+                match claim {
+                    Claim::WholeCores => core.free = 0,
+                    Claim::Threads => core.free = core.free.saturating_sub(n),
+                    Claim::Floating(pool) => core.load[pool.slot()] += n,
                 }
             }
             let d = &mut self.domains[t.domain];
-            match req.pool() {
-                Pool::Confidential => d.confidential_vms += 1,
-                Pool::General => d.general_vms += 1,
-            }
+            d.vms[req.pool().slot()] += 1;
+            d.recount(&self.cores);
         }
     }
 
     fn placement(&self, req: &PlacementRequest, choice: &Choice) -> Placement {
-        let exclusive = req.exclusive_cores();
+        let claim = self.claim(req);
         let mut cpus = CpuSet::new();
         let mut ordered: Vec<u32> = Vec::new();
         let mut cores = Vec::new();
@@ -342,13 +444,29 @@ impl<'t> HostView<'t> {
             for &(ci, n) in &t.cores {
                 cores.push(ci);
                 vcpus_per_core.push(n);
-                if exclusive {
-                    let set = &self.topo.cores[ci].cpus;
-                    cpus = cpus.union(set);
-                    ordered.extend(set.iter());
-                } else {
-                    let (d, pos) = self.core_at[ci];
-                    cpus = cpus.union(&self.domains[d].cores[pos].shared_cpus);
+                let core_cpus = &self.topo.cores[ci].cpus;
+                match claim {
+                    Claim::WholeCores => {
+                        cpus = cpus.union(core_cpus);
+                        ordered.extend(core_cpus.iter());
+                    }
+                    Claim::Threads => {
+                        for c in core_cpus
+                            .iter()
+                            .filter(|&c| !self.held.contains(c))
+                            .take(n as usize)
+                        {
+                            cpus.insert(c);
+                            ordered.push(c);
+                        }
+                    }
+                    Claim::Floating(_) => {
+                        for c in core_cpus.iter().filter(|&c| {
+                            !self.reservations.host.contains(c) && !self.topo.isolated.contains(c)
+                        }) {
+                            cpus.insert(c);
+                        }
+                    }
                 }
             }
         }
@@ -379,23 +497,29 @@ impl<'t> HostView<'t> {
             cores,
             vcpus_per_core,
             pool: req.pool(),
-            exclusive,
+            exclusive: claim != Claim::Floating(req.pool()),
             shares_confidential_domain: choice.mixes_pools,
             request: req.clone(),
         }
     }
 
+    /// Free CPUs for a new dedicated VM of each pool, without mixing pools.
     fn free_cpus(&self) -> FreeCpus {
-        let sum = |pool| {
+        let plain = if self.reservations.whole_cores_for_plain {
+            Claim::WholeCores
+        } else {
+            Claim::Threads
+        };
+        let sum = |pool, claim| {
             self.domains
                 .iter()
                 .filter(|d| !d.holds_other(pool))
-                .map(|d| d.room(true))
+                .map(|d| d.room(claim))
                 .sum()
         };
         FreeCpus {
-            confidential: sum(Pool::Confidential),
-            general: sum(Pool::General),
+            confidential: sum(Pool::Confidential, Claim::WholeCores),
+            general: sum(Pool::General, plain),
         }
     }
 }
@@ -639,9 +763,50 @@ fn probe_request(class: ConfidentialClass, vcpus: u32) -> Option<PlacementReques
     })
 }
 
+/// How many more VMs like `req` fit, placed one after the other on a copy
+/// of `view` without mixing pools. After a one-domain best-fit choice the
+/// same domain stays the best fit while it still has room (its room only
+/// shrank, every other domain's is unchanged), so the next VMs are taken
+/// from it directly instead of re-running the whole choice.
+fn count_fits(view: &HostView<'_>, req: &PlacementRequest) -> u32 {
+    let claim = view.claim(req);
+    let mut v = view.clone();
+    let mut count = 0;
+    while let Some(choice) = v.choose(req, false) {
+        v.commit(req, &choice);
+        count += 1;
+        if choice.single {
+            let d = choice.takes[0].domain;
+            while v.domains[d].room(claim) >= req.vcpus {
+                let next = v.take(req, claim, &[d], false);
+                v.commit(req, &next);
+                count += 1;
+            }
+        }
+    }
+    count
+}
+
+/// Largest placeable size: binary search (placeable sizes are downward
+/// closed: any fitting set of cores also fits fewer vCPUs).
+fn largest_vm(view: &HostView<'_>, class: ConfidentialClass, online: u32) -> u32 {
+    let (mut lo, mut hi) = (0u32, online);
+    while lo < hi {
+        let mid = lo + (hi - lo).div_ceil(2);
+        let fits_mid = probe_request(class, mid).is_some_and(|r| view.choose(&r, false).is_some());
+        if fits_mid {
+            lo = mid;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    lo
+}
+
 /// Room left per class, computed by placing dedicated probe VMs on a copy
 /// of the host view (the same decisions `place` would make), counting only
-/// placements that do not mix pools.
+/// placements that do not mix pools. Classes whose probes decide alike
+/// (sev, sev-es and sev-snp: confidential, whole cores) are computed once.
 pub fn capacity(
     topo: &Topology,
     state: &PlacementState,
@@ -650,34 +815,28 @@ pub fn capacity(
     let view = HostView::build(topo, state, reservations);
     let free = view.free_cpus();
     let online = topo.online.len() as u32;
-    let mut classes = Vec::new();
+    let mut classes: Vec<ClassCapacity> = Vec::new();
     for class in ConfidentialClass::ALL {
         let pool = Pool::of(class);
-        let mut fits = Vec::new();
-        for vcpus in COMMON_SIZES {
-            let mut count = 0;
-            if let Some(req) = probe_request(class, vcpus) {
-                let mut v = view.clone();
-                while let Some(choice) = v.choose(&req, false) {
-                    v.commit(&req, &choice);
-                    count += 1;
-                }
-            }
-            fits.push(SizeFit { vcpus, count });
+        let claim = probe_request(class, 1).map(|r| view.claim(&r));
+        let same = classes
+            .iter()
+            .find(|c| c.pool == pool && probe_request(c.class, 1).map(|r| view.claim(&r)) == claim);
+        if let Some(same) = same {
+            let copy = ClassCapacity {
+                class,
+                ..same.clone()
+            };
+            classes.push(copy);
+            continue;
         }
-        // Largest placeable size: binary search (placeable sizes are
-        // downward closed: any fitting set of cores also fits fewer vCPUs).
-        let (mut lo, mut hi) = (0u32, online);
-        while lo < hi {
-            let mid = lo + (hi - lo).div_ceil(2);
-            let fits_mid =
-                probe_request(class, mid).is_some_and(|r| view.choose(&r, false).is_some());
-            if fits_mid {
-                lo = mid;
-            } else {
-                hi = mid - 1;
-            }
-        }
+        let fits = COMMON_SIZES
+            .iter()
+            .map(|&vcpus| SizeFit {
+                vcpus,
+                count: probe_request(class, vcpus).map_or(0, |r| count_fits(&view, &r)),
+            })
+            .collect();
         classes.push(ClassCapacity {
             class,
             pool,
@@ -686,7 +845,7 @@ pub fn capacity(
                 Pool::General => free.general,
             },
             fits,
-            largest_vm: lo,
+            largest_vm: largest_vm(&view, class, online),
         });
     }
     CapacitySummary {
@@ -699,4 +858,91 @@ pub fn capacity(
             .map(|d| d.index)
             .collect(),
     }
+}
+
+/// `capacity` without the shortcuts (every probe VM through the whole
+/// choice, every class on its own): the reference the property tests
+/// compare `capacity` with.
+#[cfg(test)]
+pub(super) fn capacity_reference(
+    topo: &Topology,
+    state: &PlacementState,
+    reservations: &Reservations,
+) -> CapacitySummary {
+    let view = HostView::build(topo, state, reservations);
+    let free = view.free_cpus();
+    let online = topo.online.len() as u32;
+    let classes = ConfidentialClass::ALL
+        .into_iter()
+        .map(|class| {
+            let pool = Pool::of(class);
+            let fits = COMMON_SIZES
+                .iter()
+                .map(|&vcpus| {
+                    let mut count = 0;
+                    if let Some(req) = probe_request(class, vcpus) {
+                        let mut v = view.clone();
+                        while let Some(choice) = v.choose(&req, false) {
+                            v.commit(&req, &choice);
+                            count += 1;
+                        }
+                    }
+                    SizeFit { vcpus, count }
+                })
+                .collect();
+            ClassCapacity {
+                class,
+                pool,
+                free_cpus: match pool {
+                    Pool::Confidential => free.confidential,
+                    Pool::General => free.general,
+                },
+                fits,
+                largest_vm: largest_vm(&view, class, online),
+            }
+        })
+        .collect();
+    CapacitySummary {
+        classes,
+        confidential_domains: state.confidential_domains(),
+        empty_domains: view
+            .domains
+            .iter()
+            .filter(|d| d.is_empty())
+            .map(|d| d.index)
+            .collect(),
+    }
+}
+
+/// The view `place` and `capacity` decide on, as plain numbers (room per
+/// domain and claim, VMs per domain, free threads and loads per core): the
+/// property tests compare the one built from the incremental occupancy with
+/// one built from the placements from scratch.
+#[cfg(test)]
+pub(super) fn view_digest(
+    topo: &Topology,
+    state: &PlacementState,
+    reservations: &Reservations,
+) -> Vec<Vec<u32>> {
+    let v = HostView::build(topo, state, reservations);
+    let mut out: Vec<Vec<u32>> = v
+        .domains
+        .iter()
+        .map(|d| {
+            vec![
+                d.whole_room,
+                d.thread_room,
+                d.spare[0],
+                d.spare[1],
+                d.vms[0],
+                d.vms[1],
+            ]
+        })
+        .collect();
+    out.extend(
+        v.cores
+            .iter()
+            .map(|c| vec![c.index as u32, c.free, c.load[0], c.load[1]]),
+    );
+    out
 }

@@ -2,6 +2,7 @@ use std::path::PathBuf;
 
 use proptest::prelude::*;
 
+use super::occupancy::Occupancy;
 use super::*;
 
 fn fixture(name: &str) -> Topology {
@@ -123,9 +124,45 @@ fn milan_vcpu_order_is_sibling_pairs() {
     .unwrap();
     let per: Vec<String> = p.vcpu_cpus.iter().map(|s| s.to_string()).collect();
     assert_eq!(per, ["0", "64", "1"]);
-    // Whole cores: the idle sibling belongs to the VM too.
-    assert_eq!(p.cpus.to_string(), "0-1,64-65");
+    // A plain VM holds one whole core and one thread; the sibling 65 stays
+    // free for another plain VM.
+    assert_eq!(p.cpus.to_string(), "0-1,64");
     assert!(p.exclusive);
+    let mut state = PlacementState::new();
+    state.apply(p).unwrap();
+    let b = place(
+        &t,
+        &state,
+        &Reservations::default(),
+        &req("b", 1, "none", true),
+    )
+    .unwrap();
+    assert_eq!(b.cpus.to_string(), "65");
+    // A confidential VM never takes that thread: whole cores only.
+    let c = place(
+        &t,
+        &state,
+        &Reservations::default(),
+        &req("c", 1, "sev", true),
+    )
+    .unwrap();
+    assert!(c.cpus.is_disjoint(&CpuSet::parse("0-1,64-65").unwrap()));
+    assert_eq!(c.cpus.len(), 2);
+    // Whole cores for plain VMs too: the idle sibling belongs to the VM.
+    let whole = Reservations {
+        whole_cores_for_plain: true,
+        ..Reservations::default()
+    };
+    let p = place(
+        &t,
+        &PlacementState::new(),
+        &whole,
+        &req("a", 3, "none", true),
+    )
+    .unwrap();
+    let per: Vec<String> = p.vcpu_cpus.iter().map(|s| s.to_string()).collect();
+    assert_eq!(per, ["0", "64", "1"]);
+    assert_eq!(p.cpus.to_string(), "0-1,64-65");
 }
 
 #[test]
@@ -220,8 +257,9 @@ fn rome_offline_isolated_and_reserved() {
             // floating VM takes its two one-thread cores.
             ok(req("a", 2, "none", false), "6-7", &[1], false),
             ok(req("b", 2, "none", true), "4,68", &[1], false),
-            // Dedicated VMs may use the isolated core 0.
-            ok(req("c", 3, "none", true), "0-1,64-65", &[0], false),
+            // Dedicated VMs may use the isolated core 0; a plain one takes
+            // a whole core and one thread of the next.
+            ok(req("c", 3, "none", true), "0-1,64", &[0], false),
         ],
     );
     // Dedicated VMs may use isolated CPUs.
@@ -351,8 +389,18 @@ fn capacity_counts_common_sizes() {
     assert_eq!(none.free_cpus, 128);
     assert_eq!(none.largest_vm, 128);
     let counts: Vec<u32> = none.fits.iter().map(|f| f.count).collect();
+    // Plain VMs share cores: a 1-vCPU VM takes one thread.
+    assert_eq!(counts, [128, 64, 32, 16, 8, 4]);
+    let whole = Reservations {
+        whole_cores_for_plain: true,
+        ..Reservations::default()
+    };
+    let c = capacity(&t, &state, &whole);
+    let counts: Vec<u32> = c.classes[0].fits.iter().map(|f| f.count).collect();
     // Whole cores: a 1-vCPU VM takes a 2-thread core.
     assert_eq!(counts, [64, 64, 32, 16, 8, 4]);
+    let sev: Vec<u32> = c.classes[1].fits.iter().map(|f| f.count).collect();
+    assert_eq!(sev, [64, 64, 32, 16, 8, 4]);
     state.place(&t, &res, &req("c", 16, "sev", true)).unwrap();
     let c = capacity(&t, &state, &res);
     let sev = c
@@ -454,7 +502,8 @@ fn check_invariants(
             a.vm_id
         );
         prop_assert_eq!(a.vcpu_cpus.len(), a.request.vcpus as usize);
-        if a.exclusive {
+        let whole = a.pool == Pool::Confidential || res.whole_cores_for_plain;
+        if a.exclusive && whole {
             for c in a.cpus.iter() {
                 let core = &topo.cores[topo.cpu(c).unwrap().core];
                 prop_assert!(
@@ -479,6 +528,37 @@ fn check_invariants(
                     b.vm_id
                 );
             }
+            // No physical core across the confidential boundary, none
+            // between an exclusive VM and a floating one, and none between
+            // a whole-core VM and any other.
+            let cores_of = |p: &Placement| -> Vec<usize> {
+                let mut v: Vec<usize> = p.cpus.iter().map(|c| topo.cpu(c).unwrap().core).collect();
+                v.dedup();
+                v
+            };
+            let (ca, cb) = (cores_of(a), cores_of(b));
+            if ca.iter().any(|c| cb.contains(c)) {
+                prop_assert_eq!(
+                    a.pool,
+                    b.pool,
+                    "{} and {} share a core across pools",
+                    &a.vm_id,
+                    &b.vm_id
+                );
+                prop_assert_eq!(
+                    a.exclusive,
+                    b.exclusive,
+                    "{} and {} share a core, one floating",
+                    &a.vm_id,
+                    &b.vm_id
+                );
+                prop_assert!(
+                    !a.exclusive || (a.pool == Pool::General && !res.whole_cores_for_plain),
+                    "{} and {} share a whole-core VM's core",
+                    a.vm_id,
+                    b.vm_id
+                );
+            }
             let share = a.l3_domains.iter().any(|d| b.l3_domains.contains(d));
             if share && a.pool != b.pool {
                 prop_assert!(
@@ -490,6 +570,16 @@ fn check_invariants(
             }
         }
     }
+    // The incremental occupancy equals one rebuilt from the placements, and
+    // so does the view decisions are made on.
+    prop_assert_eq!(state.occupancy(), &Occupancy::rebuild(state.iter()));
+    let rebuilt = PlacementState::from(PlacementsWire {
+        placements: state.iter().map(|p| (p.vm_id.clone(), p.clone())).collect(),
+    });
+    prop_assert_eq!(
+        select::view_digest(topo, state, res),
+        select::view_digest(topo, &rebuilt, res)
+    );
     // Floating load never exceeds a core's capacity.
     for core in &topo.cores {
         let load: u32 = all
@@ -531,8 +621,8 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(128))]
 
     #[test]
-    fn placement_properties((topo, reserved) in topology(), ratio in 1u32..=3, ops in proptest::collection::vec(op(), 1..40)) {
-        let res = Reservations { host: reserved, shared_vcpus_per_cpu: ratio };
+    fn placement_properties((topo, reserved) in topology(), ratio in 1u32..=3, whole in any::<bool>(), ops in proptest::collection::vec(op(), 1..40)) {
+        let res = Reservations { host: reserved, shared_vcpus_per_cpu: ratio, whole_cores_for_plain: whole };
         let mut state = PlacementState::new();
         for op in ops {
             match op {
@@ -544,6 +634,9 @@ proptest! {
                     prop_assert_eq!(&first, &second);
                     if let Ok(p) = first {
                         let before = capacity(&topo, &state, &res);
+                        // The shortcuts in `capacity` decide as the plain
+                        // probe loop does.
+                        prop_assert_eq!(&before, &select::capacity_reference(&topo, &state, &res));
                         let already = state.get(&r.vm_id).is_some();
                         state.apply(p.clone()).map_err(|e| TestCaseError::fail(e.to_string()))?;
                         // Idempotence.

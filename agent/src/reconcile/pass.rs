@@ -27,9 +27,17 @@ pub struct PassReport {
 
 /// One reconcile pass, on the calling thread: the scan runs without the
 /// core's lock, the rest takes it ahead of queued API calls.
+///
+/// `sevplace_reconcile_duration_seconds` times the whole pass (scan, lock
+/// wait, compare and act); the phase histogram splits scan from compare and
+/// act.
 pub fn run_pass(ctx: &AgentContext) {
+    let started = Instant::now();
     let scanner = ctx.lock_first().scanner();
-    match scanner.scan() {
+    let scanned = scanner.scan();
+    ctx.metrics
+        .observe_reconcile_phase("scan", started.elapsed());
+    match scanned {
         Ok(scan) => {
             let asked = Instant::now();
             let mut core = ctx.lock_first();
@@ -43,6 +51,7 @@ pub fn run_pass(ctx: &AgentContext) {
         // Logged by the condition when it starts or changes.
         Err(e) => ctx.lock_first().scan_failed(e.to_string()),
     }
+    ctx.metrics.observe_reconcile(started.elapsed());
 }
 
 impl AgentCore {
@@ -219,7 +228,8 @@ impl AgentCore {
             self.auto_place_unmanaged(&mut report);
         }
         self.sync_module();
-        self.metrics.observe_reconcile(start.elapsed());
+        self.metrics
+            .observe_reconcile_phase("compare_and_act", start.elapsed());
         report
     }
 }

@@ -553,7 +553,11 @@ fn promtool_check_metrics(text: &str) {
         .stderr(std::process::Stdio::piped())
         .spawn()
     else {
-        eprintln!("SKIP promtool check metrics: promtool is not installed");
+        crate::skip::skip(
+            "promtool check metrics",
+            "promtool",
+            "promtool is not installed (apt install prometheus)",
+        );
         return;
     };
     child

@@ -412,6 +412,46 @@ t_flush_redirect() {
 	return 0
 }
 
+# The difference from stock: a VM whose vCPUs floated over several CPUs and
+# were then pinned to two is flushed on those two after one scrub. Stock
+# KVM flushes every CPU up to 6.16 and, from 6.17, every CPU in
+# have_run_cpus (never cleared: for a VM seen from its creation, ran_cpus).
+kernel_masks() { # 0 when this kernel's KVM flushes with wbnoinvd_on_cpus_mask
+	grep -q ' wbnoinvd_on_cpus_mask$' /proc/kallsyms
+}
+t_flush_narrower() {
+	local id d p=/sys/module/sevflush/parameters/test_redirect_vm stock ran what
+	check "insmod" load || return 1
+	[ -e $p ] || { FAILED_STEP="module has no test_redirect_vm parameter"; return 1; }
+	check "vm start on {0,3}" vm_start nw 2 0:3 || return 1
+	id=$(vm_id nw) || { FAILED_STEP="no vms/<id>"; return 1; }
+	d=$SF/vms/$id
+	check "ran on 0 and 3" wait_set "$d/ran_cpus" 0,3 || return 1
+	# then floating for a while, as the scheduler pleases
+	check "float" vmctl nw float || return 1
+	sleep 1
+	check "pin to {1,2}" vmctl nw "pin 1:2" || return 1
+	check "scrub" sh -c "echo 1 > $d/scrub" || return 1
+	check "dirty becomes exactly 1-2" wait_set "$d/dirty_cpus" 1-2 || return 1
+	ran=$(count "$(expand "$(rd "$d/ran_cpus")")")
+	if kernel_masks; then stock=$ran; what="have_run_cpus ({$(rd "$d/ran_cpus")})"; else stock=$(nproc); what="every online CPU"; fi
+	check "mode targeted" set_mode targeted || return 1
+	snap a "$d"
+	check "KVM's flush call (targeted)" sh -c "echo $id > $p" || return 1
+	snap b "$d"
+	say "stock would flush $stock CPUs ($what); targeted flushed $(delta a b FC)"
+	check "targeted: one flush" eq "$(delta a b F)" 1 || return 1
+	check "targeted: only the 2 pinned CPUs" eq "$(delta a b FC)" 2 || return 1
+	check "stock flushes more: $stock CPUs" test "$stock" -ge 3 || return 1
+	check "dirty re-marks exactly 1-2" wait_set "$d/dirty_cpus" 1-2 || return 1
+	# a second flush without a scrub in between is still two CPUs
+	snap a "$d"
+	check "KVM's flush call again" sh -c "echo $id > $p" || return 1
+	snap b "$d"
+	check "second flush: the 2 pinned CPUs again" eq "$(delta a b FC)" 2 || return 1
+	return 0
+}
+
 # CPU hotplug (after docs/kmod.md's ad-hoc test): an offlined CPU is flushed
 # without an IPI and its cache reset, so when it comes back and runs the
 # guest it marks itself again
@@ -757,7 +797,7 @@ t_negative_online() {
 }
 
 # --- main ------------------------------------------------------------------------
-MODULE_TESTS="tracking-pinned:t_tracking_pinned tracking-float:t_tracking_float flush-targeted:t_flush_targeted flush-switch-off:t_flush_switch_off flush-redirect:t_flush_redirect cpu-hotplug:t_cpu_hotplug lifecycle-exit:t_lifecycle_exit lifecycle-unknown-past:t_lifecycle_unknown_past bad-input:t_bad_input load-unload:t_load_unload"
+MODULE_TESTS="tracking-pinned:t_tracking_pinned tracking-float:t_tracking_float flush-targeted:t_flush_targeted flush-switch-off:t_flush_switch_off flush-redirect:t_flush_redirect flush-narrower-than-stock:t_flush_narrower cpu-hotplug:t_cpu_hotplug lifecycle-exit:t_lifecycle_exit lifecycle-unknown-past:t_lifecycle_unknown_past bad-input:t_bad_input load-unload:t_load_unload"
 
 if ! kvm_up; then
 	result "FAIL rig-selftest kvm modules do not load"
