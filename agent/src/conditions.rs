@@ -20,14 +20,23 @@ pub enum ConditionKind {
     /// The sevflush module is loaded but unusable (other ABI, unreadable
     /// files): no flush figures, no labels.
     ModuleUnusable,
+    /// Some intents' selectors name several live VMs, or a cgroup above
+    /// VMs' own cgroups, or can never match: those intents are not applied
+    /// to any VM until the selector names exactly one.
+    SelectorsAmbiguous,
+    /// Some intents' placements do not fit the current topology and no
+    /// other placement does: those VMs are unplaceable, kept, not pinned.
+    PlacementsUnplaceable,
 }
 
 impl ConditionKind {
-    pub const ALL: [ConditionKind; 4] = [
+    pub const ALL: [ConditionKind; 6] = [
         Self::CheckpointWriteFailing,
         Self::HostScanFailing,
         Self::PinsFailing,
         Self::ModuleUnusable,
+        Self::SelectorsAmbiguous,
+        Self::PlacementsUnplaceable,
     ];
 
     /// The metric label value.
@@ -37,6 +46,8 @@ impl ConditionKind {
             Self::HostScanFailing => "host_scan_failing",
             Self::PinsFailing => "pins_failing",
             Self::ModuleUnusable => "module_unusable",
+            Self::SelectorsAmbiguous => "selectors_ambiguous",
+            Self::PlacementsUnplaceable => "placements_unplaceable",
         }
     }
 }

@@ -164,6 +164,46 @@ fn monotonic_ms() -> u64 {
     u64::try_from(ms).unwrap_or(u64::MAX)
 }
 
+/// Notices topology changes at run time (CPU hotplug, SMT toggled) for
+/// the cost of one small read per pass: `devices/system/cpu/online`. When
+/// its text changes, the whole topology is read again and handed to the
+/// core, which checks every placement against it.
+pub struct TopologyProbe {
+    sysfs: std::path::PathBuf,
+    online: Option<String>,
+    reserved: usize,
+}
+
+impl TopologyProbe {
+    pub fn new(sysfs: std::path::PathBuf, reserved: usize) -> Self {
+        let online = std::fs::read_to_string(sysfs.join("devices/system/cpu/online")).ok();
+        Self {
+            sysfs,
+            online,
+            reserved,
+        }
+    }
+
+    /// Re-reads the topology when the online CPUs changed since the last
+    /// check; a read that fails is logged and tried again next pass.
+    pub fn check(&mut self, ctx: &AgentContext) {
+        let now = std::fs::read_to_string(self.sysfs.join("devices/system/cpu/online")).ok();
+        if now.is_none() || now == self.online {
+            return;
+        }
+        match Topology::from_sysfs(&self.sysfs) {
+            Ok(topology) => {
+                self.online = now;
+                ctx.metrics.set_topology(&topology, self.reserved);
+                ctx.lock_first().set_topology(Arc::new(topology));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "the online CPUs changed but the topology cannot be read; retried next pass")
+            }
+        }
+    }
+}
+
 /// One reconcile pass ([`crate::reconcile::run_pass`]), recorded for the
 /// watchdog.
 pub fn reconcile_pass(ctx: &AgentContext) {
@@ -206,6 +246,7 @@ async fn reconcile_loop(
     ctx: Arc<AgentContext>,
     period: Duration,
     exit_watches: bool,
+    mut probe: TopologyProbe,
     mut stop: watch::Receiver<bool>,
 ) {
     let wake = Arc::new(tokio::sync::Notify::new());
@@ -228,7 +269,10 @@ async fn reconcile_loop(
         // This runtime serves only the loop: the pass blocks it, not the
         // API's workers, and the API's load does not delay it. A panicking
         // pass is logged and the next one runs (the core lock survives it).
-        let pass = std::panic::AssertUnwindSafe(|| reconcile_pass(&ctx));
+        let pass = std::panic::AssertUnwindSafe(|| {
+            probe.check(&ctx);
+            reconcile_pass(&ctx)
+        });
         if std::panic::catch_unwind(pass).is_err() {
             tracing::error!("reconcile pass panicked");
         }
@@ -243,6 +287,7 @@ fn spawn_reconcile_thread(
     ctx: Arc<AgentContext>,
     period: Duration,
     exit_watches: bool,
+    probe: TopologyProbe,
     stop: watch::Receiver<bool>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -250,7 +295,7 @@ fn spawn_reconcile_thread(
         .build()?;
     std::thread::Builder::new()
         .name("sevplace-reconcile".into())
-        .spawn(move || rt.block_on(reconcile_loop(ctx, period, exit_watches, stop)))
+        .spawn(move || rt.block_on(reconcile_loop(ctx, period, exit_watches, probe, stop)))
 }
 
 /// Opens a pidfd for every managed VM process not watched yet; its exit
@@ -448,8 +493,9 @@ pub async fn run(settings: Settings, options: RunOptions) -> Result<(), DaemonEr
     let period = Duration::from_millis(settings.reconcile_period_ms);
     // pidfds name real processes: only with the real /proc.
     let exit_watches = settings.host_root == std::path::Path::new("/");
+    let probe = TopologyProbe::new(settings.host_path("/sys"), settings.reserved_cpus.len());
     let reconcile_thread =
-        spawn_reconcile_thread(ctx.clone(), period, exit_watches, stop_rx.clone())
+        spawn_reconcile_thread(ctx.clone(), period, exit_watches, probe, stop_rx.clone())
             .map_err(DaemonError::ReconcileThread)?;
     let notifier = Notifier::from_env();
     if let Some(wd) = notifier.watchdog() {

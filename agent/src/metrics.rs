@@ -58,6 +58,7 @@ pub struct Metrics {
     pub drift_corrections: Family<ReasonLabels, Counter>,
     pub pin_failures: Family<ReasonLabels, Counter>,
     pub vms_failing_pins: Gauge,
+    pub vms_unplaceable: Gauge,
     pub reconcile_duration: Histogram,
     pub reconcile_lock_wait: Histogram,
     pub condition: Family<ConditionLabels, Gauge>,
@@ -223,6 +224,12 @@ impl Metrics {
             "VMs whose placement could not be applied on the last attempt (retried with backoff)",
             vms_failing_pins.clone(),
         );
+        let vms_unplaceable = Gauge::default();
+        registry.register(
+            "vms_unplaceable",
+            "Intents kept without a placement because none fits the host's topology now",
+            vms_unplaceable.clone(),
+        );
         let reconcile_duration = latency_buckets();
         registry.register(
             "reconcile_duration_seconds",
@@ -332,6 +339,7 @@ impl Metrics {
         Self {
             pin_failures,
             vms_failing_pins,
+            vms_unplaceable,
             vm_dirty_cpus,
             vm_ran_cpus,
             vm_vcpus,

@@ -138,6 +138,7 @@ fn state(s: VmState) -> pb::VmState {
         VmState::Drifted => pb::VmState::Drifted,
         VmState::Unmanaged => pb::VmState::Unmanaged,
         VmState::Exited => pb::VmState::Exited,
+        VmState::Unplaceable => pb::VmState::Unplaceable,
     }
 }
 
@@ -189,6 +190,16 @@ pub fn vm(topo: &Topology, v: &VmView, record: Option<&ModuleVm>) -> pb::Vm {
         flush: Some(flush_status(topo, record)),
         placed_at: v.placed_at.map(timestamp),
         shared: !v.dedicated,
+        missing_cpus: v
+            .unplaceable
+            .as_ref()
+            .map(|u| cpus(&u.missing))
+            .unwrap_or_default(),
+        unplaceable_reason: v
+            .unplaceable
+            .as_ref()
+            .map(|u| u.reason.clone())
+            .unwrap_or_default(),
     }
 }
 
@@ -252,6 +263,8 @@ pub fn condition(c: &crate::conditions::Condition) -> pb::Condition {
         K::HostScanFailing => pb::ConditionType::HostScanFailing,
         K::PinsFailing => pb::ConditionType::PinsFailing,
         K::ModuleUnusable => pb::ConditionType::ModuleUnusable,
+        K::SelectorsAmbiguous => pb::ConditionType::SelectorsAmbiguous,
+        K::PlacementsUnplaceable => pb::ConditionType::PlacementsUnplaceable,
     };
     pb::Condition {
         r#type: t as i32,
@@ -281,6 +294,15 @@ pub fn event(e: &Event) -> pb::Event {
                 l3_domains: indices(l3_domains),
                 ..Default::default()
             }),
+        }),
+        EventKind::Replaced {
+            old_cpus,
+            new,
+            reason,
+        } => Kind::Replaced(pb::VmReplaced {
+            old_cpus: cpus(old_cpus),
+            placement: Some(placement(new)),
+            reason: reason.clone(),
         }),
         EventKind::Released { cpus: c } => Kind::Released(pb::VmReleased {
             released_cpus: cpus(c),

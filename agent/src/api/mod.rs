@@ -67,9 +67,6 @@ fn vm_id(s: &str) -> Result<VmId, Status> {
 pub fn place_call(r: &pb::PlaceVmRequest) -> Result<PlaceCall, Status> {
     let selector = match r.selector.as_ref().and_then(|s| s.selector.as_ref()) {
         None => None,
-        Some(pb::vm_selector::Selector::Pid(0)) => {
-            return Err(invalid("selector.pid", "must not be 0"))
-        }
         Some(pb::vm_selector::Selector::Pid(p)) => Some(VmSelector::Process {
             pid: *p,
             start_time: None,
@@ -81,15 +78,12 @@ pub fn place_call(r: &pb::PlaceVmRequest) -> Result<PlaceCall, Status> {
             Some(VmSelector::LibvirtDomain { name: d.clone() })
         }
         Some(pb::vm_selector::Selector::CgroupPath(p)) => {
-            if !p.starts_with('/') || p.split('/').any(|c| c == "..") {
-                return Err(invalid(
-                    "selector.cgroup_path",
-                    "must be absolute, without '..'",
-                ));
-            }
             Some(VmSelector::CgroupPath { path: p.clone() })
         }
     };
+    if let Some(s) = &selector {
+        crate::state::selector::validate(s).map_err(|e| invalid(e.field, e.reason))?;
+    }
     let class = pb::ConfidentialClass::try_from(r.confidential_class).map_err(|_| {
         invalid(
             "confidential_class",

@@ -268,6 +268,14 @@ pub fn event(e: &pb::Event) -> String {
         ),
         Some(Kind::Flush(f)) => format!("flush {} cpus {}", f.kind, f.flushed_cpus),
         Some(Kind::Exited(x)) => format!("exited pid {}", pid(x.pid)),
+        Some(Kind::Replaced(r)) => format!(
+            "re-placed cpus {} -> {} ({})",
+            cpulist(&r.old_cpus),
+            r.placement
+                .as_ref()
+                .map_or("-".into(), |p| cpulist(&p.cpus)),
+            r.reason
+        ),
         Some(Kind::Discovered(d)) => format!(
             "discovered pid {} class {} vcpus {}",
             pid(d.pid),

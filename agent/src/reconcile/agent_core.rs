@@ -18,6 +18,8 @@ use crate::types::VmId;
 use super::capacity::CapacityCache;
 use super::error::AgentError;
 use super::events::EventBus;
+use super::events::EventKind;
+use super::refit;
 use super::scrub::ScrubAdmission;
 use crate::cgroup::ThreadAffinity;
 
@@ -65,6 +67,9 @@ pub struct AgentCore {
     pub(super) capacity_cache: CapacityCache,
     pub(super) conditions: Conditions,
     pub(super) scrubs: ScrubAdmission,
+    /// Intents no placement fits on the current topology; kept in the
+    /// checkpoint with their last placement, not pinned.
+    pub(super) unplaceable: BTreeMap<VmId, super::refit::Unplaceable>,
 }
 
 impl AgentCore {
@@ -79,21 +84,19 @@ impl AgentCore {
         events: Arc<EventBus>,
     ) -> Result<Self, AgentError> {
         let checkpoint = store.load()?;
-        let mut placements = PlacementState::new();
-        let mut runtime = BTreeMap::new();
-        for intent in &checkpoint.intents {
-            if let Some(p) = &intent.engine {
-                placements.apply(p.clone())?;
-            }
-            runtime.insert(intent.vm_id.clone(), Runtime::default());
-        }
-        let core = Self {
+        let runtime = checkpoint
+            .intents
+            .iter()
+            .map(|i| (i.vm_id.clone(), Runtime::default()))
+            .collect();
+        let fitted = refit::refit(&topology, &reservations, &checkpoint.intents);
+        let mut core = Self {
             topology,
             reservations,
             host,
             store,
             checkpoint,
-            placements,
+            placements: PlacementState::new(),
             runtime,
             unmanaged: BTreeMap::new(),
             auto_place: false,
@@ -103,9 +106,120 @@ impl AgentCore {
             capacity_cache: CapacityCache::default(),
             conditions: Conditions::default(),
             scrubs: ScrubAdmission::default(),
+            unplaceable: BTreeMap::new(),
         };
-        core.update_pool_metric();
+        core.adopt_refit(fitted);
         Ok(core)
+    }
+
+    /// Adopts a new topology (CPU hotplug, SMT toggled) and checks every
+    /// intent's placement against it.
+    pub fn set_topology(&mut self, topology: Arc<Topology>) {
+        if *topology == *self.topology {
+            return;
+        }
+        tracing::warn!(
+            online = %topology.online,
+            was = %self.topology.online,
+            l3_domains = topology.l3_domains.len(),
+            "host topology changed; checking every placement against it"
+        );
+        self.topology = topology;
+        let fitted = refit::refit(&self.topology, &self.reservations, &self.checkpoint.intents);
+        self.adopt_refit(fitted);
+    }
+
+    /// Makes `fitted` the engine state: re-placed intents are saved to the
+    /// checkpoint before any pin (a failed save keeps them unplaceable,
+    /// with the error), then reported as events; unplaceable ones are kept
+    /// and named in a condition, a metric and the log.
+    fn adopt_refit(&mut self, mut fitted: refit::Refit) {
+        if !fitted.replaced.is_empty() {
+            let mut next = self.checkpoint.clone();
+            for (id, m) in &fitted.replaced {
+                if let Some(intent) = next.intents.iter_mut().find(|i| &i.vm_id == id) {
+                    intent.placement = Some(crate::state::PlacementRecord {
+                        vcpu_cpus: m.new.vcpu_cpus.clone(),
+                        emulator_cpus: super::place::emulator_cpus(
+                            &self.topology,
+                            &fitted.placements,
+                            &self.reservations,
+                            &m.new,
+                        ),
+                    });
+                    intent.engine = Some(m.new.clone());
+                }
+            }
+            if let Err(e) = self.commit(next) {
+                for (id, m) in std::mem::take(&mut fitted.replaced) {
+                    fitted.placements.release(&id);
+                    fitted.unplaceable.insert(
+                        id,
+                        refit::Unplaceable {
+                            missing: m.old.cpus.difference(&self.topology.online),
+                            reason: format!(
+                                "{}; the new placement could not be saved: {e}",
+                                m.reason
+                            ),
+                        },
+                    );
+                }
+            }
+        }
+        for (id, m) in &fitted.replaced {
+            tracing::warn!(vm = %id, old = %m.old.cpus, new = %m.new.cpus, reason = %m.reason, "placement re-placed on the new topology");
+            if let Some(rt) = self.runtime.get_mut(id) {
+                // Every thread is pinned afresh: a placement, not drift.
+                rt.pinned_tids.clear();
+                rt.backoff = 0;
+            }
+            self.events.publish(
+                id.as_str(),
+                EventKind::Replaced {
+                    old_cpus: m.old.cpus.clone(),
+                    new: Box::new(m.new.clone()),
+                    reason: m.reason.clone(),
+                },
+            );
+        }
+        for (id, u) in &fitted.unplaceable {
+            if self.unplaceable.get(id) != Some(u) {
+                tracing::error!(vm = %id, missing = %u.missing, reason = %u.reason, "no placement fits this topology; the intent is kept, unplaceable");
+            }
+        }
+        self.placements = fitted.placements;
+        self.unplaceable = fitted.unplaceable;
+        self.capacity_cache.clear();
+        self.update_pool_metric();
+        self.update_unplaceable();
+    }
+
+    /// The unplaceable metric and condition from `self.unplaceable`.
+    pub(super) fn update_unplaceable(&mut self) {
+        self.metrics
+            .vms_unplaceable
+            .set(self.unplaceable.len() as i64);
+        let result = if self.unplaceable.is_empty() {
+            Ok(())
+        } else {
+            let each: Vec<String> = self
+                .unplaceable
+                .iter()
+                .map(|(id, u)| {
+                    if u.missing.is_empty() {
+                        format!("{id} ({})", u.reason)
+                    } else {
+                        format!("{id} (missing CPUs {})", u.missing)
+                    }
+                })
+                .collect();
+            Err(format!(
+                "{} VM(s) have no placement that fits this host's topology and are kept unplaceable: {}",
+                each.len(),
+                each.join(", ")
+            ))
+        };
+        self.set_condition(ConditionKind::PlacementsUnplaceable, result);
     }
 
     /// Turns auto placement of discovered confidential VMs on or off.

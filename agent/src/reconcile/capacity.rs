@@ -12,6 +12,14 @@ use super::agent_core::AgentCore;
 #[derive(Debug, Default)]
 pub(super) struct CapacityCache(Mutex<Option<(u64, CapacitySummary)>>);
 
+impl CapacityCache {
+    /// Drops the cached summary (the topology changed under the same
+    /// generation).
+    pub(super) fn clear(&self) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+}
+
 impl AgentCore {
     /// Capacity summary from the engine, computed once per checkpoint
     /// generation.

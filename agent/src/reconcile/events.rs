@@ -55,6 +55,12 @@ pub enum EventKind {
         class: Option<ConfidentialClass>,
         vcpus: u32,
     },
+    /// The topology changed under a placement; the engine chose `new`.
+    Replaced {
+        old_cpus: CpuSet,
+        new: Box<crate::placement::Placement>,
+        reason: String,
+    },
 }
 
 /// One event.

@@ -26,10 +26,12 @@ mod context;
 pub mod enforce;
 mod error;
 pub mod events;
+pub mod matching;
 mod module_sync;
 mod pass;
 mod place;
 pub mod priority;
+pub mod refit;
 mod scrub;
 mod views;
 

@@ -13,7 +13,8 @@ use crate::types::{VmId, VmKey};
 use super::agent_core::AgentCore;
 use super::context::AgentContext;
 use super::events::EventKind;
-use super::place::{selector_matches, PlaceCall};
+use super::matching;
+use super::place::PlaceCall;
 
 /// What one reconcile pass did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -110,15 +111,31 @@ impl AgentCore {
         let mut by_pid: BTreeMap<u32, DiscoveredVm> =
             scan.into_iter().map(|v| (v.pid, v)).collect();
 
+        let matches = matching::match_intents(&self.checkpoint.intents, &by_pid);
         let intents: Vec<IntentRecord> = self.checkpoint.intents.clone();
         for intent in intents {
-            let matched = by_pid
-                .values()
-                .find(|vm| selector_matches(&intent.selector, vm))
-                .map(|vm| vm.pid);
+            if let Some(problem) = matches.problems.get(&intent.vm_id) {
+                // Neither pinned nor taken for exited: the selector names
+                // VMs, just not one.
+                report.errors.push(format!("{}: {problem}", intent.vm_id));
+                if let Some(pid) = self
+                    .runtime
+                    .get(&intent.vm_id)
+                    .and_then(|r| r.observed.as_ref())
+                    .map(|v| v.pid)
+                {
+                    by_pid.remove(&pid);
+                }
+                continue;
+            }
+            let matched = matches.matched.get(&intent.vm_id).copied();
             let rt = self.runtime.entry(intent.vm_id.clone()).or_default();
             match matched.and_then(|pid| by_pid.remove(&pid)) {
                 Some(vm) => {
+                    if self.unplaceable.contains_key(&intent.vm_id) {
+                        rt.observed = Some(vm);
+                        continue;
+                    }
                     if rt.backoff > 0 {
                         rt.backoff -= 1;
                         rt.observed = Some(vm);
@@ -201,6 +218,10 @@ impl AgentCore {
             ))
         };
         self.set_condition(ConditionKind::PinsFailing, pins);
+        self.set_condition(
+            ConditionKind::SelectorsAmbiguous,
+            matches.summary().map_or(Ok(()), Err),
+        );
         self.auto_failed
             .retain(|(pid, _)| self.unmanaged.contains_key(pid));
         if self.auto_place {

@@ -6,6 +6,7 @@ use crate::cgroup::CgroupError;
 use crate::cpuset::CpuSet;
 use crate::discovery::{DiscoveredVm, DiscoveryError};
 use crate::placement::{self, Placement, PlacementRequest, PlacementState, Reservations};
+use crate::state::selector::{self, Resolution};
 use crate::state::{self, IntentRecord, PlacementRecord, VmSelector};
 use crate::topology::Topology;
 use crate::types::{ConfidentialClass, VmId, VmKey};
@@ -30,29 +31,10 @@ pub struct PlaceCall {
     pub validate_only: bool,
 }
 
-/// Whether `vm` is the process `selector` names.
-pub(super) fn selector_matches(selector: &VmSelector, vm: &DiscoveredVm) -> bool {
-    match selector {
-        VmSelector::Process { pid, start_time } => {
-            vm.pid == *pid && start_time.is_none_or(|t| t == vm.start_time)
-        }
-        VmSelector::LibvirtDomain { name } => {
-            vm.libvirt_domain.as_deref() == Some(name) || vm.guest_name.as_deref() == Some(name)
-        }
-        VmSelector::CgroupPath { path } => {
-            let p = path.trim_end_matches('/');
-            [&vm.cgroup.v1_cpuset, &vm.cgroup.unified]
-                .into_iter()
-                .flatten()
-                .any(|c| c == p || c.starts_with(&format!("{p}/")))
-        }
-    }
-}
-
 /// The emulator threads of a confidential VM run outside the confidential
 /// pool's domains when such CPUs exist, so they neither dirty nor are
 /// disturbed by the pool's flushes.
-fn emulator_cpus(
+pub(super) fn emulator_cpus(
     topo: &Topology,
     placements: &PlacementState,
     res: &Reservations,
@@ -67,10 +49,17 @@ fn emulator_cpus(
 }
 
 impl AgentCore {
-    fn find_process(&self, selector: &VmSelector) -> Result<Option<DiscoveredVm>, AgentError> {
+    /// The live VM `selector` names for the intent `for_vm`: none, one, or a
+    /// FAILED_PRECONDITION naming the VMs when it names several, a cgroup
+    /// above VMs' own cgroups, or a VM another intent holds.
+    fn find_process(
+        &self,
+        for_vm: &VmId,
+        selector: &VmSelector,
+    ) -> Result<Option<DiscoveredVm>, AgentError> {
         if let VmSelector::Process { pid, .. } = selector {
             return match self.host.scanner.inspect(*pid) {
-                Ok(vm) => Ok(Some(vm)),
+                Ok(vm) => self.unheld(for_vm, vm).map(Some),
                 Err(e) if e.is_gone() => {
                     Err(AgentError::NotFound(format!("no process with pid {pid}")))
                 }
@@ -81,14 +70,37 @@ impl AgentCore {
                 Err(e) => Err(e.into()),
             };
         }
-        let known = self
+        let known: Vec<&DiscoveredVm> = self
             .unmanaged
             .values()
-            .chain(self.runtime.values().filter_map(|r| r.observed.as_ref()));
-        Ok(known
-            .into_iter()
-            .find(|vm| selector_matches(selector, vm))
-            .cloned())
+            .chain(self.runtime.values().filter_map(|r| r.observed.as_ref()))
+            .collect();
+        match selector::resolve(selector, known.iter().copied()) {
+            Resolution::None => Ok(None),
+            Resolution::One(vm) => self.unheld(for_vm, vm.clone()).map(Some),
+            Resolution::Invalid(e) => Err(AgentError::InvalidArgument {
+                field: e.field,
+                reason: e.reason,
+            }),
+            other => Err(AgentError::FailedPrecondition(
+                other.problem(selector).unwrap_or_default(),
+            )),
+        }
+    }
+
+    /// `vm`, unless an intent other than `for_vm` holds it.
+    fn unheld(&self, for_vm: &VmId, vm: DiscoveredVm) -> Result<DiscoveredVm, AgentError> {
+        let holder = self
+            .runtime
+            .iter()
+            .find(|(id, r)| *id != for_vm && r.observed.as_ref().is_some_and(|o| o.pid == vm.pid));
+        match holder {
+            Some((other, _)) => Err(AgentError::FailedPrecondition(format!(
+                "the selector names {}, which is VM {other}",
+                selector::describe(&vm)
+            ))),
+            None => Ok(vm),
+        }
     }
 
     /// PlaceVm: idempotent by vm_id.
@@ -115,7 +127,35 @@ impl AgentCore {
         let selector = call.selector.clone().unwrap_or(VmSelector::LibvirtDomain {
             name: call.vm_id.to_string(),
         });
-        let found = self.find_process(&selector)?;
+        selector::validate(&selector).map_err(|e| AgentError::InvalidArgument {
+            field: e.field,
+            reason: e.reason,
+        })?;
+        let stored_request = state::PlacementRequest {
+            vcpus: call.vcpus,
+            class: call.class,
+            dedicated: call.dedicated,
+            numa_node: call.numa_node,
+        };
+        // An identical retry is answered from the intent, whatever the host
+        // shows now (the VM may have a twin since it was placed).
+        if let Some(existing) = self.checkpoint.get(&call.vm_id) {
+            let same_selector = match (&existing.selector, &selector) {
+                (VmSelector::Process { pid: a, .. }, VmSelector::Process { pid: b, .. }) => a == b,
+                (a, b) => a == b,
+            };
+            if existing.request == stored_request && same_selector {
+                return self
+                    .view(call.vm_id.as_str())
+                    .ok_or_else(|| AgentError::NotFound(call.vm_id.to_string()));
+            }
+            return Err(AgentError::AlreadyExists(format!(
+                "VM {} is already placed with a different request; release it first",
+                call.vm_id
+            )));
+        }
+
+        let found = self.find_process(&call.vm_id, &selector)?;
         let selector = match (&selector, &found) {
             (VmSelector::Process { pid, .. }, Some(vm)) => VmSelector::Process {
                 pid: *pid,
@@ -140,29 +180,6 @@ impl AgentCore {
             dedicated: call.dedicated,
             numa_preference: call.numa_node,
         };
-        let stored_request = state::PlacementRequest {
-            vcpus: call.vcpus,
-            class: call.class,
-            dedicated: call.dedicated,
-            numa_node: call.numa_node,
-        };
-
-        if let Some(existing) = self.checkpoint.get(&call.vm_id) {
-            let same_selector = match (&existing.selector, &selector) {
-                (VmSelector::Process { pid: a, .. }, VmSelector::Process { pid: b, .. }) => a == b,
-                (a, b) => a == b,
-            };
-            if existing.request == stored_request && same_selector {
-                return self
-                    .view(call.vm_id.as_str())
-                    .ok_or_else(|| AgentError::NotFound(call.vm_id.to_string()));
-            }
-            return Err(AgentError::AlreadyExists(format!(
-                "VM {} is already placed with a different request; release it first",
-                call.vm_id
-            )));
-        }
-
         let p = placement::place(
             &self.topology,
             &self.placements,
@@ -182,6 +199,7 @@ impl AgentCore {
                 threads: found.map(|v| v.vcpus).unwrap_or_default(),
                 placement: Some(p),
                 placed_at: None,
+                unplaceable: None,
             });
         }
 
@@ -337,6 +355,9 @@ impl AgentCore {
             .map(|p| p.cpus)
             .unwrap_or_default();
         self.update_pool_metric();
+        if self.unplaceable.remove(vm_id).is_some() {
+            self.update_unplaceable();
+        }
         let rt = self.runtime.remove(vm_id).unwrap_or_default();
         if exited {
             if let Some(vm) = &rt.observed {

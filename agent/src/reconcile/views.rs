@@ -17,6 +17,8 @@ pub enum VmState {
     Drifted,
     Unmanaged,
     Exited,
+    /// Kept, but no placement fits the current topology.
+    Unplaceable,
 }
 
 /// Where a VM's class came from.
@@ -44,6 +46,8 @@ pub struct VmView {
     pub placement: Option<Placement>,
     pub threads: Vec<crate::discovery::VcpuThread>,
     pub placed_at: Option<SystemTime>,
+    /// Set while the intent is unplaceable.
+    pub unplaceable: Option<super::refit::Unplaceable>,
 }
 
 impl AgentCore {
@@ -65,7 +69,9 @@ impl AgentCore {
         let rt = self.runtime.get(&id);
         let observed = rt.and_then(|r| r.observed.as_ref());
         let placement = self.placements.get(&id).cloned();
+        let unplaceable = self.unplaceable.get(&id).cloned();
         let state = match (observed, rt.is_some_and(|r| r.drifted)) {
+            _ if unplaceable.is_some() => VmState::Unplaceable,
             (None, _) => VmState::Pending,
             (Some(_), true) => VmState::Drifted,
             (Some(_), false) => VmState::Placed,
@@ -87,6 +93,7 @@ impl AgentCore {
             placement,
             threads: observed.map(|v| v.vcpus.clone()).unwrap_or_default(),
             placed_at: rt.and_then(|r| r.placed_at),
+            unplaceable,
         })
     }
 
@@ -107,6 +114,7 @@ impl AgentCore {
             placement: None,
             threads: vm.vcpus.clone(),
             placed_at: None,
+            unplaceable: None,
         }
     }
 

@@ -31,6 +31,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::{ConfidentialClass, CpuSet, VmId};
 
+pub mod selector;
+
 /// Directory of the checkpoint when none is configured.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/sevplace";
 /// File name of the checkpoint inside the state directory.
@@ -50,40 +52,6 @@ pub enum VmSelector {
     LibvirtDomain { name: String },
     /// A cgroup path (as in `/proc/<pid>/cgroup`).
     CgroupPath { path: String },
-}
-
-impl VmSelector {
-    /// Whether `vm` is the VM this selector names:
-    /// - `Process`: same pid, and same start time when one was recorded
-    ///   (a reused pid names another process);
-    /// - `LibvirtDomain`: the VM's libvirt domain has this name;
-    /// - `CgroupPath`: the VM's cgroup (v1 cpuset, unified, or libvirt
-    ///   machine cgroup) is this path or lies below it; `/` selects none.
-    pub fn matches(&self, vm: &crate::discovery::DiscoveredVm) -> bool {
-        match self {
-            Self::Process { pid, start_time } => {
-                vm.pid == *pid && start_time.is_none_or(|s| s == vm.start_time)
-            }
-            Self::LibvirtDomain { name } => vm.libvirt_domain.as_deref() == Some(name.as_str()),
-            Self::CgroupPath { path } => {
-                let path = path.trim_end_matches('/');
-                // The root cgroup would name every VM: it selects none.
-                if path.is_empty() {
-                    return false;
-                }
-                let under = |p: &str| {
-                    p == path || (p.starts_with(path) && p[path.len()..].starts_with('/'))
-                };
-                vm.cgroup.v1_cpuset.as_deref().is_some_and(under)
-                    || vm.cgroup.unified.as_deref().is_some_and(under)
-                    || vm
-                        .cgroup
-                        .libvirt
-                        .as_ref()
-                        .is_some_and(|lv| under(&lv.machine_path))
-            }
-        }
-    }
 }
 
 /// The request fields of a PlaceVm call.

@@ -247,61 +247,6 @@ fn unreadable_path_is_io_error() {
     ));
 }
 
-#[test]
-fn selectors_match_discovered_vms() {
-    use crate::discovery::fake_procfs::{write_process, FakeProcess};
-    use crate::discovery::VmScanner;
-    let dir = tempfile::tempdir().unwrap();
-    let mut p = FakeProcess::qemu_vm(77, 1, &["qemu-system-x86_64", "-name", "guest=web"]);
-    p.cgroup = "0::/machine.slice/machine-qemu\\x2d3\\x2dweb.scope/libvirt/emulator\n".into();
-    write_process(dir.path(), &p).unwrap();
-    let vm = VmScanner::new(dir.path()).inspect(77).unwrap();
-
-    let yes = [
-        VmSelector::Process {
-            pid: 77,
-            start_time: None,
-        },
-        VmSelector::Process {
-            pid: 77,
-            start_time: Some(vm.start_time),
-        },
-        VmSelector::LibvirtDomain { name: "web".into() },
-        VmSelector::CgroupPath {
-            path: "/machine.slice/machine-qemu\\x2d3\\x2dweb.scope".into(),
-        },
-        VmSelector::CgroupPath {
-            path: "/machine.slice/machine-qemu\\x2d3\\x2dweb.scope/".into(),
-        },
-        VmSelector::CgroupPath {
-            path: "/machine.slice/machine-qemu\\x2d3\\x2dweb.scope/libvirt/emulator".into(),
-        },
-    ];
-    let no = [
-        VmSelector::Process {
-            pid: 78,
-            start_time: None,
-        },
-        VmSelector::Process {
-            pid: 77,
-            start_time: Some(vm.start_time + 1),
-        },
-        VmSelector::LibvirtDomain { name: "we".into() },
-        VmSelector::CgroupPath {
-            path: "/machine.slice/machine-qemu\\x2d3\\x2dweb.sc".into(),
-        },
-        VmSelector::CgroupPath {
-            path: "/user.slice".into(),
-        },
-    ];
-    for s in &yes {
-        assert!(s.matches(&vm), "{s:?}");
-    }
-    for s in &no {
-        assert!(!s.matches(&vm), "{s:?}");
-    }
-}
-
 /// The documented example (docs/discovery.md) is what `encode` writes; a
 /// change here is a format change and needs a version bump.
 #[test]
