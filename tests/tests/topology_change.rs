@@ -246,10 +246,10 @@ fn replaced_events(
 ) -> Vec<(String, Vec<u32>, Vec<u32>)> {
     let mut out = Vec::new();
     while out.len() < want {
-        let next = rt.block_on(tokio::time::timeout(
-            Duration::from_secs(15),
-            events.message(),
-        ));
+        // The timer is made inside the runtime: `timeout` needs its reactor.
+        let next = rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(15), events.message()).await
+        });
         let Ok(Ok(Some(m))) = next else {
             panic!("only {} of {want} re-placement events: {next:?}", out.len());
         };

@@ -71,13 +71,13 @@ pub enum Command {
         /// The id to give the VM (vm_id): letters, digits, '.', '_', '-'.
         id: String,
         /// PID of the VM's process.
-        #[arg(long, value_name = "PID", allow_negative_numbers = true, value_parser = clap::value_parser!(u32).range(1..))]
+        #[arg(long, value_name = "PID", allow_negative_numbers = true, value_parser = clap::value_parser!(u32))]
         pid: Option<u32>,
         /// libvirt domain name of the VM.
         #[arg(long, value_name = "NAME")]
         domain: Option<String>,
-        /// Number of vCPUs (1 or more).
-        #[arg(long, value_name = "N", allow_negative_numbers = true, value_parser = clap::value_parser!(u32).range(1..))]
+        /// Number of vCPUs (1 or more; the daemon refuses 0 as INVALID_ARGUMENT).
+        #[arg(long, value_name = "N", allow_negative_numbers = true, value_parser = clap::value_parser!(u32))]
         vcpus: u32,
         /// Confidential class (none, sev, sev-es, sev-snp); default: classify.
         #[arg(long, value_name = "CLASS")]

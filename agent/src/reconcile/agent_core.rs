@@ -134,8 +134,35 @@ impl AgentCore {
     /// with the error), then reported as events; unplaceable ones are kept
     /// and named in a condition, a metric and the log.
     fn adopt_refit(&mut self, mut fitted: refit::Refit) {
-        if !fitted.replaced.is_empty() {
-            let mut next = self.checkpoint.clone();
+        // Emulator sets of the placements that stay are derived from the
+        // pools on the new topology (CPUs outside the confidential domains
+        // that are online now).
+        let mut next = self.checkpoint.clone();
+        let mut stayed_changed = false;
+        for intent in &mut next.intents {
+            if fitted.replaced.contains_key(&intent.vm_id) {
+                continue;
+            }
+            if let Some((p, why)) = fitted.reindexed.get(&intent.vm_id) {
+                tracing::info!(vm = %intent.vm_id, cpus = %p.cpus, reason = %why, "placement re-placed on the new topology on the same CPUs");
+                intent.engine = Some(p.clone());
+                stayed_changed = true;
+            }
+            let (Some(engine), Some(record)) = (&intent.engine, intent.placement.as_mut()) else {
+                continue;
+            };
+            let emulator = super::place::emulator_cpus(
+                &self.topology,
+                &fitted.placements,
+                &self.reservations,
+                engine,
+            );
+            if record.emulator_cpus != emulator {
+                record.emulator_cpus = emulator;
+                stayed_changed = true;
+            }
+        }
+        if !fitted.replaced.is_empty() || stayed_changed {
             for (id, m) in &fitted.replaced {
                 if let Some(intent) = next.intents.iter_mut().find(|i| &i.vm_id == id) {
                     intent.placement = Some(crate::state::PlacementRecord {

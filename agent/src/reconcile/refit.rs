@@ -44,6 +44,10 @@ pub struct Refit {
     pub placements: PlacementState,
     pub replaced: BTreeMap<VmId, Replaced>,
     pub unplaceable: BTreeMap<VmId, Unplaceable>,
+    /// Placements the engine chose again on the very same CPUs: only their
+    /// topology indices (domains, cores) changed. Not a move: no event.
+    /// With the reason the old placement no longer matched the topology.
+    pub reindexed: BTreeMap<VmId, (Placement, String)>,
 }
 
 /// Why `p` does not describe `topo`, or `None` when it still does.
@@ -70,9 +74,13 @@ pub fn misfit(topo: &Topology, p: &Placement, extra: &CpuSet) -> Option<(CpuSet,
             ),
         ));
     }
+    // Confidential VMs hold whole cores (an SMT sibling is a side channel);
+    // plain dedicated VMs may hold single threads of a core they share with
+    // other plain VMs, so for them the core only has to still hold their CPUs.
+    let whole_cores = p.exclusive && p.pool == placement::Pool::Confidential;
     for &c in &p.cores {
         let ok = topo.cores.get(c).is_some_and(|core| {
-            !core.cpus.is_disjoint(&p.cpus) && (!p.exclusive || core.cpus.is_subset(&p.cpus))
+            !core.cpus.is_disjoint(&p.cpus) && (!whole_cores || core.cpus.is_subset(&p.cpus))
         });
         if !ok {
             return Some((
@@ -105,10 +113,17 @@ pub fn refit(topo: &Topology, res: &Reservations, intents: &[IntentRecord]) -> R
     let mut moving: Vec<(&Placement, CpuSet, String)> = Vec::new();
     for intent in intents {
         let Some(p) = &intent.engine else { continue };
+        // Only the vCPUs' CPUs decide whether a placement still fits: the
+        // emulator set is derived from the pools (`place::emulator_cpus`)
+        // and recomputed on the new topology by the caller.
         let extra = intent
             .placement
             .as_ref()
-            .map(|r| r.all_cpus())
+            .map(|r| {
+                r.vcpu_cpus
+                    .iter()
+                    .fold(CpuSet::new(), |acc, s| acc.union(s))
+            })
             .unwrap_or_default();
         match misfit(topo, p, &extra) {
             None => {
@@ -122,6 +137,9 @@ pub fn refit(topo: &Topology, res: &Reservations, intents: &[IntentRecord]) -> R
     for (old, missing, why) in moving {
         match placement::place(topo, &out.placements, res, &old.request) {
             Ok(new) => match out.placements.apply(new.clone()) {
+                Ok(()) if new.cpus == old.cpus && new.vcpu_cpus == old.vcpu_cpus => {
+                    out.reindexed.insert(old.vm_id.clone(), (new, why));
+                }
                 Ok(()) => {
                     out.replaced.insert(
                         old.vm_id.clone(),

@@ -60,6 +60,33 @@ fn the_same_topology_keeps_every_placement() {
 }
 
 #[test]
+fn plain_vms_on_shared_cores_keep_their_placement() {
+    // Odd-sized plain VMs take single threads of cores they share; the same
+    // topology keeps them where they are, beside a whole-core sev VM.
+    let topo = Topology::synthetic(1, 2, 4, 2, 1);
+    let intents = placed(
+        &topo,
+        &[
+            request("p1", 1, ConfidentialClass::None),
+            request("p3", 3, ConfidentialClass::None),
+            request("s", 2, ConfidentialClass::Sev),
+        ],
+    );
+    let shared = intents.iter().filter_map(|i| i.engine.as_ref()).any(|p| {
+        p.cores
+            .iter()
+            .any(|&c| !topo.cores[c].cpus.is_subset(&p.cpus))
+    });
+    assert!(shared, "the engine gave some plain VM part of a core");
+    let r = refit(&topo, &Reservations::default(), &intents);
+    assert!(r.replaced.is_empty(), "{:?}", r.replaced);
+    assert!(r.unplaceable.is_empty(), "{:?}", r.unplaceable);
+    for i in &intents {
+        assert_eq!(r.placements.get(&i.vm_id), i.engine.as_ref());
+    }
+}
+
+#[test]
 fn fewer_cpus_move_what_fits_and_keep_the_rest_unplaceable() {
     // 2 packages x 4 L3 x 4 cores x 2 threads = 64 CPUs.
     let big = Topology::synthetic(2, 4, 4, 2, 1);
@@ -152,8 +179,20 @@ fn a_numa_change_moves_placements_whose_nodes_changed() {
     assert!(!b_domains.contains(&0), "{b_domains:?}");
     let r = refit(&nps4, &Reservations::default(), &intents);
     assert!(r.unplaceable.is_empty());
-    let m = &r.replaced[&intents[1].vm_id];
-    assert!(m.reason.contains("NUMA"), "{}", m.reason);
+    // b is placed again: moved, or kept on its CPUs with new indices.
+    let b = &intents[1].vm_id;
+    let (b_new, b_reason) = match (r.replaced.get(b), r.reindexed.get(b)) {
+        (Some(m), None) => (&m.new, &m.reason),
+        (None, Some((p, why))) => (p, why),
+        other => panic!("b neither moved nor re-indexed once: {other:?}"),
+    };
+    assert!(b_reason.contains("NUMA"), "{b_reason}");
+    assert!(misfit(&nps4, b_new, &CpuSet::new()).is_none(), "{b_new:?}");
+    assert_eq!(r.placements.get(b), Some(b_new));
+    for (p, _) in r.reindexed.values() {
+        assert!(misfit(&nps4, p, &CpuSet::new()).is_none(), "{p:?}");
+        assert_eq!(r.placements.get(&p.vm_id), Some(p));
+    }
     for m in r.replaced.values() {
         assert!(
             misfit(&nps4, &m.new, &CpuSet::new()).is_none(),
