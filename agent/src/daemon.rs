@@ -50,6 +50,10 @@ pub enum DaemonError {
     Signal(std::io::Error),
     #[error("TCP mutual TLS: {0}")]
     Tls(#[from] crate::tls::TlsError),
+    #[error("fleet: {0}; to start anyway, move the file aside")]
+    FleetStore(#[from] crate::fleet::ConsumerStoreError),
+    #[error("fleet reporter thread: {0}")]
+    FleetThread(std::io::Error),
 }
 
 /// How long in-flight calls may run after SIGTERM.
@@ -300,11 +304,16 @@ pub async fn run(settings: Settings, options: RunOptions) -> Result<(), DaemonEr
         (Some(_), Some(tls)) => Some(crate::tls::server_config(tls)?),
         _ => None,
     };
+    let fleet_link = match &settings.fleet {
+        Some(_) => Some(crate::fleet::link(&settings.state_dir)?),
+        None => None,
+    };
     let ctx = Arc::new(AgentContext {
         access,
         core: Arc::new(PriorityMutex::new(core)),
         events,
         metrics: metrics.clone(),
+        fleet: fleet_link.as_ref().map(|(l, _)| l.clone()),
     });
     // The first pass runs before the socket is bound, so the first answer
     // already reflects the host.
@@ -312,6 +321,24 @@ pub async fn run(settings: Settings, options: RunOptions) -> Result<(), DaemonEr
     if let Err(e) = tokio::task::spawn_blocking(move || reconcile_pass(&first)).await {
         tracing::error!(error = %e, "first reconcile pass panicked");
     }
+
+    // The fleet reporter starts after the first pass, so its first sync
+    // already reflects the host; placement changes wake it.
+    let fleet_reporter = match (settings.fleet.clone(), fleet_link) {
+        (Some(fs), Some((link, rx))) => {
+            tracing::info!(placement_url = %fs.placement_url, host = %fs.host_name, "fleet reporting to OpenStack Placement");
+            let r = crate::fleet::spawn(
+                fs,
+                settings.host_path("/sys/module/kvm_amd/parameters"),
+                ctx.clone(),
+                link,
+                rx,
+            )
+            .map_err(DaemonError::FleetThread)?;
+            Some(r)
+        }
+        _ => None,
+    };
 
     let (socket, unix_listener) = OwnedSocket::bind(
         &settings.socket,
@@ -357,6 +384,27 @@ pub async fn run(settings: Settings, options: RunOptions) -> Result<(), DaemonEr
     let reconcile_thread =
         spawn_reconcile_thread(ctx.clone(), period, exit_watches, stop_rx.clone())
             .map_err(DaemonError::ReconcileThread)?;
+    if let Some(r) = &fleet_reporter {
+        let link = r.link.clone();
+        let mut events = ctx.events.subscribe();
+        let mut stop = stop_rx.clone();
+        tasks.spawn(async move {
+            use crate::reconcile::events::EventKind;
+            use tokio::sync::broadcast::error::RecvError;
+            loop {
+                tokio::select! {
+                    _ = stop.wait_for(|s| *s) => return,
+                    ev = events.recv() => match ev {
+                        Ok(e) if matches!(e.kind, EventKind::Placed { .. } | EventKind::Released { .. } | EventKind::Exited { .. }) => link.wake(),
+                        Ok(_) => {}
+                        // Missed events: a sync reads everything anyway.
+                        Err(RecvError::Lagged(_)) => link.wake(),
+                        Err(RecvError::Closed) => return,
+                    },
+                }
+            }
+        });
+    }
     let notifier = Notifier::from_env();
     if let Some(wd) = notifier.watchdog() {
         tasks.spawn(watchdog_feeder(
@@ -447,6 +495,9 @@ pub async fn run(settings: Settings, options: RunOptions) -> Result<(), DaemonEr
         Ok(Ok(Ok(()))) => {}
         Ok(_) => tracing::error!("reconcile loop panicked"),
         Err(_) => tracing::warn!("reconcile pass still running after the grace period"),
+    }
+    if let Some(r) = &fleet_reporter {
+        r.stop();
     }
     drop(socket);
     tracing::info!("stopped");

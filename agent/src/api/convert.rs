@@ -252,6 +252,7 @@ pub fn condition(c: &crate::reconcile::conditions::Condition) -> pb::Condition {
         K::HostScanFailing => pb::ConditionType::HostScanFailing,
         K::PinsFailing => pb::ConditionType::PinsFailing,
         K::ModuleUnusable => pb::ConditionType::ModuleUnusable,
+        K::FleetSyncFailing => pb::ConditionType::FleetSyncFailing,
     };
     pb::Condition {
         r#type: t as i32,

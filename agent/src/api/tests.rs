@@ -87,6 +87,7 @@ async fn serve(event_capacity: usize) -> Served {
         access: crate::access::AccessPolicy::default(),
         events,
         metrics,
+        fleet: None,
     });
     let socket = dir.path().join("api.sock");
     let listener = tokio::net::UnixListener::bind(&socket).unwrap();

@@ -20,14 +20,19 @@ pub enum ConditionKind {
     /// The sevflush module is loaded but unusable (other ABI, unreadable
     /// files): no flush figures, no labels.
     ModuleUnusable,
+    /// The fleet reporter cannot make OpenStack Placement hold this host's
+    /// providers and allocations (unreachable, refusing): the fleet's view
+    /// of the host is stale; retried until it succeeds.
+    FleetSyncFailing,
 }
 
 impl ConditionKind {
-    pub const ALL: [ConditionKind; 4] = [
+    pub const ALL: [ConditionKind; 5] = [
         Self::CheckpointWriteFailing,
         Self::HostScanFailing,
         Self::PinsFailing,
         Self::ModuleUnusable,
+        Self::FleetSyncFailing,
     ];
 
     /// The metric label value.
@@ -37,6 +42,7 @@ impl ConditionKind {
             Self::HostScanFailing => "host_scan_failing",
             Self::PinsFailing => "pins_failing",
             Self::ModuleUnusable => "module_unusable",
+            Self::FleetSyncFailing => "fleet_sync_failing",
         }
     }
 }
