@@ -107,7 +107,7 @@ fn run(vms_n: u32, vcpus: u32) {
             } else {
                 ConfidentialClass::None
             }),
-            shared: true,
+            dedicated: false,
             numa_node: None,
             validate_only: false,
         };

@@ -10,7 +10,7 @@ use tokio::sync::watch;
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 
 use crate::access::AccessPolicy;
-use crate::api::{AgentContext, SevplaceApi};
+use crate::api::SevplaceApi;
 use crate::cgroup::CpusetWriter;
 use crate::config::Settings;
 use crate::discovery::pidfd::VmExitWatch;
@@ -22,7 +22,7 @@ use crate::placement::Reservations;
 use crate::reconcile::enforce::SchedAffinity;
 use crate::reconcile::events::EventBus;
 use crate::reconcile::priority::PriorityMutex;
-use crate::reconcile::{AgentCore, AgentError, HostAccess};
+use crate::reconcile::{AgentContext, AgentCore, AgentError, HostAccess};
 use crate::server::{self, ListenError, OwnedSocket};
 use crate::state::CheckpointStore;
 use crate::topology::{Topology, TopologyError};
@@ -92,24 +92,10 @@ fn monotonic_ms() -> u64 {
     u64::try_from(ms).unwrap_or(u64::MAX)
 }
 
-/// One reconcile pass, on the calling thread: the scan runs without the
-/// core's lock, the rest takes it ahead of queued API calls.
+/// One reconcile pass ([`crate::reconcile::run_pass`]), recorded for the
+/// watchdog.
 pub fn reconcile_pass(ctx: &AgentContext) {
-    let scanner = ctx.lock_first().scanner();
-    match scanner.scan() {
-        Ok(scan) => {
-            let asked = Instant::now();
-            let mut core = ctx.lock_first();
-            ctx.metrics.observe_reconcile_lock_wait(asked.elapsed());
-            let report = core.reconcile(scan);
-            drop(core);
-            for e in &report.errors {
-                tracing::warn!(error = %e, "reconcile");
-            }
-        }
-        // Logged by the condition when it starts or changes.
-        Err(e) => ctx.lock_first().scan_failed(e.to_string()),
-    }
+    crate::reconcile::run_pass(ctx);
     LAST_PASS.store(monotonic_ms(), std::sync::atomic::Ordering::Relaxed);
 }
 
@@ -313,7 +299,6 @@ pub async fn run(settings: Settings, options: RunOptions) -> Result<(), DaemonEr
         core: Arc::new(PriorityMutex::new(core)),
         events,
         metrics: metrics.clone(),
-        fleet: fleet_link.as_ref().map(|(l, _)| l.clone()),
     });
     // The first pass runs before the socket is bound, so the first answer
     // already reflects the host.
@@ -322,6 +307,7 @@ pub async fn run(settings: Settings, options: RunOptions) -> Result<(), DaemonEr
         tracing::error!(error = %e, "first reconcile pass panicked");
     }
 
+    let fleet_api_link = fleet_link.as_ref().map(|(l, _)| l.clone());
     // The fleet reporter starts after the first pass, so its first sync
     // already reflects the host; placement changes wake it.
     let fleet_reporter = match (settings.fleet.clone(), fleet_link) {
@@ -368,8 +354,11 @@ pub async fn run(settings: Settings, options: RunOptions) -> Result<(), DaemonEr
         .add_service(health_service)
         .add_service(reflection)
         .add_service(
-            SevplaceServiceServer::new(SevplaceApi::new(ctx.clone()))
-                .max_decoding_message_size(settings.max_message_bytes),
+            SevplaceServiceServer::new(SevplaceApi::with_fleet(
+                ctx.clone(),
+                fleet_api_link.clone(),
+            ))
+            .max_decoding_message_size(settings.max_message_bytes),
         );
 
     let (stop_tx, stop_rx) = watch::channel(false);

@@ -5,6 +5,7 @@ pub mod access;
 pub mod api;
 pub mod cgroup;
 pub mod client;
+pub mod conditions;
 pub mod config;
 pub mod cpuset;
 pub mod ctl;

@@ -226,7 +226,7 @@ impl Metrics {
             "1 while a condition keeps the agent from doing its whole job (GetHost lists them)",
             condition.clone(),
         );
-        for kind in crate::reconcile::conditions::ConditionKind::ALL {
+        for kind in crate::conditions::ConditionKind::ALL {
             condition
                 .get_or_create(&ConditionLabels {
                     condition: kind.as_str().to_string(),
@@ -475,7 +475,7 @@ impl Metrics {
     }
 
     /// Sets `sevplace_condition{condition}`.
-    pub fn set_condition(&self, kind: crate::reconcile::conditions::ConditionKind, raised: bool) {
+    pub fn set_condition(&self, kind: crate::conditions::ConditionKind, raised: bool) {
         self.condition
             .get_or_create(&ConditionLabels {
                 condition: kind.as_str().to_string(),

@@ -63,6 +63,91 @@ impl fmt::Display for VmId {
     }
 }
 
+/// How the agent names a VM: by the orchestrator's id, or by its process
+/// when no orchestrator named it (unmanaged VMs, and VMs auto placement
+/// placed). On the wire a process key is `pid-<N>`; that form is reserved
+/// for it, so an orchestrator id never reads as a process key
+/// ([`VmKey::parse`], [`VmKey::named`]).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum VmKey {
+    /// The orchestrator's id (never of the form `pid-<N>`).
+    Named(VmId),
+    /// The pid of a VM process no orchestrator named.
+    Process(u32),
+}
+
+/// The wire prefix of a process key.
+pub const PROCESS_KEY_PREFIX: &str = "pid-";
+
+/// Why a string is not a VM key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VmKeyError {
+    #[error(transparent)]
+    Id(#[from] VmIdError),
+    #[error(
+        "vm_id {0:?} has the form pid-<N>, which names a VM by its process; choose another id"
+    )]
+    ReservedForProcess(String),
+}
+
+/// The pid of a `pid-<N>` string (digits only, no sign, no leading zero).
+fn process_key_pid(s: &str) -> Option<u32> {
+    let digits = s.strip_prefix(PROCESS_KEY_PREFIX)?;
+    if digits.is_empty()
+        || !digits.bytes().all(|b| b.is_ascii_digit())
+        || (digits.len() > 1 && digits.starts_with('0'))
+    {
+        return None;
+    }
+    digits.parse().ok().filter(|&p| p != 0)
+}
+
+impl VmKey {
+    /// A key from its wire form: `pid-<N>` is a process key, anything
+    /// else a valid [`VmId`].
+    pub fn parse(s: &str) -> Result<Self, VmIdError> {
+        match process_key_pid(s) {
+            Some(pid) => Ok(Self::Process(pid)),
+            None => VmId::new(s).map(Self::Named),
+        }
+    }
+
+    /// An orchestrator's id for a new VM: a valid [`VmId`] that does not
+    /// read as a process key.
+    pub fn named(s: &str) -> Result<VmId, VmKeyError> {
+        if process_key_pid(s).is_some() {
+            return Err(VmKeyError::ReservedForProcess(s.to_string()));
+        }
+        Ok(VmId::new(s)?)
+    }
+
+    /// The key of an intent stored under `id`: process keys are stored as
+    /// their wire form.
+    pub fn of_id(id: &VmId) -> Self {
+        match process_key_pid(id.as_str()) {
+            Some(pid) => Self::Process(pid),
+            None => Self::Named(id.clone()),
+        }
+    }
+
+    /// The id an intent of this key is stored under.
+    pub fn to_id(&self) -> VmId {
+        match self {
+            Self::Named(id) => id.clone(),
+            Self::Process(pid) => VmId(format!("{PROCESS_KEY_PREFIX}{pid}")),
+        }
+    }
+}
+
+impl fmt::Display for VmKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Named(id) => f.write_str(id.as_str()),
+            Self::Process(pid) => write!(f, "{PROCESS_KEY_PREFIX}{pid}"),
+        }
+    }
+}
+
 /// Memory-encryption class of a guest.
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
@@ -129,6 +214,34 @@ mod tests {
         assert_eq!(VmId::new(""), Err(VmIdError::Empty));
         assert_eq!(VmId::new("a/b"), Err(VmIdError::BadChar('/')));
         assert_eq!(VmId::new("x".repeat(129)), Err(VmIdError::TooLong));
+    }
+
+    #[test]
+    fn process_keys_and_names_do_not_collide() {
+        assert_eq!(VmKey::parse("pid-42"), Ok(VmKey::Process(42)));
+        assert_eq!(
+            VmKey::parse("vm-42"),
+            Ok(VmKey::Named(VmId::new("vm-42").unwrap()))
+        );
+        // Not the canonical form of a pid: an ordinary name.
+        for name in ["pid-042", "pid-", "pid-0", "pid-x", "pid-99999999999"] {
+            assert_eq!(
+                VmKey::parse(name),
+                Ok(VmKey::Named(VmId::new(name).unwrap())),
+                "{name}"
+            );
+            assert!(VmKey::named(name).is_ok(), "{name}");
+        }
+        assert_eq!(
+            VmKey::named("pid-42"),
+            Err(VmKeyError::ReservedForProcess("pid-42".into()))
+        );
+        assert_eq!(VmKey::parse("a/b"), Err(VmIdError::BadChar('/')));
+        let key = VmKey::Process(42);
+        assert_eq!(key.to_string(), "pid-42");
+        assert_eq!(VmKey::of_id(&key.to_id()), key);
+        let named = VmKey::Named(VmId::new("db-1").unwrap());
+        assert_eq!(VmKey::of_id(&named.to_id()), named);
     }
 
     #[test]

@@ -161,8 +161,8 @@ pub fn flush_status(topo: &Topology, record: Option<&ModuleVm>) -> pb::FlushStat
 
 pub fn vm(topo: &Topology, v: &VmView, record: Option<&ModuleVm>) -> pb::Vm {
     pb::Vm {
-        vm_id: v.vm_id.clone(),
-        pid: v.pid,
+        vm_id: v.key.to_string(),
+        pid: v.pid.unwrap_or(0),
         libvirt_domain: v.libvirt_domain.clone().unwrap_or_default(),
         confidential_class: v
             .class
@@ -188,7 +188,7 @@ pub fn vm(topo: &Topology, v: &VmView, record: Option<&ModuleVm>) -> pb::Vm {
             .collect(),
         flush: Some(flush_status(topo, record)),
         placed_at: v.placed_at.map(timestamp),
-        shared: v.shared,
+        shared: !v.dedicated,
     }
 }
 
@@ -239,14 +239,14 @@ pub fn host(core: &AgentCore) -> pb::Host {
                     .collect(),
             })
             .collect(),
-        module: Some(module_status(&core.module().status())),
+        module: Some(module_status(&core.module_status())),
         vm_count: core.vm_count() as u32,
         conditions: core.conditions().iter().map(condition).collect(),
     }
 }
 
-pub fn condition(c: &crate::reconcile::conditions::Condition) -> pb::Condition {
-    use crate::reconcile::conditions::ConditionKind as K;
+pub fn condition(c: &crate::conditions::Condition) -> pb::Condition {
+    use crate::conditions::ConditionKind as K;
     let t = match c.kind {
         K::CheckpointWriteFailing => pb::ConditionType::CheckpointWriteFailing,
         K::HostScanFailing => pb::ConditionType::HostScanFailing,

@@ -5,7 +5,7 @@
 pub mod convert;
 
 use std::pin::Pin;
-use std::sync::{Arc, MutexGuard};
+use std::sync::Arc;
 use std::time::Instant;
 
 use sevplace_proto::v1 as pb;
@@ -16,40 +16,17 @@ use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::access::{authorize, Need, Peer};
 use crate::kmod::ModuleVm;
-use crate::metrics::Metrics;
 use crate::placement::PlaceError;
-use crate::reconcile::events::EventBus;
-use crate::reconcile::priority::{CallGuard, PriorityMutex};
-use crate::reconcile::{AgentCore, AgentError, PlaceCall};
+use crate::reconcile::{AgentContext, AgentCore, AgentError, PlaceCall};
 use crate::state::VmSelector;
-use crate::types::VmId;
-
-/// What the service reads and acts on.
-pub struct AgentContext {
-    pub core: Arc<PriorityMutex<AgentCore>>,
-    pub access: crate::access::AccessPolicy,
-    pub events: Arc<EventBus>,
-    pub metrics: Arc<Metrics>,
-    /// The fleet reporter's consumer store and wake-up; `None` when
-    /// `[fleet]` is off.
-    pub fleet: Option<Arc<crate::fleet::FleetLink>>,
-}
-
-impl AgentContext {
-    /// The core for an API call (behind a waiting reconcile pass).
-    pub fn lock(&self) -> CallGuard<'_, AgentCore> {
-        self.core.lock()
-    }
-
-    /// The core for the reconcile loop (ahead of queued calls).
-    pub fn lock_first(&self) -> MutexGuard<'_, AgentCore> {
-        self.core.lock_first()
-    }
-}
+use crate::types::{VmId, VmKey};
 
 /// The gRPC service implementation.
 pub struct SevplaceApi {
     ctx: Arc<AgentContext>,
+    /// The fleet reporter's consumer store and wake-up; `None` when
+    /// `[fleet]` is off.
+    fleet: Option<Arc<crate::fleet::FleetLink>>,
 }
 
 fn invalid(field: &str, reason: impl Into<String>) -> Status {
@@ -75,6 +52,12 @@ pub fn status_of(e: AgentError) -> Status {
         AgentError::Place(e @ PlaceError::Conflict { .. }) => Status::already_exists(e.to_string()),
         AgentError::Checkpoint(e) => Status::unavailable(e.to_string()),
         AgentError::Discovery(e) => Status::internal(e.to_string()),
+        e @ AgentError::ScrubTooSoon { retry_after, .. } => Status::with_error_details(
+            tonic::Code::ResourceExhausted,
+            e.to_string(),
+            ErrorDetails::with_retry_info(Some(retry_after)),
+        ),
+        AgentError::Scrub(e) => Status::internal(e.to_string()),
     }
 }
 
@@ -119,11 +102,11 @@ pub fn place_call(r: &pb::PlaceVmRequest) -> Result<PlaceCall, Status> {
         return Err(invalid("vcpus", "must be at least 1"));
     }
     Ok(PlaceCall {
-        vm_id: vm_id(&r.vm_id)?,
+        vm_id: VmKey::named(&r.vm_id).map_err(|e| invalid("vm_id", e.to_string()))?,
         selector,
         vcpus: r.vcpus,
         class: convert::class_from_pb(class),
-        shared: r.shared,
+        dedicated: !r.shared,
         numa_node: r.numa_node,
         validate_only: r.validate_only,
     })
@@ -152,7 +135,12 @@ const PAGE_TOKEN_PREFIX: &str = "after:";
 
 impl SevplaceApi {
     pub fn new(ctx: Arc<AgentContext>) -> Self {
-        Self { ctx }
+        Self { ctx, fleet: None }
+    }
+
+    /// With fleet reporting: PlaceVm records Placement consumers in `link`.
+    pub fn with_fleet(ctx: Arc<AgentContext>, link: Option<Arc<crate::fleet::FleetLink>>) -> Self {
+        Self { ctx, fleet: link }
     }
 
     /// Checks the caller (SO_PEERCRED on the Unix socket, the certificate
@@ -231,13 +219,8 @@ fn known_vm(core: &AgentCore, id: &str) -> Result<crate::reconcile::VmView, Stat
         .ok_or_else(|| Status::not_found(format!("no VM {id:?}")))
 }
 
-/// Module VM records, or none when the module is absent or unusable.
-fn module_records(core: &AgentCore) -> Vec<ModuleVm> {
-    core.module().vm_records().unwrap_or_default()
-}
-
 fn vm_pb(core: &AgentCore, v: &crate::reconcile::VmView, records: &[ModuleVm]) -> pb::Vm {
-    let record = records.iter().find(|r| v.pid != 0 && r.pid == v.pid);
+    let record = v.pid.and_then(|pid| records.iter().find(|r| r.pid == pid));
     convert::vm(core.topology(), v, record)
 }
 
@@ -268,11 +251,11 @@ impl SevplaceService for SevplaceApi {
     ) -> Result<Response<pb::PlaceVmResponse>, Status> {
         let start = Instant::now();
         self.admit("PlaceVm", &req, Need::Admin, start)?;
-        let consumer = placement_consumer(req.get_ref(), self.ctx.fleet.is_some());
+        let consumer = placement_consumer(req.get_ref(), self.fleet.is_some());
         let r = match place_call(req.get_ref()).and_then(|c| consumer.map(|k| (c, k))) {
             Ok((call, consumer)) => {
                 let validate_only = call.validate_only;
-                let fleet = self.ctx.fleet.clone();
+                let fleet = self.fleet.clone();
                 self.with_core(move |core| {
                     let recorded = match (&fleet, consumer, validate_only) {
                         (Some(link), Some(c), false) => {
@@ -288,7 +271,7 @@ impl SevplaceService for SevplaceApi {
                         crate::fleet::restore_consumer(&link, &vm_id, before);
                     }
                     let view = placed.map_err(status_of)?;
-                    let records = module_records(core);
+                    let records = core.module_records();
                     Ok(pb::PlaceVmResponse {
                         vm: Some(vm_pb(core, &view, &records)),
                         validated_only: validate_only,
@@ -334,7 +317,7 @@ impl SevplaceService for SevplaceApi {
         let r = self
             .with_core(move |core| {
                 let view = known_vm(core, &id)?;
-                let records = module_records(core);
+                let records = core.module_records();
                 Ok(pb::GetVmResponse {
                     vm: Some(vm_pb(core, &view, &records)),
                 })
@@ -368,7 +351,7 @@ impl SevplaceService for SevplaceApi {
                     )
                 };
                 let filter = q.filter.unwrap_or_default();
-                let records = module_records(core);
+                let records = core.module_records();
                 let matching: Vec<pb::Vm> = core
                     .views()
                     .iter()
@@ -417,44 +400,12 @@ impl SevplaceService for SevplaceApi {
         let id = req.into_inner().vm_id;
         let r = self
             .with_core(move |core| {
-                let view = known_vm(core, &id)?;
-                if view.pid == 0 {
-                    return Err(Status::failed_precondition(format!(
-                        "VM {id} has no running process"
-                    )));
-                }
-                let module = core.module();
-                let records = module
-                    .vm_records()
-                    .map_err(|e| Status::failed_precondition(e.to_string()))?;
-                let before = records
-                    .into_iter()
-                    .find(|r| r.pid == view.pid)
-                    .ok_or_else(|| {
-                        Status::failed_precondition(format!(
-                            "the sevflush module does not track VM {id} (pid {})",
-                            view.pid
-                        ))
-                    })?;
-                let t0 = Instant::now();
-                let vm_id = VmId::new(&id).map_err(|e| invalid("vm_id", e.to_string()))?;
-                if let Err(wait) = core.admit_scrub(&vm_id, t0) {
-                    return Err(Status::with_error_details(
-                        tonic::Code::ResourceExhausted,
-                        format!("VM {id} was scrubbed less than the minimum interval ago; retry in {} ms", wait.as_millis().max(1)),
-                        ErrorDetails::with_retry_info(Some(wait)),
-                    ));
-                }
-                let module = core.module();
-                module
-                    .scrub(before.id)
-                    .map_err(|e| Status::internal(e.to_string()))?;
-                let took = t0.elapsed();
+                let done = core.scrub(&id).map_err(status_of)?;
                 Ok(pb::ScrubVmResponse {
-                    flushed_cpus: before.dirty_cpus.to_vec(),
+                    flushed_cpus: done.flushed_cpus.to_vec(),
                     duration: Some(sevplace_proto::pbjson_types::Duration {
-                        seconds: took.as_secs() as i64,
-                        nanos: took.subsec_nanos() as i32,
+                        seconds: done.took.as_secs() as i64,
+                        nanos: done.took.subsec_nanos() as i32,
                     }),
                 })
             })

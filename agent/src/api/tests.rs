@@ -15,8 +15,10 @@ use crate::cpuset::CpuSet;
 use crate::discovery::fake_procfs::{write_process, FakeProcess};
 use crate::discovery::VmScanner;
 use crate::kmod::ModuleReader;
+use crate::metrics::Metrics;
 use crate::placement::Reservations;
 use crate::reconcile::enforce::ThreadAffinity;
+use crate::reconcile::events::EventBus;
 use crate::reconcile::{AgentCore, HostAccess, PlaceCall};
 use crate::state::CheckpointStore;
 use crate::topology::Topology;
@@ -77,7 +79,7 @@ async fn serve(event_capacity: usize) -> Served {
         }),
         vcpus: 2,
         class: Some(ConfidentialClass::Sev),
-        shared: false,
+        dedicated: true,
         numa_node: None,
         validate_only: false,
     })
@@ -87,7 +89,6 @@ async fn serve(event_capacity: usize) -> Served {
         access: crate::access::AccessPolicy::default(),
         events,
         metrics,
-        fleet: None,
     });
     let socket = dir.path().join("api.sock");
     let listener = tokio::net::UnixListener::bind(&socket).unwrap();

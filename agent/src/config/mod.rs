@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 
 use crate::cpuset::CpuSet;
 
+pub mod fleet;
+
 /// The embedded defaults; also the list of known keys.
 pub const DEFAULTS_TOML: &str = include_str!("defaults.toml");
 
@@ -95,7 +97,7 @@ pub struct Settings {
     pub log_format: LogFormat,
     pub log_level: String,
     /// `[fleet]`; `None` when reporting is off.
-    pub fleet: Option<crate::fleet::FleetSettings>,
+    pub fleet: Option<fleet::FleetSettings>,
 }
 
 impl Settings {
@@ -250,14 +252,14 @@ pub fn load(
     validate(&cfg)
 }
 
-fn get_string(cfg: &config::Config, key: &str) -> Result<String, ConfigError> {
+pub(crate) fn get_string(cfg: &config::Config, key: &str) -> Result<String, ConfigError> {
     cfg.get_string(key).map_err(|e| ConfigError::BadValue {
         key: key.to_string(),
         reason: e.to_string(),
     })
 }
 
-fn bad(key: &str, reason: impl std::fmt::Display) -> ConfigError {
+pub(crate) fn bad(key: &str, reason: impl std::fmt::Display) -> ConfigError {
     ConfigError::BadValue {
         key: key.to_string(),
         reason: reason.to_string(),
@@ -364,99 +366,6 @@ fn tcp_security(
     ))
 }
 
-/// The `[fleet]` section: off, or a URL and exactly one way to
-/// authenticate.
-fn fleet_settings(
-    cfg: &config::Config,
-    int_in: &dyn Fn(&str, i64, i64) -> Result<i64, ConfigError>,
-) -> Result<Option<crate::fleet::FleetSettings>, ConfigError> {
-    use crate::fleet::{FleetAuth, RootChoice};
-    let enabled = cfg
-        .get_bool("fleet.enabled")
-        .map_err(|e| bad("fleet.enabled", e))?;
-    let s = |key: &str| get_string(cfg, key).map(|v| v.trim().to_string());
-    let url = s("fleet.placement_url")?;
-    let token_file = s("fleet.token_file")?;
-    let keystone = s("fleet.keystone_url")?;
-    let cred_id = s("fleet.application_credential_id")?;
-    let cred_secret = s("fleet.application_credential_secret_file")?;
-    let host = s("fleet.host_name")?;
-    let root_name = s("fleet.root_provider_name")?;
-    let root_uuid = s("fleet.root_provider_uuid")?;
-    let sync_period = int_in("fleet.sync_period_ms", 1000, 86_400_000)? as u64;
-    let retry = int_in("fleet.retry_ms", 100, 3_600_000)? as u64;
-    let timeout = int_in("fleet.request_timeout_ms", 100, 600_000)? as u64;
-    if !enabled {
-        return Ok(None);
-    }
-    if !(url.starts_with("http://") || url.starts_with("https://")) {
-        return Err(bad(
-            "fleet.placement_url",
-            format!("{url:?} is not an http:// or https:// URL"),
-        ));
-    }
-    let app_cred = [&keystone, &cred_id, &cred_secret];
-    let auth = match (token_file.is_empty(), app_cred.iter().all(|v| v.is_empty())) {
-        (false, true) => FleetAuth::TokenFile(PathBuf::from(&token_file)),
-        (true, false) if app_cred.iter().all(|v| !v.is_empty()) => {
-            FleetAuth::ApplicationCredential {
-                keystone_url: keystone,
-                id: cred_id,
-                secret_file: PathBuf::from(cred_secret),
-            }
-        }
-        (true, false) => {
-            return Err(bad(
-                "fleet.keystone_url",
-                "keystone_url, application_credential_id and application_credential_secret_file go together",
-            ))
-        }
-        (false, false) => {
-            return Err(bad(
-                "fleet.token_file",
-                "set either token_file or the application credential keys, not both",
-            ))
-        }
-        (true, true) => {
-            return Err(bad(
-                "fleet.token_file",
-                "fleet reporting needs token_file or an application credential",
-            ))
-        }
-    };
-    let root = match (root_name.is_empty(), root_uuid.is_empty()) {
-        (true, true) => RootChoice::Own,
-        (false, true) => RootChoice::ExistingName(root_name),
-        (true, false) => RootChoice::ExistingUuid(root_uuid.to_ascii_lowercase()),
-        (false, false) => {
-            return Err(bad(
-                "fleet.root_provider_name",
-                "set root_provider_name or root_provider_uuid, not both",
-            ))
-        }
-    };
-    let host_name = if host.is_empty() {
-        crate::fleet::default_host_name()
-    } else {
-        host
-    };
-    if host_name.len() > 180 || !host_name.chars().all(|c| c.is_ascii_graphic()) {
-        return Err(bad(
-            "fleet.host_name",
-            format!("{host_name:?}: 1-180 printable ASCII characters"),
-        ));
-    }
-    Ok(Some(crate::fleet::FleetSettings {
-        placement_url: url,
-        auth,
-        host_name,
-        root,
-        sync_period: std::time::Duration::from_millis(sync_period),
-        retry_period: std::time::Duration::from_millis(retry),
-        request_timeout: std::time::Duration::from_millis(timeout),
-    }))
-}
-
 fn validate(cfg: &config::Config) -> Result<Settings, ConfigError> {
     let socket = get_string(cfg, "server.socket")?;
     let socket = if socket.is_empty() {
@@ -515,7 +424,7 @@ fn validate(cfg: &config::Config) -> Result<Settings, ConfigError> {
     tracing_subscriber::EnvFilter::try_new(&log_level).map_err(|e| bad("log.level", e))?;
     let listen_tcp = optional_addr(cfg, "server.listen_tcp")?;
     let (tls, insecure_tcp) = tcp_security(cfg, listen_tcp)?;
-    let fleet = fleet_settings(cfg, &int_in)?;
+    let fleet = fleet::settings(cfg, &int_in)?;
     Ok(Settings {
         fleet,
         socket,

@@ -11,19 +11,7 @@ use serde_json::Value;
 /// Microversion sent on every call.
 pub const MICROVERSION: &str = "placement 1.39";
 
-/// How the client authenticates.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub enum FleetAuth {
-    /// `X-Auth-Token` read from a file (re-read after a 401).
-    TokenFile(PathBuf),
-    /// A Keystone v3 application credential: a token is issued by
-    /// `POST {keystone_url}/v3/auth/tokens` and renewed after a 401.
-    ApplicationCredential {
-        keystone_url: String,
-        id: String,
-        secret_file: PathBuf,
-    },
-}
+pub use crate::config::fleet::FleetAuth;
 
 /// Why a Placement call failed.
 #[derive(Debug, thiserror::Error)]

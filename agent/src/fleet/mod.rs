@@ -18,28 +18,17 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError, SyncSender};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use crate::api::AgentContext;
-use crate::reconcile::conditions::ConditionKind;
+use crate::conditions::ConditionKind;
+use crate::reconcile::AgentContext;
 use crate::types::VmId;
 
-pub use client::{FleetAuth, FleetError, PlacementClient};
+pub use crate::config::fleet::{default_host_name, FleetAuth, FleetSettings, RootChoice};
+pub use client::{FleetError, PlacementClient};
 pub use consumers::{ConsumerStore, ConsumerStoreError};
-pub use sync::{Reporter, RootChoice, SyncOutcome};
+pub use sync::{Reporter, SyncOutcome};
 pub use tree::{Consumer, FlushMode, HostFacts, SevSupport};
-
-/// Settings of the `[fleet]` section, validated.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct FleetSettings {
-    pub placement_url: String,
-    pub auth: FleetAuth,
-    pub host_name: String,
-    pub root: RootChoice,
-    pub sync_period: Duration,
-    pub retry_period: Duration,
-    pub request_timeout: Duration,
-}
 
 /// What the API and the reporter share.
 pub struct FleetLink {
@@ -75,15 +64,6 @@ pub fn read_sev_support(params: &Path) -> SevSupport {
         sev_es: param_on(&params.join("sev_es")),
         sev_snp: param_on(&params.join("sev_snp")),
     }
-}
-
-/// The host name for provider names: the configured one or the kernel's.
-pub fn default_host_name() -> String {
-    nix::unistd::gethostname()
-        .ok()
-        .and_then(|h| h.into_string().ok())
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "localhost".to_string())
 }
 
 /// The reporter's thread and its link.
@@ -172,7 +152,7 @@ fn run(
         let start = Instant::now();
         let (desired, gone) = {
             let core = ctx.lock();
-            let status = core.module().status();
+            let status = core.module_status();
             let facts = HostFacts {
                 host_name: settings.host_name.clone(),
                 sev: read_sev_support(&kvm_params),

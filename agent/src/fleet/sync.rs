@@ -18,16 +18,7 @@ use super::tree::{self, DesiredTree, L3Provider};
 /// Retries of one write after generation conflicts.
 const GENERATION_RETRIES: usize = 8;
 
-/// Which provider is the root of this host's tree.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub enum RootChoice {
-    /// A provider named after the host, created by the agent when missing.
-    Own,
-    /// An existing provider (a Nova compute node) by name.
-    ExistingName(String),
-    /// An existing provider by UUID.
-    ExistingUuid(String),
-}
+pub use crate::config::fleet::RootChoice;
 
 /// A provider as listed.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -8,9 +8,17 @@ use std::sync::{Arc, Mutex};
 use super::enforce::ThreadAffinity;
 use super::events::{EventBus, EventKind};
 use super::*;
+
 use crate::cgroup::CgroupError;
+use crate::cpuset::CpuSet;
 use crate::discovery::fake_procfs::{write_process, FakeProcess};
+use crate::discovery::{DiscoveredVm, VmScanner};
 use crate::kmod::ModuleReader;
+use crate::metrics::Metrics;
+use crate::placement::{self, Reservations};
+use crate::state::{CheckpointStore, VmSelector};
+use crate::topology::Topology;
+use crate::types::{ConfidentialClass, VmId};
 
 /// Writes affinity into the fake procfs (so the next scan sees it), and
 /// fails with `VmGone` for threads whose task directory is gone.
@@ -123,7 +131,7 @@ fn call(id: &str, pid: Option<u32>, vcpus: u32) -> PlaceCall {
         }),
         vcpus,
         class: None,
-        shared: false,
+        dedicated: true,
         numa_node: None,
         validate_only: false,
     }
@@ -174,6 +182,40 @@ fn place_classifies_pins_and_is_idempotent() {
         stored.intents[0].placement.as_ref().unwrap().vcpu_cpus,
         p.vcpu_cpus
     );
+}
+
+#[test]
+fn an_orchestrator_id_pid_n_does_not_collide_with_an_unmanaged_vm() {
+    let f = Fixture::new();
+    f.add_vm(42, 2, false);
+    f.add_vm(100, 2, false);
+    let mut core = f.core().unwrap();
+    core.reconcile(f.scan(&core));
+    let unmanaged = core.view("pid-42").unwrap();
+    assert_eq!(unmanaged.key, crate::types::VmKey::Process(42));
+    assert_eq!(unmanaged.pid, Some(42));
+
+    // "pid-42" for process 100 would name two VMs: refused, nothing stored.
+    match core.place(call("pid-42", Some(100), 2)) {
+        Err(AgentError::InvalidArgument {
+            field: "vm_id",
+            reason,
+        }) => {
+            assert!(reason.contains("pid-<N>"), "{reason}")
+        }
+        other => panic!("expected vm_id refused, got {other:?}"),
+    }
+    assert!(core.checkpoint().intents.is_empty());
+    assert_eq!(core.view("pid-42").unwrap().state, VmState::Unmanaged);
+    assert_eq!(core.view("pid-100").unwrap().state, VmState::Unmanaged);
+
+    // An id that only looks like one (not the canonical pid form) is a name.
+    let v = core.place(call("pid-042", Some(100), 2)).unwrap();
+    assert_eq!(v.key.to_string(), "pid-042");
+    assert_eq!(v.pid, Some(100));
+    assert_eq!(core.view("pid-42").unwrap().pid, Some(42));
+    let keys: Vec<String> = core.views().iter().map(|v| v.key.to_string()).collect();
+    assert_eq!(keys, ["pid-042", "pid-42"]);
 }
 
 #[test]
@@ -416,7 +458,7 @@ fn unwritable_checkpoint_changes_nothing() {
     assert!(text.contains("sevplace_checkpoint_write_failures_total 1"));
     assert_eq!(
         core.conditions()[0].kind,
-        super::conditions::ConditionKind::CheckpointWriteFailing
+        crate::conditions::ConditionKind::CheckpointWriteFailing
     );
     // Writable again: the retried call succeeds and the condition clears.
     std::fs::remove_file(f.dir.path().join("state")).unwrap();
@@ -635,7 +677,7 @@ fn failing_pins_keep_the_intent_report_and_retry_with_backoff() {
         assert_eq!(raised.len(), 1, "{raised:?}");
         assert_eq!(
             raised[0].kind,
-            super::conditions::ConditionKind::PinsFailing
+            crate::conditions::ConditionKind::PinsFailing
         );
         assert!(raised[0].message.contains("vm-f"), "{raised:?}");
         assert!(

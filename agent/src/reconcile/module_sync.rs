@@ -1,0 +1,59 @@
+//! Reads the sevflush module each pass: labels its VM records with the
+//! agent's classification and refreshes the module and per-VM metrics.
+
+use crate::conditions::ConditionKind;
+
+use super::agent_core::AgentCore;
+
+impl AgentCore {
+    /// Reads the module (absent is a state, not an error), labels its VM
+    /// records with the agent's classification, and refreshes the module
+    /// and per-VM metrics.
+    pub(super) fn sync_module(&mut self) {
+        use crate::kmod::ModuleState;
+        let status = self.host.module.status();
+        self.metrics.set_module(&status);
+        let (records, usable) = match status.state {
+            ModuleState::Loaded => match self.host.module.vm_records() {
+                Ok(r) => (r, Ok(())),
+                // Unloaded between the two reads: absent, not unusable.
+                Err(e) if e.is_vanished() => (Vec::new(), Ok(())),
+                Err(e) => (
+                    Vec::new(),
+                    Err(format!("cannot read sevflush VM records: {e}")),
+                ),
+            },
+            ModuleState::Absent => (Vec::new(), Ok(())),
+            ModuleState::AbiMismatch | ModuleState::Error => {
+                (Vec::new(), Err(status.message.clone()))
+            }
+        };
+        self.set_condition(ConditionKind::ModuleUnusable, usable);
+        let mut figures = Vec::new();
+        for v in self.views() {
+            let Some(pid) = v.pid else {
+                continue;
+            };
+            let record = records.iter().find(|r| r.pid == pid);
+            if let (Some(r), Some(class)) = (record, v.class) {
+                if r.confidential != class.as_str() {
+                    if let Err(e) = self.host.module.set_confidential(r.id, class) {
+                        tracing::warn!(vm = %v.key, error = %e, "cannot label the module's VM record");
+                    }
+                }
+            }
+            figures.push(crate::metrics::VmFigures {
+                labels: crate::metrics::VmLabels {
+                    vm: v.key.to_string(),
+                    confidential: v.class.map_or("unknown", |c| c.as_str()).to_string(),
+                },
+                vcpus: v.vcpus,
+                dirty_cpus: record.map(|r| r.dirty_cpus.len()),
+                ran_cpus: record.map(|r| r.ran_cpus.len()),
+                flushes: record.map(|r| r.flushes),
+                flushed_cpus: record.map(|r| r.flushed_cpus),
+            });
+        }
+        self.metrics.set_vms(&figures);
+    }
+}
