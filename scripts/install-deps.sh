@@ -12,6 +12,8 @@ APT_PACKAGES=(
   systemd      # systemd-analyze: verifies the unit file
   qemu-system-x86  # real QEMU VMs for the discovery/pinning tests and the kernel rig
   faketime     # libfaketime: wall-clock jumps under the real daemon (tests/tests/clock.rs)
+  python3-venv # the OpenStack Placement venv of the fleet tests (scripts/placement-venv.sh)
+  mariadb-server  # private mariadbd for concurrent Placement tests (tests/src/openstack.rs)
 )
 if [ -n "${SEVPLACE_EXTRA_APT:-}" ]; then
   # shellcheck disable=SC2206
@@ -57,3 +59,8 @@ if command -v cargo >/dev/null 2>&1 && ! cargo fuzz --version >/dev/null 2>&1; t
   echo "install-deps: cargo install cargo-fuzz --locked"
   cargo install cargo-fuzz --locked --quiet
 fi
+
+# The real OpenStack Placement for the fleet tests (tests/tests/fleet.rs):
+# a venv under ~/.cache/sevplace, made once (about 40 s).
+scripts_dir="$(cd "$(dirname "$0")" && pwd)"
+"$scripts_dir/placement-venv.sh" >/dev/null

@@ -27,16 +27,21 @@ pub enum ConditionKind {
     /// Some intents' placements do not fit the current topology and no
     /// other placement does: those VMs are unplaceable, kept, not pinned.
     PlacementsUnplaceable,
+    /// The fleet reporter cannot make OpenStack Placement hold this host's
+    /// providers and allocations (unreachable, refusing): the fleet's view
+    /// of the host is stale; retried until it succeeds.
+    FleetSyncFailing,
 }
 
 impl ConditionKind {
-    pub const ALL: [ConditionKind; 6] = [
+    pub const ALL: [ConditionKind; 7] = [
         Self::CheckpointWriteFailing,
         Self::HostScanFailing,
         Self::PinsFailing,
         Self::ModuleUnusable,
         Self::SelectorsAmbiguous,
         Self::PlacementsUnplaceable,
+        Self::FleetSyncFailing,
     ];
 
     /// The metric label value.
@@ -48,6 +53,7 @@ impl ConditionKind {
             Self::ModuleUnusable => "module_unusable",
             Self::SelectorsAmbiguous => "selectors_ambiguous",
             Self::PlacementsUnplaceable => "placements_unplaceable",
+            Self::FleetSyncFailing => "fleet_sync_failing",
         }
     }
 }

@@ -65,6 +65,10 @@ pub enum DaemonError {
     Signal(std::io::Error),
     #[error("TCP mutual TLS: {0}")]
     Tls(#[from] crate::tls::TlsError),
+    #[error("fleet: {0}; to start anyway, move the file aside")]
+    FleetStore(#[from] crate::fleet::ConsumerStoreError),
+    #[error("fleet reporter thread: {0}")]
+    FleetThread(std::io::Error),
 }
 
 /// What to do about a checkpoint that stops the start, for a user who runs
@@ -424,6 +428,10 @@ pub async fn run(settings: Settings, options: RunOptions) -> Result<(), DaemonEr
         (Some(_), Some(tls)) => Some(crate::tls::server_config(tls)?),
         _ => None,
     };
+    let fleet_link = match &settings.fleet {
+        Some(_) => Some(crate::fleet::link(&settings.state_dir)?),
+        None => None,
+    };
     let ctx = Arc::new(AgentContext {
         access,
         core: Arc::new(PriorityMutex::new(core)),
@@ -436,6 +444,25 @@ pub async fn run(settings: Settings, options: RunOptions) -> Result<(), DaemonEr
     if let Err(e) = tokio::task::spawn_blocking(move || reconcile_pass(&first)).await {
         tracing::error!(error = %e, "first reconcile pass panicked");
     }
+
+    let fleet_api_link = fleet_link.as_ref().map(|(l, _)| l.clone());
+    // The fleet reporter starts after the first pass, so its first sync
+    // already reflects the host; placement changes wake it.
+    let fleet_reporter = match (settings.fleet.clone(), fleet_link) {
+        (Some(fs), Some((link, rx))) => {
+            tracing::info!(placement_url = %fs.placement_url, host = %fs.host_name, "fleet reporting to OpenStack Placement");
+            let r = crate::fleet::spawn(
+                fs,
+                settings.host_path("/sys/module/kvm_amd/parameters"),
+                ctx.clone(),
+                link,
+                rx,
+            )
+            .map_err(DaemonError::FleetThread)?;
+            Some(r)
+        }
+        _ => None,
+    };
 
     let (socket, unix_listener) = OwnedSocket::bind(
         &settings.socket,
@@ -464,8 +491,9 @@ pub async fn run(settings: Settings, options: RunOptions) -> Result<(), DaemonEr
         .register_encoded_file_descriptor_set(sevplace_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
-    let api = SevplaceServiceServer::new(SevplaceApi::new(ctx.clone()))
-        .max_decoding_message_size(settings.max_message_bytes);
+    let api =
+        SevplaceServiceServer::new(SevplaceApi::with_fleet(ctx.clone(), fleet_api_link.clone()))
+            .max_decoding_message_size(settings.max_message_bytes);
     let server = tonic::transport::Server::builder()
         .max_concurrent_streams(settings.max_concurrent_streams)
         .timeout(Duration::from_millis(settings.request_timeout_ms));
@@ -497,6 +525,27 @@ pub async fn run(settings: Settings, options: RunOptions) -> Result<(), DaemonEr
     let reconcile_thread =
         spawn_reconcile_thread(ctx.clone(), period, exit_watches, probe, stop_rx.clone())
             .map_err(DaemonError::ReconcileThread)?;
+    if let Some(r) = &fleet_reporter {
+        let link = r.link.clone();
+        let mut events = ctx.events.subscribe();
+        let mut stop = stop_rx.clone();
+        tasks.spawn(async move {
+            use crate::reconcile::events::EventKind;
+            use tokio::sync::broadcast::error::RecvError;
+            loop {
+                tokio::select! {
+                    _ = stop.wait_for(|s| *s) => return,
+                    ev = events.recv() => match ev {
+                        Ok(e) if matches!(e.kind, EventKind::Placed { .. } | EventKind::Released { .. } | EventKind::Exited { .. }) => link.wake(),
+                        Ok(_) => {}
+                        // Missed events: a sync reads everything anyway.
+                        Err(RecvError::Lagged(_)) => link.wake(),
+                        Err(RecvError::Closed) => return,
+                    },
+                }
+            }
+        });
+    }
     let notifier = Notifier::from_env();
     if let Some(wd) = notifier.watchdog() {
         tasks.spawn(watchdog_feeder(
@@ -587,6 +636,9 @@ pub async fn run(settings: Settings, options: RunOptions) -> Result<(), DaemonEr
         Ok(Ok(Ok(()))) => {}
         Ok(_) => tracing::error!("reconcile loop panicked"),
         Err(_) => tracing::warn!("reconcile pass still running after the grace period"),
+    }
+    if let Some(r) = &fleet_reporter {
+        r.stop();
     }
     drop(socket);
     tracing::info!("stopped");

@@ -12,6 +12,7 @@ pub mod cpuset;
 pub mod ctl;
 pub mod daemon;
 pub mod discovery;
+pub mod fleet;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod kmod;

@@ -75,6 +75,8 @@ pub struct Metrics {
     pub kmod_info: Family<KmodLabels, Gauge>,
     pub kmod_loaded: Gauge,
     pub confidential_vms: Gauge,
+    pub fleet_syncs: Family<ResultLabels, Counter>,
+    pub fleet_sync_duration: Histogram,
     /// Last module readings, to turn module counters into increments.
     last: std::sync::Mutex<CounterReadings>,
 }
@@ -154,6 +156,12 @@ pub struct AuditLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ConditionLabels {
     pub condition: String,
+}
+
+/// Labels of `sevplace_fleet_syncs_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: String,
 }
 
 /// Labels of `sevplace_drift_corrections_total`.
@@ -336,7 +344,21 @@ impl Metrics {
             "Running VMs with a confidential class (placed or not)",
             confidential_vms.clone(),
         );
+        let fleet_syncs = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "fleet_syncs",
+            "Syncs of this host's provider tree and allocations to OpenStack Placement, by result (ok, error)",
+            fleet_syncs.clone(),
+        );
+        let fleet_sync_duration = Histogram::new((0..16).map(|i| 1e-3 * f64::powi(2.0, i)));
+        registry.register(
+            "fleet_sync_duration_seconds",
+            "Time of one sync to OpenStack Placement",
+            fleet_sync_duration.clone(),
+        );
         Self {
+            fleet_syncs,
+            fleet_sync_duration,
             pin_failures,
             vms_failing_pins,
             vms_unplaceable,
@@ -489,6 +511,16 @@ impl Metrics {
                 phase: phase.to_string(),
             })
             .observe(elapsed.as_secs_f64());
+    }
+
+    /// Counts one sync to Placement and its time.
+    pub fn observe_fleet_sync(&self, ok: bool, elapsed: Duration) {
+        self.fleet_syncs
+            .get_or_create(&ResultLabels {
+                result: if ok { "ok" } else { "error" }.to_string(),
+            })
+            .inc();
+        self.fleet_sync_duration.observe(elapsed.as_secs_f64());
     }
 
     /// Sets `sevplace_condition{condition}`.

@@ -1,6 +1,8 @@
 //! Harness of the end-to-end tests: finds the real binaries and runs
 //! `sevplaced` on a temporary socket, state directory and metrics port.
 
+pub mod openstack;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

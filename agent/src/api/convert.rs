@@ -265,6 +265,7 @@ pub fn condition(c: &crate::conditions::Condition) -> pb::Condition {
         K::ModuleUnusable => pb::ConditionType::ModuleUnusable,
         K::SelectorsAmbiguous => pb::ConditionType::SelectorsAmbiguous,
         K::PlacementsUnplaceable => pb::ConditionType::PlacementsUnplaceable,
+        K::FleetSyncFailing => pb::ConditionType::FleetSyncFailing,
     };
     pb::Condition {
         r#type: t as i32,

@@ -25,6 +25,9 @@ use crate::types::{VmId, VmKey};
 /// The gRPC service implementation.
 pub struct SevplaceApi {
     ctx: Arc<AgentContext>,
+    /// The fleet reporter's consumer store and wake-up; `None` when
+    /// `[fleet]` is off.
+    fleet: Option<Arc<crate::fleet::FleetLink>>,
 }
 
 fn invalid(field: &str, reason: impl Into<String>) -> Status {
@@ -104,11 +107,35 @@ pub fn place_call(r: &pb::PlaceVmRequest) -> Result<PlaceCall, Status> {
     })
 }
 
+/// Validates PlaceVm's Placement consumer; one is refused where fleet
+/// reporting is off (nobody would keep its allocation true).
+pub fn placement_consumer(
+    r: &pb::PlaceVmRequest,
+    fleet_on: bool,
+) -> Result<Option<crate::fleet::Consumer>, Status> {
+    let Some(c) = &r.placement_consumer else {
+        return Ok(None);
+    };
+    let consumer = crate::fleet::consumer_from_parts(&c.uuid, &c.project_id, &c.user_id)
+        .map_err(|(field, reason)| invalid(field, reason))?;
+    if !fleet_on {
+        return Err(Status::failed_precondition(
+            "placement_consumer given, but fleet reporting is off on this agent ([fleet] enabled = false)",
+        ));
+    }
+    Ok(Some(consumer))
+}
+
 const PAGE_TOKEN_PREFIX: &str = "after:";
 
 impl SevplaceApi {
     pub fn new(ctx: Arc<AgentContext>) -> Self {
-        Self { ctx }
+        Self { ctx, fleet: None }
+    }
+
+    /// With fleet reporting: PlaceVm records Placement consumers in `link`.
+    pub fn with_fleet(ctx: Arc<AgentContext>, link: Option<Arc<crate::fleet::FleetLink>>) -> Self {
+        Self { ctx, fleet: link }
     }
 
     /// Checks the caller (SO_PEERCRED on the Unix socket, the certificate
@@ -234,11 +261,26 @@ impl SevplaceService for SevplaceApi {
             audit::record(&self.ctx.metrics, "PlaceVm", &audit_vm, &peer, Err(&s));
             return Err(s);
         }
-        let r = match place_call(req.get_ref()) {
-            Ok(call) => {
+        let consumer = placement_consumer(req.get_ref(), self.fleet.is_some());
+        let r = match place_call(req.get_ref()).and_then(|c| consumer.map(|k| (c, k))) {
+            Ok((call, consumer)) => {
                 let validate_only = call.validate_only;
+                let fleet = self.fleet.clone();
                 self.with_core(move |core| {
-                    let view = core.place(call).map_err(status_of)?;
+                    let recorded = match (&fleet, consumer, validate_only) {
+                        (Some(link), Some(c), false) => {
+                            let before = crate::fleet::record_consumer(link, &call.vm_id, c)
+                                .map_err(|e| Status::unavailable(e.to_string()))?;
+                            Some((link.clone(), before))
+                        }
+                        _ => None,
+                    };
+                    let vm_id = call.vm_id.clone();
+                    let placed = core.place(call);
+                    if let (Err(_), Some((link, before))) = (&placed, recorded) {
+                        crate::fleet::restore_consumer(&link, &vm_id, before);
+                    }
+                    let view = placed.map_err(status_of)?;
                     let records = core.module_records();
                     Ok(pb::PlaceVmResponse {
                         vm: Some(vm_pb(core, &view, &records)),

@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 
 use crate::cpuset::CpuSet;
 
+pub mod fleet;
+
 /// The embedded defaults; also the list of known keys.
 pub const DEFAULTS_TOML: &str = include_str!("defaults.toml");
 
@@ -128,6 +130,8 @@ pub struct Settings {
     pub log_format: LogFormat,
     pub log_color: LogColor,
     pub log_level: String,
+    /// `[fleet]`; `None` when reporting is off.
+    pub fleet: Option<fleet::FleetSettings>,
 }
 
 impl Settings {
@@ -299,14 +303,14 @@ pub fn load(
     validate(&cfg, env)
 }
 
-fn get_string(cfg: &config::Config, key: &str) -> Result<String, ConfigError> {
+pub(crate) fn get_string(cfg: &config::Config, key: &str) -> Result<String, ConfigError> {
     cfg.get_string(key).map_err(|e| ConfigError::BadValue {
         key: key.to_string(),
         reason: e.to_string(),
     })
 }
 
-fn bad(key: &str, reason: impl std::fmt::Display) -> ConfigError {
+pub(crate) fn bad(key: &str, reason: impl std::fmt::Display) -> ConfigError {
     ConfigError::BadValue {
         key: key.to_string(),
         reason: reason.to_string(),
@@ -492,7 +496,9 @@ fn validate(cfg: &config::Config, env: &[(String, String)]) -> Result<Settings, 
     tracing_subscriber::EnvFilter::try_new(&log_level).map_err(|e| bad("log.level", e))?;
     let listen_tcp = optional_addr(cfg, "server.listen_tcp")?;
     let (tls, insecure_tcp) = tcp_security(cfg, listen_tcp)?;
+    let fleet = fleet::settings(cfg, &int_in)?;
     Ok(Settings {
+        fleet,
         socket,
         socket_mode,
         socket_group: (!group.is_empty()).then_some(group),

@@ -311,6 +311,7 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
                     shared,
                     numa_node: numa,
                     validate_only,
+                    placement_consumer: None,
                 })
                 .await?
                 .into_inner();

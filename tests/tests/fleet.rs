@@ -1,0 +1,548 @@
+//! The fleet reporter against the real OpenStack Placement service
+//! (openstack-placement from PyPI, gunicorn, SQLite; tests/src/openstack.rs):
+//! several sevplaced on different host-root fixtures publish their L3
+//! providers and keep their VMs' consumers' allocations true. After every
+//! step the invariant is read back from Placement: per L3 provider,
+//! `total` = CPUs of the domain and usage + reserved = CPUs of the domain
+//! the agent uses; each consumer's allocation = its VM's CPUs per domain.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use sevplace::fleet::PlacementClient;
+use sevplace::topology::Topology;
+use sevplace::CpuSet;
+use sevplace_proto::v1 as pb;
+use sevplace_tests::openstack::PlacementService;
+use sevplace_tests::{wait_until, Daemon};
+
+/// One agent of the test fleet: name, fixture, extra config keys, root provider.
+type AgentSpec<'a> = (&'a str, &'a str, &'a [(&'a str, &'a str)], &'a str);
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../agent/tests/fixtures")
+        .join(name)
+}
+
+/// A host root whose `sys/devices` is the fixture's and whose kvm_amd
+/// parameters say which SEV classes KVM offers.
+fn host_root(dir: &Path, name: &str, fixture_name: &str, sev: &[(&str, &str)]) -> PathBuf {
+    let root = dir.join(format!("root-{name}"));
+    std::fs::create_dir_all(root.join("sys/module/kvm_amd/parameters")).unwrap();
+    std::os::unix::fs::symlink(
+        fixture(fixture_name).join("sys/devices"),
+        root.join("sys/devices"),
+    )
+    .unwrap();
+    for (k, v) in sev {
+        std::fs::write(root.join("sys/module/kvm_amd/parameters").join(k), v).unwrap();
+    }
+    root
+}
+
+struct Host {
+    name: String,
+    root: PathBuf,
+    config: String,
+    daemon: Option<Daemon>,
+    topology: Topology,
+}
+
+impl Host {
+    fn start(name: &str, root: PathBuf, config: String) -> Self {
+        let topology = Topology::from_sysfs(&root.join("sys")).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("sevplaced.toml"), &config).unwrap();
+        let daemon = Daemon::start_in(dir, &["--host-root", root.to_str().unwrap()], &[]);
+        Self {
+            name: name.to_string(),
+            root,
+            config,
+            daemon: Some(daemon),
+            topology,
+        }
+    }
+
+    fn daemon(&self) -> &Daemon {
+        self.daemon.as_ref().unwrap()
+    }
+
+    fn kill9_and_restart(&mut self) {
+        let dir = self.daemon.take().unwrap().kill9();
+        std::fs::write(dir.path().join("sevplaced.toml"), &self.config).unwrap();
+        self.daemon = Some(Daemon::start_in(
+            dir,
+            &["--host-root", self.root.to_str().unwrap()],
+            &[],
+        ));
+    }
+
+    fn place(
+        &self,
+        id: &str,
+        vcpus: u32,
+        class: pb::ConfidentialClass,
+        shared: bool,
+        consumer: Option<&str>,
+    ) -> Result<CpuSet, tonic::Status> {
+        let socket = self.daemon().socket.clone();
+        sevplace_tests::runtime().block_on(async {
+            let mut c = sevplace::client::connect(&socket).await.unwrap();
+            let r = c
+                .place_vm(pb::PlaceVmRequest {
+                    vm_id: id.into(),
+                    vcpus,
+                    confidential_class: class as i32,
+                    shared,
+                    placement_consumer: consumer.map(|u| pb::PlacementConsumer {
+                        uuid: u.into(),
+                        project_id: "project-a".into(),
+                        user_id: "user-a".into(),
+                    }),
+                    ..Default::default()
+                })
+                .await?
+                .into_inner();
+            let cpus =
+                r.vm.and_then(|v| v.placement)
+                    .map(|p| p.cpus)
+                    .unwrap_or_default();
+            Ok(CpuSet::from_iter(cpus))
+        })
+    }
+
+    fn release(&self, id: &str) {
+        let socket = self.daemon().socket.clone();
+        sevplace_tests::runtime().block_on(async {
+            let mut c = sevplace::client::connect(&socket).await.unwrap();
+            c.release_vm(pb::ReleaseVmRequest { vm_id: id.into() })
+                .await
+                .unwrap();
+        });
+    }
+
+    /// (vm id, CPUs) of every placed VM.
+    fn placed(&self) -> Vec<(String, CpuSet)> {
+        let socket = self.daemon().socket.clone();
+        sevplace_tests::runtime().block_on(async {
+            let mut c = sevplace::client::connect(&socket).await.unwrap();
+            let r = c
+                .list_vms(pb::ListVmsRequest {
+                    page_size: 1000,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            r.vms
+                .into_iter()
+                .filter_map(|v| Some((v.vm_id, CpuSet::from_iter(v.placement?.cpus))))
+                .collect()
+        })
+    }
+
+    fn conditions(&self) -> Vec<i32> {
+        let socket = self.daemon().socket.clone();
+        sevplace_tests::runtime().block_on(async {
+            let mut c = sevplace::client::connect(&socket).await.unwrap();
+            let h = c
+                .get_host(pb::GetHostRequest {})
+                .await
+                .unwrap()
+                .into_inner();
+            h.host
+                .unwrap()
+                .conditions
+                .iter()
+                .map(|c| c.r#type)
+                .collect()
+        })
+    }
+}
+
+fn provider(p: &PlacementClient, name: &str) -> Option<Value> {
+    p.get(&format!("/resource_providers?name={name}")).ok()?["resource_providers"][0]
+        .as_object()
+        .map(|o| Value::Object(o.clone()))
+}
+
+/// What Placement holds for `host`, checked against the agent; `Err` says
+/// what differs (the caller waits for it to converge).
+fn check_host(
+    p: &PlacementClient,
+    h: &Host,
+    consumers: &BTreeMap<String, String>,
+) -> Result<(), String> {
+    let placed = h.placed();
+    let mut in_use = CpuSet::new();
+    for (_, cpus) in &placed {
+        in_use = in_use.union(cpus);
+    }
+    let mut usage_of: BTreeMap<String, u64> = BTreeMap::new();
+    for d in &h.topology.l3_domains {
+        let name = format!("{}_l3_{}", h.name, d.index);
+        let rp = provider(p, &name).ok_or(format!("no provider {name}"))?;
+        let uuid = rp["uuid"].as_str().unwrap();
+        let inv = p
+            .get(&format!("/resource_providers/{uuid}/inventories"))
+            .map_err(|e| e.to_string())?;
+        let pcpu = &inv["inventories"]["CUSTOM_SEVPLACE_PCPU"];
+        let total = pcpu["total"]
+            .as_u64()
+            .ok_or(format!("{name}: no inventory"))?;
+        let reserved = pcpu["reserved"].as_u64().unwrap();
+        if total != d.cpus.len() as u64 {
+            return Err(format!("{name}: total {total} != {}", d.cpus.len()));
+        }
+        let usages = p
+            .get(&format!("/resource_providers/{uuid}/usages"))
+            .map_err(|e| e.to_string())?;
+        let used = usages["usages"]["CUSTOM_SEVPLACE_PCPU"]
+            .as_u64()
+            .unwrap_or(0);
+        let want = in_use.intersection(&d.cpus).len() as u64;
+        if used + reserved != want {
+            return Err(format!(
+                "{name}: usage {used} + reserved {reserved} != {want} in use"
+            ));
+        }
+        if used + reserved > total {
+            return Err(format!("{name}: over-allocated"));
+        }
+        let traits = p
+            .get(&format!("/resource_providers/{uuid}/traits"))
+            .map_err(|e| e.to_string())?;
+        let pools: Vec<&str> = traits["traits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|t| t.as_str())
+            .filter(|t| t.starts_with("CUSTOM_SEVPLACE_POOL_"))
+            .collect();
+        if pools.len() != 1 {
+            return Err(format!("{name}: pool traits {pools:?}"));
+        }
+        usage_of.insert(uuid.to_string(), used);
+    }
+    // Each consumer's allocation on this host's L3 providers is its VM's CPUs.
+    for (vm, consumer) in consumers {
+        let a = p
+            .get(&format!("/allocations/{consumer}"))
+            .map_err(|e| e.to_string())?;
+        let held: u64 = a["allocations"]
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .filter(|(rp, _)| usage_of.contains_key(*rp))
+                    .map(|(_, r)| r["resources"]["CUSTOM_SEVPLACE_PCPU"].as_u64().unwrap_or(0))
+                    .sum()
+            })
+            .unwrap_or(0);
+        let want = placed
+            .iter()
+            .find(|(id, _)| id == vm)
+            .map_or(0, |(_, c)| c.len() as u64);
+        if held != want {
+            return Err(format!(
+                "consumer {consumer} of {vm} holds {held}, VM has {want} CPUs"
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn converge(
+    p: &PlacementClient,
+    hosts: &[&Host],
+    consumers: &BTreeMap<String, BTreeMap<String, String>>,
+    what: &str,
+) {
+    let start = Instant::now();
+    let mut last = String::new();
+    let ok = wait_until(Duration::from_secs(60), || {
+        for h in hosts {
+            let empty = BTreeMap::new();
+            if let Err(e) = check_host(p, h, consumers.get(&h.name).unwrap_or(&empty)) {
+                last = format!("{}: {e}", h.name);
+                return false;
+            }
+        }
+        true
+    });
+    assert!(ok, "{what}: Placement did not converge in 60 s: {last}");
+    eprintln!("{what}: converged in {:?}", start.elapsed());
+}
+
+fn uuid(n: u32) -> String {
+    format!("5e7b1ace-0000-4000-8000-{n:012x}")
+}
+
+#[test]
+fn fleet_reporter_keeps_placement_true() {
+    let test = "fleet_reporter_keeps_placement_true";
+    let Some(mut service) = PlacementService::start_sqlite(test) else {
+        return;
+    };
+    let p = service.client();
+    let tmp = tempfile::tempdir().unwrap();
+    // A pre-created root standing in for Nova's compute node provider.
+    p.post("/resource_providers", &json!({"name": "nova-cn-1"}))
+        .unwrap();
+    let cn = provider(&p, "nova-cn-1").unwrap();
+    let cn_uuid = cn["uuid"].as_str().unwrap().to_string();
+    p.put(
+        &format!("/resource_providers/{cn_uuid}/traits"),
+        &json!({"traits": ["COMPUTE_NODE"], "resource_provider_generation": 0}),
+    )
+    .unwrap();
+    let specs: [AgentSpec; 6] = [
+        (
+            "milan-a",
+            "milan-64c",
+            &[("sev", "Y"), ("sev_es", "Y"), ("sev_snp", "N")],
+            "",
+        ),
+        (
+            "genoa-nps1",
+            "genoa-2x96-nps1",
+            &[("sev", "Y"), ("sev_es", "Y"), ("sev_snp", "Y")],
+            "",
+        ),
+        ("genoa-nps4", "genoa-2x96-nps4", &[], ""),
+        ("rome-a", "rome-64c", &[("sev", "1")], ""),
+        ("rome-offline", "rome-64c-offline", &[], ""),
+        (
+            "nova-cn-1",
+            "milan-64c",
+            &[("sev", "Y")],
+            "root_provider_name = \"nova-cn-1\"\n",
+        ),
+    ];
+    let mut hosts: Vec<Host> = specs
+        .iter()
+        .map(|(name, fx, sev, extra)| {
+            let root = host_root(tmp.path(), name, fx, sev);
+            Host::start(name, root, service.fleet_config(name, extra))
+        })
+        .collect();
+    let mut consumers: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
+    converge(
+        &p,
+        &hosts.iter().collect::<Vec<_>>(),
+        &consumers,
+        "empty trees",
+    );
+
+    // Root traits: managed, the host's SEV classes only, the flush mode;
+    // the Nova root keeps its own traits and holds the agent's children.
+    let traits_of = |name: &str| -> Vec<String> {
+        let rp = provider(&p, name).unwrap();
+        let t = p
+            .get(&format!(
+                "/resource_providers/{}/traits",
+                rp["uuid"].as_str().unwrap()
+            ))
+            .unwrap();
+        t["traits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap().to_string())
+            .collect()
+    };
+    let t = traits_of("milan-a");
+    assert!(
+        t.contains(&"CUSTOM_SEVPLACE_MANAGED".into())
+            && t.contains(&"HW_CPU_X86_AMD_SEV_ES".into()),
+        "{t:?}"
+    );
+    assert!(!t.contains(&"HW_CPU_X86_AMD_SEV_SNP".into()), "{t:?}");
+    assert!(
+        t.contains(&"CUSTOM_SEVPLACE_FLUSH_STOCK".into()),
+        "no module loaded: {t:?}"
+    );
+    assert!(traits_of("genoa-nps1").contains(&"HW_CPU_X86_AMD_SEV_SNP".into()));
+    assert!(!traits_of("genoa-nps4")
+        .iter()
+        .any(|t| t.starts_with("HW_CPU_X86_AMD_SEV")));
+    let cn_traits = traits_of("nova-cn-1");
+    assert!(
+        cn_traits.contains(&"COMPUTE_NODE".into())
+            && cn_traits.contains(&"CUSTOM_SEVPLACE_MANAGED".into()),
+        "{cn_traits:?}"
+    );
+    let numa = provider(&p, "nova-cn-1_numa0").unwrap();
+    assert_eq!(
+        numa["parent_provider_uuid"].as_str(),
+        Some(cn_uuid.as_str())
+    );
+    let l3 = provider(&p, "genoa-nps4_l3_23").unwrap();
+    let numa7 = provider(&p, "genoa-nps4_numa7").unwrap();
+    assert_eq!(l3["parent_provider_uuid"], numa7["uuid"]);
+
+    // Placements with and without consumers, dedicated and shared.
+    let classes = [
+        pb::ConfidentialClass::Sev,
+        pb::ConfidentialClass::None,
+        pb::ConfidentialClass::SevEs,
+    ];
+    let mut n = 0;
+    for (hi, h) in hosts.iter().enumerate() {
+        for k in 0..6u32 {
+            n += 1;
+            let id = format!("vm-{hi}-{k}");
+            let with_consumer = k % 3 != 2;
+            let c = uuid(n);
+            h.place(
+                &id,
+                1 + (k * 3) % 7,
+                classes[k as usize % 3],
+                k == 4,
+                with_consumer.then_some(c.as_str()),
+            )
+            .unwrap();
+            if with_consumer {
+                consumers.entry(h.name.clone()).or_default().insert(id, c);
+            }
+        }
+    }
+    converge(
+        &p,
+        &hosts.iter().collect::<Vec<_>>(),
+        &consumers,
+        "after placements",
+    );
+
+    // A stale claim: the scheduler claimed 4 CPUs on a domain the agent
+    // does not choose (the host's last); the agent moves it.
+    let h = &hosts[1];
+    let last = provider(
+        &p,
+        &format!("{}_l3_{}", h.name, h.topology.l3_domains.len() - 1),
+    )
+    .unwrap();
+    let stale = uuid(999);
+    p.put(
+        &format!("/allocations/{stale}"),
+        &json!({"allocations": {last["uuid"].as_str().unwrap(): {"resources": {"CUSTOM_SEVPLACE_PCPU": 4}}},
+                "consumer_generation": null, "project_id": "project-a", "user_id": "user-a", "consumer_type": "INSTANCE"}),
+    )
+    .unwrap();
+    let cpus = h
+        .place(
+            "stale-vm",
+            4,
+            pb::ConfidentialClass::Sev,
+            false,
+            Some(&stale),
+        )
+        .unwrap();
+    assert!(
+        cpus.is_disjoint(&h.topology.l3_domains.last().unwrap().cpus),
+        "the agent chose the last domain"
+    );
+    consumers
+        .entry(h.name.clone())
+        .or_default()
+        .insert("stale-vm".into(), stale.clone());
+    converge(
+        &p,
+        &hosts.iter().collect::<Vec<_>>(),
+        &consumers,
+        "stale claim corrected",
+    );
+
+    // Releases: the consumers' allocations go.
+    for h in &hosts[..3] {
+        let hi = hosts.iter().position(|x| x.name == h.name).unwrap();
+        let id = format!("vm-{hi}-0");
+        h.release(&id);
+        consumers
+            .get_mut(&h.name)
+            .unwrap()
+            .insert(id, String::new());
+    }
+    for c in consumers.values_mut() {
+        c.retain(|_, u| !u.is_empty());
+    }
+    converge(
+        &p,
+        &hosts.iter().collect::<Vec<_>>(),
+        &consumers,
+        "after releases",
+    );
+    let gone = p.get(&format!("/allocations/{}", uuid(1))).unwrap();
+    assert!(
+        gone["allocations"].as_object().unwrap().is_empty(),
+        "released VM's consumer still holds {gone}"
+    );
+
+    // kill -9, a placement while down is impossible; restart converges.
+    hosts[3].kill9_and_restart();
+    let c = uuid(2000);
+    hosts[3]
+        .place(
+            "after-restart",
+            3,
+            pb::ConfidentialClass::Sev,
+            false,
+            Some(&c),
+        )
+        .unwrap();
+    consumers
+        .entry(hosts[3].name.clone())
+        .or_default()
+        .insert("after-restart".into(), c);
+    converge(
+        &p,
+        &hosts.iter().collect::<Vec<_>>(),
+        &consumers,
+        "after kill -9 and restart",
+    );
+
+    // Placement stopped for 30 s: PlaceVm goes on, the condition is raised,
+    // and the agents catch up when it returns.
+    service.pause();
+    let outage = Instant::now();
+    let h = &hosts[0];
+    let c = uuid(3000);
+    let t0 = Instant::now();
+    h.place(
+        "during-outage",
+        2,
+        pb::ConfidentialClass::Sev,
+        false,
+        Some(&c),
+    )
+    .unwrap();
+    let place_time = t0.elapsed();
+    assert!(
+        wait_until(Duration::from_secs(20), || h
+            .conditions()
+            .contains(&(pb::ConditionType::FleetSyncFailing as i32))),
+        "fleet_sync_failing not raised while Placement is down"
+    );
+    consumers
+        .entry(h.name.clone())
+        .or_default()
+        .insert("during-outage".into(), c);
+    std::thread::sleep(Duration::from_secs(30).saturating_sub(outage.elapsed()));
+    service.resume();
+    converge(
+        &p,
+        &hosts.iter().collect::<Vec<_>>(),
+        &consumers,
+        "after Placement returned",
+    );
+    assert!(
+        wait_until(Duration::from_secs(20), || !h
+            .conditions()
+            .contains(&(pb::ConditionType::FleetSyncFailing as i32))),
+        "fleet_sync_failing not cleared: {:?}",
+        h.conditions()
+    );
+    eprintln!("PlaceVm during the outage took {place_time:?}");
+}
