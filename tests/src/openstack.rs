@@ -34,16 +34,6 @@ pub fn placement_venv() -> Result<PathBuf, String> {
     .clone()
 }
 
-/// Prints the skip line and returns `None`; under `CI=true` a missing
-/// Placement is a failure (CI installs everything it needs).
-pub fn skip_or_fail<T>(test: &str, reason: &str) -> Option<T> {
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("{test}: {reason} (CI must provide it)");
-    }
-    eprintln!("SKIP {test}: {reason}");
-    None
-}
-
 /// A private MariaDB server on 127.0.0.1, killed on drop.
 pub struct MariaDb {
     child: Option<Child>,
@@ -165,7 +155,10 @@ impl PlacementService {
     pub fn start_mariadb(test: &str, threads: u32) -> Option<Self> {
         let db = match MariaDb::start() {
             Ok(db) => db,
-            Err(reason) => return skip_or_fail(test, &reason),
+            Err(reason) => {
+                crate::skip(test, "mariadb", reason);
+                return None;
+            }
         };
         Self::start(test, Some(db), threads)
     }
@@ -173,7 +166,10 @@ impl PlacementService {
     fn start(test: &str, db: Option<MariaDb>, threads: u32) -> Option<Self> {
         let venv = match placement_venv() {
             Ok(v) => v,
-            Err(reason) => return skip_or_fail(test, &reason),
+            Err(reason) => {
+                crate::skip(test, "openstack-placement", reason);
+                return None;
+            }
         };
         let dir = tempfile::tempdir().expect("tempdir");
         let connection = match &db {

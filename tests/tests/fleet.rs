@@ -546,3 +546,281 @@ fn fleet_reporter_keeps_placement_true() {
     );
     eprintln!("PlaceVm during the outage took {place_time:?}");
 }
+
+/// Runs `sevplacectl --json fleet ... args`; `Ok(json)` on success,
+/// `Err((code, message))` from the JSON error on stderr otherwise.
+fn fleet_ctl(
+    service: &PlacementService,
+    hosts_file: &Path,
+    args: &[&str],
+) -> Result<Value, (String, String)> {
+    let out = std::process::Command::new(sevplace_tests::bin("sevplacectl"))
+        .arg("--json")
+        .arg("fleet")
+        .arg("--placement-url")
+        .arg(service.url())
+        .arg("--token-file")
+        .arg(service.token_file())
+        .arg("--hosts")
+        .arg(hosts_file)
+        .args(args)
+        .output()
+        .expect("run sevplacectl fleet");
+    if out.status.success() {
+        return Ok(serde_json::from_slice(&out.stdout).expect("fleet output is JSON"));
+    }
+    assert_eq!(out.status.code(), Some(1), "exit code of {args:?}: {out:?}");
+    let e: Value = serde_json::from_slice(&out.stderr)
+        .unwrap_or_else(|_| panic!("{args:?}: stderr is not one JSON error: {out:?}"));
+    Err((
+        e["error"]["code"].as_str().unwrap_or("").to_string(),
+        e["error"]["message"].as_str().unwrap_or("").to_string(),
+    ))
+}
+
+/// One VM of the burst: id, vCPUs, class, shared.
+type Ask = (String, u32, &'static str, bool);
+
+/// 200 mixed VMs: a third SEV, a sixth SEV-ES, the rest plain (one in five
+/// of them shared); sizes 1 to 12 vCPUs, odd ones included.
+fn burst() -> Vec<Ask> {
+    const SIZES: [u32; 8] = [1, 2, 3, 4, 6, 8, 2, 12];
+    (0..200u32)
+        .map(|i| {
+            let class = match i % 6 {
+                0 | 3 => "sev",
+                1 => "sev-es",
+                _ => "none",
+            };
+            let shared = class == "none" && i % 5 == 0;
+            (
+                format!("fvm-{i}"),
+                SIZES[(i as usize * 7) % SIZES.len()],
+                class,
+                shared,
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn fleet_scheduler_places_concurrent_bursts_without_over_allocation() {
+    let test = "fleet_scheduler_places_concurrent_bursts_without_over_allocation";
+    let Some(service) = PlacementService::start_mariadb(test, 4) else {
+        return;
+    };
+    let p = service.client();
+    let tmp = tempfile::tempdir().unwrap();
+    let sev_es = &[("sev", "Y"), ("sev_es", "Y"), ("sev_snp", "N")][..];
+    let sev_only = &[("sev", "Y")][..];
+    let specs: [(&str, &str, &[(&str, &str)]); 8] = [
+        ("f-milan-a", "milan-64c", sev_es),
+        ("f-milan-b", "milan-64c", sev_only),
+        ("f-genoa-nps1", "genoa-2x96-nps1", sev_es),
+        ("f-genoa-nps4", "genoa-2x96-nps4", sev_es),
+        ("f-rome-a", "rome-64c", sev_es),
+        ("f-rome-b", "rome-64c", sev_only),
+        ("f-rome-offline", "rome-64c-offline", sev_es),
+        ("f-plain", "milan-64c", &[]),
+    ];
+    let mut hosts: Vec<Host> = specs
+        .iter()
+        .map(|(name, fx, sev)| {
+            let root = host_root(tmp.path(), name, fx, sev);
+            Host::start(name, root, service.fleet_config(name, ""))
+        })
+        .collect();
+    let hosts_file = tmp.path().join("hosts.toml");
+    let mut text = String::new();
+    for h in &hosts {
+        text.push_str(&format!(
+            "[hosts.{}]\nsocket = {:?}\n",
+            h.name,
+            h.daemon().socket
+        ));
+    }
+    std::fs::write(&hosts_file, text).unwrap();
+    converge(
+        &p,
+        &hosts.iter().collect::<Vec<_>>(),
+        &BTreeMap::new(),
+        "fleet trees",
+    );
+
+    // 8 scheduler clients place 200 VMs at once; one agent is killed with
+    // kill -9 a third of the way through and restarted.
+    let asks = burst();
+    let acked: std::sync::Mutex<Vec<(Ask, String, String)>> = Default::default();
+    let refused: std::sync::Mutex<Vec<(String, String)>> = Default::default();
+    let done = std::sync::atomic::AtomicUsize::new(0);
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        for client in 0..8 {
+            let (asks, acked, refused, done, service, hosts_file) =
+                (&asks, &acked, &refused, &done, &service, &hosts_file);
+            s.spawn(move || {
+                for a in asks.iter().skip(client).step_by(8) {
+                    let (id, vcpus, class, shared) = a;
+                    let n = vcpus.to_string();
+                    let mut args = vec!["place", id, "--vcpus", &n, "--confidential", class];
+                    if *shared {
+                        args.push("--shared");
+                    }
+                    match fleet_ctl(service, hosts_file, &args) {
+                        Ok(v) => acked.lock().unwrap().push((
+                            a.clone(),
+                            v["host"].as_str().unwrap().to_string(),
+                            v["consumer"].as_str().unwrap().to_string(),
+                        )),
+                        Err((code, msg)) => {
+                            assert_eq!(code, "no-room", "{id}: {msg}");
+                            refused.lock().unwrap().push((id.clone(), msg));
+                        }
+                    }
+                    done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            });
+        }
+        while done.load(std::sync::atomic::Ordering::Relaxed) < 66 {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        hosts[4].kill9_and_restart();
+    });
+    let acked = acked.into_inner().unwrap();
+    let refused = refused.into_inner().unwrap();
+    eprintln!(
+        "200 fleet placements from 8 clients in {:?}: {} placed, {} refused for want of room",
+        start.elapsed(),
+        acked.len(),
+        refused.len()
+    );
+    assert!(acked.len() >= 150, "too few placed: {refused:?}");
+
+    // Every acknowledged placement is on its host, no CPU is given twice
+    // to dedicated VMs, and Placement holds exactly the agents' truth.
+    let mut consumers: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
+    for h in &hosts {
+        let placed: BTreeMap<String, CpuSet> = h.placed().into_iter().collect();
+        let mine: Vec<&(Ask, String, String)> = acked
+            .iter()
+            .filter(|(_, host, _)| host == &h.name)
+            .collect();
+        let mut taken = CpuSet::new();
+        for ((id, vcpus, class, shared), _, consumer) in &mine {
+            let cpus = placed
+                .get(id)
+                .unwrap_or_else(|| panic!("{id} acknowledged on {} but not placed there", h.name));
+            assert!(cpus.len() >= *vcpus as usize, "{id}: {cpus:?}");
+            if !*shared {
+                assert!(
+                    taken.is_disjoint(cpus),
+                    "{id} on {}: CPUs given twice",
+                    h.name
+                );
+                taken = taken.union(cpus);
+            }
+            if *class != "none" {
+                assert_ne!(
+                    h.name, "f-plain",
+                    "{id}: confidential VM on a host without SEV"
+                );
+            }
+            // Shared VMs' consumers hold nothing on L3 providers.
+            let want = if *shared {
+                String::new()
+            } else {
+                consumer.clone()
+            };
+            if !want.is_empty() {
+                consumers
+                    .entry(h.name.clone())
+                    .or_default()
+                    .insert(id.clone(), want);
+            }
+        }
+        assert_eq!(
+            placed.len(),
+            mine.len(),
+            "{}: VMs placed that nobody acknowledged",
+            h.name
+        );
+    }
+    converge(
+        &p,
+        &hosts.iter().collect::<Vec<_>>(),
+        &consumers,
+        "after the burst",
+    );
+
+    // Packing: confidential domains in use against the lower bound.
+    let status = fleet_ctl(&service, &hosts_file, &["status"]).unwrap();
+    let rows = status["hosts"].as_array().unwrap();
+    assert_eq!(rows.len(), 8, "{status}");
+    assert!(rows.iter().all(|r| r["agent"] == "ok"), "{status}");
+    let conf_domains: u64 = rows
+        .iter()
+        .map(|r| r["confidential_domains"].as_u64().unwrap())
+        .sum();
+    let conf_cpus: usize = hosts
+        .iter()
+        .map(|h| {
+            let placed: BTreeMap<String, CpuSet> = h.placed().into_iter().collect();
+            acked
+                .iter()
+                .filter(|((_, _, class, _), host, _)| host == &h.name && *class != "none")
+                .map(|((id, ..), _, _)| placed[id].len())
+                .sum::<usize>()
+        })
+        .sum();
+    let largest = hosts
+        .iter()
+        .flat_map(|h| h.topology.l3_domains.iter().map(|d| d.cpus.len()))
+        .max()
+        .unwrap();
+    eprintln!(
+        "confidential domains in use: {conf_domains} for {conf_cpus} confidential CPUs (at least {} domains of {largest})",
+        conf_cpus.div_ceil(largest)
+    );
+    assert!(conf_domains as usize >= conf_cpus.div_ceil(largest));
+
+    // Releases through the scheduler: the claims go, the domains free up.
+    for ((id, ..), _, _) in acked.iter().step_by(2) {
+        let r = fleet_ctl(&service, &hosts_file, &["release", id]).unwrap();
+        assert_eq!(r["hosts"].as_array().unwrap().len(), 1, "{id}: {r}");
+    }
+    for ((id, ..), host, _) in acked.iter().step_by(2) {
+        if let Some(c) = consumers.get_mut(host) {
+            c.remove(id);
+        }
+    }
+    converge(
+        &p,
+        &hosts.iter().collect::<Vec<_>>(),
+        &consumers,
+        "after fleet releases",
+    );
+    for ((id, ..), _, consumer) in acked.iter().step_by(2) {
+        let a = p.get(&format!("/allocations/{consumer}")).unwrap();
+        assert!(
+            a["allocations"].as_object().unwrap().is_empty(),
+            "{id}: released but its consumer holds {a}"
+        );
+    }
+    // A retry of an acknowledged place of a dedicated VM answers its host
+    // (the claim names it).
+    let ((id, vcpus, class, _), host, _) = acked
+        .iter()
+        .skip(1)
+        .step_by(2)
+        .find(|((_, _, _, shared), _, _)| !shared)
+        .unwrap();
+    let n = vcpus.to_string();
+    let again = fleet_ctl(
+        &service,
+        &hosts_file,
+        &["place", id, "--vcpus", &n, "--confidential", class],
+    )
+    .unwrap();
+    assert_eq!(again["host"].as_str(), Some(host.as_str()), "{again}");
+    assert_eq!(again["stage"], "retry", "{again}");
+}

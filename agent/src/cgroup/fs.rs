@@ -3,7 +3,7 @@
 //! of a cgroup tree children first. Every error names the file and the
 //! value written ([`CgroupError::from_io`]).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use super::{CgroupError, CgroupWrite, Target};
 use crate::CpuSet;
@@ -61,7 +61,7 @@ pub fn mkdir(dir: &Path) -> Result<bool, CgroupError> {
 #[cfg(any(test, feature = "testing"))]
 pub fn remove_dir_tree(dir: &Path) -> Result<(), CgroupError> {
     let io_err =
-        |dir: &Path, e| CgroupError::from_io(Target::File(PathBuf::from(dir)), "", false, e);
+        |dir: &Path, e| CgroupError::from_io(Target::File(dir.to_path_buf()), "", false, e);
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),

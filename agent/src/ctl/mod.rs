@@ -1,6 +1,7 @@
 //! `sevplacectl`: the command-line client. Commands print a human table by
 //! default and one JSON document (protobuf JSON mapping) with `--json`.
 
+pub mod fleet;
 pub mod render;
 
 use std::path::PathBuf;
@@ -112,6 +113,9 @@ pub enum Command {
         #[arg(long, value_name = "NAME|DIR")]
         topology: String,
     },
+    /// The reference fleet scheduler: place and release VMs across hosts
+    /// through OpenStack Placement, and show the fleet (docs/fleet.md).
+    Fleet(fleet::FleetArgs),
     /// Live view of the host: VMs, pinned CPUs, dirty CPUs, flush rates.
     Top {
         /// Seconds between refreshes.
@@ -142,6 +146,12 @@ pub enum CtlError {
     Usage(String),
     #[error("cannot encode JSON: {0}")]
     Json(#[from] serde_json::Error),
+    #[error("Placement: {0}")]
+    Fleet(#[from] crate::fleet::FleetError),
+    #[error("{0}")]
+    Hosts(String),
+    #[error("{0}")]
+    NoRoom(String),
 }
 
 fn code_name(c: tonic::Code) -> String {
@@ -150,7 +160,8 @@ fn code_name(c: tonic::Code) -> String {
 
 impl CtlError {
     /// A short name of the failure for `--json` errors: the gRPC code of an
-    /// RPC error, else `connect`, `simulate`, `usage` or `json`.
+    /// RPC error, else `connect`, `simulate`, `usage`, `json`, `placement`,
+    /// `hosts` or `no-room`.
     pub fn code(&self) -> String {
         match self {
             CtlError::Connect(_) => "connect".into(),
@@ -158,6 +169,9 @@ impl CtlError {
             CtlError::Simulate(_) => "simulate".into(),
             CtlError::Usage(_) => "usage".into(),
             CtlError::Json(_) => "json".into(),
+            CtlError::Fleet(_) => "placement".into(),
+            CtlError::Hosts(_) => "hosts".into(),
+            CtlError::NoRoom(_) => "no-room".into(),
         }
     }
 
@@ -255,6 +269,12 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
         );
         return Ok(());
     }
+    let json = cli.json;
+    let command = match cli.command {
+        Command::Fleet(args) => return fleet::run(args, json).await,
+        other => other,
+    };
+    let cli = Cli { command, ..cli };
     let mut c = SevplaceServiceClient::new(channel(&cli).await?);
     match cli.command {
         Command::Host => {
@@ -352,7 +372,7 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
                 );
             }
         }
-        Command::Simulate { .. } => {}
+        Command::Simulate { .. } | Command::Fleet(_) => {}
         Command::Top {
             interval,
             iterations,

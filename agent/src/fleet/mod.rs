@@ -11,6 +11,7 @@
 
 pub mod client;
 pub mod consumers;
+pub mod scheduler;
 pub mod sync;
 pub mod tree;
 
