@@ -129,9 +129,12 @@ fn run(
     let mut reporter = Reporter::new(client, settings.root.clone());
     let mut last_full: Option<Instant> = None;
     let mut failing = false;
+    let mut unpublished = false;
     let mut unpublished_logged: Vec<String> = Vec::new();
     loop {
-        let wait = if failing {
+        // A failed sync, or consumers Placement had no room for (claims
+        // racing with the agent's rewrites), are tried again soon.
+        let wait = if failing || unpublished {
             settings.retry_period
         } else {
             settings.sync_period
@@ -187,6 +190,7 @@ fn run(
                 if let Err(e) = link.store().forget(&o.forgotten) {
                     tracing::warn!(error = %e, "fleet: cannot update the consumer store");
                 }
+                unpublished = !o.unpublished.is_empty();
                 if o.unpublished != unpublished_logged {
                     if !o.unpublished.is_empty() {
                         tracing::warn!(consumers = ?o.unpublished, "fleet: Placement has no room for these consumers' allocations; their CPUs are counted in reserved");

@@ -455,6 +455,37 @@ impl Reporter {
         )))
     }
 
+    /// Makes consumer `uuid` hold `a` on this host's L3 providers;
+    /// `Ok(false)` when Placement had no room (see [`Self::set_consumer`]).
+    fn publish(
+        &mut self,
+        uuid: &str,
+        a: &tree::DesiredAllocation,
+        l3_uuid: &BTreeMap<usize, String>,
+        ours: &BTreeSet<String>,
+        writes: &mut usize,
+    ) -> Result<bool, FleetError> {
+        let target: Allocations = a
+            .per_l3
+            .iter()
+            .filter_map(|(d, n)| {
+                let rp = l3_uuid.get(d)?;
+                Some((
+                    rp.clone(),
+                    BTreeMap::from([(tree::PCPU_CLASS.to_string(), u64::from(*n))]),
+                ))
+            })
+            .collect();
+        self.set_consumer(
+            uuid,
+            &a.consumer.project_id,
+            &a.consumer.user_id,
+            ours,
+            &target,
+            writes,
+        )
+    }
+
     fn l3_inventory(p: &L3Provider, extra_reserved: u32) -> BTreeMap<String, (u64, u64)> {
         BTreeMap::from([
             (
@@ -547,27 +578,17 @@ impl Reporter {
         // Allocations of this host's consumers.
         let ours: BTreeSet<String> = l3_uuid.values().cloned().collect();
         let mut extra: BTreeMap<usize, u32> = BTreeMap::new();
+        // A consumer refused for want of room is tried once more after the
+        // others: a stale claim of another consumer on its domain is moved
+        // away by that consumer's own rewrite in the same pass.
+        let mut refused = Vec::new();
         for (uuid, a) in &want.allocations {
-            let target: Allocations = a
-                .per_l3
-                .iter()
-                .filter_map(|(d, n)| {
-                    let rp = l3_uuid.get(d)?;
-                    Some((
-                        rp.clone(),
-                        BTreeMap::from([(tree::PCPU_CLASS.to_string(), u64::from(*n))]),
-                    ))
-                })
-                .collect();
-            let published = self.set_consumer(
-                uuid,
-                &a.consumer.project_id,
-                &a.consumer.user_id,
-                &ours,
-                &target,
-                &mut writes,
-            )?;
-            if !published {
+            if !self.publish(uuid, a, &l3_uuid, &ours, &mut writes)? {
+                refused.push((uuid, a));
+            }
+        }
+        for (uuid, a) in refused {
+            if !self.publish(uuid, a, &l3_uuid, &ours, &mut writes)? {
                 out.unpublished.push(uuid.clone());
                 for (d, n) in &a.per_l3 {
                     *extra.entry(*d).or_default() += n;
