@@ -18,6 +18,9 @@ use sevplace_proto::v1 as pb;
 use sevplace_tests::openstack::PlacementService;
 use sevplace_tests::{wait_until, Daemon};
 
+/// kvm_amd parameters of a host root: (name, value).
+type SevParams<'a> = &'a [(&'a str, &'a str)];
+
 /// One agent of the test fleet: name, fixture, extra config keys, root provider.
 type AgentSpec<'a> = (&'a str, &'a str, &'a [(&'a str, &'a str)], &'a str);
 
@@ -651,7 +654,7 @@ fn fleet_scheduler_places_concurrent_bursts_without_over_allocation() {
     let tmp = tempfile::tempdir().unwrap();
     let sev_es = &[("sev", "Y"), ("sev_es", "Y"), ("sev_snp", "N")][..];
     let sev_only = &[("sev", "Y")][..];
-    let specs: [(&str, &str, &[(&str, &str)]); 8] = [
+    let specs: [(&str, &str, SevParams); 8] = [
         ("f-milan-a", "milan-64c", sev_es),
         ("f-milan-b", "milan-64c", sev_only),
         ("f-genoa-nps1", "genoa-2x96-nps1", sev_es),
