@@ -205,17 +205,17 @@ impl AgentCore {
 
         let mut after = self.placements.clone();
         after.apply(p.clone())?;
-        let record = PlacementRecord {
-            vcpu_cpus: p.vcpu_cpus.clone(),
-            emulator_cpus: emulator_cpus(&self.topology, &after, &self.reservations, &p),
-        };
+        let record = PlacementRecord::of_placement(
+            &self.topology,
+            &p,
+            emulator_cpus(&self.topology, &after, &self.reservations, &p),
+        );
         let mut next = self.checkpoint.clone();
         next.upsert(IntentRecord {
             vm_id: call.vm_id.clone(),
             selector,
             request: stored_request,
             placement: Some(record),
-            engine: Some(p.clone()),
         });
         self.commit(next)?;
         self.placements = after;

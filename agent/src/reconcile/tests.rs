@@ -757,3 +757,87 @@ fn scrubs_of_one_vm_are_spaced_by_the_interval() {
     assert_eq!(core.admit_scrub(&a, ms(1001)), Ok(()));
     assert_eq!(core.admit_scrub(&a, ms(1001)), Ok(()));
 }
+
+/// The file version 1 wrote (state/testdata/README.md: this fixture's
+/// topology and VMs) restores the engine state it recorded, index for
+/// index, from the decisions alone; the first commit writes version 2.
+#[test]
+fn a_version_1_checkpoint_restores_the_engine_it_recorded() {
+    let f = Fixture::new();
+    let fixture = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/src/state/testdata/checkpoint-v1.json"
+    ))
+    .unwrap();
+    std::fs::create_dir_all(f.dir.path().join("state")).unwrap();
+    let path = f.dir.path().join("state/checkpoint.json");
+    std::fs::write(&path, &fixture).unwrap();
+    let core = f.core().unwrap();
+    let v1: serde_json::Value = serde_json::from_slice(&fixture).unwrap();
+    let recorded = v1["payload"]["intents"].as_array().unwrap();
+    assert_eq!(core.placements().len(), recorded.len());
+    for old in recorded {
+        let engine: placement::Placement = serde_json::from_value(old["engine"].clone()).unwrap();
+        assert_eq!(
+            core.placements().get(&engine.vm_id),
+            Some(&engine),
+            "{}",
+            engine.vm_id
+        );
+    }
+    // Loading recorded the L3 grouping version 1 lacked: saved as version 2.
+    let saved: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    assert_eq!(saved["version"], 2);
+    assert_eq!(saved["payload"]["intents"][0]["vm"]["process"], 200);
+    assert_eq!(
+        core.checkpoint(),
+        &CheckpointStore::new(&path).load().unwrap()
+    );
+}
+
+/// The decisions are checked against the topology on load: on a host
+/// with half the CPUs, the confidential VMs on CPUs it lacks are placed
+/// again or kept unplaceable, never dropped.
+#[test]
+fn a_checkpoint_from_a_larger_host_is_checked_against_this_one() {
+    let f = Fixture::new();
+    std::fs::create_dir_all(f.dir.path().join("state")).unwrap();
+    std::fs::copy(
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/src/state/testdata/checkpoint-v1.json"
+        ),
+        f.dir.path().join("state/checkpoint.json"),
+    )
+    .unwrap();
+    let core = AgentCore::new(
+        Arc::new(Topology::synthetic(1, 4, 8, 2, 1)),
+        Reservations::default(),
+        HostAccess {
+            scanner: VmScanner::new(f.proc()),
+            cgroups: None,
+            module: ModuleReader::new(f.dir.path().join("sevflush")),
+            affinity: f.affinity.clone(),
+        },
+        CheckpointStore::in_dir(f.dir.path().join("state")),
+        f.metrics.clone(),
+        f.events.clone(),
+    )
+    .unwrap();
+    assert_eq!(core.checkpoint().intents.len(), 5, "none dropped");
+    let online = core.topology().online.clone();
+    for id in ["pid-200", "vm-a"] {
+        let id = VmId::new(id).unwrap();
+        let record = core
+            .checkpoint()
+            .get(&id)
+            .unwrap()
+            .placement
+            .clone()
+            .unwrap();
+        // Re-placed on CPUs this host has (the recorded 56-58,120-122 are
+        // beyond its 64).
+        assert!(record.cpus.is_subset(&online), "{id}: {}", record.cpus);
+        assert_eq!(core.placements().get(&id).unwrap().cpus, record.cpus);
+    }
+}
