@@ -19,7 +19,7 @@ use sevplace::metrics::Metrics;
 use sevplace::placement::Reservations;
 use sevplace::reconcile::events::EventBus;
 use sevplace::reconcile::{AgentCore, HostAccess, PlaceCall};
-use sevplace::state::{CheckpointStore, VmSelector};
+use sevplace::state::{CheckpointStore, PlacementRequest, VmSelector};
 use sevplace::topology::Topology;
 use sevplace::{ConfidentialClass, CpuSet, VmId};
 
@@ -102,14 +102,16 @@ fn run(vms_n: u32, vcpus: u32) {
                 pid,
                 start_time: None,
             }),
-            vcpus,
-            class: Some(if i % 5 == 0 {
-                ConfidentialClass::Sev
-            } else {
-                ConfidentialClass::None
-            }),
-            dedicated: false,
-            numa_node: None,
+            request: PlacementRequest {
+                vcpus,
+                class: Some(if i % 5 == 0 {
+                    ConfidentialClass::Sev
+                } else {
+                    ConfidentialClass::None
+                }),
+                dedicated: false,
+                numa_node: None,
+            },
             validate_only: false,
         };
         if core.place(call).is_ok() {

@@ -312,16 +312,19 @@ pub fn check_trace(data: &[u8]) {
 /// The checkpoint document: an accepted checkpoint keeps the documented
 /// order of intents, and `decode(encode(c)) == c`. The input is tried as a
 /// whole document and as a payload wrapped in a valid envelope (so the
-/// payload parser is reached without the fuzzer having to solve CRC-32).
+/// payload parsers are reached without the fuzzer having to solve CRC-32):
+/// once as version 1, which is migrated, and once as the current version.
 pub fn check_checkpoint(data: &[u8]) {
     check_checkpoint_document(data);
     if let Some(payload) = text(data) {
         let payload = payload.trim();
-        let doc = format!(
-            r#"{{"format":"{CHECKPOINT_FORMAT}","version":{CHECKPOINT_VERSION},"crc32":"{:08x}","payload":{payload}}}"#,
-            crc32fast::hash(payload.as_bytes())
-        );
-        check_checkpoint_document(doc.as_bytes());
+        for version in [1, CHECKPOINT_VERSION] {
+            let doc = format!(
+                r#"{{"format":"{CHECKPOINT_FORMAT}","version":{version},"crc32":"{:08x}","payload":{payload}}}"#,
+                crc32fast::hash(payload.as_bytes())
+            );
+            check_checkpoint_document(doc.as_bytes());
+        }
     }
 }
 

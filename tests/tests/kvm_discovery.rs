@@ -155,9 +155,15 @@ fn pin_like_daemon(
 fn record_of(pins: &[(u32, CpuSet)], emulator: Option<CpuSet>) -> PlacementRecord {
     let mut sorted = pins.to_vec();
     sorted.sort_by_key(|p| p.0);
+    let vcpu_cpus: Vec<CpuSet> = sorted.into_iter().map(|p| p.1).collect();
     PlacementRecord {
-        vcpu_cpus: sorted.into_iter().map(|p| p.1).collect(),
+        class: ConfidentialClass::None,
+        cpus: vcpu_cpus.iter().fold(CpuSet::new(), |acc, s| acc.union(s)),
+        vcpu_cpus,
         emulator_cpus: emulator,
+        l3_groups: Vec::new(),
+        numa_nodes: Vec::new(),
+        shares_confidential_domain: false,
     }
 }
 

@@ -19,7 +19,7 @@ use crate::access::{authorize, Need, Peer};
 use crate::kmod::ModuleVm;
 use crate::placement::PlaceError;
 use crate::reconcile::{AgentContext, AgentCore, AgentError, PlaceCall};
-use crate::state::VmSelector;
+use crate::state::{PlacementRequest, VmSelector};
 use crate::types::{VmId, VmKey};
 
 /// The gRPC service implementation.
@@ -39,13 +39,26 @@ fn invalid(field: &str, reason: impl Into<String>) -> Status {
     )
 }
 
-/// Maps core errors to gRPC status codes.
+/// Maps core errors to gRPC status codes: the one place that knows both.
 pub fn status_of(e: AgentError) -> Status {
     match e {
-        AgentError::InvalidArgument { field, reason } => invalid(field, reason),
-        AgentError::NotFound(m) => Status::not_found(m),
-        AgentError::AlreadyExists(m) => Status::already_exists(m),
-        AgentError::FailedPrecondition(m) => Status::failed_precondition(m),
+        e @ (AgentError::BadField { .. }
+        | AgentError::ReservedVmId(_)
+        | AgentError::NotAVm { .. }
+        | AgentError::Unclassified) => match e.field_violation() {
+            Some((field, reason)) => invalid(field, reason),
+            None => Status::invalid_argument(e.to_string()),
+        },
+        e @ (AgentError::NoSuchProcess { .. }
+        | AgentError::NoSuchVm(_)
+        | AgentError::NotPlaced(_)) => Status::not_found(e.to_string()),
+        e @ AgentError::PlacedDifferently(_) => Status::already_exists(e.to_string()),
+        e @ (AgentError::SelectorUnresolved(_)
+        | AgentError::HeldByOther { .. }
+        | AgentError::ExitedWhilePinning(_)
+        | AgentError::NotRunning(_)
+        | AgentError::ModuleUnreadable(_)
+        | AgentError::NotTrackedByModule { .. }) => Status::failed_precondition(e.to_string()),
         AgentError::Place(PlaceError::InvalidRequest { field, reason }) => invalid(field, reason),
         AgentError::Place(e @ PlaceError::NotEnoughCapacity { .. }) => {
             Status::resource_exhausted(e.to_string())
@@ -99,10 +112,13 @@ pub fn place_call(r: &pb::PlaceVmRequest) -> Result<PlaceCall, Status> {
     Ok(PlaceCall {
         vm_id: VmKey::named(&r.vm_id).map_err(|e| invalid("vm_id", e.to_string()))?,
         selector,
-        vcpus: r.vcpus,
-        class: convert::class_from_pb(class),
-        dedicated: !r.shared,
-        numa_node: r.numa_node,
+        request: PlacementRequest {
+            vcpus: r.vcpus,
+            class: convert::class_from_pb(class),
+            // The wire's one polarity flip: the agent speaks `dedicated`.
+            dedicated: !r.shared,
+            numa_node: r.numa_node,
+        },
         validate_only: r.validate_only,
     })
 }

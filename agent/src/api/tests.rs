@@ -77,10 +77,12 @@ async fn serve(event_capacity: usize) -> Served {
             pid: 900,
             start_time: None,
         }),
-        vcpus: 2,
-        class: Some(ConfidentialClass::Sev),
-        dedicated: true,
-        numa_node: None,
+        request: crate::state::PlacementRequest {
+            vcpus: 2,
+            class: Some(ConfidentialClass::Sev),
+            dedicated: true,
+            numa_node: None,
+        },
         validate_only: false,
     })
     .unwrap();

@@ -31,6 +31,7 @@
 //!   floating vCPUs, and a floating VM's set never changes once placed.
 
 mod occupancy;
+mod rebuild;
 mod select;
 #[cfg(test)]
 mod tests;
@@ -43,6 +44,7 @@ use crate::topology::Topology;
 use crate::types::{ConfidentialClass, VmId};
 use occupancy::Occupancy;
 
+pub use rebuild::{rebuild, Decided, Misfit};
 pub use select::{capacity, place};
 
 /// Which pool a VM belongs to.

@@ -134,56 +134,41 @@ impl AgentCore {
     /// with the error), then reported as events; unplaceable ones are kept
     /// and named in a condition, a metric and the log.
     fn adopt_refit(&mut self, mut fitted: refit::Refit) {
-        // Emulator sets of the placements that stay are derived from the
-        // pools on the new topology (CPUs outside the confidential domains
-        // that are online now).
+        // Each decision in force is stored as the engine now holds it: a
+        // re-placed one with its new CPUs, one kept or re-indexed with the
+        // L3 grouping and NUMA nodes of this topology, and every emulator
+        // set derived from the pools on it (CPUs outside the confidential
+        // domains that are online now). Unplaceable intents keep their
+        // last decision.
         let mut next = self.checkpoint.clone();
-        let mut stayed_changed = false;
+        let mut changed = false;
         for intent in &mut next.intents {
-            if fitted.replaced.contains_key(&intent.vm_id) {
-                continue;
-            }
-            if let Some((p, why)) = fitted.reindexed.get(&intent.vm_id) {
-                tracing::info!(vm = %intent.vm_id, cpus = %p.cpus, reason = %why, "placement re-placed on the new topology on the same CPUs");
-                intent.engine = Some(p.clone());
-                stayed_changed = true;
-            }
-            let (Some(engine), Some(record)) = (&intent.engine, intent.placement.as_mut()) else {
+            let Some(p) = fitted.placements.get(&intent.vm_id) else {
                 continue;
             };
+            if let Some((_, why)) = fitted.reindexed.get(&intent.vm_id) {
+                tracing::info!(vm = %intent.vm_id, cpus = %p.cpus, reason = %why, "placement re-placed on the new topology on the same CPUs");
+            }
             let emulator = super::place::emulator_cpus(
                 &self.topology,
                 &fitted.placements,
                 &self.reservations,
-                engine,
+                p,
             );
-            if record.emulator_cpus != emulator {
-                record.emulator_cpus = emulator;
-                stayed_changed = true;
+            let record = crate::state::PlacementRecord::of_placement(&self.topology, p, emulator);
+            if intent.placement.as_ref() != Some(&record) {
+                intent.placement = Some(record);
+                changed = true;
             }
         }
-        if !fitted.replaced.is_empty() || stayed_changed {
-            for (id, m) in &fitted.replaced {
-                if let Some(intent) = next.intents.iter_mut().find(|i| &i.vm_id == id) {
-                    intent.placement = Some(crate::state::PlacementRecord {
-                        vcpu_cpus: m.new.vcpu_cpus.clone(),
-                        emulator_cpus: super::place::emulator_cpus(
-                            &self.topology,
-                            &fitted.placements,
-                            &self.reservations,
-                            &m.new,
-                        ),
-                    });
-                    intent.engine = Some(m.new.clone());
-                }
-            }
+        if changed {
             if let Err(e) = self.commit(next) {
                 for (id, m) in std::mem::take(&mut fitted.replaced) {
                     fitted.placements.release(&id);
                     fitted.unplaceable.insert(
                         id,
                         refit::Unplaceable {
-                            missing: m.old.cpus.difference(&self.topology.online),
+                            missing: m.old_cpus.difference(&self.topology.online),
                             reason: format!(
                                 "{}; the new placement could not be saved: {e}",
                                 m.reason
@@ -194,7 +179,7 @@ impl AgentCore {
             }
         }
         for (id, m) in &fitted.replaced {
-            tracing::warn!(vm = %id, old = %m.old.cpus, new = %m.new.cpus, reason = %m.reason, "placement re-placed on the new topology");
+            tracing::warn!(vm = %id, old = %m.old_cpus, new = %m.new.cpus, reason = %m.reason, "placement re-placed on the new topology");
             if let Some(rt) = self.runtime.get_mut(id) {
                 // Every thread is pinned afresh: a placement, not drift.
                 rt.pinned_tids.clear();
@@ -203,7 +188,7 @@ impl AgentCore {
             self.events.publish(
                 id.as_str(),
                 EventKind::Replaced {
-                    old_cpus: m.old.cpus.clone(),
+                    old_cpus: m.old_cpus.clone(),
                     new: Box::new(m.new.clone()),
                     reason: m.reason.clone(),
                 },

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use crate::conditions::ConditionKind;
 use crate::discovery::DiscoveredVm;
-use crate::state::{IntentRecord, VmSelector};
+use crate::state::{IntentRecord, PlacementRequest, VmSelector};
 use crate::types::{VmId, VmKey};
 
 use super::agent_core::AgentCore;
@@ -83,10 +83,12 @@ impl AgentCore {
                     pid: vm.pid,
                     start_time: Some(vm.start_time),
                 }),
-                vcpus,
-                class: None,
-                dedicated: true,
-                numa_node: None,
+                request: PlacementRequest {
+                    vcpus,
+                    class: None,
+                    dedicated: true,
+                    numa_node: None,
+                },
                 validate_only: false,
             };
             match self.place(call) {

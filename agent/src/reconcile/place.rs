@@ -9,7 +9,7 @@ use crate::placement::{self, Placement, PlacementRequest, PlacementState, Reserv
 use crate::state::selector::{self, Resolution};
 use crate::state::{self, IntentRecord, PlacementRecord, VmSelector};
 use crate::topology::Topology;
-use crate::types::{ConfidentialClass, VmId, VmKey};
+use crate::types::{VmId, VmKey};
 
 use super::agent_core::{AgentCore, Runtime};
 use super::enforce;
@@ -17,17 +17,16 @@ use super::error::AgentError;
 use super::events::{self, EventKind};
 use super::views::{ClassSource, VmState, VmView};
 
-/// A PlaceVm call, validated at the API edge.
+/// A PlaceVm call, validated at the API edge. `request` is the one
+/// request type from the wire to the checkpoint (the wire's `shared` is
+/// turned into `dedicated` once, at the edge); the engine's
+/// `placement::PlacementRequest` adds the VM id and the resolved class.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PlaceCall {
     pub vm_id: VmId,
     /// `None`: wait for a VM whose libvirt domain or guest name is `vm_id`.
     pub selector: Option<VmSelector>,
-    pub vcpus: u32,
-    pub class: Option<ConfidentialClass>,
-    /// Whole cores of its own; false: shared (floating vCPUs).
-    pub dedicated: bool,
-    pub numa_node: Option<u32>,
+    pub request: state::PlacementRequest,
     pub validate_only: bool,
 }
 
@@ -60,13 +59,8 @@ impl AgentCore {
         if let VmSelector::Process { pid, .. } = selector {
             return match self.host.scanner.inspect(*pid) {
                 Ok(vm) => self.unheld(for_vm, vm).map(Some),
-                Err(e) if e.is_gone() => {
-                    Err(AgentError::NotFound(format!("no process with pid {pid}")))
-                }
-                Err(DiscoveryError::NotAVm { pid, .. }) => Err(AgentError::InvalidArgument {
-                    field: "selector.pid",
-                    reason: format!("process {pid} is not a KVM VM"),
-                }),
+                Err(e) if e.is_gone() => Err(AgentError::NoSuchProcess { pid: *pid }),
+                Err(DiscoveryError::NotAVm { pid, .. }) => Err(AgentError::NotAVm { pid }),
                 Err(e) => Err(e.into()),
             };
         }
@@ -78,11 +72,11 @@ impl AgentCore {
         match selector::resolve(selector, known.iter().copied()) {
             Resolution::None => Ok(None),
             Resolution::One(vm) => self.unheld(for_vm, vm.clone()).map(Some),
-            Resolution::Invalid(e) => Err(AgentError::InvalidArgument {
+            Resolution::Invalid(e) => Err(AgentError::BadField {
                 field: e.field,
                 reason: e.reason,
             }),
-            other => Err(AgentError::FailedPrecondition(
+            other => Err(AgentError::SelectorUnresolved(
                 other.problem(selector).unwrap_or_default(),
             )),
         }
@@ -95,18 +89,18 @@ impl AgentCore {
             .iter()
             .find(|(id, r)| *id != for_vm && r.observed.as_ref().is_some_and(|o| o.pid == vm.pid));
         match holder {
-            Some((other, _)) => Err(AgentError::FailedPrecondition(format!(
-                "the selector names {}, which is VM {other}",
-                selector::describe(&vm)
-            ))),
+            Some((other, _)) => Err(AgentError::HeldByOther {
+                process: selector::describe(&vm),
+                holder: other.clone(),
+            }),
             None => Ok(vm),
         }
     }
 
     /// PlaceVm: idempotent by vm_id.
     pub fn place(&mut self, call: PlaceCall) -> Result<VmView, AgentError> {
-        if call.vcpus == 0 {
-            return Err(AgentError::InvalidArgument {
+        if call.request.vcpus == 0 {
+            return Err(AgentError::BadField {
                 field: "vcpus",
                 reason: "must be at least 1".into(),
             });
@@ -115,28 +109,17 @@ impl AgentCore {
         // another process would collide with it.
         if let VmKey::Process(pid) = VmKey::of_id(&call.vm_id) {
             if !matches!(call.selector, Some(VmSelector::Process { pid: p, .. }) if p == pid) {
-                return Err(AgentError::InvalidArgument {
-                    field: "vm_id",
-                    reason: format!(
-                        "{} has the form pid-<N>, which names a VM by its process; choose another id",
-                        call.vm_id
-                    ),
-                });
+                return Err(AgentError::ReservedVmId(call.vm_id.clone()));
             }
         }
         let selector = call.selector.clone().unwrap_or(VmSelector::LibvirtDomain {
             name: call.vm_id.to_string(),
         });
-        selector::validate(&selector).map_err(|e| AgentError::InvalidArgument {
+        selector::validate(&selector).map_err(|e| AgentError::BadField {
             field: e.field,
             reason: e.reason,
         })?;
-        let stored_request = state::PlacementRequest {
-            vcpus: call.vcpus,
-            class: call.class,
-            dedicated: call.dedicated,
-            numa_node: call.numa_node,
-        };
+        let stored_request = call.request.clone();
         // An identical retry is answered from the intent, whatever the host
         // shows now (the VM may have a twin since it was placed).
         if let Some(existing) = self.checkpoint.get(&call.vm_id) {
@@ -147,12 +130,9 @@ impl AgentCore {
             if existing.request == stored_request && same_selector {
                 return self
                     .view(call.vm_id.as_str())
-                    .ok_or_else(|| AgentError::NotFound(call.vm_id.to_string()));
+                    .ok_or_else(|| AgentError::NoSuchVm(call.vm_id.to_string()));
             }
-            return Err(AgentError::AlreadyExists(format!(
-                "VM {} is already placed with a different request; release it first",
-                call.vm_id
-            )));
+            return Err(AgentError::PlacedDifferently(call.vm_id.clone()));
         }
 
         let found = self.find_process(&call.vm_id, &selector)?;
@@ -163,22 +143,17 @@ impl AgentCore {
             },
             _ => selector,
         };
-        let (class, source) = match (call.class, found.as_ref().and_then(|v| v.class)) {
+        let (class, source) = match (stored_request.class, found.as_ref().and_then(|v| v.class)) {
             (Some(c), _) => (c, ClassSource::Orchestrator),
             (None, Some(c)) => (c, ClassSource::CommandLine),
-            (None, None) => {
-                return Err(AgentError::InvalidArgument {
-                    field: "confidential_class",
-                    reason: "unspecified, and no VM process was found to classify".into(),
-                })
-            }
+            (None, None) => return Err(AgentError::Unclassified),
         };
         let request = PlacementRequest {
             vm_id: call.vm_id.clone(),
-            vcpus: call.vcpus,
+            vcpus: stored_request.vcpus,
             class,
-            dedicated: call.dedicated,
-            numa_preference: call.numa_node,
+            dedicated: stored_request.dedicated,
+            numa_preference: stored_request.numa_node,
         };
         let p = placement::place(
             &self.topology,
@@ -194,8 +169,8 @@ impl AgentCore {
                 class: Some(class),
                 class_source: source,
                 state: VmState::Pending,
-                vcpus: call.vcpus,
-                dedicated: call.dedicated,
+                vcpus: stored_request.vcpus,
+                dedicated: stored_request.dedicated,
                 threads: found.map(|v| v.vcpus).unwrap_or_default(),
                 placement: Some(p),
                 placed_at: None,
@@ -205,17 +180,17 @@ impl AgentCore {
 
         let mut after = self.placements.clone();
         after.apply(p.clone())?;
-        let record = PlacementRecord {
-            vcpu_cpus: p.vcpu_cpus.clone(),
-            emulator_cpus: emulator_cpus(&self.topology, &after, &self.reservations, &p),
-        };
+        let record = PlacementRecord::of_placement(
+            &self.topology,
+            &p,
+            emulator_cpus(&self.topology, &after, &self.reservations, &p),
+        );
         let mut next = self.checkpoint.clone();
         next.upsert(IntentRecord {
             vm_id: call.vm_id.clone(),
             selector,
             request: stored_request,
             placement: Some(record),
-            engine: Some(p.clone()),
         });
         self.commit(next)?;
         self.placements = after;
@@ -242,16 +217,13 @@ impl AgentCore {
             if let Err(e) = self.enforce(&call.vm_id, vm) {
                 if e.is_gone() {
                     let _ = self.release_internal(&call.vm_id, true);
-                    return Err(AgentError::FailedPrecondition(format!(
-                        "VM {} exited while it was being pinned; its placement was released",
-                        call.vm_id
-                    )));
+                    return Err(AgentError::ExitedWhilePinning(call.vm_id.clone()));
                 }
                 tracing::warn!(vm = %call.vm_id, error = %e, "pinning failed; the reconcile loop retries");
             }
         }
         self.view(call.vm_id.as_str())
-            .ok_or_else(|| AgentError::NotFound(call.vm_id.to_string()))
+            .ok_or_else(|| AgentError::NoSuchVm(call.vm_id.to_string()))
     }
 
     /// Pins `vm`'s threads to the intent's placement; records what it did.
@@ -344,7 +316,7 @@ impl AgentCore {
         exited: bool,
     ) -> Result<CpuSet, AgentError> {
         if self.checkpoint.get(vm_id).is_none() {
-            return Err(AgentError::NotFound(format!("VM {vm_id} is not placed")));
+            return Err(AgentError::NotPlaced(vm_id.clone()));
         }
         let mut next = self.checkpoint.clone();
         next.remove(vm_id);

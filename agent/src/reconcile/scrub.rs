@@ -70,24 +70,23 @@ impl AgentCore {
     pub fn scrub(&mut self, id: &str) -> Result<Scrubbed, AgentError> {
         let view = self
             .view(id)
-            .ok_or_else(|| AgentError::NotFound(format!("no VM {id:?}")))?;
+            .ok_or_else(|| AgentError::NoSuchVm(id.to_string()))?;
         let Some(pid) = view.pid else {
-            return Err(AgentError::FailedPrecondition(format!(
-                "VM {id} has no running process"
-            )));
+            return Err(AgentError::NotRunning(id.to_string()));
         };
         let records = self
             .host
             .module
             .vm_records()
-            .map_err(|e| AgentError::FailedPrecondition(e.to_string()))?;
+            .map_err(AgentError::ModuleUnreadable)?;
         let before = records.into_iter().find(|r| r.pid == pid).ok_or_else(|| {
-            AgentError::FailedPrecondition(format!(
-                "the sevflush module does not track VM {id} (pid {pid})"
-            ))
+            AgentError::NotTrackedByModule {
+                vm: id.to_string(),
+                pid,
+            }
         })?;
         let t0 = Instant::now();
-        let vm_id = VmId::new(id).map_err(|e| AgentError::InvalidArgument {
+        let vm_id = VmId::new(id).map_err(|e| AgentError::BadField {
             field: "vm_id",
             reason: e.to_string(),
         })?;

@@ -132,10 +132,12 @@ fn call(id: &str, pid: Option<u32>, vcpus: u32) -> PlaceCall {
             pid,
             start_time: None,
         }),
-        vcpus,
-        class: None,
-        dedicated: true,
-        numa_node: None,
+        request: crate::state::PlacementRequest {
+            vcpus,
+            class: None,
+            dedicated: true,
+            numa_node: None,
+        },
         validate_only: false,
     }
 }
@@ -174,7 +176,7 @@ fn place_classifies_pins_and_is_idempotent() {
     // Different request for the same id: a conflict.
     assert!(matches!(
         core.place(call("vm-a", Some(100), 2)),
-        Err(AgentError::AlreadyExists(_))
+        Err(AgentError::PlacedDifferently(_))
     ));
     // The checkpoint holds the intent with its placement.
     let stored = CheckpointStore::in_dir(f.dir.path().join("state"))
@@ -200,10 +202,9 @@ fn an_orchestrator_id_pid_n_does_not_collide_with_an_unmanaged_vm() {
 
     // "pid-42" for process 100 would name two VMs: refused, nothing stored.
     match core.place(call("pid-42", Some(100), 2)) {
-        Err(AgentError::InvalidArgument {
-            field: "vm_id",
-            reason,
-        }) => {
+        Err(e @ AgentError::ReservedVmId(_)) => {
+            let (field, reason) = e.field_violation().unwrap();
+            assert_eq!(field, "vm_id");
             assert!(reason.contains("pid-<N>"), "{reason}")
         }
         other => panic!("expected vm_id refused, got {other:?}"),
@@ -280,7 +281,7 @@ fn exit_releases_and_restart_restores() {
     assert!(a.cpus.is_disjoint(&b.cpus));
     // Pending: no process yet.
     let mut c = call("vm-c", None, 2);
-    c.class = Some(ConfidentialClass::SevSnp);
+    c.request.class = Some(ConfidentialClass::SevSnp);
     assert_eq!(core.place(c).unwrap().state, VmState::Pending);
     let cap_before = core.capacity();
     drop(core);
@@ -321,13 +322,14 @@ fn vm_exiting_mid_pin_is_a_clean_release() {
     let vcpu_tid = f.scan(&core)[0].vcpus[1].tid;
     let mut call = call("vm-x", Some(500), 2);
     std::fs::remove_dir_all(f.proc().join(format!("500/task/{vcpu_tid}"))).unwrap();
-    call.class = Some(ConfidentialClass::Sev);
+    call.request.class = Some(ConfidentialClass::Sev);
     let r = core.place(call);
     // With the thread gone at inspect time, discovery still finds vCPU 0;
     // its pin succeeds, the process lives: the VM is placed and drifted
     // only if a pin failed. Either way no placement is half-applied.
     match r {
-        Err(AgentError::FailedPrecondition(m)) => {
+        Err(e @ AgentError::ExitedWhilePinning(_)) => {
+            let m = e.to_string();
             assert!(m.contains("exited"), "{m}");
             assert!(core.placements().is_empty());
             assert!(core.checkpoint().intents.is_empty());
@@ -380,7 +382,10 @@ fn affinity_failing_with_esrch_releases_the_placement() {
     )
     .unwrap();
     match core.place(call("vm-g", Some(700), 2)) {
-        Err(AgentError::FailedPrecondition(m)) => assert!(m.contains("exited"), "{m}"),
+        Err(e @ AgentError::ExitedWhilePinning(_)) => {
+            let m = e.to_string();
+            assert!(m.contains("exited"), "{m}")
+        }
         other => panic!("{other:?}"),
     }
     assert!(core.placements().is_empty());
@@ -400,29 +405,26 @@ fn invalid_requests_and_unknown_vms() {
     let mut core = f.core().unwrap();
     assert!(matches!(
         core.place(call("x", None, 0)),
-        Err(AgentError::InvalidArgument { field: "vcpus", .. })
+        Err(AgentError::BadField { field: "vcpus", .. })
     ));
     assert!(matches!(
         core.place(call("x", None, 2)),
-        Err(AgentError::InvalidArgument {
-            field: "confidential_class",
-            ..
-        })
+        Err(e) if e.field_violation().is_some_and(|(field, _)| field == "confidential_class")
     ));
     assert!(matches!(
         core.place(call("x", Some(999_999), 2)),
-        Err(AgentError::NotFound(_))
+        Err(AgentError::NoSuchProcess { pid: 999_999 })
     ));
     let mut big = call("x", None, 10_000);
-    big.class = Some(ConfidentialClass::Sev);
+    big.request.class = Some(ConfidentialClass::Sev);
     assert!(matches!(core.place(big), Err(AgentError::Place(_))));
     assert!(matches!(
         core.release(&VmId::new("nope").unwrap()),
-        Err(AgentError::NotFound(_))
+        Err(AgentError::NotPlaced(_))
     ));
     // validate_only changes nothing.
     let mut v = call("y", None, 4);
-    v.class = Some(ConfidentialClass::SevEs);
+    v.request.class = Some(ConfidentialClass::SevEs);
     v.validate_only = true;
     let view = core.place(v).unwrap();
     assert_eq!(view.placement.unwrap().vcpu_cpus.len(), 4);
@@ -756,4 +758,88 @@ fn scrubs_of_one_vm_are_spaced_by_the_interval() {
     core.set_scrub_min_interval(Duration::ZERO);
     assert_eq!(core.admit_scrub(&a, ms(1001)), Ok(()));
     assert_eq!(core.admit_scrub(&a, ms(1001)), Ok(()));
+}
+
+/// The file version 1 wrote (state/testdata/README.md: this fixture's
+/// topology and VMs) restores the engine state it recorded, index for
+/// index, from the decisions alone; the first commit writes version 2.
+#[test]
+fn a_version_1_checkpoint_restores_the_engine_it_recorded() {
+    let f = Fixture::new();
+    let fixture = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/src/state/testdata/checkpoint-v1.json"
+    ))
+    .unwrap();
+    std::fs::create_dir_all(f.dir.path().join("state")).unwrap();
+    let path = f.dir.path().join("state/checkpoint.json");
+    std::fs::write(&path, &fixture).unwrap();
+    let core = f.core().unwrap();
+    let v1: serde_json::Value = serde_json::from_slice(&fixture).unwrap();
+    let recorded = v1["payload"]["intents"].as_array().unwrap();
+    assert_eq!(core.placements().len(), recorded.len());
+    for old in recorded {
+        let engine: placement::Placement = serde_json::from_value(old["engine"].clone()).unwrap();
+        assert_eq!(
+            core.placements().get(&engine.vm_id),
+            Some(&engine),
+            "{}",
+            engine.vm_id
+        );
+    }
+    // Loading recorded the L3 grouping version 1 lacked: saved as version 2.
+    let saved: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    assert_eq!(saved["version"], 2);
+    assert_eq!(saved["payload"]["intents"][0]["vm"]["process"], 200);
+    assert_eq!(
+        core.checkpoint(),
+        &CheckpointStore::new(&path).load().unwrap()
+    );
+}
+
+/// The decisions are checked against the topology on load: on a host
+/// with half the CPUs, the confidential VMs on CPUs it lacks are placed
+/// again or kept unplaceable, never dropped.
+#[test]
+fn a_checkpoint_from_a_larger_host_is_checked_against_this_one() {
+    let f = Fixture::new();
+    std::fs::create_dir_all(f.dir.path().join("state")).unwrap();
+    std::fs::copy(
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/src/state/testdata/checkpoint-v1.json"
+        ),
+        f.dir.path().join("state/checkpoint.json"),
+    )
+    .unwrap();
+    let core = AgentCore::new(
+        Arc::new(Topology::synthetic(1, 4, 8, 2, 1)),
+        Reservations::default(),
+        HostAccess {
+            scanner: VmScanner::new(f.proc()),
+            cgroups: None,
+            module: ModuleReader::new(f.dir.path().join("sevflush")),
+            affinity: f.affinity.clone(),
+        },
+        CheckpointStore::in_dir(f.dir.path().join("state")),
+        f.metrics.clone(),
+        f.events.clone(),
+    )
+    .unwrap();
+    assert_eq!(core.checkpoint().intents.len(), 5, "none dropped");
+    let online = core.topology().online.clone();
+    for id in ["pid-200", "vm-a"] {
+        let id = VmId::new(id).unwrap();
+        let record = core
+            .checkpoint()
+            .get(&id)
+            .unwrap()
+            .placement
+            .clone()
+            .unwrap();
+        // Re-placed on CPUs this host has (the recorded 56-58,120-122 are
+        // beyond its 64).
+        assert!(record.cpus.is_subset(&online), "{id}: {}", record.cpus);
+        assert_eq!(core.placements().get(&id).unwrap().cpus, record.cpus);
+    }
 }

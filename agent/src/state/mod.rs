@@ -4,9 +4,21 @@
 //! File format (one JSON document, default `/var/lib/sevplace/checkpoint.json`):
 //!
 //! ```json
-//! {"format":"sevplace-checkpoint","version":1,"crc32":"fe5ab76d",
+//! {"format":"sevplace-checkpoint","version":2,"crc32":"…",
 //!  "payload":{"generation":7,"intents":[ ... ]}}
 //! ```
+//!
+//! Each intent stores its decision once, in CPU ids: the request and the
+//! CPUs decided ([`PlacementRecord`]), never the engine's topology indices;
+//! the engine state is rebuilt from it on load and checked against the
+//! topology the host has then (`reconcile::refit`). Versions, kubelet's
+//! cpumanager checkpoint being the model:
+//!
+//! | version | written by | read by this build |
+//! |---|---|---|
+//! | 1 | before the decision had a format of its own: `placement` plus the engine's whole `Placement` (`engine`, with indices) | yes, migrated to 2 on load ([`v1`]); saved as 2 by the next commit |
+//! | 2 | this build | yes |
+//! | > 2 | a newer sevplaced | no: [`CheckpointError::NewerVersion`], the file is left untouched |
 //!
 //! `crc32` is CRC-32 (IEEE) of the exact bytes of `payload` as stored in the
 //! file, in lowercase hex. The payload is kept byte for byte when loading
@@ -29,7 +41,10 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::types::VmKey;
 use crate::{ConfidentialClass, CpuSet, VmId};
+
+mod v1;
 
 pub mod selector;
 
@@ -40,7 +55,7 @@ pub const CHECKPOINT_FILE: &str = "checkpoint.json";
 /// The `format` field of the document.
 pub const CHECKPOINT_FORMAT: &str = "sevplace-checkpoint";
 /// The newest format version this build reads and the one it writes.
-pub const CHECKPOINT_VERSION: u32 = 1;
+pub const CHECKPOINT_VERSION: u32 = 2;
 
 /// How the orchestrator identified the VM.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -66,12 +81,34 @@ pub struct PlacementRequest {
     pub numa_node: Option<u32>,
 }
 
-/// The placement chosen for an intent: one CPU set per vCPU, by index, and
-/// the set for emulator and I/O threads.
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// The decision for an intent, in CPU ids (never topology indices): the
+/// engine's placement is rebuilt from it and the request on load
+/// ([`crate::placement::rebuild`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PlacementRecord {
+    /// The class the VM was placed as (the request's, or the one discovery
+    /// found when the request had none).
+    pub class: ConfidentialClass,
+    /// Every CPU the VM may run on.
+    pub cpus: CpuSet,
+    /// One CPU set per vCPU, by index.
     pub vcpu_cpus: Vec<CpuSet>,
+    /// The set for emulator and I/O threads.
     pub emulator_cpus: Option<CpuSet>,
+    /// The VM's CPUs grouped by L3 domain, in the order the vCPUs fill
+    /// them; empty for a decision migrated from version 1, which did not
+    /// record it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub l3_groups: Vec<CpuSet>,
+    /// NUMA node ids of those L3 domains, ascending.
+    pub numa_nodes: Vec<u32>,
+    /// The VM was placed in a domain of the other pool for want of room.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub shares_confidential_domain: bool,
 }
 
 impl PlacementRecord {
@@ -80,24 +117,127 @@ impl PlacementRecord {
         self.vcpu_cpus
             .iter()
             .chain(self.emulator_cpus.iter())
-            .fold(CpuSet::new(), |acc, s| acc.union(s))
+            .fold(self.cpus.clone(), |acc, s| acc.union(s))
+    }
+
+    /// The record of the engine's placement `p` on `topo`.
+    pub fn of_placement(
+        topo: &crate::topology::Topology,
+        p: &crate::placement::Placement,
+        emulator_cpus: Option<CpuSet>,
+    ) -> Self {
+        Self {
+            class: p.request.class,
+            cpus: p.cpus.clone(),
+            vcpu_cpus: p.vcpu_cpus.clone(),
+            emulator_cpus,
+            l3_groups: p
+                .l3_domains
+                .iter()
+                .filter_map(|&d| topo.l3_domains.get(d))
+                .map(|d| d.cpus.intersection(&p.cpus))
+                .collect(),
+            numa_nodes: p.numa_nodes.clone(),
+            shares_confidential_domain: p.shares_confidential_domain,
+        }
+    }
+
+    /// What the engine rebuilds its placement from.
+    pub fn decided(&self) -> crate::placement::Decided<'_> {
+        crate::placement::Decided {
+            cpus: &self.cpus,
+            vcpu_cpus: &self.vcpu_cpus,
+            l3_groups: &self.l3_groups,
+            numa_nodes: &self.numa_nodes,
+            shares_confidential_domain: self.shares_confidential_domain,
+        }
     }
 }
 
-/// One intent: a VM, the request, and the placement once chosen.
+/// One intent: a VM, the request, and the decision once made.
+///
+/// In the file the VM is a typed key (`{"named":"db-1"}` or
+/// `{"process":4242}`), so an orchestrator id never reads as a process.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "IntentWire", into = "IntentWire")]
 pub struct IntentRecord {
     pub vm_id: VmId,
     pub selector: VmSelector,
     pub request: PlacementRequest,
-    /// `None` until the engine has chosen (or for a validate-only request,
-    /// which is never stored).
+    /// `None` until the engine has chosen (a validate-only request is
+    /// never stored).
     pub placement: Option<PlacementRecord>,
-    /// The placement engine's whole decision (domains, cores, pool), so a
-    /// restart restores the engine state exactly; `placement` is what is
-    /// enforced on threads.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub engine: Option<crate::placement::Placement>,
+}
+
+impl IntentRecord {
+    /// The VM this intent is for.
+    pub fn key(&self) -> VmKey {
+        VmKey::of_id(&self.vm_id)
+    }
+
+    /// The engine's request of this intent, with the class it was placed
+    /// as; `None` before a decision.
+    pub fn engine_request(&self) -> Option<crate::placement::PlacementRequest> {
+        let record = self.placement.as_ref()?;
+        Some(crate::placement::PlacementRequest {
+            vm_id: self.vm_id.clone(),
+            vcpus: self.request.vcpus,
+            class: record.class,
+            dedicated: self.request.dedicated,
+            numa_preference: self.request.numa_node,
+        })
+    }
+}
+
+/// The VM of an intent as the file stores it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+enum StoredKey {
+    /// An orchestrator's id (never of the form `pid-<N>`).
+    Named(String),
+    /// The pid of a VM no orchestrator named (auto placement).
+    Process(u32),
+}
+
+/// An intent as the file (version 2) stores it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct IntentWire {
+    vm: StoredKey,
+    selector: VmSelector,
+    request: PlacementRequest,
+    placement: Option<PlacementRecord>,
+}
+
+impl TryFrom<IntentWire> for IntentRecord {
+    type Error = String;
+    fn try_from(w: IntentWire) -> Result<Self, String> {
+        let key = match w.vm {
+            StoredKey::Named(name) => VmKey::Named(VmKey::named(&name).map_err(|e| e.to_string())?),
+            StoredKey::Process(0) => return Err("process key with pid 0".into()),
+            StoredKey::Process(pid) => VmKey::Process(pid),
+        };
+        Ok(Self {
+            vm_id: key.to_id(),
+            selector: w.selector,
+            request: w.request,
+            placement: w.placement,
+        })
+    }
+}
+
+impl From<IntentRecord> for IntentWire {
+    fn from(i: IntentRecord) -> Self {
+        let vm = match i.key() {
+            VmKey::Named(id) => StoredKey::Named(id.to_string()),
+            VmKey::Process(pid) => StoredKey::Process(pid),
+        };
+        Self {
+            vm,
+            selector: i.selector,
+            request: i.request,
+            placement: i.placement,
+        }
+    }
 }
 
 /// The checkpoint payload.
@@ -372,8 +512,17 @@ pub fn decode(bytes: &[u8]) -> Result<Checkpoint, DecodeFault> {
             env.crc32
         )));
     }
-    let checkpoint: Checkpoint = serde_json::from_str(env.payload.get())
-        .map_err(|e| DecodeFault::Corrupt(format!("bad payload: {e}")))?;
+    let checkpoint: Checkpoint = match version {
+        1 => {
+            let v1: v1::PayloadV1 = serde_json::from_str(env.payload.get())
+                .map_err(|e| DecodeFault::Corrupt(format!("bad payload: {e}")))?;
+            v1::migrate(v1).map_err(|e| {
+                DecodeFault::Corrupt(format!("version 1 payload cannot be migrated: {e}"))
+            })?
+        }
+        _ => serde_json::from_str(env.payload.get())
+            .map_err(|e| DecodeFault::Corrupt(format!("bad payload: {e}")))?,
+    };
     // `Checkpoint::upsert` relies on this order.
     if let Some(w) = checkpoint
         .intents

@@ -14,10 +14,14 @@ fn intent(id: &str, pid: u32) -> IntentRecord {
             numa_node: None,
         },
         placement: Some(PlacementRecord {
+            class: ConfidentialClass::SevEs,
+            cpus: CpuSet::range(0, 1),
             vcpu_cpus: vec![CpuSet::range(0, 0), CpuSet::range(1, 1)],
             emulator_cpus: Some(CpuSet::range(2, 3)),
+            l3_groups: vec![CpuSet::range(0, 1)],
+            numa_nodes: vec![0],
+            shares_confidential_domain: false,
         }),
-        engine: None,
     }
 }
 
@@ -38,7 +42,6 @@ fn sample() -> Checkpoint {
             numa_node: Some(1),
         },
         placement: None,
-        engine: None,
     });
     c.upsert(IntentRecord {
         vm_id: VmId::new("vm-d").unwrap(),
@@ -52,7 +55,6 @@ fn sample() -> Checkpoint {
             numa_node: None,
         },
         placement: None,
-        engine: None,
     });
     c
 }
@@ -100,7 +102,8 @@ fn round_trip_and_upsert_order() {
     let v: serde_json::Value =
         serde_json::from_slice(&std::fs::read(store.path()).unwrap()).unwrap();
     assert_eq!(v["format"], "sevplace-checkpoint");
-    assert_eq!(v["version"], 1);
+    assert_eq!(v["version"], 2);
+    assert_eq!(v["payload"]["intents"][0]["vm"]["named"], "vm-a");
     assert_eq!(v["payload"]["intents"][0]["selector"]["kind"], "process");
     assert_eq!(v["payload"]["intents"][0]["placement"]["vcpu_cpus"][1], "1");
 }
@@ -215,19 +218,19 @@ fn newer_version_is_refused() {
     let store = CheckpointStore::in_dir(dir.path());
     std::fs::write(
         store.path(),
-        r#"{"format":"sevplace-checkpoint","version":2,"crc32":"0","payload":{"whatever":true}}"#,
+        r#"{"format":"sevplace-checkpoint","version":3,"crc32":"0","payload":{"whatever":true}}"#,
     )
     .unwrap();
     match store.load() {
         Err(
             e @ CheckpointError::NewerVersion {
-                found: 2,
-                supported: 1,
+                found: 3,
+                supported: 2,
                 ..
             },
         ) => {
             let msg = e.to_string();
-            assert!(msg.contains("version 2"), "{msg}");
+            assert!(msg.contains("version 3"), "{msg}");
             assert!(msg.contains("checkpoint.json"), "{msg}");
         }
         other => panic!("expected NewerVersion, got {other:?}"),
@@ -262,12 +265,130 @@ fn golden_document() {
     assert_eq!(
         doc,
         concat!(
-            r#"{"format":"sevplace-checkpoint","version":1,"crc32":"fe5ab76d","payload":"#,
-            r#"{"generation":7,"intents":[{"vm_id":"vm-a","#,
+            r#"{"format":"sevplace-checkpoint","version":2,"crc32":"9a3b674d","payload":"#,
+            r#"{"generation":7,"intents":[{"vm":{"named":"vm-a"},"#,
             r#""selector":{"kind":"process","pid":10,"start_time":12345},"#,
             r#""request":{"vcpus":2,"class":"sev-es","dedicated":true,"numa_node":null},"#,
-            r#""placement":{"vcpu_cpus":["0","1"],"emulator_cpus":"2-3"}}]}}"#,
+            r#""placement":{"class":"sev-es","cpus":"0-1","vcpu_cpus":["0","1"],"emulator_cpus":"2-3","#,
+            r#""l3_groups":["0-1"],"numa_nodes":[0]}}]}}"#,
             "\n"
         )
     );
+}
+
+fn v1_fixture() -> Vec<u8> {
+    std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/src/state/testdata/checkpoint-v1.json"
+    ))
+    .unwrap()
+}
+
+/// The file version 1 wrote (testdata/README.md) reads as version 2: each
+/// decision once, the class it was placed as and the CPUs from the engine
+/// placement, the auto-placed VM under a process key.
+#[test]
+fn version_1_file_is_migrated() {
+    let bytes = v1_fixture();
+    let v1: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(v1["version"], 1, "the fixture is a version 1 file");
+    let c = decode(&bytes).unwrap();
+    assert_eq!(c.generation, 5);
+    let keys: Vec<VmKey> = c.intents.iter().map(IntentRecord::key).collect();
+    assert_eq!(
+        keys,
+        [
+            VmKey::Process(200),
+            VmKey::Named(VmId::new("vm-a").unwrap()),
+            VmKey::Named(VmId::new("vm-b").unwrap()),
+            VmKey::Named(VmId::new("vm-c").unwrap()),
+            VmKey::Named(VmId::new("vm-d").unwrap()),
+        ]
+    );
+    for (intent, old) in c
+        .intents
+        .iter()
+        .zip(v1["payload"]["intents"].as_array().unwrap())
+    {
+        let record = intent.placement.as_ref().unwrap();
+        let engine = &old["engine"];
+        assert_eq!(
+            record.class.as_str(),
+            engine["request"]["class"],
+            "{}",
+            intent.vm_id
+        );
+        assert_eq!(record.cpus.to_string(), engine["cpus"], "{}", intent.vm_id);
+        assert_eq!(
+            serde_json::to_value(&record.vcpu_cpus).unwrap(),
+            old["placement"]["vcpu_cpus"]
+        );
+        assert_eq!(
+            serde_json::to_value(&record.emulator_cpus).unwrap(),
+            old["placement"]["emulator_cpus"]
+        );
+        assert_eq!(
+            serde_json::to_value(&record.numa_nodes).unwrap(),
+            engine["numaNodes"]
+        );
+        assert!(record.l3_groups.is_empty(), "version 1 has no L3 grouping");
+    }
+    // The class discovery found (the request has none) survives.
+    assert_eq!(c.intents[0].request.class, None);
+    assert_eq!(
+        c.intents[0].placement.as_ref().unwrap().class,
+        ConfidentialClass::Sev
+    );
+    // Saved again, it is a version 2 document that reads back the same.
+    let again = encode(&c).unwrap();
+    let v2: serde_json::Value = serde_json::from_slice(&again).unwrap();
+    assert_eq!(v2["version"], CHECKPOINT_VERSION);
+    assert_eq!(v2["payload"]["intents"][0]["vm"]["process"], 200);
+    assert!(v2["payload"]["intents"][0].get("engine").is_none());
+    assert_eq!(decode(&again).unwrap(), c);
+}
+
+fn document(version: u32, payload: &str) -> String {
+    format!(
+        r#"{{"format":"sevplace-checkpoint","version":{version},"crc32":"{}","payload":{payload}}}"#,
+        crc_hex(payload.as_bytes())
+    )
+}
+
+#[test]
+fn typed_keys_are_checked() {
+    let intent = |vm: &str| {
+        format!(
+            r#"{{"generation":1,"intents":[{{"vm":{vm},"selector":{{"kind":"libvirt-domain","name":"x"}},"request":{{"vcpus":1,"class":null,"dedicated":false,"numa_node":null}},"placement":null}}]}}"#
+        )
+    };
+    let c = decode(document(2, &intent(r#"{"process":42}"#)).as_bytes()).unwrap();
+    assert_eq!(c.intents[0].key(), VmKey::Process(42));
+    let c = decode(document(2, &intent(r#"{"named":"pid-042"}"#)).as_bytes()).unwrap();
+    assert_eq!(
+        c.intents[0].key(),
+        VmKey::Named(VmId::new("pid-042").unwrap())
+    );
+    // An orchestrator id that reads as a process, pid 0, a bare string and
+    // an unknown kind are corrupt, never guessed at.
+    for vm in [
+        r#"{"named":"pid-42"}"#,
+        r#"{"process":0}"#,
+        r#""vm-a""#,
+        r#"{"uuid":"x"}"#,
+    ] {
+        match decode(document(2, &intent(vm)).as_bytes()) {
+            Err(DecodeFault::Corrupt(what)) => {
+                assert!(what.contains("bad payload"), "{vm}: {what}")
+            }
+            other => panic!("{vm}: {other:?}"),
+        }
+    }
+    // A version 1 intent with a placement and no class anywhere cannot be
+    // migrated: refused, not dropped.
+    let payload = r#"{"generation":1,"intents":[{"vm_id":"a","selector":{"kind":"libvirt-domain","name":"x"},"request":{"vcpus":1,"class":null,"dedicated":false,"numa_node":null},"placement":{"vcpu_cpus":["0"],"emulator_cpus":null}}]}"#;
+    match decode(document(1, payload).as_bytes()) {
+        Err(DecodeFault::Corrupt(what)) => assert!(what.contains("cannot be migrated"), "{what}"),
+        other => panic!("{other:?}"),
+    }
 }

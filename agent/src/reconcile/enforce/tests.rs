@@ -5,6 +5,20 @@ use std::collections::BTreeSet;
 use std::sync::Mutex;
 
 use super::*;
+use crate::types::ConfidentialClass;
+
+/// A record of these pins (the engine's fields as a plain VM's).
+fn pins(vcpu_cpus: Vec<CpuSet>, emulator_cpus: Option<CpuSet>) -> PlacementRecord {
+    PlacementRecord {
+        class: ConfidentialClass::None,
+        cpus: vcpu_cpus.iter().fold(CpuSet::new(), |acc, s| acc.union(s)),
+        vcpu_cpus,
+        emulator_cpus,
+        l3_groups: Vec::new(),
+        numa_nodes: Vec::new(),
+        shares_confidential_domain: false,
+    }
+}
 use crate::cgroup::{CgroupHost, Target};
 use crate::discovery::fake_procfs::{write_process, FakeProcess, FakeThread};
 use crate::discovery::{qemu_vcpu_index, VmScanner};
@@ -80,14 +94,14 @@ fn libvirt_v2_vm_gets_its_vcpu_and_emulator_cgroups_written_plus_affinity() {
     let affinity = RecordingAffinity::default();
     let writer = CpusetWriter::new(CgroupHost::detect(cg.path()).unwrap());
     let found = VmScanner::new(proc.path()).inspect(100).unwrap();
-    let record = PlacementRecord {
-        vcpu_cpus: vec![
+    let record = pins(
+        vec![
             CpuSet::range(2, 2),
             CpuSet::range(3, 3),
             CpuSet::range(4, 4),
         ],
-        emulator_cpus: Some(CpuSet::range(0, 1)),
-    };
+        Some(CpuSet::range(0, 1)),
+    );
     let done = enforce(&found, &record, Some(&writer), &affinity).unwrap();
     let vcpus: Vec<(u32, bool)> = done
         .iter()
@@ -160,10 +174,7 @@ fn vm_without_own_cgroup_is_pinned_by_affinity() {
     let vm = FakeProcess::qemu_vm(300, 1, &["qemu-system-x86_64"]);
     write_process(proc.path(), &vm).unwrap();
     let found = VmScanner::new(proc.path()).inspect(300).unwrap();
-    let record = PlacementRecord {
-        vcpu_cpus: vec![CpuSet::range(1, 1)],
-        emulator_cpus: None,
-    };
+    let record = pins(vec![CpuSet::range(1, 1)], None);
     let gone = RecordingAffinity {
         gone: found.vcpus.iter().map(|v| v.tid).collect(),
         ..RecordingAffinity::default()
@@ -191,10 +202,7 @@ fn exited_helper_thread_is_not_the_vm_exiting() {
         .find(|t| t.tid != found.pid)
         .expect("a helper thread")
         .tid;
-    let record = PlacementRecord {
-        vcpu_cpus: vec![CpuSet::range(1, 1)],
-        emulator_cpus: Some(CpuSet::range(0, 0)),
-    };
+    let record = pins(vec![CpuSet::range(1, 1)], Some(CpuSet::range(0, 0)));
     let affinity = RecordingAffinity {
         gone: [helper].into_iter().collect(),
         ..RecordingAffinity::default()
