@@ -2,10 +2,17 @@
 //! (Genoa 2 x 96 cores, SMT off: 24 L3 domains of 8 CPUs, 2 NUMA nodes)
 //! with 200 VMs already placed.
 //!
+//! Baseline in the same run: rebuilding the state with its per-domain view
+//! from the 200 placements (`PlacementState::apply` of each), which is what
+//! every decision and every capacity probe paid before the view was kept
+//! incrementally.
+//!
 //! `cargo bench -p sevplace-agent --bench placement`
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
-use sevplace::placement::{capacity, place, PlacementRequest, PlacementState, Reservations};
+use sevplace::placement::{
+    capacity, place, Placement, PlacementRequest, PlacementState, Reservations,
+};
 use sevplace::topology::Topology;
 use sevplace::{ConfidentialClass, VmId};
 
@@ -79,6 +86,18 @@ fn bench(c: &mut Criterion) {
                 &res,
                 black_box(&shared_plain),
             )
+        })
+    });
+    let placements: Vec<Placement> = state.iter().cloned().collect();
+    c.bench_function("baseline: rebuild the state from 200 placements", |b| {
+        b.iter(|| {
+            let mut rebuilt = PlacementState::new();
+            for p in black_box(&placements) {
+                rebuilt
+                    .apply(p.clone())
+                    .expect("placements of a valid state");
+            }
+            rebuilt
         })
     });
     c.bench_function("capacity summary, 192 CPUs, 200 VMs", |b| {

@@ -51,7 +51,7 @@ pub fn target(name: &str) -> Option<fn(&[u8])> {
 
 /// The files the agent reads with `read_to_string` are rejected when they
 /// are not UTF-8 before any parser sees them; the process-controlled
-/// `stat` and `cmdline` are read lossily instead (`procfs::read_text_lossy`).
+/// `stat` and `cmdline` are read lossily instead (`procfs::LossyText`).
 fn text(data: &[u8]) -> Option<&str> {
     std::str::from_utf8(data).ok()
 }
@@ -116,9 +116,12 @@ fn stat_line(st: &TaskStat) -> String {
     format!("1 ({}) {}\n", st.comm, fields.join(" "))
 }
 
-/// procfs files: `stat` (comm with spaces and parentheses), `status`
-/// (`Cpus_allowed_list`), fd link targets and `syscall`. Each parsed value,
-/// written back in the kernel's format, parses to the same value.
+/// procfs files: `stat` (comm with spaces and parentheses; parsed by the
+/// `procfs` crate behind `parse_stat`'s shape check, which must keep every
+/// input the crate's parser would slice out of bounds away from it),
+/// `status` (`Cpus_allowed_list`, read on fixture trees), fd link targets
+/// and `syscall`. Each parsed value, written back in the kernel's format,
+/// parses to the same value.
 pub fn check_procfs(data: &[u8]) {
     // `stat` is read lossily (the thread name need not be UTF-8).
     let lossy = String::from_utf8_lossy(data);

@@ -35,6 +35,7 @@
 //! level); an entry that cannot be parsed is skipped with a `warn!` naming
 //! its path.
 
+pub mod affinity;
 pub mod cgroup_path;
 pub mod cmdline;
 pub mod fake_procfs;
@@ -44,12 +45,13 @@ pub mod procfs;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use affinity::{AffinityReader, AffinitySource};
 pub use cgroup_path::{
     parse_libvirt_path, parse_proc_cgroup, CgroupLocation, LibvirtCgroup, LibvirtLayout,
 };
 pub use cmdline::{classify_cmdline, Classification};
 pub use pidfd::VmExitWatch;
-use procfs::ProcReadError;
+use procfs::{LossyText, ProcReadError};
 
 use crate::{ConfidentialClass, CpuSet};
 
@@ -211,17 +213,27 @@ const NOT_A_VM_RECHECKS: u32 = 3;
 /// Scans a procfs tree for KVM VMs, reading only what changed: a process
 /// already identified as a VM (same pid and start time) keeps its fds,
 /// command line and cgroups from the scan that identified it and only has
-/// its threads re-listed; a process found not to be a VM is not opened
-/// again until the next full rescan. Every `full_rescan_every` scans (the
-/// first included) everything is read again, to catch what the shortcuts
-/// miss (a vCPU fd opened later, a process that became a VM late, a moved
-/// cgroup). Clones share the cache.
+/// its threads re-listed; a thread already seen keeps its name, flags and
+/// cgroups (its `stat` is read on its first [`THREAD_STAT_READS`] sightings,
+/// while a VMM may still rename it) and has only its affinity read; a
+/// process found not to be a VM is not opened again until the next full
+/// rescan. Every `full_rescan_every` scans (the first included) everything
+/// is read again, to catch what the shortcuts miss (a vCPU fd opened later,
+/// a process that became a VM late, a moved cgroup, a thread's last CPU).
+/// Clones share the cache.
 #[derive(Debug, Clone)]
 pub struct VmScanner {
     proc_root: PathBuf,
     full_rescan_every: u32,
+    affinity: std::sync::Arc<dyn AffinityReader>,
     cache: std::sync::Arc<std::sync::Mutex<ScanCache>>,
 }
+
+/// Sightings of a thread on which its `stat` is read (name, flags, start
+/// time, last CPU); after them it is read again at the next full rescan.
+/// QEMU names a vCPU thread right after creating it, so a thread first seen
+/// under its parent's name shows its own name on a later sighting.
+pub const THREAD_STAT_READS: u32 = 3;
 
 /// What earlier scans learned.
 #[derive(Debug, Default)]
@@ -248,6 +260,21 @@ struct Identity {
     cmdline: Vec<String>,
     cgroup: CgroupLocation,
     classification: Classification,
+    /// tid -> what earlier scans read of the thread.
+    threads: BTreeMap<u32, KnownThread>,
+}
+
+/// A thread as earlier scans read it.
+#[derive(Debug, Clone)]
+struct KnownThread {
+    /// With the tid, tells a thread that replaced an exited one.
+    start_time: u64,
+    stat: procfs::TaskStat,
+    cgroup: CgroupLocation,
+    /// `stat` reads so far (up to [`THREAD_STAT_READS`]).
+    stat_reads: u32,
+    /// The vCPU index rule 2 found for this thread (it does not change).
+    kvm_run_index: Option<u32>,
 }
 
 /// The KVM fds of a process.
@@ -259,12 +286,25 @@ struct KvmFds {
 }
 
 impl VmScanner {
+    /// A scanner of `proc_root`; thread affinity is read with
+    /// `sched_getaffinity` when the root is a mounted procfs and from
+    /// `status` files otherwise ([`AffinitySource::for_root`]).
     pub fn new(proc_root: impl Into<PathBuf>) -> Self {
+        let proc_root = proc_root.into();
+        let affinity = AffinitySource::for_root(&proc_root).reader();
         Self {
-            proc_root: proc_root.into(),
+            proc_root,
             full_rescan_every: DEFAULT_FULL_RESCAN_EVERY,
+            affinity,
             cache: Default::default(),
         }
+    }
+
+    /// Reads thread affinity from `source` whatever the root is (tests that
+    /// compare both readers on one tree).
+    pub fn with_affinity_source(mut self, source: AffinitySource) -> Self {
+        self.affinity = source.reader();
+        self
     }
 
     /// Sets the passes between two full rescans (1: every scan is full).
@@ -291,6 +331,9 @@ impl VmScanner {
     /// [`Self::scan`], also reporting what was skipped (for metrics and
     /// events).
     pub fn scan_with_outcome(&self) -> Result<ScanOutcome, DiscoveryError> {
+        // The names of the root are enough to compare with the known set;
+        // `procfs::process::all_processes_with_root` would open every
+        // process directory on every pass.
         let entries =
             std::fs::read_dir(&self.proc_root).map_err(|source| DiscoveryError::ProcRoot {
                 path: self.proc_root.clone(),
@@ -322,25 +365,17 @@ impl VmScanner {
                 }
                 *seen += 1;
             }
-            let known = cache.vms.get(&pid).cloned();
-            let result = match known {
-                Some(id) => self.refresh(pid, &id),
-                None => self.inspect_identified(pid).map(|(vm, id)| (vm, Some(id))),
-            };
-            match result {
+            let known = cache.vms.remove(&pid);
+            match self.read_vm(pid, known) {
                 Ok((vm, id)) => {
-                    if let Some(id) = id {
-                        cache.not_vms.remove(&pid);
-                        cache.vms.insert(pid, id);
-                    }
+                    cache.not_vms.remove(&pid);
+                    cache.vms.insert(pid, id);
                     out.vms.push(vm);
                 }
                 Err(DiscoveryError::NotAVm { .. }) => {
-                    cache.vms.remove(&pid);
                     cache.not_vms.entry(pid).or_insert(0);
                 }
                 Err(e @ DiscoveryError::VmGone { .. }) => {
-                    cache.vms.remove(&pid);
                     out.exited += 1;
                     tracing::debug!(pid, error = %e, "process exited during scan");
                 }
@@ -364,6 +399,9 @@ impl VmScanner {
         self.proc_root.join(pid.to_string())
     }
 
+    /// The KVM fds of `pid`, read by hand: the `procfs` crate's `FDTarget`
+    /// splits a link target at every `:`, so `anon_inode:kvm-vcpu:3` becomes
+    /// `AnonInode("kvm-vcpu")` and the vCPU index is lost.
     fn kvm_fds(&self, pid: u32) -> Result<KvmFds, DiscoveryError> {
         let dir = self.pid_dir(pid).join("fd");
         let entries = std::fs::read_dir(&dir)
@@ -402,36 +440,123 @@ impl VmScanner {
     /// Inspects one process, reading everything. `NotAVm` when it holds no
     /// `kvm-vm` fd, `VmGone` when it exited.
     pub fn inspect(&self, pid: u32) -> Result<DiscoveredVm, DiscoveryError> {
-        self.inspect_identified(pid).map(|(vm, _)| vm)
+        self.read_vm(pid, None).map(|(vm, _)| vm)
     }
 
-    fn inspect_identified(&self, pid: u32) -> Result<(DiscoveredVm, Identity), DiscoveryError> {
-        let id = self.identify(pid)?;
-        let main = procfs::read_task_stat(&self.proc_root, pid, pid)
-            .map_err(|e| DiscoveryError::from_proc(pid, e))?;
-        let vm = self.assemble(pid, &id, main)?;
+    /// The process as of now. A known VM (`known`) keeps its identity when
+    /// its main thread's start time is unchanged; a different one means the
+    /// pid was reused and the process is identified from scratch.
+    fn read_vm(
+        &self,
+        pid: u32,
+        known: Option<Identity>,
+    ) -> Result<(DiscoveredVm, Identity), DiscoveryError> {
+        let process = self.open_process(pid)?;
+        let (mut id, main) = match known {
+            Some(id) => {
+                let main = self.read_stat(pid, &process)?;
+                if main.start_time == id.start_time {
+                    (id, main)
+                } else {
+                    self.identify(pid, &process)?
+                }
+            }
+            None => self.identify(pid, &process)?,
+        };
+        let vm = self.assemble(pid, &process, &mut id, main)?;
         Ok((vm, id))
     }
 
-    /// A known VM again: its main thread's start time (a different one
-    /// means the pid was reused: the process is read from scratch and its
-    /// new identity returned), then its threads.
-    fn refresh(
+    /// Opens `/proc/<pid>` with the `procfs` crate (one directory handle the
+    /// reads below are relative to).
+    fn open_process(&self, pid: u32) -> Result<::procfs::process::Process, DiscoveryError> {
+        let dir = self.pid_dir(pid);
+        ::procfs::process::Process::new_with_root(dir.clone())
+            .map_err(|e| DiscoveryError::from_proc(pid, procfs::from_procfs_error(&dir, e)))
+    }
+
+    /// A file of the process, as text.
+    fn read_process_file(
+        &self,
+        process: &::procfs::process::Process,
+        pid: u32,
+        file: &str,
+    ) -> Result<String, ProcReadError> {
+        process
+            .read::<LossyText>(file)
+            .map(|t| t.0)
+            .map_err(|e| procfs::from_procfs_error(&self.pid_dir(pid).join(file), e))
+    }
+
+    /// A file of thread `tid`, as text.
+    fn read_task_file(
+        &self,
+        process: &::procfs::process::Process,
+        pid: u32,
+        tid: u32,
+        file: &str,
+    ) -> Result<String, ProcReadError> {
+        let path = || procfs::task_file(&self.proc_root, pid, tid, file);
+        let task = process
+            .task_from_tid(i32::try_from(tid).map_err(|_| ProcReadError::Gone { path: path() })?)
+            .map_err(|e| procfs::from_procfs_error(&path(), e))?;
+        task.read::<LossyText>(file)
+            .map(|t| t.0)
+            .map_err(|e| procfs::from_procfs_error(&path(), e))
+    }
+
+    /// `task/<tid>/cgroup`, parsed; empty when not readable (a thread of
+    /// another user's process).
+    fn read_thread_cgroup(
+        &self,
+        process: &::procfs::process::Process,
+        pid: u32,
+        tid: u32,
+    ) -> Result<CgroupLocation, ProcReadError> {
+        match self.read_task_file(process, pid, tid, "cgroup") {
+            Ok(text) => parse_proc_cgroup(&text).map_err(|e| ProcReadError::Malformed {
+                path: procfs::task_file(&self.proc_root, pid, tid, "cgroup"),
+                what: e.to_string(),
+            }),
+            Err(ProcReadError::Permission { .. }) => Ok(CgroupLocation::default()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `task/<tid>/stat`, parsed.
+    fn read_task_stat(
+        &self,
+        process: &::procfs::process::Process,
+        pid: u32,
+        tid: u32,
+    ) -> Result<procfs::TaskStat, ProcReadError> {
+        let text = self.read_task_file(process, pid, tid, "stat")?;
+        procfs::parse_stat(&text).map_err(|what| ProcReadError::Malformed {
+            path: procfs::task_file(&self.proc_root, pid, tid, "stat"),
+            what,
+        })
+    }
+
+    /// `<pid>/stat` of the process, parsed.
+    fn read_stat(
         &self,
         pid: u32,
-        id: &Identity,
-    ) -> Result<(DiscoveredVm, Option<Identity>), DiscoveryError> {
-        let main = procfs::read_task_stat(&self.proc_root, pid, pid)
+        process: &::procfs::process::Process,
+    ) -> Result<procfs::TaskStat, DiscoveryError> {
+        let path = self.pid_dir(pid).join("stat");
+        let text = self
+            .read_process_file(process, pid, "stat")
             .map_err(|e| DiscoveryError::from_proc(pid, e))?;
-        if main.start_time != id.start_time {
-            return self.inspect_identified(pid).map(|(vm, id)| (vm, Some(id)));
-        }
-        Ok((self.assemble(pid, id, main)?, None))
+        procfs::parse_stat(&text).map_err(|what| DiscoveryError::Malformed { path, what })
     }
 
     /// Reads what identifies a VM process: its KVM fds, command line and
-    /// cgroups.
-    fn identify(&self, pid: u32) -> Result<Identity, DiscoveryError> {
+    /// cgroups; with the main thread's stat.
+    fn identify(
+        &self,
+        pid: u32,
+        process: &::procfs::process::Process,
+    ) -> Result<(Identity, procfs::TaskStat), DiscoveryError> {
         let fds = self.kvm_fds(pid)?;
         if !fds.has_vm {
             return Err(DiscoveryError::NotAVm {
@@ -440,26 +565,34 @@ impl VmScanner {
             });
         }
         let err = |e| DiscoveryError::from_proc(pid, e);
-        let start_time = procfs::read_task_stat(&self.proc_root, pid, pid)
-            .map_err(err)?
-            .start_time;
-        let cmdline_path = self.pid_dir(pid).join("cmdline");
-        let cmdline =
-            cmdline::parse_proc_cmdline(&procfs::read_text_lossy(&cmdline_path).map_err(err)?);
+        let main = self.read_stat(pid, process)?;
+        // `Process::cmdline` drops the arguments' non-UTF-8 bytes with the
+        // whole file; the command line is parsed here, lossily.
+        let cmdline = cmdline::parse_proc_cmdline(
+            &self
+                .read_process_file(process, pid, "cmdline")
+                .map_err(err)?,
+        );
         let cgroup_path = self.pid_dir(pid).join("cgroup");
-        let cgroup_text = procfs::read_text(&cgroup_path).map_err(err)?;
+        // `Process::cgroups` gives the lines; the libvirt layout and the v1
+        // cpuset mount are recognised by `parse_proc_cgroup`.
+        let cgroup_text = self
+            .read_process_file(process, pid, "cgroup")
+            .map_err(err)?;
         let cgroup = parse_proc_cgroup(&cgroup_text).map_err(|e| DiscoveryError::Malformed {
             path: cgroup_path.clone(),
             what: e.to_string(),
         })?;
         let classification = classify_cmdline(&cmdline);
-        Ok(Identity {
-            start_time,
+        let id = Identity {
+            start_time: main.start_time,
             fds,
             cmdline,
             cgroup,
             classification,
-        })
+            threads: BTreeMap::new(),
+        };
+        Ok((id, main))
     }
 
     /// The VM as of now: its threads listed and matched to vCPUs with the
@@ -467,15 +600,15 @@ impl VmScanner {
     fn assemble(
         &self,
         pid: u32,
-        id: &Identity,
+        process: &::procfs::process::Process,
+        id: &mut Identity,
         main: procfs::TaskStat,
     ) -> Result<DiscoveredVm, DiscoveryError> {
-        let root = &self.proc_root;
+        let threads = self.threads(pid, process, &mut id.threads)?;
         let fds = &id.fds;
         let cmdline = id.cmdline.clone();
         let cgroup = id.cgroup.clone();
         let classification = id.classification.clone();
-        let threads = self.threads(pid)?;
 
         let mut vcpus: Vec<VcpuThread> = Vec::new();
         let mut rest: Vec<ThreadRecord> = Vec::new();
@@ -503,13 +636,18 @@ impl VmScanner {
             let syscall = if named {
                 None
             } else {
-                procfs::read_text(&procfs::task_file(root, pid, t.tid, "syscall"))
-                    .ok()
-                    .and_then(|s| procfs::parse_syscall_kvm_run_fd(&s))
-                    .and_then(|fd| fds.vcpus.get(&fd).copied())
+                t.kvm_run_index.or_else(|| {
+                    self.read_task_file(process, pid, t.tid, "syscall")
+                        .ok()
+                        .and_then(|s| procfs::parse_syscall_kvm_run_fd(&s))
+                        .and_then(|fd| fds.vcpus.get(&fd).copied())
+                })
             };
             match syscall {
                 Some(index) if t.tid != pid && !vcpus.iter().any(|v| v.index == index) => {
+                    if let Some(known) = id.threads.get_mut(&t.tid) {
+                        known.kvm_run_index = Some(index);
+                    }
                     vcpus.push(t.into_vcpu(index, VcpuMatch::KvmRunSyscall));
                 }
                 _ => unmatched.push(t),
@@ -576,10 +714,19 @@ impl VmScanner {
     }
 
     /// The process's threads with their stat, affinity and cgroup, kernel
-    /// workers excluded, in tid order. Threads that exit meanwhile are
-    /// skipped; the main thread exiting means the VM is gone.
-    fn threads(&self, pid: u32) -> Result<Vec<ThreadRecord>, DiscoveryError> {
+    /// workers excluded, in tid order. A thread in `known` (same tid and,
+    /// when its stat is read, same start time) has only its affinity read
+    /// once its stat was read [`THREAD_STAT_READS`] times. Threads that exit
+    /// meanwhile are skipped; the main thread exiting means the VM is gone.
+    fn threads(
+        &self,
+        pid: u32,
+        process: &::procfs::process::Process,
+        known: &mut BTreeMap<u32, KnownThread>,
+    ) -> Result<Vec<ThreadRecord>, DiscoveryError> {
         let root = &self.proc_root;
+        // Names only: `Process::tasks` opens every task directory, and a
+        // known thread needs nothing but its tid for its affinity.
         let dir = self.pid_dir(pid).join("task");
         let entries = std::fs::read_dir(&dir)
             .map_err(|e| DiscoveryError::from_proc(pid, ProcReadError::from_io(&dir, e)))?;
@@ -588,38 +735,59 @@ impl VmScanner {
             .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse().ok()))
             .collect();
         tids.sort_unstable();
+        known.retain(|tid, _| tids.binary_search(tid).is_ok());
         let mut out = Vec::new();
         for tid in tids {
-            let read = || -> Result<ThreadRecord, ProcReadError> {
-                let stat = procfs::read_task_stat(root, pid, tid)?;
-                let cpus_allowed = procfs::read_cpus_allowed(root, pid, tid)?;
-                let cg_path = procfs::task_file(root, pid, tid, "cgroup");
-                let cgroup = match procfs::read_text(&cg_path) {
-                    Ok(text) => parse_proc_cgroup(&text).map_err(|e| ProcReadError::Malformed {
-                        path: cg_path.clone(),
-                        what: e.to_string(),
-                    })?,
-                    Err(ProcReadError::Permission { .. }) => CgroupLocation::default(),
-                    Err(e) => return Err(e),
+            let mut read = || -> Result<Option<ThreadRecord>, ProcReadError> {
+                let entry = match known.remove(&tid) {
+                    Some(k) if k.stat_reads >= THREAD_STAT_READS => k,
+                    previous => {
+                        let stat = self.read_task_stat(process, pid, tid)?;
+                        match previous {
+                            Some(mut k) if k.start_time == stat.start_time => {
+                                k.stat = stat;
+                                k.stat_reads += 1;
+                                k
+                            }
+                            // New, or a new thread under an exited one's tid.
+                            _ => KnownThread {
+                                start_time: stat.start_time,
+                                stat,
+                                cgroup: self.read_thread_cgroup(process, pid, tid)?,
+                                stat_reads: 1,
+                                kvm_run_index: None,
+                            },
+                        }
+                    }
                 };
-                Ok(ThreadRecord {
+                if entry.stat.is_kernel_worker() {
+                    known.insert(tid, entry);
+                    return Ok(None);
+                }
+                let cpus_allowed = self.affinity.cpus_allowed(root, pid, tid)?;
+                let record = ThreadRecord {
                     tid,
-                    stat,
+                    stat: entry.stat.clone(),
                     cpus_allowed,
-                    cgroup,
-                })
+                    cgroup: entry.cgroup.clone(),
+                    kvm_run_index: entry.kvm_run_index,
+                };
+                known.insert(tid, entry);
+                Ok(Some(record))
             };
             match read() {
-                Ok(t) if t.stat.is_kernel_worker() => {}
-                Ok(t) => out.push(t),
+                Ok(Some(t)) => out.push(t),
+                Ok(None) => {}
                 Err(ProcReadError::Gone { path }) if tid == pid => {
                     return Err(DiscoveryError::VmGone { pid, path });
                 }
                 Err(ProcReadError::Gone { path }) => {
+                    known.remove(&tid);
                     tracing::debug!(pid, tid, path = %path.display(), "thread exited during scan");
                 }
                 Err(e) if tid == pid => return Err(DiscoveryError::from_proc(pid, e)),
                 Err(e) => {
+                    known.remove(&tid);
                     tracing::warn!(pid, tid, error = %e, "skipping unreadable thread");
                 }
             }
@@ -634,6 +802,7 @@ struct ThreadRecord {
     stat: procfs::TaskStat,
     cpus_allowed: CpuSet,
     cgroup: CgroupLocation,
+    kvm_run_index: Option<u32>,
 }
 
 impl ThreadRecord {

@@ -54,42 +54,74 @@ impl TaskStat {
     }
 }
 
-/// Parses a stat line. The comm field may contain spaces and parentheses
-/// (QEMU's `CPU 0/KVM`), so fields are counted after the last `)`.
+/// Parses a stat line with the `procfs` crate's parser.
+///
+/// That parser slices the line at the first `(` and the last `)` without
+/// checking the indices (it panics on a line with no byte before the `(`,
+/// or with no `' '` after the `)`), so the shape it relies on is checked
+/// here first: the kernel always writes `PID (COMM) S ...`, so a line
+/// without that shape is reported as malformed. The comm field may contain
+/// spaces and parentheses (QEMU's `CPU 0/KVM`); fields are counted after
+/// the last `)`.
 pub fn parse_stat(text: &str) -> Result<TaskStat, String> {
-    let open = text.find('(').ok_or("no '(' before comm")?;
-    let close = text.rfind(')').ok_or("no ')' after comm")?;
+    let line = text.trim();
+    let bytes = line.as_bytes();
+    let open = line.find('(').ok_or("no '(' before comm")?;
+    let close = line.rfind(')').ok_or("no ')' after comm")?;
     if close < open {
         return Err("')' before '('".into());
     }
-    let comm = text[open + 1..close].to_string();
-    let rest: Vec<&str> = text[close + 1..].split_whitespace().collect();
-    // rest[0] is field 3; field N is rest[N - 3].
-    let field = |n: usize| -> Result<&str, String> {
-        rest.get(n - 3)
-            .copied()
-            .ok_or_else(|| format!("field {n} missing"))
-    };
-    let num = |n: usize| -> Result<u64, String> {
-        let f = field(n)?;
-        f.parse::<u64>()
-            .map_err(|_| format!("field {n} ({f:?}) is not a number"))
-    };
-    let state = field(3)?.chars().next().ok_or("empty state field")?;
-    let flags = num(9)?;
-    let start_time = num(22)?;
-    // Field 39 exists since Linux 2.2; a missing or negative value means unknown.
-    let last_cpu = rest
-        .get(39 - 3)
-        .and_then(|f| f.parse::<i64>().ok())
-        .and_then(|c| u32::try_from(c).ok());
-    Ok(TaskStat {
-        comm,
-        state,
-        flags,
-        start_time,
-        last_cpu,
-    })
+    if open == 0 || bytes[open - 1] != b' ' {
+        return Err("no pid and space before '('".into());
+    }
+    if bytes.get(close + 1) != Some(&b' ') || bytes.len() < close + 3 {
+        return Err("no fields after comm".into());
+    }
+    let stat = <::procfs::process::Stat as ::procfs::FromRead>::from_read(line.as_bytes())
+        .map_err(|e| e.to_string())?;
+    Ok(TaskStat::from(stat))
+}
+
+impl From<::procfs::process::Stat> for TaskStat {
+    fn from(st: ::procfs::process::Stat) -> Self {
+        Self {
+            comm: st.comm,
+            state: st.state,
+            flags: u64::from(st.flags),
+            start_time: st.starttime,
+            // A negative value means unknown.
+            last_cpu: st.processor.and_then(|c| u32::try_from(c).ok()),
+        }
+    }
+}
+
+/// A whole procfs file as text, bytes that are not UTF-8 read as U+FFFD,
+/// read through the `procfs` crate's directory handles
+/// ([`::procfs::process::Process::read`]); the files discovery parses
+/// itself (`cmdline`, `cgroup`, `syscall`, `stat`) are read this way.
+#[derive(Debug, Clone)]
+pub struct LossyText(pub String);
+
+impl ::procfs::FromRead for LossyText {
+    fn from_read<R: std::io::Read>(mut r: R) -> ::procfs::ProcResult<Self> {
+        let mut bytes = Vec::with_capacity(512);
+        r.read_to_end(&mut bytes)?;
+        Ok(Self(String::from_utf8_lossy(&bytes).into_owned()))
+    }
+}
+
+/// A `procfs` crate error for a read of `path`, classified.
+pub fn from_procfs_error(path: &Path, e: ::procfs::ProcError) -> ProcReadError {
+    let path = path.to_path_buf();
+    match e {
+        ::procfs::ProcError::NotFound(_) => ProcReadError::Gone { path },
+        ::procfs::ProcError::PermissionDenied(_) => ProcReadError::Permission { path },
+        ::procfs::ProcError::Io(source, _) => ProcReadError::from_io(&path, source),
+        other => ProcReadError::Malformed {
+            path,
+            what: other.to_string(),
+        },
+    }
 }
 
 /// Extracts `Cpus_allowed_list` from the text of a status file.
@@ -246,9 +278,14 @@ mod tests {
         assert!(parse_stat(&nx).unwrap().is_kernel_worker());
         assert!(parse_stat("garbage").is_err());
         assert!(parse_stat("1 (x) S 1 2").is_err());
+        // Shapes the crate's parser would slice out of bounds.
+        for bad in ["(x) S", "1 (x)", "1 (x)S", "1(x) S 1", ")(", "1 (x) \u{e9}"] {
+            assert!(parse_stat(bad).is_err(), "{bad:?}");
+        }
         assert!(parse_stat("1 (x) S 1 2 3 4 5 notanumber 0 0 0 0 0 0 0 0 0 0 0 0 5").is_err());
-        // Field 39 missing: last CPU unknown, not an error.
-        let short: String = VCPU_STAT.split(' ').take(30).collect::<Vec<_>>().join(" ");
+        // Field 39 missing (fields up to 37 are mandatory): last CPU
+        // unknown, not an error.
+        let short: String = VCPU_STAT.split(' ').take(38).collect::<Vec<_>>().join(" ");
         assert_eq!(parse_stat(&short).unwrap().last_cpu, None);
     }
 

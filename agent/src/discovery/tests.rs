@@ -425,3 +425,91 @@ fn incremental_scans_match_full_scans_and_catch_pid_reuse() {
     std::fs::remove_dir_all(dir.path().join("200")).unwrap();
     assert_eq!(every.scan().unwrap().len(), 1);
 }
+
+/// Between full rescans a known thread has only its affinity read once its
+/// stat was read on [`THREAD_STAT_READS`] sightings: a rename shows while
+/// the thread is new (QEMU names a vCPU thread after creating it), later
+/// only at the full rescan; an affinity change shows on every pass; a
+/// thread that appears is read in full; a vCPU found blocked in `KVM_RUN`
+/// keeps its index when it runs.
+#[test]
+fn known_threads_have_only_their_affinity_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let every = THREAD_STAT_READS + 3;
+    let scanner = VmScanner::new(dir.path()).with_full_rescan_every(every);
+    let mut p = FakeProcess::qemu_vm(300, 2, &["/usr/bin/some-vmm"]);
+    p.threads = vec![
+        FakeThread::new(300, "some-vmm"),
+        FakeThread::new(301, "some-vmm"),
+        FakeThread::new(302, "vcpu-b"),
+        FakeThread::new(303, "io"),
+    ];
+    p.threads[2].syscall = "16 0x15 0xae80 0x0 0x0 0x0 0x0 0x7ffd 0x7f00\n".into();
+    write_process(dir.path(), &p).unwrap();
+    let first = scanner.scan().unwrap();
+    assert_eq!(
+        first[0]
+            .vcpus
+            .iter()
+            .map(|v| (v.index, v.tid))
+            .collect::<Vec<_>>(),
+        vec![(1, 302)]
+    );
+    // Renamed while new: seen on the next pass.
+    p.threads[1].comm = "vcpu-a".into();
+    write_thread(dir.path(), 300, p.start_time, &p.threads[1]).unwrap();
+    // vCPU 1 runs now: its syscall file says so, its index stays.
+    p.threads[2].syscall = "running\n".into();
+    write_thread(dir.path(), 300, p.start_time, &p.threads[2]).unwrap();
+    let second = scanner.scan().unwrap();
+    let comm = |vms: &[DiscoveredVm], tid: u32| {
+        vms[0]
+            .other_threads
+            .iter()
+            .map(|t| (t.tid, t.comm.clone()))
+            .chain(vms[0].vcpus.iter().map(|v| (v.tid, v.comm.clone())))
+            .find(|(t, _)| *t == tid)
+            .map(|(_, c)| c)
+    };
+    assert_eq!(comm(&second, 301).as_deref(), Some("vcpu-a"));
+    assert_eq!(
+        second[0]
+            .vcpus
+            .iter()
+            .map(|v| (v.index, v.tid, v.matched_by))
+            .collect::<Vec<_>>(),
+        vec![(1, 302, VcpuMatch::KvmRunSyscall)]
+    );
+    for _ in 2..THREAD_STAT_READS {
+        scanner.scan().unwrap();
+    }
+    // Read on THREAD_STAT_READS sightings: a rename now waits for the full
+    // rescan, an affinity change does not; a new thread is read in full.
+    p.threads[1].comm = "renamed".into();
+    p.threads[1].cpus_allowed = "2".into();
+    write_thread(dir.path(), 300, p.start_time, &p.threads[1]).unwrap();
+    let mut added = FakeThread::new(304, "late-io");
+    added.cpus_allowed = "1".into();
+    write_thread(dir.path(), 300, p.start_time, &added).unwrap();
+    let mut passes = THREAD_STAT_READS;
+    let cached = scanner.scan().unwrap();
+    passes += 1;
+    assert_eq!(comm(&cached, 301).as_deref(), Some("vcpu-a"));
+    let allowed = |vms: &[DiscoveredVm], tid: u32| {
+        vms[0]
+            .other_threads
+            .iter()
+            .find(|t| t.tid == tid)
+            .map(|t| t.cpus_allowed.clone())
+    };
+    assert_eq!(allowed(&cached, 301), Some(CpuSet::range(2, 2)));
+    assert_eq!(comm(&cached, 304).as_deref(), Some("late-io"));
+    assert_eq!(allowed(&cached, 304), Some(CpuSet::range(1, 1)));
+    while passes % every != 0 {
+        scanner.scan().unwrap();
+        passes += 1;
+    }
+    let rescanned = scanner.scan().unwrap();
+    assert_eq!(comm(&rescanned, 301).as_deref(), Some("renamed"));
+    assert_eq!(rescanned, VmScanner::new(dir.path()).scan().unwrap());
+}
