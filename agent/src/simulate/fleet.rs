@@ -1084,7 +1084,8 @@ mod tests {
         const C: Option<Pool> = Some(Pool::Confidential);
         const G: Option<Pool> = Some(Pool::General);
         // (rooms, pool, n, k, want)
-        let cases: Vec<(Vec<DomainRoom>, Pool, u32, u32, Option<u32>)> = vec![
+        type Case = (Vec<DomainRoom>, Pool, u32, u32, Option<u32>);
+        let cases: Vec<Case> = vec![
             // Two confidential domains with 8 free take 16 exactly.
             (
                 vec![room(0, 0, 8, C), room(1, 0, 8, C)],
