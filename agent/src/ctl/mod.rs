@@ -104,14 +104,25 @@ pub enum Command {
         id: String,
     },
     /// Replay a VM/reclaim trace on a topology through every placement and
-    /// flush policy; no daemon needed.
+    /// flush policy, or over a fleet through every fleet model; no daemon
+    /// needed.
     Simulate {
         /// Trace file (JSON or YAML).
         #[arg(long, value_name = "FILE")]
         trace: PathBuf,
         /// A named topology (e.g. genoa-2x96-nps1) or a host root directory.
-        #[arg(long, value_name = "NAME|DIR")]
-        topology: String,
+        #[arg(
+            long,
+            value_name = "NAME|DIR",
+            required_unless_present = "fleet",
+            conflicts_with = "fleet"
+        )]
+        topology: Option<String>,
+        /// A fleet: a host count cycling over genoa-2x96-nps1, milan-64c,
+        /// genoa-2x96-nps4, rome-64c (e.g. 1000), or TOPOLOGY:COUNT entries
+        /// (e.g. genoa-2x96-nps1:600,milan-64c:400); docs/placement.md.
+        #[arg(long, value_name = "HOSTS")]
+        fleet: Option<String>,
     },
     /// The reference fleet scheduler: place and release VMs across hosts
     /// through OpenStack Placement, and show the fleet (docs/fleet.md).
@@ -262,11 +273,22 @@ async fn channel(cli: &Cli) -> Result<tonic::transport::Channel, CtlError> {
 
 /// Runs one command against the daemon.
 pub async fn run(cli: Cli) -> Result<(), CtlError> {
-    if let Command::Simulate { trace, topology } = &cli.command {
-        print!(
-            "{}",
-            crate::simulate::run_simulate_cli(trace, topology, cli.json)?
-        );
+    if let Command::Simulate {
+        trace,
+        topology,
+        fleet,
+    } = &cli.command
+    {
+        let out = match (topology, fleet) {
+            (Some(topology), None) => crate::simulate::run_simulate_cli(trace, topology, cli.json)?,
+            (None, Some(fleet)) => crate::simulate::run_fleet_simulate_cli(trace, fleet, cli.json)?,
+            _ => {
+                return Err(CtlError::Usage(
+                    "simulate takes one of --topology and --fleet".into(),
+                ))
+            }
+        };
+        print!("{out}");
         return Ok(());
     }
     let json = cli.json;

@@ -176,3 +176,42 @@ pub fn shipped_trace_specs() -> Vec<TraceSpec> {
         },
     ]
 }
+
+/// The fleet traces shipped in `agent/traces/fleet/` (`TraceSpec::topology`
+/// holds the `--fleet` argument they are sized for). Kept apart from
+/// [`shipped_trace_specs`]: they are far too large for one host.
+pub fn shipped_fleet_trace_specs() -> Vec<TraceSpec> {
+    vec![
+    TraceSpec {
+        name: "fleet-1000",
+        description: "Fleet of 1,000 hosts: 14,000 VMs at time 0 (about three quarters of the fleet), then 8 arrivals/s until the fleet is full; 30% confidential, 4-64 vCPUs, 70% dedicated",
+        file: "fleet/fleet-1000.json",
+        topology: "genoa-2x96-nps1:600,milan-64c:400",
+        seed: 1000,
+        duration: 1200.0,
+        initial_vms: 14000,
+        arrival_rate: 8.0,
+        mean_lifetime: Some(7200.0),
+        confidential_fraction: 0.3,
+        sizes: &[(4, 25), (8, 30), (16, 25), (32, 15), (64, 5)],
+        dedicated_fraction: 0.7,
+        reclaim_rate: 0.05,
+        migration_rate: 0.05,
+    },
+    TraceSpec {
+        name: "fleet-50",
+        description: "Fleet of 50 hosts: fleet-1000 scaled down (700 VMs at time 0, 0.4 arrivals/s) for the test of the fleet model's invariants",
+        file: "fleet/fleet-50.json",
+        topology: "genoa-2x96-nps1:30,milan-64c:20",
+        seed: 50,
+        duration: 1200.0,
+        initial_vms: 700,
+        arrival_rate: 0.4,
+        mean_lifetime: Some(7200.0),
+        confidential_fraction: 0.3,
+        sizes: &[(4, 25), (8, 30), (16, 25), (32, 15), (64, 5)],
+        dedicated_fraction: 0.7,
+        reclaim_rate: 0.05,
+        migration_rate: 0.05,
+    }]
+}

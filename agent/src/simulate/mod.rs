@@ -16,6 +16,7 @@
 //!   since they enter the guest again right away.
 
 pub mod baselines;
+pub mod fleet;
 mod generate;
 mod rng;
 mod trace;
@@ -25,7 +26,11 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 pub use baselines::{PlacementModel, PlacementModelKind};
-pub use generate::{generate_trace, shipped_trace_specs, TraceSpec};
+pub use fleet::{
+    parse_fleet_spec, run_fleet_simulate_cli, simulate_fleet, FleetModelKind, FleetReport,
+    FleetSpec, FleetSpecError,
+};
+pub use generate::{generate_trace, shipped_fleet_trace_specs, shipped_trace_specs, TraceSpec};
 pub use rng::XorShift;
 pub use trace::{Event, Format, Trace};
 
@@ -60,6 +65,8 @@ pub enum SimError {
     UnknownTopology { arg: String, known: String },
     #[error("topology {arg}: {source}")]
     Topology { arg: String, source: TopologyError },
+    #[error(transparent)]
+    Fleet(#[from] FleetSpecError),
 }
 
 fn location(line: Option<usize>, column: Option<usize>) -> String {
@@ -499,7 +506,24 @@ struct Run<'a> {
     mixed_before_first_rejection: u32,
 }
 
-impl Run<'_> {
+impl<'a> Run<'a> {
+    fn new(topo: &'a Topology, vms: &'a [VmInfo], seed: u64) -> Self {
+        Run {
+            topo,
+            vms,
+            rng: XorShift::new(seed),
+            running: BTreeMap::new(),
+            nonconf_per_domain: vec![0; topo.l3_domains.len()],
+            samples: Default::default(),
+            limits: Vec::new(),
+            admitted: 0,
+            rejected: 0,
+            before_first_rejection: 0,
+            mixed: 0,
+            mixed_before_first_rejection: 0,
+        }
+    }
+
     fn l3_of(&self, cpu: u32) -> Option<usize> {
         self.topo.cpu(cpu).map(|c| c.l3)
     }
@@ -537,6 +561,13 @@ impl Run<'_> {
                 self.mixed_before_first_rejection += 1;
             }
         }
+        self.start(model, n, admitted);
+    }
+
+    /// Starts VM `n` where `model` admitted it: each vCPU lands on a CPU of
+    /// its set, and vCPUs of other VMs leave CPUs an exclusive set took.
+    fn start(&mut self, model: &dyn PlacementModel, n: usize, admitted: Admitted) {
+        let spec = &self.vms[n].spec;
         let mut r = Running {
             admitted,
             cur: Vec::new(),
@@ -702,20 +733,7 @@ pub fn simulate(topo: &Topology, trace: &Trace, opts: &SimOptions) -> Result<Rep
             PlacementModelKind::KubeletStatic => Box::new(KubeletStatic::new(topo, res)),
             PlacementModelKind::Sevplace => Box::new(Sevplace::new(topo, res)),
         };
-        let mut run = Run {
-            topo,
-            vms: &vms,
-            rng: XorShift::new(trace.seed),
-            running: BTreeMap::new(),
-            nonconf_per_domain: vec![0; topo.l3_domains.len()],
-            samples: Default::default(),
-            limits: Vec::new(),
-            admitted: 0,
-            rejected: 0,
-            before_first_rejection: 0,
-            mixed: 0,
-            mixed_before_first_rejection: 0,
-        };
+        let mut run = Run::new(topo, &vms, trace.seed);
         for &step in &steps {
             match step {
                 Step::Arrive(n) => run.arrive(model.as_mut(), n),

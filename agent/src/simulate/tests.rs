@@ -171,7 +171,10 @@ events:
 #[test]
 fn shipped_traces_are_current() {
     let regenerate = std::env::var("SEVPLACE_REGENERATE_TRACES").is_ok_and(|v| v == "1");
-    for spec in shipped_trace_specs() {
+    for spec in shipped_trace_specs()
+        .into_iter()
+        .chain(shipped_fleet_trace_specs())
+    {
         let trace = generate_trace(&spec);
         let text = if spec.file.ends_with(".json") {
             trace.to_json()
