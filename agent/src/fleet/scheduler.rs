@@ -84,7 +84,7 @@ pub fn required_root_traits(class: ConfidentialClass) -> Vec<&'static str> {
 }
 
 /// `n` split into `k` amounts that differ by at most one, largest first.
-fn split(n: u32, k: u32) -> Vec<u32> {
+pub fn split(n: u32, k: u32) -> Vec<u32> {
     (0..k).map(|i| n / k + u32::from(i < n % k)).collect()
 }
 

@@ -197,16 +197,11 @@ pub fn domain_rooms(
         .collect()
 }
 
-/// `n` split into `k` amounts that differ by at most one, largest first
-/// (the scheduler's spread-k request).
-pub fn split_even(n: u32, k: u32) -> Vec<u32> {
-    (0..k).map(|i| n / k + u32::from(i < n % k)).collect()
-}
-
 /// The best spread-k candidate of one host: `k` distinct domains under one
 /// NUMA node, each in `pool` or empty, holding the amounts of
-/// [`split_even`]; best = fewest CPUs left free on them. Returns the CPUs
-/// left free, or `None` when no NUMA node has such `k` domains.
+/// [`crate::fleet::scheduler::split`]; best = fewest CPUs left free on
+/// them. Returns the CPUs left free, or `None` when no NUMA node has such
+/// `k` domains.
 pub fn best_spread(rooms: &[DomainRoom], pool: Pool, n: u32, k: u32) -> Option<u32> {
     if k < 2 || n < k {
         return None;
@@ -1065,17 +1060,6 @@ mod tests {
             numa,
             free,
             pool,
-        }
-    }
-
-    #[test]
-    fn split_even_sums_and_differs_by_one() {
-        for (n, k, want) in [
-            (32, 2, vec![16, 16]),
-            (5, 2, vec![3, 2]),
-            (7, 3, vec![3, 2, 2]),
-        ] {
-            assert_eq!(split_even(n, k), want);
         }
     }
 
