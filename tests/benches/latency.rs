@@ -227,7 +227,9 @@ fn checkpoint_of(count: usize) -> sevplace::state::Checkpoint {
             dedicated: false,
             numa_preference: None,
         };
-        let p = engine.place(&topo, &res, &request).expect("room for the VM");
+        let p = engine
+            .place(&topo, &res, &request)
+            .expect("room for the VM");
         intents.push(IntentRecord {
             selector: VmSelector::LibvirtDomain {
                 name: vm_id.to_string(),

@@ -367,7 +367,8 @@ fn kill9_during_group_commits_of_64_clients_loses_no_acknowledged_call() {
         }));
     }
     assert!(
-        wait_until(Duration::from_secs(60), || acks.load(Ordering::SeqCst) >= 128),
+        wait_until(Duration::from_secs(60), || acks.load(Ordering::SeqCst)
+            >= 128),
         "the clients made no progress"
     );
     let dir = d.kill9();
@@ -390,7 +391,10 @@ fn kill9_during_group_commits_of_64_clients_loses_no_acknowledged_call() {
         }
     }
     for id in &released {
-        assert!(!listed.contains_key(id), "acknowledged release of {id} lost");
+        assert!(
+            !listed.contains_key(id),
+            "acknowledged release of {id} lost"
+        );
     }
     for (id, cpus) in placed.iter().filter(|(id, _)| !releasing.contains(id)) {
         let got = listed
@@ -402,7 +406,15 @@ fn kill9_during_group_commits_of_64_clients_loses_no_acknowledged_call() {
         .iter()
         .find(|(id, _)| !releasing.contains(id))
         .expect("a placement that was not released");
-    let again = json(&d.ctl(&["--json", "place", id, "--vcpus", "1", "--confidential", "none"]));
+    let again = json(&d.ctl(&[
+        "--json",
+        "place",
+        id,
+        "--vcpus",
+        "1",
+        "--confidential",
+        "none",
+    ]));
     let got: Vec<u32> = again["vm"]["placement"]["cpus"]
         .as_array()
         .unwrap()

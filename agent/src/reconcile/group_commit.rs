@@ -253,9 +253,7 @@ mod tests {
             .iter()
             .map(|id| IntentRecord {
                 vm_id: crate::types::VmId::new(*id).unwrap(),
-                selector: crate::state::VmSelector::LibvirtDomain {
-                    name: (*id).into(),
-                },
+                selector: crate::state::VmSelector::LibvirtDomain { name: (*id).into() },
                 request: crate::state::PlacementRequest {
                     vcpus: 1,
                     class: None,
@@ -300,10 +298,7 @@ mod tests {
         log.wait(&c).unwrap();
         assert_eq!(log.state().writes, 1, "one write covered all three");
         assert_eq!(log.state().durable.generation, 3);
-        assert!(matches!(
-            log.covering(0, 3).0,
-            TicketState::Done(Ok(()))
-        ));
+        assert!(matches!(log.covering(0, 3).0, TicketState::Done(Ok(()))));
     }
 
     /// A failed write fails every staged decision with the store's error,
@@ -327,7 +322,13 @@ mod tests {
         for t in [&b, &retry_of_b, &c] {
             let e = log.wait(t).unwrap_err();
             assert!(
-                matches!(&e, CheckpointError::Io { op: "create directory", .. }),
+                matches!(
+                    &e,
+                    CheckpointError::Io {
+                        op: "create directory",
+                        ..
+                    }
+                ),
                 "{e}"
             );
         }

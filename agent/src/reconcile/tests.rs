@@ -502,8 +502,16 @@ fn a_failed_group_write_rolls_back_every_undurable_decision() {
     let mut reuse = call("vm-c", None, 8);
     reuse.class = Some(ConfidentialClass::None);
     let c = core.decide_place(reuse.clone());
-    let c_cpus = core.placements().get(&VmId::new("vm-c").unwrap()).unwrap().cpus.clone();
-    assert!(!c_cpus.is_disjoint(&a.cpus), "vm-c was decided on vm-a's freed CPUs");
+    let c_cpus = core
+        .placements()
+        .get(&VmId::new("vm-c").unwrap())
+        .unwrap()
+        .cpus
+        .clone();
+    assert!(
+        !c_cpus.is_disjoint(&a.cpus),
+        "vm-c was decided on vm-a's freed CPUs"
+    );
     let retry_b = core.decide_place(call("vm-b", Some(700), 2));
     assert_eq!(core.checkpoint().generation, durable.generation + 3);
 
@@ -523,14 +531,24 @@ fn a_failed_group_write_rolls_back_every_undurable_decision() {
         assert!(matches!(r, Err(AgentError::Checkpoint(_))), "{r:?}");
     }
     assert_eq!(*core.checkpoint(), durable);
-    let placed: Vec<_> = core.placements().iter().map(|p| p.vm_id.to_string()).collect();
+    let placed: Vec<_> = core
+        .placements()
+        .iter()
+        .map(|p| p.vm_id.to_string())
+        .collect();
     assert_eq!(placed, ["vm-a"]);
     assert_eq!(core.placements().iter().next().unwrap().cpus, a.cpus);
     assert_eq!(core.view("pid-700").unwrap().state, VmState::Unmanaged);
-    assert!(f.affinity.calls.lock().unwrap().is_empty(), "nothing pinned");
+    assert!(
+        f.affinity.calls.lock().unwrap().is_empty(),
+        "nothing pinned"
+    );
     assert!(rx.try_recv().is_err(), "nothing published");
     let text = f.metrics.encode_prometheus();
-    assert!(text.contains("sevplace_checkpoint_write_failures_total 1"), "{text}");
+    assert!(
+        text.contains("sevplace_checkpoint_write_failures_total 1"),
+        "{text}"
+    );
     assert_eq!(
         core.conditions()[0].kind,
         crate::conditions::ConditionKind::CheckpointWriteFailing
@@ -539,11 +557,16 @@ fn a_failed_group_write_rolls_back_every_undurable_decision() {
     std::fs::remove_file(f.dir.path().join("state")).unwrap();
     let vb = core.place(call("vm-b", Some(700), 2)).unwrap();
     assert_eq!(vb.state, VmState::Placed);
-    assert!(!f.affinity.calls.lock().unwrap().is_empty(), "pinned once durable");
+    assert!(
+        !f.affinity.calls.lock().unwrap().is_empty(),
+        "pinned once durable"
+    );
     let vc = core.place(reuse).unwrap().placement.unwrap();
     assert!(vc.cpus.is_disjoint(&a.cpus), "vm-a still holds its CPUs");
     assert!(core.conditions().is_empty());
-    let stored = CheckpointStore::in_dir(f.dir.path().join("state")).load().unwrap();
+    let stored = CheckpointStore::in_dir(f.dir.path().join("state"))
+        .load()
+        .unwrap();
     let ids: Vec<_> = stored.intents.iter().map(|i| i.vm_id.to_string()).collect();
     assert_eq!(ids, ["vm-a", "vm-b", "vm-c"]);
 }
