@@ -59,6 +59,8 @@ struct Log {
     waiting: Vec<Arc<Slot>>,
     /// The error of the last write when it failed; `None` after a success.
     last_failure: Option<Arc<CheckpointError>>,
+    /// The error of the write that ended the current epoch.
+    ended_by: Option<Arc<CheckpointError>>,
     writes: u64,
 }
 
@@ -93,6 +95,7 @@ impl GroupCommit {
                 writing: false,
                 waiting: Vec::new(),
                 last_failure: None,
+                ended_by: None,
                 writes: 0,
             }),
             written: Condvar::new(),
@@ -147,7 +150,8 @@ impl GroupCommit {
     }
 
     fn refused(log: &Log) -> Ticket {
-        let e = log.last_failure.clone().unwrap_or_else(|| {
+        // Only an ended epoch refuses, and ending one sets `ended_by`.
+        let e = log.ended_by.clone().unwrap_or_else(|| {
             Arc::new(CheckpointError::Io {
                 op: "stage",
                 path: std::path::PathBuf::new(),
@@ -220,7 +224,8 @@ impl GroupCommit {
                 for s in log.waiting.drain(..) {
                     let _ = s.outcome.set(Err(e.clone()));
                 }
-                log.last_failure = Some(e);
+                log.last_failure = Some(e.clone());
+                log.ended_by = Some(e);
             }
         }
     }
@@ -346,6 +351,21 @@ mod tests {
         log.wait(&d).unwrap();
         assert_eq!(ids(&store.load().unwrap()), ["a", "d"]);
         assert!(log.state().last_failure.is_none());
+        // Still refused after the heal, with the error that ended epoch 0.
+        let stale = log
+            .wait(&log.stage(0, checkpoint(3, &["a", "e"])))
+            .unwrap_err();
+        assert!(
+            matches!(
+                &stale,
+                CheckpointError::Io {
+                    op: "create directory",
+                    ..
+                }
+            ),
+            "{stale}"
+        );
+        assert_eq!(ids(&store.load().unwrap()), ["a", "d"]);
     }
 
     /// Many threads stage and wait at once: each is answered only after a
