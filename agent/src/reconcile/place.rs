@@ -47,6 +47,8 @@ pub struct PlaceDecision {
 }
 
 #[derive(Debug)]
+// Built once per call and moved, never stored in bulk: its size is no cost.
+#[allow(clippy::large_enum_variant)]
 enum PlaceOutcome {
     /// Answered from the state: a validate-only call (which needs no
     /// write) or an identical retry.
@@ -55,7 +57,7 @@ enum PlaceOutcome {
     Placed {
         ticket: Ticket,
         vm_id: VmId,
-        found: Option<DiscoveredVm>,
+        found: Box<Option<DiscoveredVm>>,
         placement: Placement,
         view: VmView,
     },
@@ -198,7 +200,7 @@ impl AgentCore {
                 placement,
                 view,
                 ..
-            } => (vm_id, found, placement, view),
+            } => (vm_id, *found, placement, view),
         };
         self.events.publish(
             vm_id.as_str(),
@@ -364,7 +366,7 @@ impl AgentCore {
         Ok(PlaceOutcome::Placed {
             ticket,
             vm_id: call.vm_id,
-            found,
+            found: Box::new(found),
             placement: p,
             view,
         })
