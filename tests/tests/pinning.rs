@@ -1,7 +1,8 @@
 //! The real daemon acting on real KVM VMs (`kvm-guest-fixture`, real
 //! /dev/kvm): discovery and classification, PlaceVm pinning read back from
 //! /proc, drift put back within a period and reported on WatchEvents, exit
-//! releasing the placement, and kill -9 during a burst of PlaceVm calls.
+//! releasing the placement, and kill -9 during a burst of PlaceVm calls
+//! and during group commits of 64 concurrent clients.
 
 use std::process::Command;
 use std::time::Duration;
@@ -261,6 +262,166 @@ fn kill9_during_place_burst_keeps_every_acknowledged_placement() {
         .map(|c| c.as_u64().unwrap() as u32)
         .collect();
     assert_eq!(&got, cpus);
+}
+
+/// The CPUs of every VM the daemon lists, by id.
+fn listed_cpus(d: &Daemon) -> std::collections::BTreeMap<String, Vec<u32>> {
+    let listed = json(&d.ctl(&["--json", "vms"]));
+    listed["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| {
+            let cpus = v["placement"]["cpus"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| c.as_u64().unwrap() as u32)
+                .collect();
+            (v["vmId"].as_str().unwrap().to_string(), cpus)
+        })
+        .collect()
+}
+
+/// 64 clients, one connection each, place and release VMs at once, so
+/// group commits (one write covering many decisions) are in flight when the
+/// daemon is killed with SIGKILL. After the restart every acknowledged
+/// placement is there with its CPUs, every acknowledged release is gone,
+/// no CPU is held by two VMs, and an identical retry gets the same CPUs.
+#[test]
+fn kill9_during_group_commits_of_64_clients_loses_no_acknowledged_call() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../agent/tests/fixtures/genoa-2x96-nps1");
+    let root = root.to_str().unwrap().to_string();
+    let d = Daemon::start_in(tempfile::tempdir().unwrap(), &["--host-root", &root], &[]);
+    let placed = Arc::new(Mutex::new(Vec::<(String, Vec<u32>)>::new()));
+    let released = Arc::new(Mutex::new(Vec::<String>::new()));
+    // Releases sent, acknowledged or not: an unanswered one may be durable.
+    let releasing = Arc::new(Mutex::new(Vec::<String>::new()));
+    let acks = Arc::new(AtomicUsize::new(0));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut clients = Vec::new();
+    for client in 0..64 {
+        let (socket, placed, released, releasing, acks) = (
+            d.socket.clone(),
+            placed.clone(),
+            released.clone(),
+            releasing.clone(),
+            acks.clone(),
+        );
+        clients.push(rt.spawn(async move {
+            let Ok(mut c) = sevplace::client::connect(&socket).await else {
+                return;
+            };
+            // Place gc-<client>-<i>; after each odd i release the one
+            // before, so releases are in the groups too.
+            for i in 0..10 {
+                let id = format!("gc-{client}-{i}");
+                let r = c
+                    .place_vm(pb::PlaceVmRequest {
+                        vm_id: id.clone(),
+                        vcpus: 1,
+                        confidential_class: pb::ConfidentialClass::None as i32,
+                        ..Default::default()
+                    })
+                    .await;
+                match r {
+                    Ok(resp) => {
+                        let cpus = resp
+                            .into_inner()
+                            .vm
+                            .and_then(|v| v.placement)
+                            .map(|p| p.cpus)
+                            .unwrap_or_default();
+                        placed.lock().unwrap().push((id, cpus));
+                        acks.fetch_add(1, Ordering::SeqCst);
+                    }
+                    // The host is full: refused, not acknowledged.
+                    Err(s) if s.code() == tonic::Code::ResourceExhausted => {}
+                    Err(_) => return,
+                }
+                if i % 2 == 1 {
+                    let before = format!("gc-{client}-{}", i - 1);
+                    releasing.lock().unwrap().push(before.clone());
+                    match c
+                        .release_vm(pb::ReleaseVmRequest {
+                            vm_id: before.clone(),
+                        })
+                        .await
+                    {
+                        Ok(_) => {
+                            released.lock().unwrap().push(before);
+                            acks.fetch_add(1, Ordering::SeqCst);
+                        }
+                        Err(s) if s.code() == tonic::Code::NotFound => {}
+                        Err(_) => return,
+                    }
+                }
+            }
+        }));
+    }
+    assert!(
+        wait_until(Duration::from_secs(60), || acks.load(Ordering::SeqCst)
+            >= 128),
+        "the clients made no progress"
+    );
+    let dir = d.kill9();
+    rt.block_on(async {
+        for c in clients {
+            let _ = c.await;
+        }
+    });
+    let placed = placed.lock().unwrap().clone();
+    let released = released.lock().unwrap().clone();
+    let releasing = releasing.lock().unwrap().clone();
+    assert!(!placed.is_empty());
+
+    let d = Daemon::start_in(dir, &["--host-root", &root], &[]);
+    let listed = listed_cpus(&d);
+    let mut seen = sevplace::CpuSet::new();
+    for (id, cpus) in &listed {
+        for c in cpus {
+            assert!(seen.insert(*c), "CPU {c} given twice ({id})");
+        }
+    }
+    for id in &released {
+        assert!(
+            !listed.contains_key(id),
+            "acknowledged release of {id} lost"
+        );
+    }
+    for (id, cpus) in placed.iter().filter(|(id, _)| !releasing.contains(id)) {
+        let got = listed
+            .get(id)
+            .unwrap_or_else(|| panic!("acknowledged placement of {id} lost"));
+        assert_eq!(got, cpus, "{id} changed across the restart");
+    }
+    let (id, cpus) = placed
+        .iter()
+        .find(|(id, _)| !releasing.contains(id))
+        .expect("a placement that was not released");
+    let again = json(&d.ctl(&[
+        "--json",
+        "place",
+        id,
+        "--vcpus",
+        "1",
+        "--confidential",
+        "none",
+    ]));
+    let got: Vec<u32> = again["vm"]["placement"]["cpus"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_u64().unwrap() as u32)
+        .collect();
+    assert_eq!(&got, cpus, "an identical retry after the restart");
 }
 
 #[test]

@@ -209,6 +209,18 @@ impl SevplaceApi {
             .await
             .map_err(|e| Status::internal(format!("worker failed: {e}")))?
     }
+
+    /// Runs `f` on a blocking thread with the context, for calls that take
+    /// the core's lock more than once (decide, wait for the write, finish).
+    async fn with_ctx<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&AgentContext) -> Result<T, Status> + Send + 'static,
+    ) -> Result<T, Status> {
+        let ctx = self.ctx.clone();
+        tokio::task::spawn_blocking(move || f(&ctx))
+            .await
+            .map_err(|e| Status::internal(format!("worker failed: {e}")))?
+    }
 }
 
 /// The caller as the transport knows it: SO_PEERCRED on the Unix socket,
@@ -282,24 +294,31 @@ impl SevplaceService for SevplaceApi {
             Ok((call, consumer)) => {
                 let validate_only = call.validate_only;
                 let fleet = self.fleet.clone();
-                self.with_core(move |core| {
-                    let recorded = match (&fleet, consumer, validate_only) {
-                        (Some(link), Some(c), false) => {
-                            let before = crate::fleet::record_consumer(link, &call.vm_id, c)
-                                .map_err(|e| Status::unavailable(e.to_string()))?;
-                            Some((link.clone(), before))
-                        }
-                        _ => None,
-                    };
+                self.with_ctx(move |ctx| {
                     let vm_id = call.vm_id.clone();
-                    let placed = core.place(call);
+                    // Decided under the lock, written without it.
+                    let (decision, recorded, log) = {
+                        let mut core = ctx.lock();
+                        let recorded = match (&fleet, consumer, validate_only) {
+                            (Some(link), Some(c), false) => {
+                                let before = crate::fleet::record_consumer(link, &call.vm_id, c)
+                                    .map_err(|e| Status::unavailable(e.to_string()))?;
+                                Some((link.clone(), before))
+                            }
+                            _ => None,
+                        };
+                        (core.decide_place(call), recorded, core.log())
+                    };
+                    let written = log.wait(&decision.ticket);
+                    let mut core = ctx.lock();
+                    let placed = core.finish_place(decision, written);
                     if let (Err(_), Some((link, before))) = (&placed, recorded) {
                         crate::fleet::restore_consumer(&link, &vm_id, before);
                     }
                     let view = placed.map_err(status_of)?;
                     let records = core.module_records();
                     Ok(pb::PlaceVmResponse {
-                        vm: Some(vm_pb(core, &view, &records)),
+                        vm: Some(vm_pb(&core, &view, &records)),
                         validated_only: validate_only,
                     })
                 })
@@ -331,8 +350,16 @@ impl SevplaceService for SevplaceApi {
         }
         let r = match vm_id(&req.get_ref().vm_id) {
             Ok(id) => {
-                self.with_core(move |core| {
-                    let cpus = core.release(&id).map_err(status_of)?;
+                self.with_ctx(move |ctx| {
+                    let (decision, log) = {
+                        let mut core = ctx.lock();
+                        (core.decide_release(&id), core.log())
+                    };
+                    let written = log.wait(&decision.ticket);
+                    let cpus = ctx
+                        .lock()
+                        .finish_release(decision, written)
+                        .map_err(status_of)?;
                     Ok(pb::ReleaseVmResponse {
                         released_cpus: cpus.to_vec(),
                     })

@@ -1,5 +1,6 @@
-//! The core's state, how it is loaded from the checkpoint, the commit of a
-//! new checkpoint, and the conditions it raises.
+//! The core's state, how it is loaded from the checkpoint, the staging and
+//! commit of a new checkpoint through the group commit log, the roll-back
+//! after a failed write, and the conditions it raises.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -19,6 +20,7 @@ use super::capacity::CapacityCache;
 use super::error::AgentError;
 use super::events::EventBus;
 use super::events::EventKind;
+use super::group_commit::{GroupCommit, Ticket};
 use super::refit;
 use super::scrub::ScrubAdmission;
 use crate::cgroup::ThreadAffinity;
@@ -52,8 +54,12 @@ pub struct AgentCore {
     pub(super) topology: Arc<Topology>,
     pub(super) reservations: Reservations,
     pub(super) host: HostAccess,
-    pub(super) store: CheckpointStore,
-    pub(super) checkpoint: Checkpoint,
+    /// Writes the checkpoint; shared with callers waiting off the lock.
+    pub(super) log: Arc<GroupCommit>,
+    /// The newest decided checkpoint: durable, or staged in `log`.
+    pub(super) checkpoint: Arc<Checkpoint>,
+    /// The log's epoch this state was decided in (see `sync_with_log`).
+    pub(super) epoch: u64,
     pub(super) placements: PlacementState,
     pub(super) runtime: BTreeMap<VmId, Runtime>,
     pub(super) unmanaged: BTreeMap<u32, DiscoveredVm>,
@@ -83,7 +89,8 @@ impl AgentCore {
         metrics: Arc<Metrics>,
         events: Arc<EventBus>,
     ) -> Result<Self, AgentError> {
-        let checkpoint = store.load()?;
+        let checkpoint = Arc::new(store.load()?);
+        let log = Arc::new(GroupCommit::new(store, checkpoint.clone()));
         let runtime = checkpoint
             .intents
             .iter()
@@ -94,8 +101,9 @@ impl AgentCore {
             topology,
             reservations,
             host,
-            store,
+            log,
             checkpoint,
+            epoch: 0,
             placements: PlacementState::new(),
             runtime,
             unmanaged: BTreeMap::new(),
@@ -125,6 +133,8 @@ impl AgentCore {
             "host topology changed; checking every placement against it"
         );
         self.topology = topology;
+        // The refit starts from durable state only.
+        self.settle();
         let fitted = refit::refit(&self.topology, &self.reservations, &self.checkpoint.intents);
         self.adopt_refit(fitted);
     }
@@ -140,7 +150,7 @@ impl AgentCore {
         // set derived from the pools on it (CPUs outside the confidential
         // domains that are online now). Unplaceable intents keep their
         // last decision.
-        let mut next = self.checkpoint.clone();
+        let mut next = Checkpoint::clone(&self.checkpoint);
         let mut changed = false;
         for intent in &mut next.intents {
             let Some(p) = fitted.placements.get(&intent.vm_id) else {
@@ -278,19 +288,119 @@ impl AgentCore {
             .set(self.placements.confidential_domains().len() as i64);
     }
 
-    /// Writes `next` as the checkpoint, then adopts it. A failed write
-    /// leaves the current checkpoint in force and raises
-    /// `CheckpointWriteFailing` until a write succeeds.
-    pub(super) fn commit(&mut self, mut next: Checkpoint) -> Result<(), CheckpointError> {
+    /// Stages `next` as the checkpoint (generation + 1) and makes it the
+    /// decided state; the caller waits on the ticket, with or without the
+    /// lock, before it answers or pins.
+    pub(super) fn stage(&mut self, mut next: Checkpoint) -> Ticket {
         next.generation = self.checkpoint.generation + 1;
-        if let Err(e) = self.store.save(&next) {
-            self.metrics.checkpoint_write_failures.inc();
-            self.set_condition(ConditionKind::CheckpointWriteFailing, Err(e.to_string()));
-            return Err(e);
-        }
-        self.set_condition(ConditionKind::CheckpointWriteFailing, Ok(()));
+        let next = Arc::new(next);
+        let ticket = self.log.stage(self.epoch, next.clone());
         self.checkpoint = next;
-        Ok(())
+        ticket
+    }
+
+    /// A ticket for an answer read from the decided state: given once that
+    /// state is durable.
+    pub(super) fn covering(&self) -> Ticket {
+        self.log.covering(self.epoch, self.checkpoint.generation)
+    }
+
+    /// The log the API waits on off the core's lock.
+    pub fn log(&self) -> Arc<GroupCommit> {
+        self.log.clone()
+    }
+
+    /// Waits, under the lock, until every staged decision is durable or
+    /// rolled back, so what follows starts from durable state.
+    pub(super) fn settle(&mut self) {
+        let ticket = self.covering();
+        let _ = self.log.wait(&ticket);
+        self.sync_with_log();
+    }
+
+    /// Writes `next` as the checkpoint and waits for it under the lock
+    /// (the reconcile pass, start-up, a topology change): first every
+    /// staged decision, then this one. A failed write leaves the durable
+    /// checkpoint in force and raises `CheckpointWriteFailing` until a
+    /// write succeeds.
+    pub(super) fn commit(&mut self, next: Checkpoint) -> Result<(), CheckpointError> {
+        self.settle();
+        let ticket = self.stage(next);
+        let written = self.log.wait(&ticket);
+        self.sync_with_log();
+        written
+    }
+
+    /// Catches up with the log: after failed writes, counts them and rolls
+    /// the engine back to the durable checkpoint; sets
+    /// `CheckpointWriteFailing` from the last write.
+    pub(super) fn sync_with_log(&mut self) {
+        let log = self.log.state();
+        if log.epoch != self.epoch {
+            self.metrics
+                .checkpoint_write_failures
+                .inc_by(log.epoch - self.epoch);
+            self.epoch = log.epoch;
+            self.roll_back(log.durable);
+        }
+        let result = log.last_failure.map_or(Ok(()), |e| Err(e.to_string()));
+        self.set_condition(ConditionKind::CheckpointWriteFailing, result);
+    }
+
+    /// Makes `durable` the decided state again, undoing every decision a
+    /// failed write did not make durable: the placements are those of its
+    /// intents (as a restart would restore them), intents it lacks lose
+    /// their runtime (their VMs are unmanaged again), intents it has again
+    /// get one back (matched on the next pass). Their callers are answered
+    /// with the write's error; nothing was pinned or published for them.
+    fn roll_back(&mut self, durable: Arc<Checkpoint>) {
+        tracing::warn!(
+            decided = self.checkpoint.generation,
+            durable = durable.generation,
+            "checkpoint write failed; decisions not on disk are rolled back"
+        );
+        let kept: BTreeSet<VmId> = durable.intents.iter().map(|i| i.vm_id.clone()).collect();
+        self.checkpoint = durable;
+        self.unplaceable.retain(|id, _| kept.contains(id));
+        let mut placements = PlacementState::new();
+        for intent in &self.checkpoint.intents {
+            if self.unplaceable.contains_key(&intent.vm_id) {
+                continue;
+            }
+            let (Some(request), Some(record)) = (intent.engine_request(), &intent.placement) else {
+                continue;
+            };
+            let rebuilt = crate::placement::rebuild(
+                &self.topology,
+                &placements,
+                &self.reservations,
+                &request,
+                record.decided(),
+            )
+            .map_err(|m| m.reason)
+            .and_then(|p| placements.apply(p).map_err(|e| e.to_string()));
+            if let Err(e) = rebuilt {
+                tracing::error!(vm = %intent.vm_id, error = %e, "durable placement does not apply on roll-back");
+            }
+        }
+        self.placements = placements;
+        let dropped: Vec<VmId> = self
+            .runtime
+            .keys()
+            .filter(|id| !kept.contains(*id))
+            .cloned()
+            .collect();
+        for id in dropped {
+            if let Some(vm) = self.runtime.remove(&id).and_then(|rt| rt.observed) {
+                self.unmanaged.insert(vm.pid, vm);
+            }
+        }
+        for intent in &self.checkpoint.intents {
+            self.runtime.entry(intent.vm_id.clone()).or_default();
+        }
+        self.capacity_cache.clear();
+        self.update_pool_metric();
+        self.update_unplaceable();
     }
 
     /// Raises (`Err`) or clears (`Ok`) a condition, logging and exporting

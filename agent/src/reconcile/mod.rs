@@ -3,14 +3,20 @@
 //! match the intents (observe, compare, act, record).
 //!
 //! Every mutation of intents is written to the checkpoint (write, fsync,
-//! rename) before any thread is pinned, so an acknowledged PlaceVm survives
-//! `kill -9`. Observed state is always re-read from procfs, never assumed
+//! rename) before it is answered and before any thread is pinned, so an
+//! acknowledged PlaceVm survives `kill -9`. Calls are decided one at a time
+//! under the core's lock and made durable together by `group_commit`: one
+//! write, outside the lock, covers every decision staged while the
+//! previous write was in flight. Observed state is always re-read from procfs, never assumed
 //! from what was last written.
 //!
 //! One file per concern, each adding methods to [`AgentCore`]:
-//! - `agent_core`: the core's state, loading, the checkpoint commit and
-//!   conditions;
-//! - `place`: PlaceVm, ReleaseVm and the pin of one VM;
+//! - `agent_core`: the core's state, loading, staging and committing the
+//!   checkpoint, the roll-back after a failed write, conditions;
+//! - `group_commit`: [`group_commit::GroupCommit`], the checkpoint's one
+//!   writer and the callers waiting for a durable write;
+//! - `place`: PlaceVm, ReleaseVm (decided, then finished once durable) and
+//!   the pin of one VM;
 //! - `pass`: one reconcile pass over a scan, and [`run_pass`] which the
 //!   daemon's loop calls;
 //! - `views`: what GetVm and ListVms report;
@@ -26,6 +32,7 @@ mod context;
 pub mod enforce;
 mod error;
 pub mod events;
+pub mod group_commit;
 pub mod matching;
 mod module_sync;
 mod pass;
@@ -39,7 +46,7 @@ pub use agent_core::{AgentCore, HostAccess};
 pub use context::AgentContext;
 pub use error::AgentError;
 pub use pass::{run_pass, PassReport};
-pub use place::PlaceCall;
+pub use place::{PlaceCall, PlaceDecision, ReleaseDecision};
 pub use scrub::Scrubbed;
 pub use views::{ClassSource, VmState, VmView};
 

@@ -105,6 +105,9 @@ impl AgentCore {
     /// One reconcile pass over a fresh scan of the host.
     pub fn reconcile(&mut self, scan: Vec<DiscoveredVm>) -> PassReport {
         let start = Instant::now();
+        // The pass works on durable state only: it waits for the write in
+        // flight (decisions are pinned only once durable).
+        self.settle();
         self.set_condition(ConditionKind::HostScanFailing, Ok(()));
         let mut report = PassReport {
             vms_seen: scan.len(),

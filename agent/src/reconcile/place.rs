@@ -1,4 +1,10 @@
 //! PlaceVm and ReleaseVm, and the pin of one VM's threads to its intent.
+//!
+//! Each call has two halves under the core's lock: `decide_*` checks the
+//! request against the decided state, applies it to the engine and stages
+//! the new checkpoint; `finish_*` runs once a write covering it is durable
+//! (or failed) and publishes events, pins and answers. Between the two the
+//! API waits on the group commit log without the lock.
 
 use std::time::SystemTime;
 
@@ -7,7 +13,7 @@ use crate::cpuset::CpuSet;
 use crate::discovery::{DiscoveredVm, DiscoveryError};
 use crate::placement::{self, Placement, PlacementRequest, PlacementState, Reservations};
 use crate::state::selector::{self, Resolution};
-use crate::state::{self, IntentRecord, PlacementRecord, VmSelector};
+use crate::state::{self, Checkpoint, CheckpointError, IntentRecord, PlacementRecord, VmSelector};
 use crate::topology::Topology;
 use crate::types::{VmId, VmKey};
 
@@ -15,6 +21,7 @@ use super::agent_core::{AgentCore, Runtime};
 use super::enforce;
 use super::error::AgentError;
 use super::events::{self, EventKind};
+use super::group_commit::Ticket;
 use super::views::{ClassSource, VmState, VmView};
 
 /// A PlaceVm call, validated at the API edge. `request` is the one
@@ -28,6 +35,47 @@ pub struct PlaceCall {
     pub selector: Option<VmSelector>,
     pub request: state::PlacementRequest,
     pub validate_only: bool,
+}
+
+/// A PlaceVm decided under the core's lock: answered by
+/// [`AgentCore::finish_place`] once `ticket` is durable.
+#[derive(Debug)]
+pub struct PlaceDecision {
+    pub ticket: Ticket,
+    outcome: Result<PlaceOutcome, AgentError>,
+}
+
+#[derive(Debug)]
+// Built once per call and moved, never stored in bulk: its size is no cost.
+#[allow(clippy::large_enum_variant)]
+enum PlaceOutcome {
+    /// Answered from the state: a validate-only call (which needs no
+    /// write) or an identical retry.
+    Answer { view: VmView, validated: bool },
+    /// A new intent, staged: published and pinned once durable.
+    Placed {
+        ticket: Ticket,
+        vm_id: VmId,
+        found: Box<Option<DiscoveredVm>>,
+        placement: Placement,
+        view: VmView,
+    },
+}
+
+/// A ReleaseVm decided under the core's lock: answered by
+/// [`AgentCore::finish_release`] once `ticket` is durable.
+#[derive(Debug)]
+pub struct ReleaseDecision {
+    pub ticket: Ticket,
+    outcome: Result<Released, AgentError>,
+}
+
+#[derive(Debug)]
+struct Released {
+    vm_id: VmId,
+    cpus: CpuSet,
+    /// The VM's process, when the release is for its exit.
+    exited_pid: Option<u32>,
 }
 
 /// The emulator threads of a confidential VM run outside the confidential
@@ -97,8 +145,79 @@ impl AgentCore {
         }
     }
 
-    /// PlaceVm: idempotent by vm_id.
+    /// PlaceVm, waiting for its write under the lock (auto placement,
+    /// tests); the API decides, waits off the lock, then finishes.
     pub fn place(&mut self, call: PlaceCall) -> Result<VmView, AgentError> {
+        let decision = self.decide_place(call);
+        let written = self.log.wait(&decision.ticket);
+        self.finish_place(decision, written)
+    }
+
+    /// The first half of PlaceVm (idempotent by vm_id): decided against the
+    /// decided state, so no CPU is given twice; a new intent is staged.
+    /// Every answer read from staged state waits for it to be durable.
+    pub fn decide_place(&mut self, call: PlaceCall) -> PlaceDecision {
+        self.sync_with_log();
+        let outcome = self.decide_place_outcome(call);
+        let ticket = match &outcome {
+            Ok(PlaceOutcome::Placed { ticket, .. }) => ticket.clone(),
+            Ok(PlaceOutcome::Answer {
+                validated: true, ..
+            }) => Ticket::durable(),
+            _ => self.covering(),
+        };
+        PlaceDecision { ticket, outcome }
+    }
+
+    /// The second half of PlaceVm, once the decision's write has ended: on
+    /// success publishes the placement, pins the VM when it runs and
+    /// answers; on failure the decision was rolled back and the caller gets
+    /// the write's error (UNAVAILABLE, retryable).
+    pub fn finish_place(
+        &mut self,
+        decision: PlaceDecision,
+        written: Result<(), CheckpointError>,
+    ) -> Result<VmView, AgentError> {
+        self.sync_with_log();
+        written?;
+        let (vm_id, found, p, view) = match decision.outcome? {
+            PlaceOutcome::Answer {
+                view,
+                validated: true,
+            } => return Ok(view),
+            PlaceOutcome::Answer { view, .. } => {
+                return Ok(self.view_key(&view.key).unwrap_or(view));
+            }
+            PlaceOutcome::Placed {
+                vm_id,
+                found,
+                placement,
+                view,
+                ..
+            } => (vm_id, *found, placement, view),
+        };
+        self.events.publish(
+            vm_id.as_str(),
+            EventKind::Placed {
+                cpus: p.cpus.clone(),
+                vcpu_cpus: p.vcpu_cpus.clone(),
+                l3_domains: p.l3_domains.clone(),
+            },
+        );
+        if let Some(vm) = found {
+            if let Err(e) = self.enforce(&vm_id, vm) {
+                if e.is_gone() {
+                    let _ = self.release_internal(&vm_id, true);
+                    return Err(AgentError::ExitedWhilePinning(vm_id.clone()));
+                }
+                tracing::warn!(vm = %vm_id, error = %e, "pinning failed; the reconcile loop retries");
+            }
+        }
+        // Released again since the decision: the answer is the decision.
+        Ok(self.view(vm_id.as_str()).unwrap_or(view))
+    }
+
+    fn decide_place_outcome(&mut self, call: PlaceCall) -> Result<PlaceOutcome, AgentError> {
         if call.request.vcpus == 0 {
             return Err(AgentError::BadField {
                 field: "vcpus",
@@ -128,9 +247,13 @@ impl AgentCore {
                 (a, b) => a == b,
             };
             if existing.request == stored_request && same_selector {
-                return self
+                let view = self
                     .view(call.vm_id.as_str())
-                    .ok_or_else(|| AgentError::NoSuchVm(call.vm_id.to_string()));
+                    .ok_or_else(|| AgentError::NoSuchVm(call.vm_id.to_string()))?;
+                return Ok(PlaceOutcome::Answer {
+                    view,
+                    validated: false,
+                });
             }
             return Err(AgentError::PlacedDifferently(call.vm_id.clone()));
         }
@@ -162,7 +285,7 @@ impl AgentCore {
             &request,
         )?;
         if call.validate_only {
-            return Ok(VmView {
+            let view = VmView {
                 key: VmKey::of_id(&call.vm_id),
                 pid: found.as_ref().map(|v| v.pid),
                 libvirt_domain: found.as_ref().and_then(|v| v.libvirt_domain.clone()),
@@ -175,29 +298,34 @@ impl AgentCore {
                 placement: Some(p),
                 placed_at: None,
                 unplaceable: None,
+            };
+            return Ok(PlaceOutcome::Answer {
+                view,
+                validated: true,
             });
         }
 
-        let mut after = self.placements.clone();
-        after.apply(p.clone())?;
+        self.placements.apply(p.clone())?;
         let record = PlacementRecord::of_placement(
             &self.topology,
             &p,
-            emulator_cpus(&self.topology, &after, &self.reservations, &p),
+            emulator_cpus(&self.topology, &self.placements, &self.reservations, &p),
         );
-        let mut next = self.checkpoint.clone();
+        let mut next = Checkpoint::clone(&self.checkpoint);
         next.upsert(IntentRecord {
             vm_id: call.vm_id.clone(),
             selector,
             request: stored_request,
             placement: Some(record),
         });
-        self.commit(next)?;
-        self.placements = after;
+        let ticket = self.stage(next);
         self.update_pool_metric();
+        // The process is the intent's from now on, so no other intent
+        // claims it while the write is in flight.
         self.runtime.insert(
             call.vm_id.clone(),
             Runtime {
+                observed: found.clone(),
                 placed_at: Some(SystemTime::now()),
                 ..Runtime::default()
             },
@@ -205,25 +333,16 @@ impl AgentCore {
         if let Some(vm) = &found {
             self.unmanaged.remove(&vm.pid);
         }
-        self.events.publish(
-            call.vm_id.as_str(),
-            EventKind::Placed {
-                cpus: p.cpus.clone(),
-                vcpu_cpus: p.vcpu_cpus.clone(),
-                l3_domains: p.l3_domains.clone(),
-            },
-        );
-        if let Some(vm) = found {
-            if let Err(e) = self.enforce(&call.vm_id, vm) {
-                if e.is_gone() {
-                    let _ = self.release_internal(&call.vm_id, true);
-                    return Err(AgentError::ExitedWhilePinning(call.vm_id.clone()));
-                }
-                tracing::warn!(vm = %call.vm_id, error = %e, "pinning failed; the reconcile loop retries");
-            }
-        }
-        self.view(call.vm_id.as_str())
-            .ok_or_else(|| AgentError::NoSuchVm(call.vm_id.to_string()))
+        let view = self
+            .view(call.vm_id.as_str())
+            .ok_or_else(|| AgentError::NoSuchVm(call.vm_id.to_string()))?;
+        Ok(PlaceOutcome::Placed {
+            ticket,
+            vm_id: call.vm_id,
+            found: Box::new(found),
+            placement: p,
+            view,
+        })
     }
 
     /// Pins `vm`'s threads to the intent's placement; records what it did.
@@ -305,9 +424,39 @@ impl AgentCore {
         result.map(|_| applied)
     }
 
-    /// ReleaseVm.
+    /// ReleaseVm, waiting for its write under the lock.
     pub fn release(&mut self, vm_id: &VmId) -> Result<CpuSet, AgentError> {
         self.release_internal(vm_id, false)
+    }
+
+    /// The first half of ReleaseVm: the intent is removed from the decided
+    /// state and its CPUs are free for the next decision; NOT_FOUND when
+    /// the decided state has no such intent.
+    pub fn decide_release(&mut self, vm_id: &VmId) -> ReleaseDecision {
+        self.sync_with_log();
+        self.decide_release_for(vm_id, false)
+    }
+
+    /// The second half of ReleaseVm, once the decision's write has ended.
+    pub fn finish_release(
+        &mut self,
+        decision: ReleaseDecision,
+        written: Result<(), CheckpointError>,
+    ) -> Result<CpuSet, AgentError> {
+        self.sync_with_log();
+        written?;
+        let released = decision.outcome?;
+        let id = released.vm_id.as_str();
+        if let Some(pid) = released.exited_pid {
+            self.events.publish(id, EventKind::Exited { pid });
+        }
+        self.events.publish(
+            id,
+            EventKind::Released {
+                cpus: released.cpus.clone(),
+            },
+        );
+        Ok(released.cpus)
     }
 
     pub(super) fn release_internal(
@@ -315,12 +464,21 @@ impl AgentCore {
         vm_id: &VmId,
         exited: bool,
     ) -> Result<CpuSet, AgentError> {
+        let decision = self.decide_release_for(vm_id, exited);
+        let written = self.log.wait(&decision.ticket);
+        self.finish_release(decision, written)
+    }
+
+    fn decide_release_for(&mut self, vm_id: &VmId, exited: bool) -> ReleaseDecision {
         if self.checkpoint.get(vm_id).is_none() {
-            return Err(AgentError::NotPlaced(vm_id.clone()));
+            return ReleaseDecision {
+                ticket: self.covering(),
+                outcome: Err(AgentError::NotPlaced(vm_id.clone())),
+            };
         }
-        let mut next = self.checkpoint.clone();
+        let mut next = Checkpoint::clone(&self.checkpoint);
         next.remove(vm_id);
-        self.commit(next)?;
+        let ticket = self.stage(next);
         let cpus = self
             .placements
             .release(vm_id)
@@ -331,17 +489,22 @@ impl AgentCore {
             self.update_unplaceable();
         }
         let rt = self.runtime.remove(vm_id).unwrap_or_default();
-        if exited {
-            if let Some(vm) = &rt.observed {
-                self.events
-                    .publish(vm_id.as_str(), EventKind::Exited { pid: vm.pid });
+        let exited_pid = match rt.observed {
+            Some(vm) if exited => Some(vm.pid),
+            Some(vm) => {
+                // The process lives on, unmanaged.
+                self.unmanaged.insert(vm.pid, vm);
+                None
             }
-        } else if let Some(vm) = rt.observed {
-            // The process lives on, unmanaged.
-            self.unmanaged.insert(vm.pid, vm);
+            None => None,
+        };
+        ReleaseDecision {
+            ticket,
+            outcome: Ok(Released {
+                vm_id: vm_id.clone(),
+                cpus,
+                exited_pid,
+            }),
         }
-        self.events
-            .publish(vm_id.as_str(), EventKind::Released { cpus: cpus.clone() });
-        Ok(cpus)
     }
 }

@@ -478,6 +478,101 @@ fn unwritable_checkpoint_changes_nothing() {
         .contains("sevplace_condition{condition=\"checkpoint_write_failing\"} 0"));
 }
 
+/// Decisions staged while the checkpoint cannot be written (a place of a
+/// running VM, the release of a durable intent, a place that reuses the
+/// released CPUs, an identical retry of the first) all fail with the
+/// write's error when the group write fails; the engine is rolled back to
+/// the durable checkpoint: nothing pinned, nothing published, no CPU given
+/// twice. Once the store heals, the same calls succeed.
+#[test]
+fn a_failed_group_write_rolls_back_every_undurable_decision() {
+    let f = Fixture::new();
+    f.add_vm(700, 2, true);
+    let mut core = f.core().unwrap();
+    core.reconcile(f.scan(&core));
+    let mut pending = call("vm-a", None, 4);
+    pending.request.class = Some(ConfidentialClass::None);
+    let a = core.place(pending.clone()).unwrap().placement.unwrap();
+    let durable = core.checkpoint().clone();
+    let mut rx = f.events.subscribe();
+
+    std::fs::remove_dir_all(f.dir.path().join("state")).unwrap();
+    std::fs::write(f.dir.path().join("state"), "not a dir").unwrap();
+    let log = core.log();
+    let b = core.decide_place(call("vm-b", Some(700), 2));
+    let release_a = core.decide_release(&VmId::new("vm-a").unwrap());
+    let mut reuse = call("vm-c", None, 8);
+    reuse.request.class = Some(ConfidentialClass::None);
+    let c = core.decide_place(reuse.clone());
+    let c_cpus = core
+        .placements()
+        .get(&VmId::new("vm-c").unwrap())
+        .unwrap()
+        .cpus
+        .clone();
+    assert!(
+        !c_cpus.is_disjoint(&a.cpus),
+        "vm-c was decided on vm-a's freed CPUs"
+    );
+    let retry_b = core.decide_place(call("vm-b", Some(700), 2));
+    assert_eq!(core.checkpoint().generation, durable.generation + 3);
+
+    let written: Vec<_> = [&b.ticket, &release_a.ticket, &c.ticket, &retry_b.ticket]
+        .into_iter()
+        .map(|t| log.wait(t))
+        .collect();
+    assert!(written.iter().all(Result::is_err), "{written:?}");
+    let mut written = written.into_iter();
+    let mut next = || written.next().unwrap();
+    for r in [
+        core.finish_place(b, next()).map(|_| ()),
+        core.finish_release(release_a, next()).map(|_| ()),
+        core.finish_place(c, next()).map(|_| ()),
+        core.finish_place(retry_b, next()).map(|_| ()),
+    ] {
+        assert!(matches!(r, Err(AgentError::Checkpoint(_))), "{r:?}");
+    }
+    assert_eq!(*core.checkpoint(), durable);
+    let placed: Vec<_> = core
+        .placements()
+        .iter()
+        .map(|p| p.vm_id.to_string())
+        .collect();
+    assert_eq!(placed, ["vm-a"]);
+    assert_eq!(core.placements().iter().next().unwrap().cpus, a.cpus);
+    assert_eq!(core.view("pid-700").unwrap().state, VmState::Unmanaged);
+    assert!(
+        f.affinity.calls.lock().unwrap().is_empty(),
+        "nothing pinned"
+    );
+    assert!(rx.try_recv().is_err(), "nothing published");
+    let text = f.metrics.encode_prometheus();
+    assert!(
+        text.contains("sevplace_checkpoint_write_failures_total 1"),
+        "{text}"
+    );
+    assert_eq!(
+        core.conditions()[0].kind,
+        crate::conditions::ConditionKind::CheckpointWriteFailing
+    );
+
+    std::fs::remove_file(f.dir.path().join("state")).unwrap();
+    let vb = core.place(call("vm-b", Some(700), 2)).unwrap();
+    assert_eq!(vb.state, VmState::Placed);
+    assert!(
+        !f.affinity.calls.lock().unwrap().is_empty(),
+        "pinned once durable"
+    );
+    let vc = core.place(reuse).unwrap().placement.unwrap();
+    assert!(vc.cpus.is_disjoint(&a.cpus), "vm-a still holds its CPUs");
+    assert!(core.conditions().is_empty());
+    let stored = CheckpointStore::in_dir(f.dir.path().join("state"))
+        .load()
+        .unwrap();
+    let ids: Vec<_> = stored.intents.iter().map(|i| i.vm_id.to_string()).collect();
+    assert_eq!(ids, ["vm-a", "vm-b", "vm-c"]);
+}
+
 /// A sevflush tree with one VM record.
 fn write_module(root: &Path, id: u64, pid: u32, dirty: &str, flushes: u64) {
     use crate::kmod::fake_tree::{write_globals, write_record};
