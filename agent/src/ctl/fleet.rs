@@ -411,9 +411,13 @@ async fn place(
     let mut tried: Vec<String> = Vec::new();
     for q in scheduler::queries(req.ask) {
         for _ in 0..REQUERIES {
-            let answer = placement.get(&format!("/allocation_candidates?{}", q.query))?;
-            let candidates =
-                scheduler::rank(&answer).map_err(|e| CtlError::Hosts(e.to_string()))?;
+            let path = format!("/allocation_candidates?{}", q.query);
+            let answer = placement.get(&path)?;
+            let candidates = scheduler::rank(&answer).map_err(|e| FleetError::Body {
+                method: "GET",
+                path,
+                reason: e.0,
+            })?;
             if candidates.is_empty() {
                 break;
             }
