@@ -316,12 +316,13 @@ pub fn check_trace(data: &[u8]) {
 /// order of intents, and `decode(encode(c)) == c`. The input is tried as a
 /// whole document and as a payload wrapped in a valid envelope (so the
 /// payload parsers are reached without the fuzzer having to solve CRC-32):
-/// once as version 1, which is migrated, and once as the current version.
+/// as version 1, which is migrated, as version 2, and as the current
+/// version; and as a journal ([`state::journal::replay`]).
 pub fn check_checkpoint(data: &[u8]) {
     check_checkpoint_document(data);
     if let Some(payload) = text(data) {
         let payload = payload.trim();
-        for version in [1, CHECKPOINT_VERSION] {
+        for version in [1, 2, CHECKPOINT_VERSION] {
             let doc = format!(
                 r#"{{"format":"{CHECKPOINT_FORMAT}","version":{version},"crc32":"{:08x}","payload":{payload}}}"#,
                 crc32fast::hash(payload.as_bytes())
@@ -329,6 +330,35 @@ pub fn check_checkpoint(data: &[u8]) {
             check_checkpoint_document(doc.as_bytes());
         }
     }
+    check_journal(data);
+}
+
+/// The input as a checkpoint journal replayed onto an empty checkpoint: a
+/// replay that succeeds leaves the intents in order, and the change it made
+/// written as one record replays to the same checkpoint.
+fn check_journal(data: &[u8]) {
+    let mut replayed = state::Checkpoint::default();
+    if state::journal::replay(data, &mut replayed).is_err() {
+        return;
+    }
+    assert!(
+        replayed.intents.windows(2).all(|w| w[0].vm_id < w[1].vm_id),
+        "replayed intents out of order or repeated"
+    );
+    if replayed.generation == 0 {
+        return;
+    }
+    let delta = state::journal::Delta::between(&state::Checkpoint::default(), &replayed);
+    let line = match state::journal::encode_line(&delta) {
+        Ok(l) => l,
+        Err(e) => panic!("a replayed change does not encode: {e}"),
+    };
+    let mut again = state::Checkpoint::default();
+    assert_eq!(
+        state::journal::replay(&line, &mut again).map(|r| r.applied),
+        Ok(1)
+    );
+    assert_eq!(again, replayed);
 }
 
 fn check_checkpoint_document(bytes: &[u8]) {

@@ -278,10 +278,10 @@ fn soak_mixed_load_and_vm_churn() {
             })
             .unwrap_or(false)
     });
-    let checkpoint: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(d.dir.path().join("state/checkpoint.json")).expect("checkpoint"),
-    )
-    .expect("checkpoint JSON");
+    // The snapshot with the journal applied, as the daemon loads it.
+    let checkpoint = sevplace::state::CheckpointStore::in_dir(d.dir.path().join("state"))
+        .load()
+        .expect("checkpoint");
     drop(c);
     std::thread::sleep(Duration::from_secs(2));
     let end = sample(d.pid(), start.elapsed());
@@ -319,10 +319,15 @@ fn soak_mixed_load_and_vm_churn() {
         base.rss_kib, max_rss, base.fds, max_fds, base.threads, max_threads, end.rss_kib, end.fds
     );
     assert!(all_released, "placements left after every VM exited");
-    let intents = checkpoint["payload"]["intents"]
-        .as_array()
-        .map_or(usize::MAX, |a| a.len());
-    assert_eq!(intents, 0, "checkpoint still holds intents: {checkpoint}");
+    let intents: Vec<&str> = checkpoint
+        .intents
+        .iter()
+        .map(|i| i.vm_id.as_str())
+        .collect();
+    assert!(
+        intents.is_empty(),
+        "checkpoint still holds intents: {intents:?}"
+    );
     assert!(placed > 0, "no VM was placed");
     assert!(
         max_rss <= base.rss_kib + RSS_BOUND_KIB,

@@ -35,7 +35,8 @@ struct Args {
     #[arg(long, value_name = "FORMAT", value_parser = ["text", "json"])]
     log_format: Option<String>,
     /// Move an unreadable (corrupt or newer) checkpoint aside to
-    /// checkpoint.json.bad-<time> and start without intents.
+    /// checkpoint.json.bad-<time> (its journal to
+    /// checkpoint.json.journal.bad-<time>) and start without intents.
     #[arg(long)]
     reset_state: bool,
     /// Print the effective settings as JSON and exit.

@@ -167,7 +167,7 @@ impl AgentCore {
             );
             let record = crate::state::PlacementRecord::of_placement(&self.topology, p, emulator);
             if intent.placement.as_ref() != Some(&record) {
-                intent.placement = Some(record);
+                Arc::make_mut(intent).placement = Some(record);
                 changed = true;
             }
         }

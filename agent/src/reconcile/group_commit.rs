@@ -4,9 +4,11 @@
 //! whole new checkpoint (generation + 1) here. Writing it is not done under
 //! that lock: the first caller that waits while no write is in flight
 //! becomes the leader, takes the newest staged checkpoint and writes it
-//! (write, fsync, rename, fsync of the directory) while further decisions
-//! are staged behind it; every caller whose generation that write covers is
-//! then answered. A burst of N calls costs a few writes, not N.
+//! ([`CheckpointWriter`]: one journal record of what changed since the
+//! durable checkpoint, or now and then a new snapshot) while further
+//! decisions are staged behind it; every caller whose generation that
+//! write covers is then answered. A burst of N calls costs a few writes,
+//! not N, and a write costs what it changes, not the whole checkpoint.
 //!
 //! A failed write fails every decision not yet durable (the one written and
 //! every one staged after it, which were decided on top of it) and ends the
@@ -16,7 +18,7 @@
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 
-use crate::state::{Checkpoint, CheckpointError, CheckpointStore};
+use crate::state::{Checkpoint, CheckpointError, CheckpointStore, CheckpointWriter, Written};
 
 /// How one write ended for the decisions it covered.
 type Outcome = Result<(), Arc<CheckpointError>>;
@@ -62,12 +64,15 @@ struct Log {
     /// The error of the write that ended the current epoch.
     ended_by: Option<Arc<CheckpointError>>,
     writes: u64,
+    snapshots: u64,
 }
 
 /// The checkpoint's writer and the callers waiting on it.
 #[derive(Debug)]
 pub struct GroupCommit {
     store: CheckpointStore,
+    /// Taken only by the leader, one at a time (`Log::writing`).
+    writer: Mutex<CheckpointWriter>,
     log: Mutex<Log>,
     written: Condvar,
 }
@@ -81,12 +86,15 @@ pub struct LogState {
     pub last_failure: Option<Arc<CheckpointError>>,
     /// Writes attempted so far.
     pub writes: u64,
+    /// Writes that rewrote the snapshot (the rest appended to the journal).
+    pub snapshots: u64,
 }
 
 impl GroupCommit {
     /// A log whose durable checkpoint is `durable` (as loaded from `store`).
     pub fn new(store: CheckpointStore, durable: Arc<Checkpoint>) -> Self {
         Self {
+            writer: Mutex::new(CheckpointWriter::new(store.clone())),
             store,
             log: Mutex::new(Log {
                 epoch: 0,
@@ -97,6 +105,7 @@ impl GroupCommit {
                 last_failure: None,
                 ended_by: None,
                 writes: 0,
+                snapshots: 0,
             }),
             written: Condvar::new(),
         }
@@ -119,6 +128,7 @@ impl GroupCommit {
             durable: log.durable.clone(),
             last_failure: log.last_failure.clone(),
             writes: log.writes,
+            snapshots: log.snapshots,
         }
     }
 
@@ -187,11 +197,20 @@ impl GroupCommit {
                 if let Some(next) = log.staged.take() {
                     log.writing = true;
                     log.writes += 1;
+                    // What the files hold: only the leader writes.
+                    let durable = log.durable.clone();
                     drop(log);
-                    let written = self.store.save(&next);
+                    let written = self
+                        .writer
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .write(&durable, &next);
                     log = self.lock();
                     log.writing = false;
-                    Self::settle(&mut log, next, written);
+                    if matches!(written, Ok(Written::Snapshot(_))) {
+                        log.snapshots += 1;
+                    }
+                    Self::settle(&mut log, next, written.map(|_| ()));
                     self.written.notify_all();
                     continue;
                 }
@@ -256,16 +275,18 @@ mod tests {
     fn checkpoint(generation: u64, ids: &[&str]) -> Arc<Checkpoint> {
         let intents = ids
             .iter()
-            .map(|id| IntentRecord {
-                vm_id: crate::types::VmId::new(*id).unwrap(),
-                selector: crate::state::VmSelector::LibvirtDomain { name: (*id).into() },
-                request: crate::state::PlacementRequest {
-                    vcpus: 1,
-                    class: None,
-                    dedicated: false,
-                    numa_node: None,
-                },
-                placement: None,
+            .map(|id| {
+                Arc::new(IntentRecord {
+                    vm_id: crate::types::VmId::new(*id).unwrap(),
+                    selector: crate::state::VmSelector::LibvirtDomain { name: (*id).into() },
+                    request: crate::state::PlacementRequest {
+                        vcpus: 1,
+                        class: None,
+                        dedicated: false,
+                        numa_node: None,
+                    },
+                    placement: None,
+                })
             })
             .collect();
         Arc::new(Checkpoint {
@@ -317,7 +338,8 @@ mod tests {
         let a = log.stage(0, checkpoint(1, &["a"]));
         log.wait(&a).unwrap();
 
-        // The state directory becomes a file: create_dir_all fails.
+        // The state directory becomes a file: the journal cannot be
+        // opened (the write after a snapshot is an append).
         std::fs::remove_dir_all(&state).unwrap();
         std::fs::write(&state, b"not a directory").unwrap();
         let b = log.stage(0, checkpoint(2, &["a", "b"]));
@@ -329,7 +351,7 @@ mod tests {
                 matches!(
                     &e,
                     CheckpointError::Io {
-                        op: "create directory",
+                        op: "open journal",
                         ..
                     }
                 ),
@@ -350,6 +372,8 @@ mod tests {
         log.wait(&d).unwrap();
         assert_eq!(ids(&store.load().unwrap()), ["a", "d"]);
         assert!(log.state().last_failure.is_none());
+        // The first write and the one after the failure were snapshots.
+        assert_eq!((log.state().writes, log.state().snapshots), (3, 2));
         // Still refused after the heal, with the error that ended epoch 0.
         let stale = log
             .wait(&log.stage(0, checkpoint(3, &["a", "e"])))
@@ -358,7 +382,7 @@ mod tests {
             matches!(
                 &stale,
                 CheckpointError::Io {
-                    op: "create directory",
+                    op: "open journal",
                     ..
                 }
             ),
@@ -406,5 +430,10 @@ mod tests {
         assert_eq!(store.load().unwrap().generation, 128);
         let writes = log.state().writes;
         assert!(writes < 128, "{writes} writes for 128 decisions");
+        assert_eq!(
+            log.state().snapshots,
+            1,
+            "only the first write is a snapshot"
+        );
     }
 }

@@ -42,13 +42,14 @@ impl IntentMatches {
 /// Matches `intents` (in checkpoint order, by vm_id) to the VMs of `scan`.
 /// A VM goes to the first intent that names it alone.
 pub fn match_intents(
-    intents: &[IntentRecord],
+    intents: &[std::sync::Arc<IntentRecord>],
     scan: &BTreeMap<u32, DiscoveredVm>,
 ) -> IntentMatches {
     let mut out = IntentMatches::default();
     let mut holder: BTreeMap<u32, &VmId> = BTreeMap::new();
+    let index = selector::ScanIndex::new(scan);
     for intent in intents {
-        let resolution = selector::resolve(&intent.selector, scan.values());
+        let resolution = index.resolve(&intent.selector);
         match resolution {
             Resolution::None => {}
             Resolution::One(vm) => match holder.get(&vm.pid) {

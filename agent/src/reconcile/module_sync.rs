@@ -29,12 +29,19 @@ impl AgentCore {
             }
         };
         self.set_condition(ConditionKind::ModuleUnusable, usable);
+        // One lookup per VM, so the pass is linear in VMs, not VMs x
+        // records; a pid with two records (two KVM VMs in one process)
+        // keeps its first, as the module lists them.
+        let mut by_pid = std::collections::HashMap::with_capacity(records.len());
+        for r in &records {
+            by_pid.entry(r.pid).or_insert(r);
+        }
         let mut figures = Vec::new();
         for v in self.views() {
             let Some(pid) = v.pid else {
                 continue;
             };
-            let record = records.iter().find(|r| r.pid == pid);
+            let record = by_pid.get(&pid).copied();
             if let (Some(r), Some(class)) = (record, v.class) {
                 if r.confidential != class.as_str() {
                     if let Err(e) = self.host.module.set_confidential(r.id, class) {

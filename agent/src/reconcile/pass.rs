@@ -3,6 +3,7 @@
 //! VMs when configured, then sync the module.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Instant;
 
 use crate::conditions::ConditionKind;
@@ -117,7 +118,7 @@ impl AgentCore {
             scan.into_iter().map(|v| (v.pid, v)).collect();
 
         let matches = matching::match_intents(&self.checkpoint.intents, &by_pid);
-        let intents: Vec<IntentRecord> = self.checkpoint.intents.clone();
+        let intents: Vec<Arc<IntentRecord>> = self.checkpoint.intents.clone();
         for intent in intents {
             if let Some(problem) = matches.problems.get(&intent.vm_id) {
                 // Neither pinned nor taken for exited: the selector names

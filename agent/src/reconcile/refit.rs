@@ -62,7 +62,11 @@ struct Moving {
 }
 
 /// Rebuilds the engine state from every intent's decision on `topo`.
-pub fn refit(topo: &Topology, res: &Reservations, intents: &[IntentRecord]) -> Refit {
+pub fn refit(
+    topo: &Topology,
+    res: &Reservations,
+    intents: &[std::sync::Arc<IntentRecord>],
+) -> Refit {
     let mut out = Refit::default();
     let mut moving: Vec<Moving> = Vec::new();
     for intent in intents {

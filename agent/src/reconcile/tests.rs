@@ -882,9 +882,10 @@ fn a_version_1_checkpoint_restores_the_engine_it_recorded() {
             engine.vm_id
         );
     }
-    // Loading recorded the L3 grouping version 1 lacked: saved as version 2.
+    // Loading recorded the L3 grouping version 1 lacked: saved as a
+    // snapshot of the current version (a writer's first write).
     let saved: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
-    assert_eq!(saved["version"], 2);
+    assert_eq!(saved["version"], crate::state::CHECKPOINT_VERSION);
     assert_eq!(saved["payload"]["intents"][0]["vm"]["process"], 200);
     assert_eq!(
         core.checkpoint(),

@@ -1,12 +1,17 @@
 //! The intent checkpoint: what the orchestrator asked for and the placement
 //! chosen for it, persisted before any pin is applied.
 //!
-//! File format (one JSON document, default `/var/lib/sevplace/checkpoint.json`):
+//! Two files (default directory `/var/lib/sevplace`): the snapshot
+//! `checkpoint.json`, one JSON document,
 //!
 //! ```json
-//! {"format":"sevplace-checkpoint","version":2,"crc32":"…",
+//! {"format":"sevplace-checkpoint","version":3,"crc32":"…",
 //!  "payload":{"generation":7,"intents":[ ... ]}}
 //! ```
+//!
+//! and the journal `checkpoint.json.journal`, the changes since that
+//! snapshot, one checksummed record per write ([`journal`]). The checkpoint
+//! is the snapshot with the journal's records applied.
 //!
 //! Each intent stores its decision once, in CPU ids: the request and the
 //! CPUs decided ([`PlacementRecord`]), never the engine's topology indices;
@@ -16,28 +21,38 @@
 //!
 //! | version | written by | read by this build |
 //! |---|---|---|
-//! | 1 | before the decision had a format of its own: `placement` plus the engine's whole `Placement` (`engine`, with indices) | yes, migrated to 2 on load ([`v1`]); saved as 2 by the next commit |
-//! | 2 | this build | yes |
-//! | > 2 | a newer sevplaced | no: [`CheckpointError::NewerVersion`], the file is left untouched |
+//! | 1 | before the decision had a format of its own: `placement` plus the engine's whole `Placement` (`engine`, with indices) | yes, migrated on load ([`v1`]); saved as 3 by the next write |
+//! | 2 | the payload of 3, written whole on every change (no journal) | yes; saved as 3 by the next write |
+//! | 3 | this build: the payload of 2; a journal may follow the snapshot | yes |
+//! | > 3 | a newer sevplaced | no: [`CheckpointError::NewerVersion`], the file is left untouched |
+//!
+//! Version 3 exists so that a build that knows no journal refuses the
+//! snapshot rather than start from it without the journal's decisions.
 //!
 //! `crc32` is CRC-32 (IEEE) of the exact bytes of `payload` as stored in the
 //! file, in lowercase hex. The payload is kept byte for byte when loading
 //! (`RawValue`), so the checksum does not depend on re-serialisation.
 //!
-//! Writes are atomic and durable: the document goes to `<file>.tmp`, which
-//! is fsynced, renamed over `<file>`, and the directory is fsynced, so after
-//! a crash the file is either the old or the new checkpoint, never a mix. A
-//! leftover `<file>.tmp` is ignored and overwritten by the next save.
+//! Writes are durable before any caller is answered. [`CheckpointWriter`]
+//! appends a change to the journal and syncs it; when the journal would
+//! outgrow the snapshot, it rewrites the snapshot instead: the document goes
+//! to `<file>.tmp`, which is fsynced, renamed over `<file>`, and the
+//! directory is fsynced, so after a crash the file is either the old or the
+//! new snapshot, never a mix; only then is the journal emptied. A leftover
+//! `<file>.tmp` is ignored and overwritten by the next snapshot.
 //!
-//! Loading: a missing file is an empty checkpoint. A file that is truncated,
-//! not JSON, fails its checksum, or has a newer `version` is an error naming
-//! the file and the fault; it is never dropped silently.
-//! [`CheckpointStore::reset`] moves such a file aside to
-//! `<file>.bad-<unix seconds>` so an operator can start fresh and keep the
-//! evidence.
+//! Loading: missing files are an empty checkpoint. A snapshot that is
+//! truncated, not JSON, fails its checksum, or has a newer `version`, and a
+//! journal whose records do not chain onto it, are errors naming the file
+//! and the fault; they are never dropped silently. A torn last append of
+//! the journal (a crash mid-write, never acknowledged) is ignored.
+//! [`CheckpointStore::reset`] moves both files aside to
+//! `<file>.bad-<unix seconds>` and `<file>.journal.bad-<unix seconds>` so an
+//! operator can start fresh and keep the evidence.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -45,6 +60,8 @@ use crate::types::VmKey;
 use crate::{ConfidentialClass, CpuSet, VmId};
 
 mod v1;
+
+pub mod journal;
 
 pub mod selector;
 
@@ -55,7 +72,7 @@ pub const CHECKPOINT_FILE: &str = "checkpoint.json";
 /// The `format` field of the document.
 pub const CHECKPOINT_FORMAT: &str = "sevplace-checkpoint";
 /// The newest format version this build reads and the one it writes.
-pub const CHECKPOINT_VERSION: u32 = 2;
+pub const CHECKPOINT_VERSION: u32 = 3;
 
 /// How the orchestrator identified the VM.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -208,16 +225,29 @@ struct IntentWire {
     placement: Option<PlacementRecord>,
 }
 
+impl StoredKey {
+    fn of_id(id: &VmId) -> Self {
+        match VmKey::of_id(id) {
+            VmKey::Named(id) => Self::Named(id.to_string()),
+            VmKey::Process(pid) => Self::Process(pid),
+        }
+    }
+
+    fn into_id(self) -> Result<VmId, String> {
+        let key = match self {
+            Self::Named(name) => VmKey::Named(VmKey::named(&name).map_err(|e| e.to_string())?),
+            Self::Process(0) => return Err("process key with pid 0".into()),
+            Self::Process(pid) => VmKey::Process(pid),
+        };
+        Ok(key.to_id())
+    }
+}
+
 impl TryFrom<IntentWire> for IntentRecord {
     type Error = String;
     fn try_from(w: IntentWire) -> Result<Self, String> {
-        let key = match w.vm {
-            StoredKey::Named(name) => VmKey::Named(VmKey::named(&name).map_err(|e| e.to_string())?),
-            StoredKey::Process(0) => return Err("process key with pid 0".into()),
-            StoredKey::Process(pid) => VmKey::Process(pid),
-        };
         Ok(Self {
-            vm_id: key.to_id(),
+            vm_id: w.vm.into_id()?,
             selector: w.selector,
             request: w.request,
             placement: w.placement,
@@ -227,12 +257,8 @@ impl TryFrom<IntentWire> for IntentRecord {
 
 impl From<IntentRecord> for IntentWire {
     fn from(i: IntentRecord) -> Self {
-        let vm = match i.key() {
-            VmKey::Named(id) => StoredKey::Named(id.to_string()),
-            VmKey::Process(pid) => StoredKey::Process(pid),
-        };
         Self {
-            vm,
+            vm: StoredKey::of_id(&i.vm_id),
             selector: i.selector,
             request: i.request,
             placement: i.placement,
@@ -245,21 +271,31 @@ impl From<IntentRecord> for IntentWire {
 pub struct Checkpoint {
     /// Increases by one on every save.
     pub generation: u64,
-    /// Sorted by `vm_id`, one per VM.
-    pub intents: Vec<IntentRecord>,
+    /// Sorted by `vm_id`, one per VM. Each intent is shared: a copy of
+    /// the checkpoint (one per decision) copies pointers, not intents, and
+    /// [`journal::Delta::between`] tells an unchanged intent by its pointer.
+    pub intents: Vec<Arc<IntentRecord>>,
 }
 
 impl Checkpoint {
+    fn position(&self, vm: &VmId) -> Result<usize, usize> {
+        self.intents.binary_search_by(|i| i.vm_id.cmp(vm))
+    }
+
+    /// The intent of `vm`.
     pub fn get(&self, vm: &VmId) -> Option<&IntentRecord> {
-        self.intents.iter().find(|i| &i.vm_id == vm)
+        let pos = self.position(vm).ok()?;
+        Some(&self.intents[pos])
     }
 
     /// Inserts or replaces the intent of `intent.vm_id`; returns the old one.
-    pub fn upsert(&mut self, intent: IntentRecord) -> Option<IntentRecord> {
-        match self
-            .intents
-            .binary_search_by(|i| i.vm_id.cmp(&intent.vm_id))
-        {
+    pub fn upsert(&mut self, intent: IntentRecord) -> Option<Arc<IntentRecord>> {
+        self.upsert_shared(Arc::new(intent))
+    }
+
+    /// [`Self::upsert`] of an intent already shared.
+    pub fn upsert_shared(&mut self, intent: Arc<IntentRecord>) -> Option<Arc<IntentRecord>> {
+        match self.position(&intent.vm_id) {
             Ok(pos) => Some(std::mem::replace(&mut self.intents[pos], intent)),
             Err(pos) => {
                 self.intents.insert(pos, intent);
@@ -269,8 +305,8 @@ impl Checkpoint {
     }
 
     /// Removes the intent of `vm`.
-    pub fn remove(&mut self, vm: &VmId) -> Option<IntentRecord> {
-        let pos = self.intents.iter().position(|i| &i.vm_id == vm)?;
+    pub fn remove(&mut self, vm: &VmId) -> Option<Arc<IntentRecord>> {
+        let pos = self.position(vm).ok()?;
         Some(self.intents.remove(pos))
     }
 }
@@ -351,6 +387,13 @@ impl CheckpointStore {
         PathBuf::from(s)
     }
 
+    /// The journal beside the snapshot: `<file>.journal`.
+    pub fn journal_path(&self) -> PathBuf {
+        let mut s = self.path.clone().into_os_string();
+        s.push(journal::JOURNAL_SUFFIX);
+        PathBuf::from(s)
+    }
+
     fn dir(&self) -> PathBuf {
         match self.path.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
@@ -363,29 +406,115 @@ impl CheckpointStore {
         move |source| CheckpointError::Io { op, path, source }
     }
 
-    /// Loads the checkpoint; a missing file is an empty checkpoint.
-    pub fn load(&self) -> Result<Checkpoint, CheckpointError> {
-        let bytes = match std::fs::read(&self.path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Checkpoint::default()),
-            Err(e) => return Err(self.io("read", &self.path)(e)),
-        };
-        decode(&bytes).map_err(|fault| match fault {
-            DecodeFault::Corrupt(what) => CheckpointError::Corrupt {
-                path: self.path.clone(),
-                what,
-            },
-            DecodeFault::Newer(found) => CheckpointError::NewerVersion {
-                path: self.path.clone(),
-                found,
-                supported: CHECKPOINT_VERSION,
-            },
-        })
+    /// Reads `path`; a missing file is `None`.
+    fn read_if_there(&self, path: &Path) -> Result<Option<Vec<u8>>, CheckpointError> {
+        match std::fs::read(path) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(self.io("read", path)(e)),
+        }
     }
 
-    /// Saves `checkpoint` atomically and durably (temp file, fsync, rename,
-    /// fsync of the directory). Creates the directory when missing.
-    pub fn save(&self, checkpoint: &Checkpoint) -> Result<(), CheckpointError> {
+    /// Loads the checkpoint: the snapshot, then the journal's records after
+    /// it. A missing snapshot is an empty checkpoint (a journal without one
+    /// does not chain on generation 0 and is corrupt).
+    pub fn load(&self) -> Result<Checkpoint, CheckpointError> {
+        let mut checkpoint = match self.read_if_there(&self.path)? {
+            None => Checkpoint::default(),
+            Some(bytes) => decode(&bytes).map_err(|fault| match fault {
+                DecodeFault::Corrupt(what) => CheckpointError::Corrupt {
+                    path: self.path.clone(),
+                    what,
+                },
+                DecodeFault::Newer(found) => CheckpointError::NewerVersion {
+                    path: self.path.clone(),
+                    found,
+                    supported: CHECKPOINT_VERSION,
+                },
+            })?,
+        };
+        let journal = self.journal_path();
+        if let Some(bytes) = self.read_if_there(&journal)? {
+            let replayed = journal::replay(&bytes, &mut checkpoint).map_err(|what| {
+                CheckpointError::Corrupt {
+                    path: journal.clone(),
+                    what,
+                }
+            })?;
+            if replayed.torn_bytes > 0 {
+                tracing::warn!(
+                    journal = %journal.display(),
+                    bytes = replayed.torn_bytes,
+                    "checkpoint journal ends in an append a crash interrupted (never acknowledged); ignored"
+                );
+            }
+        }
+        Ok(checkpoint)
+    }
+
+    /// Appends `line` (one journal record) to the journal and syncs it; a
+    /// new journal file's directory entry is synced too. A failed append
+    /// cuts the journal back to `at`, its length before, so no part of a
+    /// write reported failed is replayed.
+    fn append_journal(&self, line: &[u8], at: u64) -> Result<(), CheckpointError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = self.journal_path();
+        let created = !path.exists();
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(self.io("open journal", &path))?;
+        let appended = f
+            .write_all(line)
+            .map_err(self.io("append", &path))
+            .and_then(|()| f.sync_data().map_err(self.io("fsync journal", &path)));
+        if let Err(e) = appended {
+            let _ = f.set_len(at).and_then(|()| f.sync_data());
+            return Err(e);
+        }
+        if created {
+            let dir = self.dir();
+            sync_dir(&dir).map_err(self.io("fsync directory", &dir))?;
+        }
+        Ok(())
+    }
+
+    /// Empties the journal after a snapshot made its records redundant.
+    fn truncate_journal(&self) -> std::io::Result<()> {
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .open(self.journal_path())
+        {
+            Ok(f) => {
+                f.set_len(0)?;
+                f.sync_data()
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Saves `checkpoint` as the snapshot, atomically and durably (temp
+    /// file, fsync, rename, fsync of the directory), then empties the
+    /// journal; returns the snapshot's size. Creates the directory when
+    /// missing.
+    ///
+    /// The journal is emptied only once the snapshot is durable: until
+    /// then a crash finds the old snapshot and the journal that completes
+    /// it; after, records the snapshot covers are skipped on load. A
+    /// journal that cannot be emptied is therefore not a failed save (the
+    /// snapshot is on disk); it is logged.
+    pub fn save(&self, checkpoint: &Checkpoint) -> Result<u64, CheckpointError> {
+        let bytes = self.write_snapshot(checkpoint)?;
+        if let Err(e) = self.truncate_journal() {
+            tracing::warn!(journal = %self.journal_path().display(), error = %e, "cannot empty the checkpoint journal after a snapshot; its records are older than the snapshot and skipped on load");
+        }
+        Ok(bytes)
+    }
+
+    fn write_snapshot(&self, checkpoint: &Checkpoint) -> Result<u64, CheckpointError> {
         let bytes = encode(checkpoint).map_err(|e| CheckpointError::Io {
             op: "encode",
             path: self.path.clone(),
@@ -414,21 +543,33 @@ impl CheckpointStore {
         }
         std::fs::rename(&tmp, &self.path).map_err(self.io("rename", &tmp))?;
         sync_dir(&dir).map_err(self.io("fsync directory", &dir))?;
-        Ok(())
+        Ok(bytes.len() as u64)
     }
 
     /// Moves the checkpoint file aside to `<file>.bad-<unix seconds>` (a
-    /// numeric suffix is added if that name is taken) and returns the new
-    /// path; `None` when there was no file. The file is never deleted.
+    /// numeric suffix is added if that name is taken), and its journal to
+    /// `<file>.journal.bad-<unix seconds>` the same way, and returns the
+    /// snapshot's new path (the journal's when only it existed); `None`
+    /// when there was neither. No file is ever deleted.
     pub fn reset(&self) -> Result<Option<PathBuf>, CheckpointError> {
-        if !self.path.exists() {
-            return Ok(None);
-        }
         let secs = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
-        let mut base = self.path.clone().into_os_string();
+        let snapshot = self.move_aside(&self.path, secs)?;
+        let journal = self.move_aside(&self.journal_path(), secs)?;
+        if snapshot.is_some() || journal.is_some() {
+            let dir = self.dir();
+            sync_dir(&dir).map_err(self.io("fsync directory", &dir))?;
+        }
+        Ok(snapshot.or(journal))
+    }
+
+    fn move_aside(&self, path: &Path, secs: u64) -> Result<Option<PathBuf>, CheckpointError> {
+        if !path.exists() {
+            return Ok(None);
+        }
+        let mut base = path.to_path_buf().into_os_string();
         base.push(format!(".bad-{secs}"));
         let mut target = PathBuf::from(&base);
         let mut n = 1;
@@ -438,11 +579,98 @@ impl CheckpointStore {
             target = PathBuf::from(s);
             n += 1;
         }
-        std::fs::rename(&self.path, &target).map_err(self.io("move aside", &self.path))?;
-        let dir = self.dir();
-        sync_dir(&dir).map_err(self.io("fsync directory", &dir))?;
-        tracing::warn!(from = %self.path.display(), to = %target.display(), "checkpoint moved aside");
+        std::fs::rename(path, &target).map_err(self.io("move aside", path))?;
+        tracing::warn!(from = %path.display(), to = %target.display(), "checkpoint file moved aside");
         Ok(Some(target))
+    }
+}
+
+/// How [`CheckpointWriter::write`] made a checkpoint durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Written {
+    /// One record appended to the journal, of this many bytes.
+    Journal(u64),
+    /// The whole checkpoint rewritten as the snapshot, of this many bytes,
+    /// and the journal emptied.
+    Snapshot(u64),
+}
+
+/// The journal never triggers a snapshot below this size, so a small
+/// checkpoint is not rewritten every few decisions.
+pub const JOURNAL_MIN_BYTES: u64 = 256 * 1024;
+
+/// The one writer of a checkpoint: appends each change to the journal and
+/// rewrites the snapshot when the journal would outgrow it (and at least
+/// [`JOURNAL_MIN_BYTES`]), so the bytes written per change stay bounded by
+/// a constant factor of the change, whatever the number of intents.
+#[derive(Debug)]
+pub struct CheckpointWriter {
+    store: CheckpointStore,
+    /// The journal's length after this writer's last write; `None` until
+    /// this writer has written a snapshot, and after a failed write: the
+    /// journal may end in a torn or refused record then, which nothing may
+    /// follow, so the next write is a snapshot.
+    journal_len: Option<u64>,
+    snapshot_len: u64,
+    journal_min: u64,
+}
+
+impl CheckpointWriter {
+    /// A writer of `store`'s files; its first write is a snapshot.
+    pub fn new(store: CheckpointStore) -> Self {
+        Self {
+            store,
+            journal_len: None,
+            snapshot_len: 0,
+            journal_min: JOURNAL_MIN_BYTES,
+        }
+    }
+
+    /// The same writer with another journal minimum than
+    /// [`JOURNAL_MIN_BYTES`] (tests and benches fold the journal sooner).
+    pub fn with_journal_min(mut self, bytes: u64) -> Self {
+        self.journal_min = bytes;
+        self
+    }
+
+    /// The store written.
+    pub fn store(&self) -> &CheckpointStore {
+        &self.store
+    }
+
+    /// Makes `next` durable, `durable` being the checkpoint the files hold
+    /// now (the last one this writer made durable, or the one loaded).
+    pub fn write(
+        &mut self,
+        durable: &Checkpoint,
+        next: &Checkpoint,
+    ) -> Result<Written, CheckpointError> {
+        if let Some(len) = self.journal_len.take() {
+            let delta = journal::Delta::between(durable, next);
+            let line = journal::encode_line(&delta).map_err(|e| CheckpointError::Io {
+                op: "encode",
+                path: self.store.journal_path(),
+                source: std::io::Error::other(e),
+            })?;
+            let after = len + line.len() as u64;
+            if after <= self.snapshot_len.max(self.journal_min) {
+                self.store.append_journal(&line, len)?;
+                self.journal_len = Some(after);
+                return Ok(Written::Journal(line.len() as u64));
+            }
+        }
+        let bytes = self.store.write_snapshot(next)?;
+        self.snapshot_len = bytes;
+        match self.store.truncate_journal() {
+            Ok(()) => self.journal_len = Some(0),
+            // The snapshot is durable, so the write succeeded; appends
+            // wait until the journal can be emptied (it may end in a torn
+            // record), every write until then is a snapshot.
+            Err(e) => {
+                tracing::warn!(journal = %self.store.journal_path().display(), error = %e, "cannot empty the checkpoint journal after a snapshot; writing snapshots until it can be")
+            }
+        }
+        Ok(Written::Snapshot(bytes))
     }
 }
 

@@ -18,6 +18,8 @@
 //! More than one match is [`Resolution::Ambiguous`]: nothing is pinned and
 //! the caller is told which VMs matched.
 
+use std::collections::{BTreeMap, HashMap};
+
 use crate::discovery::DiscoveredVm;
 
 use super::VmSelector;
@@ -217,6 +219,51 @@ where
         0 => Resolution::None,
         1 => Resolution::One(matched[0]),
         _ => Resolution::Ambiguous(sorted(matched)),
+    }
+}
+
+/// The VMs of one scan indexed by what process and libvirt-domain
+/// selectors name, so that resolving every intent of a pass costs the
+/// intents plus the VMs, not their product. [`ScanIndex::resolve`] hands
+/// [`resolve`] only the VMs a selector can name, so its answer is the
+/// answer over the whole scan; a cgroup selector still looks at every VM
+/// (a path names VMs below and above it).
+#[derive(Debug)]
+pub struct ScanIndex<'a> {
+    all: &'a BTreeMap<u32, DiscoveredVm>,
+    /// VMs by libvirt domain, and VMs without one by guest name.
+    by_name: HashMap<&'a str, Vec<&'a DiscoveredVm>>,
+}
+
+impl<'a> ScanIndex<'a> {
+    /// Indexes the VMs of a scan, keyed by pid.
+    pub fn new(all: &'a BTreeMap<u32, DiscoveredVm>) -> Self {
+        let mut by_name: HashMap<&'a str, Vec<&'a DiscoveredVm>> = HashMap::new();
+        for vm in all.values() {
+            let name = match (&vm.libvirt_domain, &vm.guest_name) {
+                (Some(domain), _) => domain.as_str(),
+                (None, Some(guest)) => guest.as_str(),
+                (None, None) => continue,
+            };
+            by_name.entry(name).or_default().push(vm);
+        }
+        Self { all, by_name }
+    }
+
+    /// What [`resolve`] answers for `selector` over every VM of the scan.
+    pub fn resolve(&self, selector: &VmSelector) -> Resolution<'a> {
+        match selector {
+            VmSelector::Process { pid, .. } => resolve(selector, self.all.get(pid)),
+            VmSelector::LibvirtDomain { name } => resolve(
+                selector,
+                self.by_name
+                    .get(name.as_str())
+                    .into_iter()
+                    .flatten()
+                    .copied(),
+            ),
+            VmSelector::CgroupPath { .. } => resolve(selector, self.all.values()),
+        }
     }
 }
 

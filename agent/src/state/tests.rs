@@ -102,7 +102,7 @@ fn round_trip_and_upsert_order() {
     let v: serde_json::Value =
         serde_json::from_slice(&std::fs::read(store.path()).unwrap()).unwrap();
     assert_eq!(v["format"], "sevplace-checkpoint");
-    assert_eq!(v["version"], 2);
+    assert_eq!(v["version"], CHECKPOINT_VERSION);
     assert_eq!(v["payload"]["intents"][0]["vm"]["named"], "vm-a");
     assert_eq!(v["payload"]["intents"][0]["selector"]["kind"], "process");
     assert_eq!(v["payload"]["intents"][0]["placement"]["vcpu_cpus"][1], "1");
@@ -218,19 +218,19 @@ fn newer_version_is_refused() {
     let store = CheckpointStore::in_dir(dir.path());
     std::fs::write(
         store.path(),
-        r#"{"format":"sevplace-checkpoint","version":3,"crc32":"0","payload":{"whatever":true}}"#,
+        r#"{"format":"sevplace-checkpoint","version":4,"crc32":"0","payload":{"whatever":true}}"#,
     )
     .unwrap();
     match store.load() {
         Err(
             e @ CheckpointError::NewerVersion {
-                found: 3,
-                supported: 2,
+                found: 4,
+                supported: 3,
                 ..
             },
         ) => {
             let msg = e.to_string();
-            assert!(msg.contains("version 3"), "{msg}");
+            assert!(msg.contains("version 4"), "{msg}");
             assert!(msg.contains("checkpoint.json"), "{msg}");
         }
         other => panic!("expected NewerVersion, got {other:?}"),
@@ -265,7 +265,7 @@ fn golden_document() {
     assert_eq!(
         doc,
         concat!(
-            r#"{"format":"sevplace-checkpoint","version":2,"crc32":"9a3b674d","payload":"#,
+            r#"{"format":"sevplace-checkpoint","version":3,"crc32":"9a3b674d","payload":"#,
             r#"{"generation":7,"intents":[{"vm":{"named":"vm-a"},"#,
             r#""selector":{"kind":"process","pid":10,"start_time":12345},"#,
             r#""request":{"vcpus":2,"class":"sev-es","dedicated":true,"numa_node":null},"#,
@@ -294,7 +294,7 @@ fn version_1_file_is_migrated() {
     assert_eq!(v1["version"], 1, "the fixture is a version 1 file");
     let c = decode(&bytes).unwrap();
     assert_eq!(c.generation, 5);
-    let keys: Vec<VmKey> = c.intents.iter().map(IntentRecord::key).collect();
+    let keys: Vec<VmKey> = c.intents.iter().map(|i| i.key()).collect();
     assert_eq!(
         keys,
         [
@@ -391,4 +391,307 @@ fn typed_keys_are_checked() {
         Err(DecodeFault::Corrupt(what)) => assert!(what.contains("cannot be migrated"), "{what}"),
         other => panic!("{other:?}"),
     }
+}
+
+// The journal (`journal.rs`).
+
+fn writer_in(dir: &std::path::Path) -> (CheckpointStore, CheckpointWriter) {
+    let store = CheckpointStore::in_dir(dir.join("state"));
+    (store.clone(), CheckpointWriter::new(store))
+}
+
+/// `c` with generation + 1 after `change`.
+fn next_of(c: &Checkpoint, change: impl FnOnce(&mut Checkpoint)) -> Checkpoint {
+    let mut n = c.clone();
+    n.generation += 1;
+    change(&mut n);
+    n
+}
+
+/// The first write is a snapshot, the next ones append one record each
+/// (an upsert, a replacement, a removal); the snapshot is not rewritten,
+/// and a load applies the records to it.
+#[test]
+fn journal_records_complete_the_snapshot_on_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, mut w) = writer_in(dir.path());
+    let c0 = sample();
+    assert!(matches!(
+        w.write(&Checkpoint::default(), &c0).unwrap(),
+        Written::Snapshot(_)
+    ));
+    let snapshot = std::fs::read(store.path()).unwrap();
+    let c1 = next_of(&c0, |n| {
+        n.upsert(intent("vm-e", 50));
+    });
+    let c2 = next_of(&c1, |n| {
+        n.upsert(intent("vm-a", 11));
+    });
+    let c3 = next_of(&c2, |n| {
+        n.remove(&VmId::new("vm-b").unwrap());
+    });
+    for (old, new) in [(&c0, &c1), (&c1, &c2), (&c2, &c3)] {
+        assert!(matches!(w.write(old, new).unwrap(), Written::Journal(_)));
+    }
+    assert_eq!(
+        std::fs::read(store.path()).unwrap(),
+        snapshot,
+        "snapshot untouched"
+    );
+    let journal = std::fs::read_to_string(store.journal_path()).unwrap();
+    assert_eq!(journal.lines().count(), 3, "{journal}");
+    assert!(
+        journal
+            .lines()
+            .nth(2)
+            .unwrap()
+            .contains(r#""remove":[{"named":"vm-b"}]"#),
+        "{journal}"
+    );
+    assert_eq!(store.load().unwrap(), c3);
+}
+
+/// A record holds only what changed: an intent the new checkpoint shares
+/// with the old one is left out.
+#[test]
+fn a_delta_holds_only_the_changed_intents() {
+    let c0 = sample();
+    let c1 = next_of(&c0, |n| {
+        n.upsert(intent("vm-c", 30));
+        n.remove(&VmId::new("vm-d").unwrap());
+    });
+    let d = journal::Delta::between(&c0, &c1);
+    assert_eq!((d.from, d.to), (7, 8));
+    let ids: Vec<&str> = d.upserts.iter().map(|i| i.vm_id.as_str()).collect();
+    assert_eq!(ids, ["vm-c"]);
+    assert_eq!(d.removes, [VmId::new("vm-d").unwrap()]);
+    // Equal intents that are not the same allocation are left out too.
+    let mut copy = c0.clone();
+    copy.intents = c0
+        .intents
+        .iter()
+        .map(|i| Arc::new(IntentRecord::clone(i)))
+        .collect();
+    copy.generation += 1;
+    let d = journal::Delta::between(&c0, &copy);
+    assert!(d.upserts.is_empty() && d.removes.is_empty());
+    let mut back = c0.clone();
+    journal::Delta::between(&c0, &c1).apply_to(&mut back);
+    assert_eq!(back, c1);
+}
+
+/// A crash mid-append leaves a partial last line (or zeros where the file
+/// grew before its data reached the disk): that write was never
+/// acknowledged and is ignored; the next write of a new writer is a
+/// snapshot, so nothing is appended after the torn bytes.
+#[test]
+fn a_torn_last_append_is_ignored() {
+    for tail in [&br#"{"crc32":"0000"#[..], &[0u8; 300][..], b"{}\n"] {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, mut w) = writer_in(dir.path());
+        let c0 = sample();
+        w.write(&Checkpoint::default(), &c0).unwrap();
+        let c1 = next_of(&c0, |n| {
+            n.upsert(intent("vm-e", 50));
+        });
+        w.write(&c0, &c1).unwrap();
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(store.journal_path())
+            .unwrap();
+        std::io::Write::write_all(&mut f, tail).unwrap();
+        assert_eq!(store.load().unwrap(), c1);
+
+        let mut w = CheckpointWriter::new(store.clone());
+        let c2 = next_of(&c1, |n| {
+            n.remove(&VmId::new("vm-a").unwrap());
+        });
+        assert!(matches!(w.write(&c1, &c2).unwrap(), Written::Snapshot(_)));
+        assert_eq!(std::fs::metadata(store.journal_path()).unwrap().len(), 0);
+        let c3 = next_of(&c2, |n| {
+            n.upsert(intent("vm-f", 60));
+        });
+        assert!(matches!(w.write(&c2, &c3).unwrap(), Written::Journal(_)));
+        assert_eq!(store.load().unwrap(), c3);
+    }
+}
+
+/// A bad record with a good one after it is not a torn append: the
+/// journal is corrupt, named with the line.
+#[test]
+fn a_bad_record_before_a_good_one_is_corrupt() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, mut w) = writer_in(dir.path());
+    let c0 = sample();
+    w.write(&Checkpoint::default(), &c0).unwrap();
+    let c1 = next_of(&c0, |n| {
+        n.upsert(intent("vm-e", 50));
+    });
+    let c2 = next_of(&c1, |n| {
+        n.upsert(intent("vm-f", 60));
+    });
+    w.write(&c0, &c1).unwrap();
+    w.write(&c1, &c2).unwrap();
+    let text = std::fs::read_to_string(store.journal_path()).unwrap();
+    let bad = text.replacen("vm-e", "vm-x", 1);
+    std::fs::write(store.journal_path(), bad).unwrap();
+    match store.load() {
+        Err(CheckpointError::Corrupt { path, what }) => {
+            assert_eq!(path, store.journal_path());
+            assert!(
+                what.contains("line 1") && what.contains("checksum"),
+                "{what}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Records a snapshot already covers (a crash between the snapshot's
+/// rename and the journal's truncation) are skipped; a record that does not
+/// start where the checkpoint is, is corrupt.
+#[test]
+fn records_chain_onto_the_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, mut w) = writer_in(dir.path());
+    let c0 = sample();
+    w.write(&Checkpoint::default(), &c0).unwrap();
+    let c1 = next_of(&c0, |n| {
+        n.upsert(intent("vm-e", 50));
+    });
+    w.write(&c0, &c1).unwrap();
+    let journal = std::fs::read(store.journal_path()).unwrap();
+    // The snapshot of c1 written, the journal not yet emptied.
+    store.save(&c1).unwrap();
+    std::fs::write(store.journal_path(), &journal).unwrap();
+    assert_eq!(store.load().unwrap(), c1);
+
+    // On the snapshot at generation 8, a record from 9 to 10.
+    let c2 = next_of(&c1, |n| {
+        n.remove(&VmId::new("vm-e").unwrap());
+    });
+    let c3 = next_of(&c2, |n| {
+        n.remove(&VmId::new("vm-a").unwrap());
+    });
+    let line = journal::encode_line(&journal::Delta::between(&c2, &c3)).unwrap();
+    std::fs::write(store.journal_path(), line).unwrap();
+    match store.load() {
+        Err(CheckpointError::Corrupt { what, .. }) => {
+            assert!(what.contains("does not follow generation 8"), "{what}");
+        }
+        other => panic!("{other:?}"),
+    }
+    // A journal without its snapshot does not chain on generation 0.
+    std::fs::remove_file(store.path()).unwrap();
+    assert!(matches!(store.load(), Err(CheckpointError::Corrupt { .. })));
+}
+
+/// The snapshot is rewritten, and the journal emptied, when the journal
+/// would outgrow the snapshot and the minimum; the files read back as the
+/// last checkpoint written at every step.
+#[test]
+fn the_journal_is_folded_into_a_snapshot_when_it_outgrows_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, w) = writer_in(dir.path());
+    let mut w = w.with_journal_min(8 * 1024);
+    let mut c = sample();
+    w.write(&Checkpoint::default(), &c).unwrap();
+    let snapshot = std::fs::metadata(store.path()).unwrap().len();
+    let (mut journals, mut snapshots) = (0, 0);
+    for k in 0..200u32 {
+        let next = next_of(&c, |n| {
+            n.upsert(intent(&format!("vm-n{}", k % 10), k + 100));
+        });
+        match w.write(&c, &next).unwrap() {
+            Written::Journal(_) => journals += 1,
+            Written::Snapshot(_) => snapshots += 1,
+        }
+        let len = std::fs::metadata(store.journal_path()).unwrap().len();
+        assert!(
+            len <= snapshot.max(8 * 1024) + 1024,
+            "journal of {len} bytes"
+        );
+        c = next;
+        if k % 37 == 0 {
+            assert_eq!(store.load().unwrap(), c, "after write {k}");
+        }
+    }
+    assert!(
+        snapshots >= 3,
+        "{journals} journal writes, {snapshots} snapshots"
+    );
+    assert!(
+        journals > 5 * snapshots,
+        "{journals} journal writes, {snapshots} snapshots"
+    );
+    assert_eq!(store.load().unwrap(), c);
+}
+
+/// A failed append leaves the durable checkpoint readable as it was; the
+/// writer's next write is a snapshot.
+#[test]
+fn after_a_failed_append_the_next_write_is_a_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, mut w) = writer_in(dir.path());
+    let c0 = sample();
+    w.write(&Checkpoint::default(), &c0).unwrap();
+    std::fs::remove_file(store.journal_path()).ok();
+    // The journal's name taken by a directory: the append cannot open it.
+    std::fs::create_dir(store.journal_path()).unwrap();
+    let c1 = next_of(&c0, |n| {
+        n.upsert(intent("vm-e", 50));
+    });
+    assert!(matches!(
+        w.write(&c0, &c1),
+        Err(CheckpointError::Io {
+            op: "open journal",
+            ..
+        })
+    ));
+    std::fs::remove_dir(store.journal_path()).unwrap();
+    assert_eq!(store.load().unwrap(), c0);
+    assert!(matches!(w.write(&c0, &c1).unwrap(), Written::Snapshot(_)));
+    assert_eq!(store.load().unwrap(), c1);
+}
+
+/// Reset moves the journal aside with the snapshot; a journal alone is
+/// moved too.
+#[test]
+fn reset_moves_the_journal_aside_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, mut w) = writer_in(dir.path());
+    let c0 = sample();
+    w.write(&Checkpoint::default(), &c0).unwrap();
+    let c1 = next_of(&c0, |n| {
+        n.upsert(intent("vm-e", 50));
+    });
+    w.write(&c0, &c1).unwrap();
+    let moved = store.reset().unwrap().unwrap();
+    assert!(!store.path().exists() && !store.journal_path().exists());
+    let name = moved.file_name().unwrap().to_string_lossy().to_string();
+    assert!(name.starts_with("checkpoint.json.bad-"), "{name}");
+    let journal_name = format!(
+        "checkpoint.json.journal.bad-{}",
+        &name["checkpoint.json.bad-".len()..]
+    );
+    assert!(moved.with_file_name(journal_name).is_file());
+    assert_eq!(store.load().unwrap(), Checkpoint::default());
+
+    std::fs::write(store.journal_path(), b"junk").unwrap();
+    let moved = store.reset().unwrap().unwrap();
+    assert!(
+        moved.to_string_lossy().contains(".journal.bad-"),
+        "{}",
+        moved.display()
+    );
+}
+
+/// A version 2 snapshot (written whole on every change, no journal) is
+/// read as it is.
+#[test]
+fn a_version_2_snapshot_is_read() {
+    let c = sample();
+    let payload = serde_json::to_string(&c).unwrap();
+    let doc = document(2, &payload);
+    assert_eq!(decode(doc.as_bytes()).unwrap(), c);
 }

@@ -95,12 +95,12 @@ pub(super) fn migrate(v1: PayloadV1) -> Result<Checkpoint, String> {
                 }
             };
             let key = crate::types::VmKey::of_id(&i.vm_id);
-            Ok(IntentRecord {
+            Ok(std::sync::Arc::new(IntentRecord {
                 vm_id: key.to_id(),
                 selector: i.selector,
                 request: i.request,
                 placement,
-            })
+            }))
         })
         .collect::<Result<Vec<_>, String>>()?;
     Ok(Checkpoint {

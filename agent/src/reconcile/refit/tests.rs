@@ -15,7 +15,10 @@ fn request(id: &str, vcpus: u32, class: ConfidentialClass) -> PlacementRequest {
 
 /// Intents placed one after another by the engine on `topo`, with the
 /// engine's placements.
-fn placed(topo: &Topology, reqs: &[PlacementRequest]) -> (Vec<IntentRecord>, Vec<Placement>) {
+fn placed(
+    topo: &Topology,
+    reqs: &[PlacementRequest],
+) -> (Vec<std::sync::Arc<IntentRecord>>, Vec<Placement>) {
     let res = Reservations::default();
     let mut state = PlacementState::new();
     reqs.iter()
@@ -34,7 +37,7 @@ fn placed(topo: &Topology, reqs: &[PlacementRequest]) -> (Vec<IntentRecord>, Vec
                 },
                 placement: Some(PlacementRecord::of_placement(topo, &p, None)),
             };
-            (intent, p)
+            (std::sync::Arc::new(intent), p)
         })
         .unzip()
 }

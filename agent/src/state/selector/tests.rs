@@ -1,6 +1,7 @@
 use super::*;
 use crate::discovery::fake_procfs::{write_process, FakeProcess};
 use crate::discovery::VmScanner;
+use std::collections::BTreeMap;
 
 /// A VM read back by the real scanner from a fake procfs entry.
 fn vm(pid: u32, cmdline: &[&str], cgroup: &str) -> DiscoveredVm {
@@ -156,4 +157,76 @@ fn libvirt_domain_wins_over_a_guest_name_and_equal_guest_names_are_ambiguous() {
     );
     assert_eq!(renamed.libvirt_domain.as_deref(), Some("other"));
     assert_eq!(resolve(&domain("web"), [&renamed]), Resolution::None);
+}
+
+/// The index answers what the full scan answers, for every kind of
+/// selector over VMs with and without libvirt domains, shared guest names
+/// and shared cgroups.
+#[test]
+fn the_scan_index_answers_as_the_full_scan() {
+    let vms = [
+        vm(77, &["qemu-system-x86_64", "-name", "guest=web"], WEB),
+        vm(78, &["qemu-system-x86_64", "-name", "guest=db"], DB),
+        vm(
+            79,
+            &["qemu-system-x86_64", "-name", "guest=web"],
+            "0::/user.slice/a.scope\n",
+        ),
+        vm(
+            80,
+            &["qemu-system-x86_64", "-name", "guest=solo"],
+            "0::/user.slice/a.scope\n",
+        ),
+        vm(
+            81,
+            &["qemu-system-x86_64", "-name", "guest=twin"],
+            "0::/user.slice/b.scope\n",
+        ),
+        vm(
+            82,
+            &["qemu-system-x86_64", "-name", "guest=twin"],
+            "0::/user.slice/c.scope\n",
+        ),
+        vm(83, &["qemu-system-x86_64"], "0::/\n"),
+    ];
+    let scan: BTreeMap<u32, DiscoveredVm> = vms.iter().map(|v| (v.pid, v.clone())).collect();
+    let index = ScanIndex::new(&scan);
+    let mut selectors = vec![
+        domain("web"),
+        domain("db"),
+        domain("solo"),
+        domain("twin"),
+        domain("nobody"),
+        domain(""),
+        cg("/"),
+        cg("/machine.slice"),
+        cg("/user.slice/a.scope"),
+        cg("/user.slice/b.scope"),
+        cg(""),
+    ];
+    for v in &vms {
+        selectors.push(VmSelector::Process {
+            pid: v.pid,
+            start_time: None,
+        });
+        selectors.push(VmSelector::Process {
+            pid: v.pid,
+            start_time: Some(v.start_time),
+        });
+        selectors.push(VmSelector::Process {
+            pid: v.pid,
+            start_time: Some(v.start_time + 1),
+        });
+    }
+    selectors.push(VmSelector::Process {
+        pid: 0,
+        start_time: None,
+    });
+    selectors.push(VmSelector::Process {
+        pid: 99,
+        start_time: None,
+    });
+    for s in &selectors {
+        assert_eq!(index.resolve(s), resolve(s, scan.values()), "{s:?}");
+    }
 }
