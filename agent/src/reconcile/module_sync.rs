@@ -2,8 +2,19 @@
 //! agent's classification and refreshes the module and per-VM metrics.
 
 use crate::conditions::ConditionKind;
+use crate::types::{ConfidentialClass, VmKey};
 
 use super::agent_core::AgentCore;
+
+/// What the module sync needs of a VM: the fields of its [`super::views::VmView`]
+/// that name it, its process, class and size, without the view's copies
+/// of the placement and threads.
+struct ModuleRow {
+    key: VmKey,
+    pid: Option<u32>,
+    class: Option<ConfidentialClass>,
+    vcpus: u32,
+}
 
 impl AgentCore {
     /// Reads the module (absent is a state, not an error), labels its VM
@@ -37,7 +48,7 @@ impl AgentCore {
             by_pid.entry(r.pid).or_insert(r);
         }
         let mut figures = Vec::new();
-        for v in self.views() {
+        for v in self.module_rows() {
             let Some(pid) = v.pid else {
                 continue;
             };
@@ -62,5 +73,37 @@ impl AgentCore {
             });
         }
         self.metrics.set_vms(&figures);
+    }
+
+    /// One row per VM that [`AgentCore::views`] lists, with the same key,
+    /// pid, class and vCPU count as its view.
+    fn module_rows(&self) -> Vec<ModuleRow> {
+        let unmanaged_row = |vm: &crate::discovery::DiscoveredVm| ModuleRow {
+            key: VmKey::Process(vm.pid),
+            pid: Some(vm.pid),
+            class: vm.class,
+            vcpus: u32::try_from(vm.vcpus.len()).unwrap_or(u32::MAX),
+        };
+        let intents = self.checkpoint.intents.iter().map(|i| {
+            let key = VmKey::of_id(&i.vm_id);
+            if let VmKey::Process(pid) = key {
+                if let Some(vm) = self.unmanaged.get(&pid) {
+                    return unmanaged_row(vm);
+                }
+            }
+            ModuleRow {
+                pid: self
+                    .runtime
+                    .get(&i.vm_id)
+                    .and_then(|r| r.observed.as_ref())
+                    .map(|v| v.pid),
+                class: self.placements.get(&i.vm_id).map(|p| p.request.class),
+                vcpus: i.request.vcpus,
+                key,
+            }
+        });
+        intents
+            .chain(self.unmanaged.values().map(unmanaged_row))
+            .collect()
     }
 }

@@ -6,6 +6,7 @@
 //! (or failed) and publishes events, pins and answers. Between the two the
 //! API waits on the group commit log without the lock.
 
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use crate::cgroup::CgroupError;
@@ -347,13 +348,15 @@ impl AgentCore {
 
     /// Pins `vm`'s threads to the intent's placement; records what it did.
     pub(super) fn enforce(&mut self, vm_id: &VmId, vm: DiscoveredVm) -> Result<usize, CgroupError> {
-        let Some(record) = self.checkpoint.get(vm_id).and_then(|i| i.placement.clone()) else {
+        // The decided checkpoint, shared: the record is borrowed, not copied.
+        let checkpoint = Arc::clone(&self.checkpoint);
+        let Some(record) = checkpoint.get(vm_id).and_then(|i| i.placement.as_ref()) else {
             return Ok(0);
         };
         let rt = self.runtime.entry(vm_id.clone()).or_default();
         let fixes = enforce::desired_sets(
             &vm,
-            &record,
+            record,
             &rt.pinned_tids,
             self.host.cgroups.as_ref().map(|w| w.hierarchy()),
         );
