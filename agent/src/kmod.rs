@@ -373,7 +373,9 @@ impl ModuleReader {
 }
 
 /// Writes sevflush ABI v1 trees for tests and benchmarks that run against
-/// a fake host root (as `discovery::fake_procfs` does for procfs).
+/// a fake host root (as `discovery::fake_procfs` does for procfs); not in
+/// the daemon's build.
+#[cfg(any(test, feature = "testing"))]
 pub mod fake_tree {
     use std::io;
     use std::path::Path;

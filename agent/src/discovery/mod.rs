@@ -38,6 +38,8 @@
 pub mod affinity;
 pub mod cgroup_path;
 pub mod cmdline;
+// Test and benchmark helper: left out of the daemon's build.
+#[cfg(any(test, feature = "testing"))]
 pub mod fake_procfs;
 pub mod pidfd;
 pub mod procfs;
