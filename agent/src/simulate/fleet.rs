@@ -20,12 +20,14 @@
 //! candidate choice and the fleet counters.
 
 use std::collections::BTreeSet;
-use std::fmt::Write as _;
 use std::path::Path;
 use std::time::Instant;
 
 use super::baselines::{Admitted, Floating, KubeletStatic, PlacementModel, Sevplace, VmSpec};
-use super::{expand, topology_from_arg, FlushPolicy, Run, SimError, Stat, Step, Trace, VmInfo};
+use super::{
+    expand, render_table, topology_from_arg, Column, FlushPolicy, Run, SimError, Stat, Step, Trace,
+    VmInfo,
+};
 use crate::cpuset::CpuSet;
 use crate::fleet::scheduler::{Stage, MAX_SPREAD};
 use crate::placement::{PlacementState, Pool, Reservations};
@@ -481,40 +483,34 @@ impl FleetReport {
 
     /// A table for humans; columns as in `docs/benchmarks.md`.
     pub fn to_table(&self) -> String {
-        let mut out = String::new();
         let f = &self.fleet;
-        let _ = writeln!(
-            out,
+        let title = format!(
             "trace {} on fleet {} ({} hosts, {} CPUs, {} L3 domains): {} arrivals, {} reclaim events, {} migrations; flush policy sevplace",
             self.trace, f.spec, f.hosts, f.cpus, f.l3_domains, self.arrivals, self.reclaim_events, self.migration_events
         );
-        let _ = writeln!(
-            out,
-            "{:<15} {:>6} {:>8} {:>8} {:>11} {:>16} {:>19} {:>15} {:>5} {:>6} {:>8}",
-            "MODEL",
-            "FIT",
-            "REJECTED",
-            "RECLAIMS",
-            "L3 mean/p99",
-            "NONCONF mean/p99",
-            "CONF-L3 FULL/BOUND",
-            "xBOUND mean/max",
-            "MIXED",
-            "TWICE",
-            "TIME s"
-        );
-        for m in &self.models {
+        let columns = [
+            Column::left("MODEL", 15),
+            Column::right("FIT", 6),
+            Column::right("REJECTED", 8),
+            Column::right("RECLAIMS", 8),
+            Column::right("L3 mean/p99", 11),
+            Column::right("NONCONF mean/p99", 16),
+            Column::right("CONF-L3 FULL/BOUND", 19),
+            Column::right("xBOUND mean/max", 15),
+            Column::right("MIXED", 5),
+            Column::right("TWICE", 6),
+            Column::right("TIME s", 8),
+        ];
+        let rows = self.models.iter().map(|m| {
             let full = m.confidential_domains.at_first_rejection.map_or_else(
                 || "-".to_string(),
                 |p| format!("{}/{}", p.domains_in_use, p.lower_bound),
             );
-            let _ = writeln!(
-                out,
-                "{:<15} {:>6} {:>8} {:>8} {:>11} {:>16} {:>19} {:>15} {:>5} {:>6} {:>8.2}",
-                m.model.as_str(),
-                m.vms_before_first_rejection,
-                m.rejected,
-                m.reclaims,
+            vec![
+                m.model.as_str().to_string(),
+                m.vms_before_first_rejection.to_string(),
+                m.rejected.to_string(),
+                m.reclaims.to_string(),
                 format!(
                     "{:.2}/{}",
                     m.l3_domains_disturbed.mean, m.l3_domains_disturbed.p99
@@ -529,12 +525,12 @@ impl FleetReport {
                     m.confidential_domains.mean_ratio_before_first_rejection,
                     m.confidential_domains.max_ratio_before_first_rejection
                 ),
-                m.mixed_pool_placements,
-                m.checks.cpus_given_twice,
-                m.run_seconds,
-            );
-        }
-        out
+                m.mixed_pool_placements.to_string(),
+                m.checks.cpus_given_twice.to_string(),
+                format!("{:.2}", m.run_seconds),
+            ]
+        });
+        render_table(&title, &columns, rows)
     }
 }
 

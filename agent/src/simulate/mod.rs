@@ -208,35 +208,29 @@ impl Report {
     /// reclaim; the limit; mean flushed over mean limit; VMs placed before
     /// the first rejection; rejections; placements that mixed pools.
     pub fn to_table(&self) -> String {
-        let mut out = String::new();
         let t = &self.topology;
-        let _ = writeln!(
-            out,
+        let title = format!(
             "trace {} on {} ({} CPUs, {} L3 domains, {} NUMA nodes): {} arrivals, {} reclaim events, {} migrations",
             self.trace, t.name, t.cpus, t.l3_domains, t.numa_nodes, self.arrivals, self.reclaim_events, self.migration_events
         );
-        let _ = writeln!(
-            out,
-            "{:<15} {:<14} {:>8} {:>16} {:>12} {:>16} {:>14} {:>7} {:>4} {:>8} {:>5}",
-            "PLACEMENT",
-            "FLUSH",
-            "RECLAIMS",
-            "FLUSHED mean/p99",
-            "L3 mean/p99",
-            "NONCONF mean/p99",
-            "LIMIT mean/p99",
-            "xLIMIT",
-            "FIT",
-            "REJECTED",
-            "MIXED"
-        );
-        for c in &self.combinations {
-            let _ = writeln!(
-                out,
-                "{:<15} {:<14} {:>8} {:>16} {:>12} {:>16} {:>14} {:>7.2} {:>4} {:>8} {:>5}",
-                c.placement.as_str(),
-                c.flush.as_str(),
-                c.reclaims,
+        let columns = [
+            Column::left("PLACEMENT", 15),
+            Column::left("FLUSH", 14),
+            Column::right("RECLAIMS", 8),
+            Column::right("FLUSHED mean/p99", 16),
+            Column::right("L3 mean/p99", 12),
+            Column::right("NONCONF mean/p99", 16),
+            Column::right("LIMIT mean/p99", 14),
+            Column::right("xLIMIT", 7),
+            Column::right("FIT", 4),
+            Column::right("REJECTED", 8),
+            Column::right("MIXED", 5),
+        ];
+        let rows = self.combinations.iter().map(|c| {
+            vec![
+                c.placement.as_str().to_string(),
+                c.flush.as_str().to_string(),
+                c.reclaims.to_string(),
                 format!("{:.1}/{}", c.flushed_cpus.mean, c.flushed_cpus.p99),
                 format!(
                     "{:.2}/{}",
@@ -247,14 +241,72 @@ impl Report {
                     c.non_confidential_vcpus_hit.mean, c.non_confidential_vcpus_hit.p99
                 ),
                 format!("{:.1}/{}", c.limit_cpus.mean, c.limit_cpus.p99),
-                c.flushed_over_limit,
-                c.vms_before_first_rejection,
-                c.rejected,
-                c.mixed_pool_placements,
-            );
-        }
-        out
+                format!("{:.2}", c.flushed_over_limit),
+                c.vms_before_first_rejection.to_string(),
+                c.rejected.to_string(),
+                c.mixed_pool_placements.to_string(),
+            ]
+        });
+        render_table(&title, &columns, rows)
     }
+}
+
+/// A column of a text table: its header, its width, and whether its cells
+/// align left (names) or right (numbers).
+struct Column {
+    header: &'static str,
+    width: usize,
+    left: bool,
+}
+
+impl Column {
+    const fn left(header: &'static str, width: usize) -> Self {
+        Self {
+            header,
+            width,
+            left: true,
+        }
+    }
+
+    const fn right(header: &'static str, width: usize) -> Self {
+        Self {
+            header,
+            width,
+            left: false,
+        }
+    }
+
+    /// Writes `cell` padded to the column's width.
+    fn write_cell(&self, out: &mut String, cell: &str) {
+        let width = self.width;
+        let _ = if self.left {
+            write!(out, "{cell:<width$}")
+        } else {
+            write!(out, "{cell:>width$}")
+        };
+    }
+}
+
+/// The tables of [`Report::to_table`] and [`fleet::FleetReport::to_table`]:
+/// `title` on the first line, then the headers, then one line per row; each
+/// cell is padded to its column's width, cells are one space apart.
+fn render_table(
+    title: &str,
+    columns: &[Column],
+    rows: impl IntoIterator<Item = Vec<String>>,
+) -> String {
+    let mut out = format!("{title}\n");
+    let headers: Vec<String> = columns.iter().map(|c| c.header.to_string()).collect();
+    for row in std::iter::once(headers).chain(rows) {
+        for (i, (column, cell)) in columns.iter().zip(&row).enumerate() {
+            if i > 0 {
+                out.push(' ');
+            }
+            column.write_cell(&mut out, cell);
+        }
+        out.push('\n');
+    }
+    out
 }
 
 // ---- topologies ----
