@@ -25,7 +25,7 @@ fn request(i: usize) -> PlacementRequest {
     let dedicated = i % 3 == 0;
     PlacementRequest {
         vm_id: VmId::new(format!("vm-{i:04}")).expect("valid id"),
-        vcpus: if dedicated { 1 + (i % 2) as u32 } else { 2 },
+        vcpus: if dedicated { 1 + u32::from(i % 2 == 1) } else { 2 },
         class,
         dedicated,
         numa_preference: None,

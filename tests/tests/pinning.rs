@@ -48,6 +48,16 @@ fn start_on_fixture_host(dir: tempfile::TempDir) -> Daemon {
     Daemon::start_in(dir, &["--host-root", &root], &[])
 }
 
+/// The CPUs of the placement in a PlaceVm answer (none when it has no
+/// placement).
+fn placed_cpus(resp: tonic::Response<pb::PlaceVmResponse>) -> Vec<u32> {
+    resp.into_inner()
+        .vm
+        .and_then(|v| v.placement)
+        .map(|p| p.cpus)
+        .unwrap_or_default()
+}
+
 /// The CPU ids of a JSON array of numbers (a `cpus` field of sevplacectl's
 /// `--json` output).
 fn cpu_ids(cpus: &serde_json::Value) -> Vec<u32> {
@@ -187,12 +197,7 @@ fn kill9_during_place_burst_keeps_every_acknowledged_placement() {
                         .await;
                     match r {
                         Ok(resp) => {
-                            let cpus = resp
-                                .into_inner()
-                                .vm
-                                .and_then(|v| v.placement)
-                                .map(|p| p.cpus)
-                                .unwrap_or_default();
+                            let cpus = placed_cpus(resp);
                             acked.lock().unwrap().push((id, cpus));
                         }
                         Err(_) => return,
@@ -319,12 +324,7 @@ fn kill9_during_group_commits_of_64_clients_loses_no_acknowledged_call() {
                     .await;
                 match r {
                     Ok(resp) => {
-                        let cpus = resp
-                            .into_inner()
-                            .vm
-                            .and_then(|v| v.placement)
-                            .map(|p| p.cpus)
-                            .unwrap_or_default();
+                        let cpus = placed_cpus(resp);
                         placed.lock().unwrap().push((id, cpus));
                         acks.fetch_add(1, Ordering::SeqCst);
                     }

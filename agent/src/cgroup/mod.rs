@@ -17,25 +17,26 @@
 //! procfs readback of what the kernel enforces is
 //! `discovery::read_thread_cpus_allowed`.
 
-pub mod affinity;
-pub mod fs;
-pub mod v1;
-pub mod v2;
+pub(crate) mod affinity;
+pub(crate) mod fs;
+pub(crate) mod v1;
+pub(crate) mod v2;
 
 use std::fmt;
 use std::path::{Component, Path, PathBuf};
 
 use crate::CpuSet;
 
-pub use affinity::{get_thread_affinity, set_thread_affinity, SchedAffinity, ThreadAffinity};
+pub use affinity::{SchedAffinity, ThreadAffinity};
+pub use affinity::{get_thread_affinity, set_thread_affinity};
 
 /// The cgroupfs mount point used when none is configured.
-pub const DEFAULT_CGROUP_ROOT: &str = "/sys/fs/cgroup";
+pub(crate) const DEFAULT_CGROUP_ROOT: &str = "/sys/fs/cgroup";
 
 /// `cpuset.cpus`: the configured CPUs of a cgroup (same name in v1 and v2).
-pub const CPUSET_CPUS: &str = "cpuset.cpus";
+pub(crate) const CPUSET_CPUS: &str = "cpuset.cpus";
 /// `cgroup.procs`: whole processes of a cgroup (same name in v1 and v2).
-pub const CGROUP_PROCS: &str = "cgroup.procs";
+pub(crate) const CGROUP_PROCS: &str = "cgroup.procs";
 
 /// Which cgroup hierarchy holds the cpuset controller, or which one a path
 /// belongs to.
@@ -183,7 +184,7 @@ impl CgroupError {
     }
 
     /// A short stable name of the error kind, for metrics labels.
-    pub fn kind(&self) -> &'static str {
+    pub(crate) fn kind(&self) -> &'static str {
         match self {
             Self::VmGone { .. } => "gone",
             Self::Permission { .. } => "permission",
@@ -206,7 +207,7 @@ impl CgroupError {
 
 /// Whether `cgroup.subtree_control` enables `cpuset` (its words may carry
 /// a `+`).
-pub fn lists_cpuset(text: &str) -> bool {
+pub(crate) fn lists_cpuset(text: &str) -> bool {
     text.split_whitespace()
         .any(|w| w.trim_start_matches('+') == "cpuset")
 }
@@ -214,7 +215,7 @@ pub fn lists_cpuset(text: &str) -> bool {
 /// Parses a thread or process id list (`tasks`, `cgroup.threads`,
 /// `cgroup.procs`): one id per line, blank lines skipped; the error names
 /// the first line that is not an id.
-pub fn parse_thread_ids(text: &str) -> Result<Vec<u32>, String> {
+pub(crate) fn parse_thread_ids(text: &str) -> Result<Vec<u32>, String> {
     text.lines()
         .filter(|l| !l.trim().is_empty())
         .map(|l| {
@@ -229,14 +230,14 @@ pub fn parse_thread_ids(text: &str) -> Result<Vec<u32>, String> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CgroupHost {
     /// The hierarchy that holds the cpuset controller.
-    pub hierarchy: Hierarchy,
+    pub(crate) hierarchy: Hierarchy,
     /// The directory of the hierarchy's root cgroup.
     pub mount: PathBuf,
 }
 
 impl CgroupHost {
     /// Detects the cpuset hierarchy under `root` (see the module docs).
-    pub fn detect(root: impl AsRef<Path>) -> Result<Self, CgroupError> {
+    pub(crate) fn detect(root: impl AsRef<Path>) -> Result<Self, CgroupError> {
         let root = root.as_ref();
         if root.join(v2::CGROUP_CONTROLLERS).is_file() {
             return Ok(Self {
@@ -270,9 +271,9 @@ impl CgroupHost {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CgroupWrite {
     /// The file written.
-    pub file: PathBuf,
+    pub(crate) file: PathBuf,
     /// The value written.
-    pub value: String,
+    pub(crate) value: String,
 }
 
 /// Whether a cgroup holds whole processes or single threads (v2 only; v1
@@ -294,7 +295,7 @@ pub struct CpusetWriter {
 
 impl CpusetWriter {
     /// A writer for the hierarchy `host` describes.
-    pub fn new(host: CgroupHost) -> Self {
+    pub(crate) fn new(host: CgroupHost) -> Self {
         Self { host }
     }
 
@@ -420,7 +421,7 @@ impl CpusetWriter {
     /// requested CPU is widened first, top-down ([`v1::ensure`]); v2 takes
     /// any set (the effective set is the intersection with the parent's).
     /// A missing cgroup is `Missing`, never created.
-    pub fn set_cpus_within_parents(
+    pub(crate) fn set_cpus_within_parents(
         &self,
         cgroup: &str,
         cpus: &CpuSet,

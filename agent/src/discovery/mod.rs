@@ -35,14 +35,14 @@
 //! level); an entry that cannot be parsed is skipped with a `warn!` naming
 //! its path.
 
-pub mod affinity;
-pub mod cgroup_path;
-pub mod cmdline;
+pub(crate) mod affinity;
+pub(crate) mod cgroup_path;
+pub(crate) mod cmdline;
 // Test and benchmark helper: left out of the daemon's build.
 #[cfg(any(test, feature = "testing"))]
 pub mod fake_procfs;
-pub mod pidfd;
-pub mod procfs;
+pub(crate) mod pidfd;
+pub(crate) mod procfs;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -51,14 +51,14 @@ use affinity::{AffinityReader, AffinitySource};
 pub use cgroup_path::{
     parse_libvirt_path, parse_proc_cgroup, CgroupLocation, LibvirtCgroup, LibvirtLayout,
 };
-pub use cmdline::{classify_cmdline, Classification};
+pub(crate) use cmdline::{classify_cmdline, Classification};
 pub use pidfd::VmExitWatch;
 use procfs::{LossyText, ProcReadError};
 
 use crate::{ConfidentialClass, CpuSet};
 
 /// The procfs root used when none is configured.
-pub const DEFAULT_PROC_ROOT: &str = "/proc";
+pub(crate) const DEFAULT_PROC_ROOT: &str = "/proc";
 
 /// How a vCPU thread's index was found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -77,37 +77,47 @@ pub enum VcpuMatch {
 pub struct VcpuThread {
     /// KVM's vCPU index (`kvm-vcpu:N`, QEMU's `CPU N/KVM`).
     pub index: u32,
+    /// Thread id.
     pub tid: u32,
+    /// The thread's `comm`.
     pub comm: String,
     /// `Cpus_allowed_list` from `task/<tid>/status`.
     pub cpus_allowed: CpuSet,
     /// The CPU the thread last ran on (stat field 39).
-    pub last_cpu: Option<u32>,
+    pub(crate) last_cpu: Option<u32>,
     /// The thread's own cgroups (libvirt puts each vCPU in `vcpuN`).
     pub cgroup: CgroupLocation,
+    /// How the thread was matched to its index.
     pub matched_by: VcpuMatch,
 }
 
 /// A non-vCPU thread of a VM (emulator, I/O, RCU, worker threads of the VMM).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ThreadInfo {
+    /// Thread id.
     pub tid: u32,
+    /// The thread's `comm`.
     pub comm: String,
-    pub cpus_allowed: CpuSet,
-    pub last_cpu: Option<u32>,
+    /// `Cpus_allowed_list` from `task/<tid>/status`.
+    pub(crate) cpus_allowed: CpuSet,
+    /// The CPU the thread last ran on (stat field 39).
+    pub(crate) last_cpu: Option<u32>,
     /// `false` for io_uring workers and tasks with `PF_NO_SETAFFINITY`:
     /// their CPUs follow the cgroup, `sched_setaffinity` is refused.
-    pub affinity_settable: bool,
+    pub(crate) affinity_settable: bool,
 }
 
 /// A KVM VM process found in procfs.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DiscoveredVm {
+    /// Process id.
     pub pid: u32,
     /// Stat field 22 of the process: with `pid`, identifies it across pid reuse.
     pub start_time: u64,
-    pub comm: String,
-    pub cmdline: Vec<String>,
+    /// The process's `comm`.
+    pub(crate) comm: String,
+    /// The process's command line, one argument an element.
+    pub(crate) cmdline: Vec<String>,
     /// vCPU indices KVM knows, from the `kvm-vcpu:N` fds, ascending.
     pub vcpu_fds: Vec<u32>,
     /// vCPU threads whose index was found, by index.
@@ -139,24 +149,24 @@ impl DiscoveredVm {
 
 /// A process skipped by a scan because its procfs files could not be parsed.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SkippedEntry {
-    pub pid: u32,
+pub(crate) struct SkippedEntry {
+    pub(crate) pid: u32,
     /// The error, naming the file.
-    pub error: String,
+    pub(crate) error: String,
 }
 
 /// The result of [`VmScanner::scan_with_outcome`].
 #[derive(Debug, Clone, Default)]
-pub struct ScanOutcome {
-    pub vms: Vec<DiscoveredVm>,
+pub(crate) struct ScanOutcome {
+    pub(crate) vms: Vec<DiscoveredVm>,
     /// Process directories looked at.
-    pub processes: usize,
+    pub(crate) processes: usize,
     /// Processes that exited during the scan (normal).
-    pub exited: usize,
+    pub(crate) exited: usize,
     /// Processes whose fds could not be read (EACCES/EPERM: not root).
-    pub not_readable: usize,
+    pub(crate) not_readable: usize,
     /// Processes skipped for garbage or I/O errors (each logged with `warn!`).
-    pub skipped: Vec<SkippedEntry>,
+    pub(crate) skipped: Vec<SkippedEntry>,
 }
 
 /// Errors from discovery.
@@ -205,7 +215,7 @@ impl DiscoveryError {
 }
 
 /// Passes between two full rescans when none is configured.
-pub const DEFAULT_FULL_RESCAN_EVERY: u32 = 10;
+pub(crate) const DEFAULT_FULL_RESCAN_EVERY: u32 = 10;
 
 /// Passes after its first sighting during which a process that holds no
 /// `kvm-vm` fd is inspected again (a VMM opens its VM fd shortly after it
@@ -235,7 +245,7 @@ pub struct VmScanner {
 /// time, last CPU); after them it is read again at the next full rescan.
 /// QEMU names a vCPU thread right after creating it, so a thread first seen
 /// under its parent's name shows its own name on a later sighting.
-pub const THREAD_STAT_READS: u32 = 3;
+pub(crate) const THREAD_STAT_READS: u32 = 3;
 
 /// What earlier scans learned.
 #[derive(Debug, Default)]
@@ -304,7 +314,7 @@ impl VmScanner {
 
     /// Reads thread affinity from `source` whatever the root is (tests that
     /// compare both readers on one tree).
-    pub fn with_affinity_source(mut self, source: AffinitySource) -> Self {
+    pub(crate) fn with_affinity_source(mut self, source: AffinitySource) -> Self {
         self.affinity = source.reader();
         self
     }
@@ -320,7 +330,8 @@ impl VmScanner {
         self.cache.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn proc_root(&self) -> &Path {
+    /// The procfs root the scanner reads (`<host root>/proc`).
+    pub(crate) fn proc_root(&self) -> &Path {
         &self.proc_root
     }
 
@@ -332,7 +343,7 @@ impl VmScanner {
 
     /// [`Self::scan`], also reporting what was skipped (for metrics and
     /// events).
-    pub fn scan_with_outcome(&self) -> Result<ScanOutcome, DiscoveryError> {
+    pub(crate) fn scan_with_outcome(&self) -> Result<ScanOutcome, DiscoveryError> {
         // The names of the root are enough to compare with the known set;
         // `procfs::process::all_processes_with_root` would open every
         // process directory on every pass.
@@ -832,7 +843,7 @@ impl ThreadRecord {
 }
 
 /// The vCPU index in a QEMU vCPU thread name `CPU N/KVM`.
-pub fn qemu_vcpu_index(comm: &str) -> Option<u32> {
+pub(crate) fn qemu_vcpu_index(comm: &str) -> Option<u32> {
     comm.strip_prefix("CPU ")?
         .strip_suffix("/KVM")?
         .parse()

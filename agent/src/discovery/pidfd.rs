@@ -63,11 +63,13 @@ impl VmExitWatch {
         })
     }
 
-    pub fn pid(&self) -> u32 {
+    /// The watched process.
+    pub(crate) fn pid(&self) -> u32 {
         self.pid
     }
 
-    pub fn start_time(&self) -> u64 {
+    /// The watched process's stat field 22 (start time).
+    pub(crate) fn start_time(&self) -> u64 {
         self.start_time
     }
 
@@ -85,7 +87,7 @@ impl VmExitWatch {
 
     /// Completes when the process exits. Needs a tokio runtime with I/O
     /// enabled.
-    pub async fn exited(self) -> std::io::Result<()> {
+    pub(crate) async fn exited(self) -> std::io::Result<()> {
         // SAFETY: the OwnedFd moves into the AsyncFd and stays open for its
         // whole lifetime, as registration requires.
         let afd = unsafe {

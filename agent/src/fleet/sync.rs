@@ -18,7 +18,7 @@ use super::tree::{self, DesiredTree, L3Provider};
 /// Retries of one write after generation conflicts.
 const GENERATION_RETRIES: usize = 8;
 
-pub use crate::config::fleet::RootChoice;
+pub(crate) use crate::config::fleet::RootChoice;
 
 /// A provider as listed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -112,21 +112,21 @@ struct ConsumerState {
 
 /// What one sync did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct SyncOutcome {
+pub(crate) struct SyncOutcome {
     /// Writes made (0 when Placement already held the tree).
-    pub writes: usize,
+    pub(crate) writes: usize,
     /// Consumers of gone VMs whose allocations were removed: the store can
     /// forget them.
-    pub forgotten: Vec<String>,
+    pub(crate) forgotten: Vec<String>,
     /// Consumers whose allocation Placement refused (no room): their CPUs
     /// are counted in `reserved` until a later sync succeeds.
-    pub unpublished: Vec<String>,
+    pub(crate) unpublished: Vec<String>,
     /// Problems that did not stop the sync (a stale provider in use).
-    pub warnings: Vec<String>,
+    pub(crate) warnings: Vec<String>,
 }
 
 /// Keeps Placement true for one host.
-pub struct Reporter {
+pub(crate) struct Reporter {
     client: PlacementClient,
     root: RootChoice,
     classes_ready: bool,
@@ -167,7 +167,8 @@ fn allocations_json(a: &Allocations) -> Value {
 }
 
 impl Reporter {
-    pub fn new(client: PlacementClient, root: RootChoice) -> Self {
+    /// A reporter that writes through `client`, under the root provider `root` chooses.
+    pub(crate) fn new(client: PlacementClient, root: RootChoice) -> Self {
         Self {
             client,
             root,
@@ -177,12 +178,13 @@ impl Reporter {
         }
     }
 
-    pub fn client(&self) -> &PlacementClient {
+    /// The Placement client.
+    pub(crate) fn client(&self) -> &PlacementClient {
         &self.client
     }
 
     /// Forgets what was read, so the next sync reads everything again.
-    pub fn forget_cache(&mut self) {
+    pub(crate) fn forget_cache(&mut self) {
         self.known.clear();
         self.consumers.clear();
     }
@@ -524,7 +526,7 @@ impl Reporter {
     }
 
     /// One sync. `gone`: consumers of VMs the agent no longer holds.
-    pub fn sync(
+    pub(crate) fn sync(
         &mut self,
         want: &DesiredTree,
         gone: &[tree::Consumer],

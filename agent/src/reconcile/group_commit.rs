@@ -30,7 +30,7 @@ struct Slot {
 
 /// What a caller waits on before it answers.
 #[derive(Debug, Clone)]
-pub struct Ticket(TicketState);
+pub(crate) struct Ticket(TicketState);
 
 #[derive(Debug, Clone)]
 enum TicketState {
@@ -41,7 +41,7 @@ enum TicketState {
 
 impl Ticket {
     /// A ticket for an answer that depends on no staged decision.
-    pub fn durable() -> Self {
+    pub(crate) fn durable() -> Self {
         Self(TicketState::Done(Ok(())))
     }
 }
@@ -66,7 +66,7 @@ struct Log {
 
 /// The checkpoint's writer and the callers waiting on it.
 #[derive(Debug)]
-pub struct GroupCommit {
+pub(crate) struct GroupCommit {
     store: CheckpointStore,
     log: Mutex<Log>,
     written: Condvar,
@@ -75,17 +75,17 @@ pub struct GroupCommit {
 /// What the core needs to catch up with the log: see
 /// [`GroupCommit::state`].
 #[derive(Debug, Clone)]
-pub struct LogState {
-    pub epoch: u64,
-    pub durable: Arc<Checkpoint>,
-    pub last_failure: Option<Arc<CheckpointError>>,
+pub(crate) struct LogState {
+    pub(crate) epoch: u64,
+    pub(crate) durable: Arc<Checkpoint>,
+    pub(crate) last_failure: Option<Arc<CheckpointError>>,
     /// Writes attempted so far.
-    pub writes: u64,
+    pub(crate) writes: u64,
 }
 
 impl GroupCommit {
     /// A log whose durable checkpoint is `durable` (as loaded from `store`).
-    pub fn new(store: CheckpointStore, durable: Arc<Checkpoint>) -> Self {
+    pub(crate) fn new(store: CheckpointStore, durable: Arc<Checkpoint>) -> Self {
         Self {
             store,
             log: Mutex::new(Log {
@@ -102,7 +102,7 @@ impl GroupCommit {
         }
     }
 
-    pub fn store(&self) -> &CheckpointStore {
+    pub(crate) fn store(&self) -> &CheckpointStore {
         &self.store
     }
 
@@ -112,7 +112,7 @@ impl GroupCommit {
     }
 
     /// The epoch, the durable checkpoint and the last write's error.
-    pub fn state(&self) -> LogState {
+    pub(crate) fn state(&self) -> LogState {
         let log = self.lock();
         LogState {
             epoch: log.epoch,
@@ -125,7 +125,7 @@ impl GroupCommit {
     /// Stages `next`, decided in `epoch`, as the checkpoint to write. A
     /// stage for an epoch a failed write has ended is refused: it was
     /// decided on top of a decision that is not on disk.
-    pub fn stage(&self, epoch: u64, next: Arc<Checkpoint>) -> Ticket {
+    pub(crate) fn stage(&self, epoch: u64, next: Arc<Checkpoint>) -> Ticket {
         let mut log = self.lock();
         if epoch != log.epoch {
             return Self::refused(&log);
@@ -138,7 +138,7 @@ impl GroupCommit {
     /// A ticket for an answer read from the staged state at `generation`
     /// (an identical retry, a NOT_FOUND): it is given once that state is
     /// durable, so no answer reveals a decision that a failed write undoes.
-    pub fn covering(&self, epoch: u64, generation: u64) -> Ticket {
+    pub(crate) fn covering(&self, epoch: u64, generation: u64) -> Ticket {
         let mut log = self.lock();
         if epoch != log.epoch {
             return Self::refused(&log);
@@ -173,7 +173,7 @@ impl GroupCommit {
     /// Blocks until a write covering `ticket` is durable, writing the newest
     /// staged checkpoint itself when no write is in flight. Needs no lock
     /// of the core, so it may be called with or without it.
-    pub fn wait(&self, ticket: &Ticket) -> Result<(), CheckpointError> {
+    pub(crate) fn wait(&self, ticket: &Ticket) -> Result<(), CheckpointError> {
         let slot = match &ticket.0 {
             TicketState::Done(outcome) => return outcome.clone().map_err(|e| copy_error(&e)),
             TicketState::Waiting(slot) => slot,

@@ -15,8 +15,8 @@
 //! - After a flush, the dirty set restarts with the CPUs the vCPUs sit on,
 //!   since they enter the guest again right away.
 
-pub mod baselines;
-pub mod fleet;
+pub(crate) mod baselines;
+pub(crate) mod fleet;
 mod generate;
 mod rng;
 mod trace;
@@ -25,16 +25,18 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-pub use baselines::{PlacementModel, PlacementModelKind};
-pub use fleet::{
-    parse_fleet_spec, run_fleet_simulate_cli, simulate_fleet, FleetModelKind, FleetReport,
-    FleetSpec, FleetSpecError,
+pub(crate) use baselines::{PlacementModel, PlacementModelKind};
+pub use fleet::run_fleet_simulate_cli;
+pub(crate) use fleet::{
+    parse_fleet_spec, simulate_fleet, FleetModelKind, FleetReport, FleetSpec, FleetSpecError,
 };
-pub use generate::{generate_trace, shipped_fleet_trace_specs, shipped_trace_specs, TraceSpec};
-pub use rng::XorShift;
-pub use trace::{Event, Format, Trace};
+pub(crate) use generate::{generate_trace, TraceSpec};
+pub use generate::{shipped_fleet_trace_specs, shipped_trace_specs};
+pub(crate) use rng::XorShift;
+pub use trace::Trace;
+pub(crate) use trace::{Event, Format};
 
-use crate::cpuset::CpuSet;
+use crate::cpuset::{count_u32, CpuSet};
 use crate::placement::Reservations;
 use crate::topology::{Topology, TopologyError};
 use crate::types::{ConfidentialClass, VmId};
@@ -43,28 +45,53 @@ use baselines::{Admitted, Floating, KubeletStatic, Sevplace, VmSpec};
 /// Why a simulation could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum SimError {
+    /// The trace file could not be read.
     #[error("cannot read trace {path}: {source}")]
     Read {
+        /// The trace file.
         path: PathBuf,
+        /// What reading it returned.
         source: std::io::Error,
     },
+    /// The trace is not valid YAML or JSON of the trace format.
     #[error("{origin}{}: {message}", location(*line, *column))]
     Parse {
+        /// The trace file, or the shipped trace's name.
         origin: String,
+        /// Line of the fault, when the parser knows it.
         line: Option<usize>,
+        /// Column of the fault, when the parser knows it.
         column: Option<usize>,
+        /// What the parser reported.
         message: String,
     },
+    /// A trace entry holds a value out of range.
     #[error("{origin}: {field}: {reason}")]
     Invalid {
+        /// The trace file, or the shipped trace's name.
         origin: String,
+        /// The entry and field.
         field: String,
+        /// What is wrong with the value.
         reason: String,
     },
+    /// `--topology` is neither a host root nor a named topology.
     #[error("unknown topology {arg:?}: not a directory with a sys/ tree, nor one of {known}")]
-    UnknownTopology { arg: String, known: String },
+    UnknownTopology {
+        /// The argument.
+        arg: String,
+        /// The named topologies.
+        known: String,
+    },
+    /// The host root given as `--topology` could not be read.
     #[error("topology {arg}: {source}")]
-    Topology { arg: String, source: TopologyError },
+    Topology {
+        /// The argument.
+        arg: String,
+        /// What reading the topology returned.
+        source: TopologyError,
+    },
+    /// `--fleet` is not a fleet.
     #[error(transparent)]
     Fleet(#[from] FleetSpecError),
 }
@@ -82,7 +109,7 @@ fn location(line: Option<usize>, column: Option<usize>) -> String {
     Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
 )]
 #[serde(rename_all = "kebab-case")]
-pub enum FlushPolicy {
+pub(crate) enum FlushPolicy {
     /// `wbinvd_on_all_cpus()`: every online CPU.
     Stock,
     /// Linux 6.17 `have_run_cpus` (seed v4): every CPU that ever ran the VM.
@@ -92,9 +119,9 @@ pub enum FlushPolicy {
 }
 
 impl FlushPolicy {
-    pub const ALL: [Self; 3] = [Self::Stock, Self::HaveRunCpus, Self::Sevplace];
+    pub(crate) const ALL: [Self; 3] = [Self::Stock, Self::HaveRunCpus, Self::Sevplace];
 
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::Stock => "stock",
             Self::HaveRunCpus => "have-run-cpus",
@@ -105,20 +132,23 @@ impl FlushPolicy {
 
 /// Simulation settings.
 #[derive(Debug, Clone, Default)]
-pub struct SimOptions {
-    pub reservations: Reservations,
+pub(crate) struct SimOptions {
+    pub(crate) reservations: Reservations,
 }
 
 /// Mean, 99th percentile and maximum of a per-reclaim count.
 #[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct Stat {
-    pub mean: f64,
-    pub p99: f64,
-    pub max: u32,
+pub(crate) struct Stat {
+    pub(crate) mean: f64,
+    pub(crate) p99: f64,
+    pub(crate) max: u32,
 }
 
 impl Stat {
+    // The rank, ceil(0.99 n) for n samples, is a non-negative whole number
+    // at most n: the float-to-usize cast neither truncates nor drops a sign.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
     fn of(samples: &mut [u32]) -> Self {
         if samples.is_empty() {
             return Self::default();
@@ -139,65 +169,65 @@ impl Stat {
 /// Invariant checks counted during the run.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct Checks {
+pub(crate) struct Checks {
     /// Reclaims whose flushed set missed a CPU of the limit (unsafe).
-    pub reclaims_below_limit: u64,
+    pub(crate) reclaims_below_limit: u64,
     /// Reclaims of VMs with exclusive CPUs that flushed a CPU outside them.
-    pub reclaims_outside_exclusive_cpus: u64,
+    pub(crate) reclaims_outside_exclusive_cpus: u64,
 }
 
 /// Results of one (placement model, flush policy) pair.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct Combination {
-    pub placement: PlacementModelKind,
-    pub flush: FlushPolicy,
+pub(crate) struct Combination {
+    pub(crate) placement: PlacementModelKind,
+    pub(crate) flush: FlushPolicy,
     /// Reclaims that flushed (sev and sev-es VMs).
-    pub reclaims: u64,
-    pub flushed_cpus: Stat,
-    pub l3_domains_disturbed: Stat,
+    pub(crate) reclaims: u64,
+    pub(crate) flushed_cpus: Stat,
+    pub(crate) l3_domains_disturbed: Stat,
     /// vCPUs of non-confidential VMs resident in a disturbed L3 domain.
-    pub non_confidential_vcpus_hit: Stat,
+    pub(crate) non_confidential_vcpus_hit: Stat,
     /// CPUs that entered the VM since its last flush.
-    pub limit_cpus: Stat,
+    pub(crate) limit_cpus: Stat,
     /// Mean flushed CPUs over mean limit.
-    pub flushed_over_limit: f64,
+    pub(crate) flushed_over_limit: f64,
     /// Arrivals placed before the first rejection.
-    pub vms_before_first_rejection: u32,
-    pub admitted: u32,
-    pub rejected: u32,
+    pub(crate) vms_before_first_rejection: u32,
+    pub(crate) admitted: u32,
+    pub(crate) rejected: u32,
     /// Placements the engine reported as mixing pools in an L3 domain.
-    pub mixed_pool_placements: u32,
+    pub(crate) mixed_pool_placements: u32,
     /// Of those, placements made before the first rejection (while the
     /// host still had room for every VM).
-    pub mixed_pool_placements_before_first_rejection: u32,
-    pub checks: Checks,
+    pub(crate) mixed_pool_placements_before_first_rejection: u32,
+    pub(crate) checks: Checks,
 }
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct TopologySummary {
-    pub name: String,
-    pub cpus: usize,
-    pub l3_domains: usize,
-    pub numa_nodes: usize,
+pub(crate) struct TopologySummary {
+    pub(crate) name: String,
+    pub(crate) cpus: usize,
+    pub(crate) l3_domains: usize,
+    pub(crate) numa_nodes: usize,
 }
 
 /// The whole result.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct Report {
-    pub trace: String,
-    pub topology: TopologySummary,
-    pub arrivals: usize,
+pub(crate) struct Report {
+    pub(crate) trace: String,
+    pub(crate) topology: TopologySummary,
+    pub(crate) arrivals: usize,
     /// Reclaim events, including those of VMs that flush nothing.
-    pub reclaim_events: u64,
-    pub migration_events: u64,
-    pub combinations: Vec<Combination>,
+    pub(crate) reclaim_events: u64,
+    pub(crate) migration_events: u64,
+    pub(crate) combinations: Vec<Combination>,
 }
 
 impl Report {
-    pub fn combination(&self, p: PlacementModelKind, f: FlushPolicy) -> Option<&Combination> {
+    pub(crate) fn combination(&self, p: PlacementModelKind, f: FlushPolicy) -> Option<&Combination> {
         self.combinations
             .iter()
             .find(|c| c.placement == p && c.flush == f)
@@ -207,7 +237,7 @@ impl Report {
     /// L3 domains disturbed and non-confidential vCPUs in those domains per
     /// reclaim; the limit; mean flushed over mean limit; VMs placed before
     /// the first rejection; rejections; placements that mixed pools.
-    pub fn to_table(&self) -> String {
+    pub(crate) fn to_table(&self) -> String {
         let t = &self.topology;
         let title = format!(
             "trace {} on {} ({} CPUs, {} L3 domains, {} NUMA nodes): {} arrivals, {} reclaim events, {} migrations",
@@ -313,7 +343,7 @@ fn render_table(
 
 /// Named topologies: the shipped fixtures (`agent/tests/fixtures`), built
 /// from `Topology::synthetic` so the CLI needs no files.
-pub const TOPOLOGY_NAMES: [&str; 7] = [
+pub(crate) const TOPOLOGY_NAMES: [&str; 7] = [
     "milan-64c",
     "genoa-2x96-nps1",
     "genoa-2x96-nps4",
@@ -324,7 +354,7 @@ pub const TOPOLOGY_NAMES: [&str; 7] = [
 ];
 
 /// The named topology, if known.
-pub fn named_topology(name: &str) -> Option<Topology> {
+pub(crate) fn named_topology(name: &str) -> Option<Topology> {
     let t = match name {
         "milan-64c" => Topology::synthetic(1, 8, 8, 2, 1),
         "genoa-2x96-nps1" => Topology::synthetic(2, 12, 8, 2, 1),
@@ -346,7 +376,7 @@ pub fn named_topology(name: &str) -> Option<Topology> {
 
 /// A topology from the command line: a name from [`TOPOLOGY_NAMES`], or a
 /// host root directory (its `sys/` tree is read, as with `--host-root`).
-pub fn topology_from_arg(arg: &str) -> Result<(String, Topology), SimError> {
+pub(crate) fn topology_from_arg(arg: &str) -> Result<(String, Topology), SimError> {
     if let Some(t) = named_topology(arg) {
         return Ok((arg.to_string(), t));
     }
@@ -713,7 +743,7 @@ impl<'a> Run<'a> {
             return;
         };
         let limit = r.dirty.clone();
-        self.limits.push(limit.len() as u32);
+        self.limits.push(count_u32(limit.len()));
         let sets = [&self.topo.online, &r.ran, &r.dirty];
         let exclusive = r.admitted.exclusive.clone();
         let mut results = Vec::with_capacity(3);
@@ -724,7 +754,7 @@ impl<'a> Run<'a> {
                     seen[d] = true;
                 }
             }
-            let domains = seen.iter().filter(|&&s| s).count() as u32;
+            let domains = count_u32(seen.iter().filter(|&&s| s).count());
             let hit: u32 = seen
                 .iter()
                 .zip(&self.nonconf_per_domain)
@@ -733,7 +763,7 @@ impl<'a> Run<'a> {
                 .sum();
             let below = !limit.is_subset(set);
             let outside = exclusive.as_ref().is_some_and(|e| !set.is_subset(e));
-            results.push((set.len() as u32, domains, hit, below, outside));
+            results.push((count_u32(set.len()), domains, hit, below, outside));
         }
         for (s, (flushed, domains, hit, below, outside)) in self.samples.iter_mut().zip(results) {
             s.flushed.push(flushed);
@@ -759,7 +789,7 @@ impl<'a> Run<'a> {
 }
 
 /// Replays `trace` on `topo` for every placement model and flush policy.
-pub fn simulate(topo: &Topology, trace: &Trace, opts: &SimOptions) -> Result<Report, SimError> {
+pub(crate) fn simulate(topo: &Topology, trace: &Trace, opts: &SimOptions) -> Result<Report, SimError> {
     trace.check(&trace.name)?;
     // A VM larger than the host is a mistake in the trace, not a rejection.
     let online = topo.online.len();

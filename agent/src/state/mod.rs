@@ -46,32 +46,44 @@ use crate::{ConfidentialClass, CpuSet, VmId};
 
 mod v1;
 
-pub mod selector;
+pub(crate) mod selector;
 
 /// Directory of the checkpoint when none is configured.
-pub const DEFAULT_STATE_DIR: &str = "/var/lib/sevplace";
+pub(crate) const DEFAULT_STATE_DIR: &str = "/var/lib/sevplace";
 /// File name of the checkpoint inside the state directory.
-pub const CHECKPOINT_FILE: &str = "checkpoint.json";
+pub(crate) const CHECKPOINT_FILE: &str = "checkpoint.json";
 /// The `format` field of the document.
-pub const CHECKPOINT_FORMAT: &str = "sevplace-checkpoint";
+pub(crate) const CHECKPOINT_FORMAT: &str = "sevplace-checkpoint";
 /// The newest format version this build reads and the one it writes.
-pub const CHECKPOINT_VERSION: u32 = 2;
+pub(crate) const CHECKPOINT_VERSION: u32 = 2;
 
 /// How the orchestrator identified the VM.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case")]
 pub enum VmSelector {
     /// A process; `start_time` (stat field 22) guards against pid reuse.
-    Process { pid: u32, start_time: Option<u64> },
+    Process {
+        /// The process id.
+        pid: u32,
+        /// Its stat field 22, when the orchestrator gave it.
+        start_time: Option<u64>,
+    },
     /// A libvirt domain by name.
-    LibvirtDomain { name: String },
+    LibvirtDomain {
+        /// The domain's name.
+        name: String,
+    },
     /// A cgroup path (as in `/proc/<pid>/cgroup`).
-    CgroupPath { path: String },
+    CgroupPath {
+        /// The path.
+        path: String,
+    },
 }
 
 /// The request fields of a PlaceVm call.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PlacementRequest {
+    /// vCPUs of the VM.
     pub vcpus: u32,
     /// Declared by the orchestrator; `None`: taken from discovery.
     pub class: Option<ConfidentialClass>,
@@ -113,7 +125,7 @@ pub struct PlacementRecord {
 
 impl PlacementRecord {
     /// Every CPU the placement uses.
-    pub fn all_cpus(&self) -> CpuSet {
+    pub(crate) fn all_cpus(&self) -> CpuSet {
         self.vcpu_cpus
             .iter()
             .chain(self.emulator_cpus.iter())
@@ -143,7 +155,7 @@ impl PlacementRecord {
     }
 
     /// What the engine rebuilds its placement from.
-    pub fn decided(&self) -> crate::placement::Decided<'_> {
+    pub(crate) fn decided(&self) -> crate::placement::Decided<'_> {
         crate::placement::Decided {
             cpus: &self.cpus,
             vcpu_cpus: &self.vcpu_cpus,
@@ -161,8 +173,11 @@ impl PlacementRecord {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "IntentWire", into = "IntentWire")]
 pub struct IntentRecord {
+    /// The orchestrator's id of the VM.
     pub vm_id: VmId,
+    /// Which process the VM is.
     pub selector: VmSelector,
+    /// The request fields.
     pub request: PlacementRequest,
     /// `None` until the engine has chosen (a validate-only request is
     /// never stored).
@@ -171,13 +186,13 @@ pub struct IntentRecord {
 
 impl IntentRecord {
     /// The VM this intent is for.
-    pub fn key(&self) -> VmKey {
+    pub(crate) fn key(&self) -> VmKey {
         VmKey::of_id(&self.vm_id)
     }
 
     /// The engine's request of this intent, with the class it was placed
     /// as; `None` before a decision.
-    pub fn engine_request(&self) -> Option<crate::placement::PlacementRequest> {
+    pub(crate) fn engine_request(&self) -> Option<crate::placement::PlacementRequest> {
         let record = self.placement.as_ref()?;
         Some(crate::placement::PlacementRequest {
             vm_id: self.vm_id.clone(),
@@ -250,12 +265,13 @@ pub struct Checkpoint {
 }
 
 impl Checkpoint {
-    pub fn get(&self, vm: &VmId) -> Option<&IntentRecord> {
+    /// The intent of `vm`.
+    pub(crate) fn get(&self, vm: &VmId) -> Option<&IntentRecord> {
         self.intents.iter().find(|i| &i.vm_id == vm)
     }
 
     /// Inserts or replaces the intent of `intent.vm_id`; returns the old one.
-    pub fn upsert(&mut self, intent: IntentRecord) -> Option<IntentRecord> {
+    pub(crate) fn upsert(&mut self, intent: IntentRecord) -> Option<IntentRecord> {
         match self
             .intents
             .binary_search_by(|i| i.vm_id.cmp(&intent.vm_id))
@@ -269,7 +285,7 @@ impl Checkpoint {
     }
 
     /// Removes the intent of `vm`.
-    pub fn remove(&mut self, vm: &VmId) -> Option<IntentRecord> {
+    pub(crate) fn remove(&mut self, vm: &VmId) -> Option<IntentRecord> {
         let pos = self.intents.iter().position(|i| &i.vm_id == vm)?;
         Some(self.intents.remove(pos))
     }
@@ -332,7 +348,7 @@ impl Default for CheckpointStore {
 
 impl CheckpointStore {
     /// A store at an explicit file path.
-    pub fn new(path: impl Into<PathBuf>) -> Self {
+    pub(crate) fn new(path: impl Into<PathBuf>) -> Self {
         Self { path: path.into() }
     }
 
@@ -341,7 +357,8 @@ impl CheckpointStore {
         Self::new(dir.as_ref().join(CHECKPOINT_FILE))
     }
 
-    pub fn path(&self) -> &Path {
+    /// The checkpoint file.
+    pub(crate) fn path(&self) -> &Path {
         &self.path
     }
 
@@ -420,7 +437,7 @@ impl CheckpointStore {
     /// Moves the checkpoint file aside to `<file>.bad-<unix seconds>` (a
     /// numeric suffix is added if that name is taken) and returns the new
     /// path; `None` when there was no file. The file is never deleted.
-    pub fn reset(&self) -> Result<Option<PathBuf>, CheckpointError> {
+    pub(crate) fn reset(&self) -> Result<Option<PathBuf>, CheckpointError> {
         if !self.path.exists() {
             return Ok(None);
         }
