@@ -85,7 +85,12 @@ pub(crate) struct Conditions {
 impl Conditions {
     /// Raises `kind` with `message`, or updates the message of a raised
     /// one (its `since` stays).
-    pub(crate) fn raise(&mut self, kind: ConditionKind, message: String, now: SystemTime) -> Change {
+    pub(crate) fn raise(
+        &mut self,
+        kind: ConditionKind,
+        message: String,
+        now: SystemTime,
+    ) -> Change {
         match self.raised.get_mut(&kind) {
             Some(c) if c.message == message => Change::None,
             Some(c) => {

@@ -62,6 +62,7 @@ impl CpuSet {
     }
 
     /// Removes `cpu`; returns whether it was present.
+    #[cfg(test)]
     pub(crate) fn remove(&mut self, cpu: u32) -> bool {
         let (w, b) = ((cpu / 64) as usize, cpu % 64);
         let present = self.contains(cpu);

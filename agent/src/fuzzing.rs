@@ -85,7 +85,7 @@ fn assert_cpulist_round_trip(set: &CpuSet) {
 /// Cpulists (`0-3,8`) and hex cpumasks (`ff,ffffffff`): a parsed set
 /// formats to a canonical cpulist that parses back to the same set; an
 /// error names a token of the input.
-pub(crate) fn check_cpulist(data: &[u8]) {
+pub fn check_cpulist(data: &[u8]) {
     let Some(input) = text(data) else { return };
     match CpuSet::parse(input) {
         Ok(set) => {
@@ -122,7 +122,7 @@ fn stat_line(st: &TaskStat) -> String {
 /// `status` (`Cpus_allowed_list`, read on fixture trees), fd link targets
 /// and `syscall`. Each parsed value, written back in the kernel's format,
 /// parses to the same value.
-pub(crate) fn check_procfs(data: &[u8]) {
+pub fn check_procfs(data: &[u8]) {
     // `stat` is read lossily (the thread name need not be UTF-8).
     let lossy = String::from_utf8_lossy(data);
     if let Ok(st) = parse_stat(&lossy) {
@@ -154,7 +154,7 @@ pub(crate) fn check_procfs(data: &[u8]) {
 /// process's cgroup file is the one its paths name, and the vCPU cgroup
 /// paths built from it lead back to it; id lists round-trip; `dir_of` never
 /// leaves the hierarchy.
-pub(crate) fn check_cgroupfs(data: &[u8]) {
+pub fn check_cgroupfs(data: &[u8]) {
     let Some(input) = text(data) else { return };
     match parse_proc_cgroup(input) {
         Ok(loc) => {
@@ -215,7 +215,7 @@ pub(crate) fn check_cgroupfs(data: &[u8]) {
 /// sevflush sysfs values: counters, `abi_version`, `mode`, `pid`, cpulists,
 /// `unknown_past` and record names. A parsed value, written back as the
 /// module writes it (value and newline), parses to the same value.
-pub(crate) fn check_sevflush(data: &[u8]) {
+pub fn check_sevflush(data: &[u8]) {
     let Some(input) = text(data) else { return };
     let number = kmod::parse_u64(input);
     if let Ok(n) = number {
@@ -248,7 +248,7 @@ pub(crate) fn check_sevflush(data: &[u8]) {
 /// (NUL-separated arguments): deterministic, independent of the directory
 /// of the program, and consistent with its rules (module docs of
 /// `discovery::cmdline`).
-pub(crate) fn check_qemu_cmdline(data: &[u8]) {
+pub fn check_qemu_cmdline(data: &[u8]) {
     // The command line is read lossily (it need not be UTF-8).
     let input = String::from_utf8_lossy(data);
     let args = parse_proc_cmdline(&input);
@@ -292,7 +292,7 @@ pub(crate) fn check_qemu_cmdline(data: &[u8]) {
 
 /// Trace files in JSON and YAML: an accepted trace, written with
 /// `to_json` and `to_yaml`, reads back equal.
-pub(crate) fn check_trace(data: &[u8]) {
+pub fn check_trace(data: &[u8]) {
     let Some(input) = text(data) else { return };
     for format in [Format::Json, Format::Yaml] {
         let Ok(trace) = Trace::parse(input, format, "fuzz") else {
@@ -317,7 +317,7 @@ pub(crate) fn check_trace(data: &[u8]) {
 /// whole document and as a payload wrapped in a valid envelope (so the
 /// payload parsers are reached without the fuzzer having to solve CRC-32):
 /// once as version 1, which is migrated, and once as the current version.
-pub(crate) fn check_checkpoint(data: &[u8]) {
+pub fn check_checkpoint(data: &[u8]) {
     check_checkpoint_document(data);
     if let Some(payload) = text(data) {
         let payload = payload.trim();

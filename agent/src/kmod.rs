@@ -278,11 +278,6 @@ impl ModuleReader {
         Self { dir: dir.into() }
     }
 
-    /// The module's sysfs directory.
-    pub(crate) fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     /// Reads and checks `abi_version`.
     pub(crate) fn abi_version(&self) -> Result<u32, ModuleError> {
         if !self.dir.exists() {
@@ -589,8 +584,16 @@ mod tests {
                     let stage = base.join(format!("stage-{i}"));
                     fake_tree::write_globals(&stage, "targeted", [1, 2, 3, 4, 5]).unwrap();
                     for id in 1..=8u64 {
-                        fake_tree::write_record(&stage, id, 1000 + id as u32, "0-3", "0-7", id, id)
-                            .unwrap();
+                        fake_tree::write_record(
+                            &stage,
+                            id,
+                            1000 + u32::try_from(id).unwrap(),
+                            "0-3",
+                            "0-7",
+                            id,
+                            id,
+                        )
+                        .unwrap();
                     }
                     std::fs::rename(&stage, &live).unwrap();
                     std::thread::sleep(std::time::Duration::from_micros(300));
@@ -624,7 +627,7 @@ mod tests {
                     assert!(rs.len() <= 8);
                     for r in rs {
                         records += 1;
-                        assert_eq!(r.pid, 1000 + r.id as u32);
+                        assert_eq!(r.pid, 1000 + u32::try_from(r.id).unwrap());
                         assert_eq!(r.dirty_cpus, CpuSet::range(0, 3));
                         assert_eq!(r.ran_cpus, CpuSet::range(0, 7));
                         assert_eq!((r.flushes, r.flushed_cpus), (r.id, r.id));

@@ -134,7 +134,10 @@ pub(crate) fn load_certs(
 }
 
 /// The private key of a PEM file (PKCS#8, PKCS#1 or SEC1).
-pub(crate) fn load_key(what: &'static str, path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+pub(crate) fn load_key(
+    what: &'static str,
+    path: &Path,
+) -> Result<PrivateKeyDer<'static>, TlsError> {
     let bytes = read(what, path)?;
     PrivateKeyDer::from_pem_slice(&bytes)
         .map_err(|e| pem_error(what, path, format!("no usable private key: {e}")))
@@ -333,12 +336,6 @@ pub(crate) struct TlsPeerInfo {
 pub(crate) struct MtlsStream {
     inner: tokio_rustls::server::TlsStream<TcpStream>,
     peer: TlsPeerInfo,
-}
-
-impl MtlsStream {
-    pub(crate) fn peer(&self) -> &TlsPeerInfo {
-        &self.peer
-    }
 }
 
 impl tonic::transport::server::Connected for MtlsStream {

@@ -389,7 +389,12 @@ impl Topology {
     /// isolated set, and, when `cache_info` is false, no L3 entries (domains
     /// fall back to packages). Reproduces what sysfs shows for such a host,
     /// so named topologies can stand for fixtures with offline CPUs.
-    pub(crate) fn with_changes(&self, offline: &CpuSet, isolated: &CpuSet, cache_info: bool) -> Self {
+    pub(crate) fn with_changes(
+        &self,
+        offline: &CpuSet,
+        isolated: &CpuSet,
+        cache_info: bool,
+    ) -> Self {
         let online = self.online.difference(offline);
         let numa: BTreeMap<u32, u32> = self
             .cpus

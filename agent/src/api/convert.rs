@@ -141,7 +141,6 @@ fn state(s: VmState) -> pb::VmState {
         VmState::Placed => pb::VmState::Placed,
         VmState::Drifted => pb::VmState::Drifted,
         VmState::Unmanaged => pb::VmState::Unmanaged,
-        VmState::Exited => pb::VmState::Exited,
         VmState::Unplaceable => pb::VmState::Unplaceable,
     }
 }

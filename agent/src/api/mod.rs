@@ -145,12 +145,16 @@ pub(crate) fn placement_consumer(
 const PAGE_TOKEN_PREFIX: &str = "after:";
 
 impl SevplaceApi {
+    #[cfg(test)]
     pub(crate) fn new(ctx: Arc<AgentContext>) -> Self {
         Self { ctx, fleet: None }
     }
 
     /// With fleet reporting: PlaceVm records Placement consumers in `link`.
-    pub(crate) fn with_fleet(ctx: Arc<AgentContext>, link: Option<Arc<crate::fleet::FleetLink>>) -> Self {
+    pub(crate) fn with_fleet(
+        ctx: Arc<AgentContext>,
+        link: Option<Arc<crate::fleet::FleetLink>>,
+    ) -> Self {
         Self { ctx, fleet: link }
     }
 

@@ -27,11 +27,8 @@ use std::path::{Component, Path, PathBuf};
 
 use crate::CpuSet;
 
-pub use affinity::{SchedAffinity, ThreadAffinity};
 pub use affinity::{get_thread_affinity, set_thread_affinity};
-
-/// The cgroupfs mount point used when none is configured.
-pub(crate) const DEFAULT_CGROUP_ROOT: &str = "/sys/fs/cgroup";
+pub use affinity::{SchedAffinity, ThreadAffinity};
 
 /// `cpuset.cpus`: the configured CPUs of a cgroup (same name in v1 and v2).
 pub(crate) const CPUSET_CPUS: &str = "cpuset.cpus";
@@ -88,12 +85,18 @@ fn written(value: &str) -> String {
 pub enum CgroupError {
     /// The thread or process exited (ESRCH, or ENOENT on a thread).
     #[error("{target}: thread or process is gone")]
-    VmGone { target: Target },
+    VmGone {
+        /// What was acted on.
+        target: Target,
+    },
     /// EACCES or EPERM (delegation, containers, not root).
     #[error("{target}: permission denied{}: {source}", written(.value))]
     Permission {
+        /// What was acted on.
         target: Target,
+        /// The value written (empty for a read).
         value: String,
+        /// What the kernel returned.
         source: std::io::Error,
     },
     /// The set is not allowed here: EINVAL (no online CPU, not a cpulist,
@@ -102,43 +105,69 @@ pub enum CgroupError {
     /// [`v1`] tells it apart from a permission error).
     #[error("{target}: invalid CPU set {value:?}: {reason}")]
     InvalidSet {
+        /// What was acted on.
         target: Target,
+        /// The value written.
         value: String,
+        /// Why the kernel or the v1 rule refused it.
         reason: String,
     },
     /// EBUSY: a child still uses CPUs being removed, or a v2 cgroup with
     /// processes cannot enable controllers ("no internal processes").
     #[error("{target}: busy{}: {source}", written(.value))]
     Busy {
+        /// What was acted on.
         target: Target,
+        /// The value written (empty for a read).
         value: String,
+        /// What the kernel returned.
         source: std::io::Error,
     },
     /// ENOSPC: v1 attach to a cgroup whose `cpuset.cpus` or `cpuset.mems`
     /// is empty.
     #[error("{target}: cpuset.cpus or cpuset.mems is empty{}: {source}", written(.value))]
     NoSpace {
+        /// What was acted on.
         target: Target,
+        /// The value written (empty for a read).
         value: String,
+        /// What the kernel returned.
         source: std::io::Error,
     },
     /// The cgroup directory or file does not exist (ENOENT, not on a thread).
     #[error("{target}: no such cgroup or file")]
-    Missing { target: Target },
+    Missing {
+        /// What was acted on.
+        target: Target,
+    },
     /// No cpuset controller under the root.
     #[error("no cpuset controller under {root}: neither {root}/cgroup.controllers (v2) nor {root}/cpuset/cpuset.cpus (v1) is usable")]
-    NoCpuset { root: PathBuf },
+    NoCpuset {
+        /// The cgroupfs root searched.
+        root: PathBuf,
+    },
     /// A cgroup path with `..` or other non-normal components.
     #[error("cgroup path {path:?} must be absolute within the hierarchy, without '..'")]
-    BadPath { path: String },
+    BadPath {
+        /// The path given.
+        path: String,
+    },
     /// A file with unexpected content.
     #[error("{target}: {what}")]
-    Malformed { target: Target, what: String },
+    Malformed {
+        /// What was read.
+        target: Target,
+        /// What is wrong with the content.
+        what: String,
+    },
     /// Any other I/O error.
     #[error("{target}{}: {source}", written(.value))]
     Io {
+        /// What was acted on.
         target: Target,
+        /// The value written (empty for a read).
         value: String,
+        /// What the kernel returned.
         source: std::io::Error,
     },
 }

@@ -63,9 +63,7 @@ pub(crate) fn default_host_name() -> String {
 
 /// The `[fleet]` section: off, or a URL and exactly one way to
 /// authenticate.
-pub(super) fn settings(
-    cfg: &config::Config,
-) -> Result<Option<FleetSettings>, ConfigError> {
+pub(super) fn settings(cfg: &config::Config) -> Result<Option<FleetSettings>, ConfigError> {
     let enabled = cfg
         .get_bool("fleet.enabled")
         .map_err(|e| bad("fleet.enabled", e))?;

@@ -317,7 +317,10 @@ pub(crate) struct TopRow {
 }
 
 /// Rows for `top`; `prev` is the previous snapshot and the time since it.
-pub(crate) fn top_rows(vms: &[pb::Vm], prev: Option<(std::time::Duration, &[pb::Vm])>) -> Vec<TopRow> {
+pub(crate) fn top_rows(
+    vms: &[pb::Vm],
+    prev: Option<(std::time::Duration, &[pb::Vm])>,
+) -> Vec<TopRow> {
     vms.iter()
         .map(|vm| {
             let flush = vm.flush.clone().unwrap_or_default();

@@ -36,7 +36,9 @@ pub enum LibvirtLayout {
 /// A libvirt domain's machine cgroup, found from one of its threads' paths.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct LibvirtCgroup {
+    /// The hierarchy the path was read from.
     pub hierarchy: Hierarchy,
+    /// Which of libvirt's layouts the path has.
     pub layout: LibvirtLayout,
     /// The machine cgroup: `/machine.slice/machine-qemu\x2d1\x2dvm1.scope`
     /// or `/machine/vm1.libvirt-qemu`.

@@ -100,7 +100,13 @@ impl FakeProcess {
 }
 
 /// Renders a stat line with the given fields (others zero).
-pub(crate) fn stat_line(pid: u32, comm: &str, flags: u64, start_time: u64, last_cpu: u32) -> String {
+pub(crate) fn stat_line(
+    pid: u32,
+    comm: &str,
+    flags: u64,
+    start_time: u64,
+    last_cpu: u32,
+) -> String {
     // Fields 3..=52; index i holds field i + 3.
     let mut f: Vec<String> = vec!["0".to_string(); 50];
     f[0] = "S".to_string();
@@ -141,7 +147,12 @@ pub fn write_process(root: &Path, p: &FakeProcess) -> io::Result<PathBuf> {
 }
 
 /// Writes (or rewrites) one thread of process `pid`.
-pub(crate) fn write_thread(root: &Path, pid: u32, start_time: u64, t: &FakeThread) -> io::Result<()> {
+pub(crate) fn write_thread(
+    root: &Path,
+    pid: u32,
+    start_time: u64,
+    t: &FakeThread,
+) -> io::Result<()> {
     let tdir = root
         .join(pid.to_string())
         .join("task")

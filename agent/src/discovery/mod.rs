@@ -175,25 +175,47 @@ pub enum DiscoveryError {
     /// The procfs root itself cannot be listed.
     #[error("cannot list procfs root {path}: {source}")]
     ProcRoot {
+        /// The procfs root.
         path: PathBuf,
+        /// What listing it returned.
         source: std::io::Error,
     },
     /// The process exited (or its pid now names another process).
     #[error("process {pid} is gone ({path})")]
-    VmGone { pid: u32, path: PathBuf },
+    VmGone {
+        /// The process.
+        pid: u32,
+        /// Its procfs directory.
+        path: PathBuf,
+    },
     /// The process holds no `kvm-vm` fd.
     #[error("process {pid} is not a KVM VM: no anon_inode:kvm-vm fd under {path}")]
-    NotAVm { pid: u32, path: PathBuf },
+    NotAVm {
+        /// The process.
+        pid: u32,
+        /// Its `fd` directory.
+        path: PathBuf,
+    },
     /// EACCES/EPERM on a procfs file.
     #[error("{path}: permission denied")]
-    Permission { path: PathBuf },
+    Permission {
+        /// The file.
+        path: PathBuf,
+    },
     /// A procfs file with unexpected content.
     #[error("{path}: {what}")]
-    Malformed { path: PathBuf, what: String },
+    Malformed {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with the content.
+        what: String,
+    },
     /// Any other I/O error.
     #[error("{path}: {source}")]
     Io {
+        /// The file.
         path: PathBuf,
+        /// What reading it returned.
         source: std::io::Error,
     },
 }
@@ -310,13 +332,6 @@ impl VmScanner {
             affinity,
             cache: Default::default(),
         }
-    }
-
-    /// Reads thread affinity from `source` whatever the root is (tests that
-    /// compare both readers on one tree).
-    pub(crate) fn with_affinity_source(mut self, source: AffinitySource) -> Self {
-        self.affinity = source.reader();
-        self
     }
 
     /// Sets the passes between two full rescans (1: every scan is full).

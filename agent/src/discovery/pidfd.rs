@@ -17,8 +17,6 @@ use super::{DiscoveryError, VmScanner};
 /// An open pidfd of a VM process.
 #[derive(Debug)]
 pub struct VmExitWatch {
-    pid: u32,
-    start_time: u64,
     fd: OwnedFd,
 }
 
@@ -56,21 +54,7 @@ impl VmExitWatch {
         if !scanner.is_same_process(pid, start_time)? {
             return Err(DiscoveryError::VmGone { pid, path });
         }
-        Ok(Self {
-            pid,
-            start_time,
-            fd,
-        })
-    }
-
-    /// The watched process.
-    pub(crate) fn pid(&self) -> u32 {
-        self.pid
-    }
-
-    /// The watched process's stat field 22 (start time).
-    pub(crate) fn start_time(&self) -> u64 {
-        self.start_time
+        Ok(Self { fd })
     }
 
     /// Whether the process has exited (non-blocking poll of the pidfd).

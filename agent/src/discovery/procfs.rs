@@ -231,7 +231,11 @@ pub(crate) fn read_text_lossy(path: &Path) -> Result<String, ProcReadError> {
 }
 
 /// Reads and parses `task/<tid>/stat` of process `pid`.
-pub(crate) fn read_task_stat(proc_root: &Path, pid: u32, tid: u32) -> Result<TaskStat, ProcReadError> {
+pub(crate) fn read_task_stat(
+    proc_root: &Path,
+    pid: u32,
+    tid: u32,
+) -> Result<TaskStat, ProcReadError> {
     let path = task_file(proc_root, pid, tid, "stat");
     let text = read_text_lossy(&path)?;
     parse_stat(&text).map_err(|what| ProcReadError::Malformed { path, what })
@@ -239,14 +243,22 @@ pub(crate) fn read_task_stat(proc_root: &Path, pid: u32, tid: u32) -> Result<Tas
 
 /// Reads a thread's `Cpus_allowed_list` (its affinity mask, which also
 /// reflects its cpuset).
-pub(crate) fn read_cpus_allowed(proc_root: &Path, pid: u32, tid: u32) -> Result<CpuSet, ProcReadError> {
+pub(crate) fn read_cpus_allowed(
+    proc_root: &Path,
+    pid: u32,
+    tid: u32,
+) -> Result<CpuSet, ProcReadError> {
     let path = task_file(proc_root, pid, tid, "status");
     let text = read_text(&path)?;
     parse_status_cpus_allowed(&text).map_err(|what| ProcReadError::Malformed { path, what })
 }
 
 /// Reads the CPU a thread last ran on (stat field 39).
-pub(crate) fn read_last_cpu(proc_root: &Path, pid: u32, tid: u32) -> Result<Option<u32>, ProcReadError> {
+pub(crate) fn read_last_cpu(
+    proc_root: &Path,
+    pid: u32,
+    tid: u32,
+) -> Result<Option<u32>, ProcReadError> {
     Ok(read_task_stat(proc_root, pid, tid)?.last_cpu)
 }
 

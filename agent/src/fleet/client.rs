@@ -141,11 +141,6 @@ impl PlacementClient {
         }
     }
 
-    /// The Placement URL, without a trailing `/`.
-    pub(crate) fn base(&self) -> &str {
-        &self.base
-    }
-
     fn issue_token(&self) -> Result<String, FleetError> {
         match &self.auth {
             FleetAuth::TokenFile(path) => read_secret(path),

@@ -155,7 +155,11 @@ impl ConsumerStore {
 
     /// Records `vm`'s consumer (written before the call returns). A
     /// different consumer recorded before for `vm` is retired.
-    pub(crate) fn record(&mut self, vm: &VmId, consumer: Consumer) -> Result<(), ConsumerStoreError> {
+    pub(crate) fn record(
+        &mut self,
+        vm: &VmId,
+        consumer: Consumer,
+    ) -> Result<(), ConsumerStoreError> {
         let before = (self.by_vm.clone(), self.retired.clone());
         if let Some(old) = self.by_vm.insert(vm.clone(), consumer.clone()) {
             if old != consumer {

@@ -26,11 +26,11 @@ use crate::reconcile::AgentContext;
 use crate::types::VmId;
 
 pub use crate::config::fleet::FleetAuth;
-pub(crate) use crate::config::fleet::{default_host_name, FleetSettings, RootChoice};
-pub use client::PlacementClient;
+pub(crate) use crate::config::fleet::FleetSettings;
 pub(crate) use client::FleetError;
+pub use client::PlacementClient;
 pub(crate) use consumers::{ConsumerStore, ConsumerStoreError};
-pub(crate) use sync::{Reporter, SyncOutcome};
+pub(crate) use sync::Reporter;
 pub(crate) use tree::{Consumer, FlushMode, HostFacts, SevSupport};
 
 /// What the API and the reporter share.
@@ -85,7 +85,9 @@ impl FleetReporter {
 }
 
 /// Loads the consumer store from `state_dir`.
-pub(crate) fn link(state_dir: &Path) -> Result<(Arc<FleetLink>, mpsc::Receiver<()>), ConsumerStoreError> {
+pub(crate) fn link(
+    state_dir: &Path,
+) -> Result<(Arc<FleetLink>, mpsc::Receiver<()>), ConsumerStoreError> {
     let store = ConsumerStore::load(state_dir)?;
     let (tx, rx) = mpsc::sync_channel(1);
     Ok((

@@ -178,11 +178,6 @@ impl Reporter {
         }
     }
 
-    /// The Placement client.
-    pub(crate) fn client(&self) -> &PlacementClient {
-        &self.client
-    }
-
     /// Forgets what was read, so the next sync reads everything again.
     pub(crate) fn forget_cache(&mut self) {
         self.known.clear();

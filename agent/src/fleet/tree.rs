@@ -16,7 +16,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::cpuset::CpuSet;
-use crate::placement::{PlacementState, Pool, Reservations};
+use crate::placement::{PlacementState, Reservations};
 use crate::topology::Topology;
 use crate::types::VmId;
 
@@ -194,7 +194,10 @@ pub(crate) fn root_traits(facts: &HostFacts) -> BTreeSet<String> {
 
 /// The root's traits after the agent's update: the traits others set (a
 /// Nova compute node's) stay, the managed ones become `ours`.
-pub(crate) fn merged_root_traits(current: &BTreeSet<String>, ours: &BTreeSet<String>) -> BTreeSet<String> {
+pub(crate) fn merged_root_traits(
+    current: &BTreeSet<String>,
+    ours: &BTreeSet<String>,
+) -> BTreeSet<String> {
     current
         .iter()
         .filter(|t| !is_managed_root_trait(t))
@@ -288,15 +291,5 @@ pub(crate) fn desired(
         root_traits: root_traits(facts),
         l3,
         allocations,
-    }
-}
-
-/// The pool of a domain by its trait, for reports.
-pub(crate) fn pool_of_trait(t: &str) -> Option<Option<Pool>> {
-    match t {
-        POOL_CONFIDENTIAL => Some(Some(Pool::Confidential)),
-        POOL_GENERAL => Some(Some(Pool::General)),
-        POOL_EMPTY => Some(None),
-        _ => None,
     }
 }

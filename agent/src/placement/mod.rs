@@ -44,7 +44,7 @@ use crate::topology::Topology;
 use crate::types::{ConfidentialClass, VmId};
 use occupancy::Occupancy;
 
-pub(crate) use rebuild::{rebuild, Decided, Misfit};
+pub(crate) use rebuild::{rebuild, Decided};
 pub use select::{capacity, place};
 
 /// Which pool a VM belongs to.
@@ -151,6 +151,7 @@ pub struct Placement {
 
 impl Placement {
     /// Whether the VM spans NUMA nodes (the last resort).
+    #[cfg(test)]
     pub(crate) fn spans_numa_nodes(&self) -> bool {
         self.numa_nodes.len() > 1
     }
@@ -252,7 +253,7 @@ impl PlacementState {
     }
 
     /// Whether there is no placement.
-    pub(crate) fn is_empty(&self) -> bool {
+    pub fn is_empty(&self) -> bool {
         self.placements.is_empty()
     }
 

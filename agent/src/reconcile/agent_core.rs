@@ -280,6 +280,7 @@ impl AgentCore {
     }
 
     /// The newest decided checkpoint (durable, or staged for the next write).
+    #[cfg(test)]
     pub(crate) fn checkpoint(&self) -> &Checkpoint {
         &self.checkpoint
     }

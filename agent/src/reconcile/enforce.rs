@@ -49,9 +49,11 @@ pub struct ThreadFix {
 /// What [`apply`] did with one fix.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Applied {
-    /// The thread holds its set; `cgroup_rewritten`: its cgroup had to be
-    /// written too.
-    Pinned { cgroup_rewritten: bool },
+    /// The thread holds its set.
+    Pinned {
+        /// Whether its cgroup had to be written too.
+        cgroup_rewritten: bool,
+    },
     /// A helper thread exited before it was pinned (the VM lives on).
     HelperGone,
 }
@@ -96,7 +98,10 @@ pub(crate) fn libvirt_vcpu_cgroup(
 
 /// libvirt's `emulator` cgroup of `vm` in `hierarchy`, when `vm` is a
 /// libvirt domain there.
-pub(crate) fn libvirt_emulator_cgroup(vm: &DiscoveredVm, hierarchy: Option<Hierarchy>) -> Option<String> {
+pub(crate) fn libvirt_emulator_cgroup(
+    vm: &DiscoveredVm,
+    hierarchy: Option<Hierarchy>,
+) -> Option<String> {
     let lv = vm.cgroup.libvirt.as_ref()?;
     hierarchy
         .filter(|h| *h == lv.hierarchy)

@@ -80,6 +80,8 @@ pub(crate) struct LogState {
     pub(crate) durable: Arc<Checkpoint>,
     pub(crate) last_failure: Option<Arc<CheckpointError>>,
     /// Writes attempted so far.
+    // Read by this module's tests only.
+    #[cfg_attr(not(test), allow(dead_code))]
     pub(crate) writes: u64,
 }
 
@@ -100,10 +102,6 @@ impl GroupCommit {
             }),
             written: Condvar::new(),
         }
-    }
-
-    pub(crate) fn store(&self) -> &CheckpointStore {
-        &self.store
     }
 
     fn lock(&self) -> MutexGuard<'_, Log> {

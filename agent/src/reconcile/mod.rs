@@ -45,10 +45,10 @@ mod views;
 pub use agent_core::{AgentCore, HostAccess};
 pub(crate) use context::AgentContext;
 pub(crate) use error::AgentError;
-pub(crate) use pass::{run_pass, PassReport};
+pub(crate) use pass::run_pass;
+#[cfg(test)]
+use pass::PassReport;
 pub use place::PlaceCall;
-pub(crate) use place::{PlaceDecision, ReleaseDecision};
-pub(crate) use scrub::Scrubbed;
 pub(crate) use views::{ClassSource, VmState, VmView};
 
 #[cfg(test)]

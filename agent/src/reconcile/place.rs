@@ -428,6 +428,7 @@ impl AgentCore {
     }
 
     /// ReleaseVm, waiting for its write under the lock.
+    #[cfg(test)]
     pub(crate) fn release(&mut self, vm_id: &VmId) -> Result<CpuSet, AgentError> {
         self.release_internal(vm_id, false)
     }

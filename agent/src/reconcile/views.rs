@@ -16,7 +16,6 @@ pub(crate) enum VmState {
     Placed,
     Drifted,
     Unmanaged,
-    Exited,
     /// Kept, but no placement fits the current topology.
     Unplaceable,
 }

@@ -64,7 +64,6 @@ pub(crate) struct Admitted {
 
 /// A placement model.
 pub(crate) trait PlacementModel {
-    fn kind(&self) -> PlacementModelKind;
     /// Places a VM, or `None` when it does not fit.
     fn admit(&mut self, vm: &VmSpec) -> Option<Admitted>;
     fn release(&mut self, vm: &VmId);
@@ -91,10 +90,6 @@ impl Floating {
 }
 
 impl PlacementModel for Floating {
-    fn kind(&self) -> PlacementModelKind {
-        PlacementModelKind::Floating
-    }
-
     fn admit(&mut self, vm: &VmSpec) -> Option<Admitted> {
         let used: u32 = self.vcpus.values().sum();
         if (used + vm.vcpus) as usize > self.usable.len() {
@@ -141,10 +136,6 @@ impl<'t> KubeletStatic<'t> {
 }
 
 impl PlacementModel for KubeletStatic<'_> {
-    fn kind(&self) -> PlacementModelKind {
-        PlacementModelKind::KubeletStatic
-    }
-
     fn admit(&mut self, vm: &VmSpec) -> Option<Admitted> {
         // Node allocatable: the sum of requests stays within usable CPUs.
         let requested: u32 = self.requests.values().sum();
@@ -202,10 +193,6 @@ impl<'t> Sevplace<'t> {
 }
 
 impl PlacementModel for Sevplace<'_> {
-    fn kind(&self) -> PlacementModelKind {
-        PlacementModelKind::Sevplace
-    }
-
     fn admit(&mut self, vm: &VmSpec) -> Option<Admitted> {
         let req = PlacementRequest {
             vm_id: vm.vm.clone(),

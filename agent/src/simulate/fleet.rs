@@ -498,10 +498,6 @@ pub(crate) struct FleetReport {
 }
 
 impl FleetReport {
-    pub(crate) fn model(&self, kind: FleetModelKind) -> Option<&FleetModelResult> {
-        self.models.iter().find(|m| m.model == kind)
-    }
-
     /// A table for humans; columns as in `docs/benchmarks.md`.
     pub(crate) fn to_table(&self) -> String {
         let f = &self.fleet;

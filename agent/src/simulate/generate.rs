@@ -2,13 +2,19 @@
 //! [`shipped_trace_specs`] (the `shipped_traces_are_current` test rewrites
 //! them when `SEVPLACE_REGENERATE_TRACES=1`).
 
+#[cfg(test)]
 use super::rng::XorShift;
+#[cfg(test)]
 use super::trace::{Event, Trace};
+#[cfg(test)]
 use crate::types::{ConfidentialClass, VmId};
 
 /// Parameters of a generated trace.
+// Only `generate_trace`, which tests run, reads the generator's parameters.
+#[cfg_attr(not(test), allow(dead_code))]
 #[derive(Debug, Clone)]
 pub struct TraceSpec {
+    /// The trace's name.
     pub name: &'static str,
     pub(crate) description: &'static str,
     /// File name under `agent/traces/` (the extension picks the format).
@@ -38,6 +44,7 @@ pub struct TraceSpec {
 
 // below(total) is less than total, a u32: the cast cannot truncate.
 #[allow(clippy::cast_possible_truncation)]
+#[cfg(test)]
 fn weighted(rng: &mut XorShift, sizes: &[(u32, u32)]) -> u32 {
     let total: u32 = sizes.iter().map(|s| s.1).sum();
     let mut x = rng.below(total as usize) as u32;
@@ -50,7 +57,9 @@ fn weighted(rng: &mut XorShift, sizes: &[(u32, u32)]) -> u32 {
     sizes.last().map_or(1, |s| s.0)
 }
 
-/// Builds the trace described by `spec`.
+/// Builds the trace described by `spec` (run by the test that keeps the
+/// shipped traces current).
+#[cfg(test)]
 pub(crate) fn generate_trace(spec: &TraceSpec) -> Trace {
     let mut rng = XorShift::new(spec.seed);
     let mut arrivals = Vec::new();

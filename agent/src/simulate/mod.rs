@@ -27,11 +27,10 @@ use std::path::{Path, PathBuf};
 
 pub(crate) use baselines::{PlacementModel, PlacementModelKind};
 pub use fleet::run_fleet_simulate_cli;
-pub(crate) use fleet::{
-    parse_fleet_spec, simulate_fleet, FleetModelKind, FleetReport, FleetSpec, FleetSpecError,
-};
-pub(crate) use generate::{generate_trace, TraceSpec};
-pub use generate::{shipped_fleet_trace_specs, shipped_trace_specs};
+pub(crate) use fleet::FleetSpecError;
+#[cfg(test)]
+use generate::generate_trace;
+pub use generate::{shipped_fleet_trace_specs, shipped_trace_specs, TraceSpec};
 pub(crate) use rng::XorShift;
 pub use trace::Trace;
 pub(crate) use trace::{Event, Format};
@@ -227,7 +226,12 @@ pub(crate) struct Report {
 }
 
 impl Report {
-    pub(crate) fn combination(&self, p: PlacementModelKind, f: FlushPolicy) -> Option<&Combination> {
+    #[cfg(test)]
+    pub(crate) fn combination(
+        &self,
+        p: PlacementModelKind,
+        f: FlushPolicy,
+    ) -> Option<&Combination> {
         self.combinations
             .iter()
             .find(|c| c.placement == p && c.flush == f)
@@ -789,7 +793,11 @@ impl<'a> Run<'a> {
 }
 
 /// Replays `trace` on `topo` for every placement model and flush policy.
-pub(crate) fn simulate(topo: &Topology, trace: &Trace, opts: &SimOptions) -> Result<Report, SimError> {
+pub(crate) fn simulate(
+    topo: &Topology,
+    trace: &Trace,
+    opts: &SimOptions,
+) -> Result<Report, SimError> {
     trace.check(&trace.name)?;
     // A VM larger than the host is a mistake in the trace, not a rejection.
     let online = topo.online.len();

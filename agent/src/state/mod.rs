@@ -125,6 +125,7 @@ pub struct PlacementRecord {
 
 impl PlacementRecord {
     /// Every CPU the placement uses.
+    #[cfg(test)]
     pub(crate) fn all_cpus(&self) -> CpuSet {
         self.vcpu_cpus
             .iter()
@@ -296,19 +297,30 @@ impl Checkpoint {
 pub enum CheckpointError {
     /// The file exists but cannot be trusted.
     #[error("checkpoint {path} is corrupt: {what}; it was left untouched: reset the checkpoint to move it aside to {}.bad-<time> and start without intents", path.display())]
-    Corrupt { path: PathBuf, what: String },
+    Corrupt {
+        /// The checkpoint file.
+        path: PathBuf,
+        /// What is wrong with it.
+        what: String,
+    },
     /// Written by a newer sevplace.
     #[error("checkpoint {path} has format version {found}, newer than version {supported} this sevplaced reads; run the newer sevplaced, or reset the checkpoint to move it aside and start without intents", path = path.display())]
     NewerVersion {
+        /// The checkpoint file.
         path: PathBuf,
+        /// The file's format version.
         found: u64,
+        /// The newest version this build reads.
         supported: u32,
     },
     /// An I/O error, with the operation that failed.
     #[error("checkpoint {op} {path}: {source}", path = path.display())]
     Io {
+        /// The operation that failed.
         op: &'static str,
+        /// The file or directory it was on.
         path: PathBuf,
+        /// What it returned.
         source: std::io::Error,
     },
 }
@@ -358,6 +370,7 @@ impl CheckpointStore {
     }
 
     /// The checkpoint file.
+    #[cfg(test)]
     pub(crate) fn path(&self) -> &Path {
         &self.path
     }
