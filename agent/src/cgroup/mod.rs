@@ -33,6 +33,7 @@ pub use affinity::{SchedAffinity, ThreadAffinity};
 /// `cpuset.cpus`: the configured CPUs of a cgroup (same name in v1 and v2).
 pub(crate) const CPUSET_CPUS: &str = "cpuset.cpus";
 /// `cgroup.procs`: whole processes of a cgroup (same name in v1 and v2).
+#[cfg(any(test, feature = "testing"))]
 pub(crate) const CGROUP_PROCS: &str = "cgroup.procs";
 
 /// Which cgroup hierarchy holds the cpuset controller, or which one a path
