@@ -54,6 +54,9 @@ impl StateLock for PriorityMutex<u64> {
     }
 }
 
+// (len - 1) * p with p in 0..=1, rounded, is a whole index in 0..len: the
+// cast neither truncates nor drops a sign.
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
 fn pct(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }

@@ -9,6 +9,10 @@
 //!
 //! `cargo bench -p sevplace-agent --bench placement`
 
+// `criterion_group!` defines an undocumented public function; a bench has
+// no users to document it for.
+#![allow(missing_docs)]
+
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use sevplace::placement::{
     capacity, place, Placement, PlacementRequest, PlacementState, Reservations,
@@ -25,7 +29,11 @@ fn request(i: usize) -> PlacementRequest {
     let dedicated = i % 3 == 0;
     PlacementRequest {
         vm_id: VmId::new(format!("vm-{i:04}")).expect("valid id"),
-        vcpus: if dedicated { 1 + (i % 2) as u32 } else { 2 },
+        vcpus: if dedicated {
+            1 + u32::from(i % 2 == 1)
+        } else {
+            2
+        },
         class,
         dedicated,
         numa_preference: None,

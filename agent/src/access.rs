@@ -9,14 +9,14 @@
 
 /// What an RPC needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Need {
+pub(crate) enum Need {
     Read,
     Admin,
 }
 
 /// The caller as the transport knows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Peer {
+pub(crate) enum Peer {
     /// A Unix socket peer: uid, primary gid, pid, and every group it
     /// belongs to (primary and supplementary).
     Local {
@@ -38,27 +38,27 @@ pub enum Peer {
 
 /// The groups that grant access, resolved at start.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct AccessPolicy {
-    pub read_gid: Option<u32>,
-    pub admin_gid: Option<u32>,
+pub(crate) struct AccessPolicy {
+    pub(crate) read_gid: Option<u32>,
+    pub(crate) admin_gid: Option<u32>,
     /// TLS client names (lower case) that may make mutating calls.
-    pub tls_admin_clients: Vec<String>,
+    pub(crate) tls_admin_clients: Vec<String>,
     /// The uid the daemon runs as: a local caller with it may do what the
     /// daemon itself can (a non-root daemon is managed by its own user).
-    pub daemon_uid: u32,
+    pub(crate) daemon_uid: u32,
 }
 
 /// Why a group could not be resolved.
 #[derive(Debug, thiserror::Error)]
 #[error("unknown group {name:?} for {key}")]
 pub struct UnknownGroup {
-    pub key: &'static str,
-    pub name: String,
+    pub(crate) key: &'static str,
+    pub(crate) name: String,
 }
 
 impl AccessPolicy {
     /// Resolves group names (empty: not set).
-    pub fn resolve(
+    pub(crate) fn resolve(
         read_group: Option<&str>,
         admin_group: Option<&str>,
     ) -> Result<Self, UnknownGroup> {
@@ -85,7 +85,7 @@ impl AccessPolicy {
 }
 
 /// The decision: `Err` carries the reason for PERMISSION_DENIED.
-pub fn authorize(peer: &Peer, need: Need, policy: &AccessPolicy) -> Result<(), String> {
+pub(crate) fn authorize(peer: &Peer, need: Need, policy: &AccessPolicy) -> Result<(), String> {
     match peer {
         Peer::Remote => match need {
             Need::Read => Ok(()),
@@ -137,7 +137,7 @@ pub fn authorize(peer: &Peer, need: Need, policy: &AccessPolicy) -> Result<(), S
 }
 
 /// Every group of `uid` (primary `gid` included), from the user database.
-pub fn groups_of(uid: u32, gid: u32) -> Vec<u32> {
+pub(crate) fn groups_of(uid: u32, gid: u32) -> Vec<u32> {
     let mut out = vec![gid];
     if let Ok(Some(user)) = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)) {
         if let Ok(name) = std::ffi::CString::new(user.name) {

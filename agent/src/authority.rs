@@ -20,7 +20,7 @@ use tower::filter::FilterLayer;
 /// status answer instead of a reset.
 #[derive(Debug, thiserror::Error)]
 #[error("malformed :authority {authority:?} on a TCP listener")]
-pub struct PathAuthorityRefused {
+pub(crate) struct PathAuthorityRefused {
     authority: String,
     #[source]
     reset: h2::Error,
@@ -28,7 +28,7 @@ pub struct PathAuthorityRefused {
 
 /// Refuses a request whose `:authority` was a path: the stream is reset
 /// with PROTOCOL_ERROR, as stock h2 resets it.
-pub fn refuse_path_authority<B>(
+pub(crate) fn refuse_path_authority<B>(
     req: hyper::Request<B>,
 ) -> Result<hyper::Request<B>, PathAuthorityRefused> {
     match req.extensions().get::<PathAuthority>() {
@@ -47,11 +47,11 @@ pub fn refuse_path_authority<B>(
 }
 
 /// The layer of the TCP listeners that applies [`refuse_path_authority`].
-pub type TcpAuthorityLayer<B> =
+pub(crate) type TcpAuthorityLayer<B> =
     FilterLayer<fn(hyper::Request<B>) -> Result<hyper::Request<B>, PathAuthorityRefused>>;
 
 /// [`TcpAuthorityLayer`] for the request body of a tonic server.
-pub fn tcp_authority_layer() -> TcpAuthorityLayer<tonic::body::Body> {
+pub(crate) fn tcp_authority_layer() -> TcpAuthorityLayer<tonic::body::Body> {
     FilterLayer::new(refuse_path_authority::<tonic::body::Body>)
 }
 

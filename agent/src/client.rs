@@ -13,26 +13,50 @@ use tonic::transport::{Channel, Endpoint, Uri};
 /// and what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
+    /// The socket does not exist.
     #[error("no socket at {}: sevplaced is not running, or serves another socket; start it (systemctl start sevplaced, or sevplaced) or pass the right --socket", path.display())]
-    NoSocket { path: PathBuf },
+    NoSocket {
+        /// The socket path.
+        path: PathBuf,
+    },
+    /// The socket or a directory above it refused this user.
     #[error("permission denied on {} ({access}): {fix}", path.display())]
     PermissionDenied {
+        /// The socket path.
         path: PathBuf,
         /// Mode and group of the socket, or the directory that refused.
         access: String,
+        /// What to change so this user may connect.
         fix: String,
     },
+    /// Nothing accepts connections at the address.
     #[error("sevplaced is not answering at {target} (connection refused): it is not running; start it (systemctl start sevplaced, or sevplaced){hint}")]
-    NotAnswering { target: String, hint: &'static str },
+    NotAnswering {
+        /// The socket path or TCP address.
+        target: String,
+        /// Text added to the message: a cause seen, or another thing to check.
+        hint: &'static str,
+    },
+    /// The connection attempt took longer than its limit.
     #[error("sevplaced at {target} did not answer within {seconds} s: it is stuck or overloaded; see journalctl -u sevplaced")]
-    Timeout { target: String, seconds: u64 },
+    Timeout {
+        /// The socket path or TCP address.
+        target: String,
+        /// The limit.
+        seconds: u64,
+    },
+    /// Another transport error.
     #[error("cannot connect to sevplaced at {target}: {source}")]
     Transport {
+        /// The socket path or TCP address.
         target: String,
+        /// What tonic reported.
         source: tonic::transport::Error,
     },
+    /// The client TLS settings could not be loaded.
     #[error("{0}")]
     Tls(#[from] crate::tls::TlsError),
+    /// The server name to check the certificate against is not a DNS name or IP address.
     #[error("bad TLS server name {0:?}")]
     ServerName(String),
 }
@@ -80,7 +104,7 @@ fn describe_access(path: &Path) -> Option<(String, Option<String>)> {
 }
 
 /// The error of a failed connection to the Unix socket `path`.
-pub fn unix_error(path: &Path, e: &std::io::Error) -> Option<ConnectError> {
+pub(crate) fn unix_error(path: &Path, e: &std::io::Error) -> Option<ConnectError> {
     use std::io::ErrorKind;
     match e.kind() {
         ErrorKind::NotFound => Some(ConnectError::NoSocket {

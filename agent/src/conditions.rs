@@ -8,7 +8,7 @@ use std::time::SystemTime;
 
 /// The kinds of condition.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum ConditionKind {
+pub(crate) enum ConditionKind {
     /// The intent checkpoint cannot be written (disk full, read-only,
     /// permissions): PlaceVm and ReleaseVm answer UNAVAILABLE and change
     /// nothing; releases of exited VMs wait for the next pass.
@@ -34,7 +34,7 @@ pub enum ConditionKind {
 }
 
 impl ConditionKind {
-    pub const ALL: [ConditionKind; 7] = [
+    pub(crate) const ALL: [ConditionKind; 7] = [
         Self::CheckpointWriteFailing,
         Self::HostScanFailing,
         Self::PinsFailing,
@@ -45,7 +45,7 @@ impl ConditionKind {
     ];
 
     /// The metric label value.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::CheckpointWriteFailing => "checkpoint_write_failing",
             Self::HostScanFailing => "host_scan_failing",
@@ -60,16 +60,16 @@ impl ConditionKind {
 
 /// One raised condition.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Condition {
-    pub kind: ConditionKind,
-    pub message: String,
+pub(crate) struct Condition {
+    pub(crate) kind: ConditionKind,
+    pub(crate) message: String,
     /// When it was raised (not when the message last changed).
-    pub since: SystemTime,
+    pub(crate) since: SystemTime,
 }
 
 /// What a `raise` or `clear` changed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Change {
+pub(crate) enum Change {
     Raised,
     MessageChanged,
     Cleared,
@@ -78,14 +78,19 @@ pub enum Change {
 
 /// The raised conditions.
 #[derive(Debug, Clone, Default)]
-pub struct Conditions {
+pub(crate) struct Conditions {
     raised: BTreeMap<ConditionKind, Condition>,
 }
 
 impl Conditions {
     /// Raises `kind` with `message`, or updates the message of a raised
     /// one (its `since` stays).
-    pub fn raise(&mut self, kind: ConditionKind, message: String, now: SystemTime) -> Change {
+    pub(crate) fn raise(
+        &mut self,
+        kind: ConditionKind,
+        message: String,
+        now: SystemTime,
+    ) -> Change {
         match self.raised.get_mut(&kind) {
             Some(c) if c.message == message => Change::None,
             Some(c) => {
@@ -107,23 +112,23 @@ impl Conditions {
     }
 
     /// Clears `kind`.
-    pub fn clear(&mut self, kind: ConditionKind) -> Change {
+    pub(crate) fn clear(&mut self, kind: ConditionKind) -> Change {
         match self.raised.remove(&kind) {
             Some(_) => Change::Cleared,
             None => Change::None,
         }
     }
 
-    pub fn is_raised(&self, kind: ConditionKind) -> bool {
+    pub(crate) fn is_raised(&self, kind: ConditionKind) -> bool {
         self.raised.contains_key(&kind)
     }
 
-    pub fn get(&self, kind: ConditionKind) -> Option<&Condition> {
+    pub(crate) fn get(&self, kind: ConditionKind) -> Option<&Condition> {
         self.raised.get(&kind)
     }
 
     /// Every raised condition, in kind order.
-    pub fn list(&self) -> Vec<Condition> {
+    pub(crate) fn list(&self) -> Vec<Condition> {
         self.raised.values().cloned().collect()
     }
 }

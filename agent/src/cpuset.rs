@@ -7,7 +7,15 @@
 use std::fmt;
 
 /// Largest CPU id accepted (the kernel's `NR_CPUS` maximum is 8192).
-pub const MAX_CPU_ID: u32 = 8191;
+pub(crate) const MAX_CPU_ID: u32 = 8191;
+
+/// `n`, a count or index of CPUs, cores, L3 domains, NUMA nodes, vCPU
+/// threads or processes, as a `u32` (the API's and the module's width).
+// Each is bounded by the number of CPU ids or of pids, both u32: no truncation.
+#[allow(clippy::cast_possible_truncation)]
+pub(crate) const fn count_u32(n: usize) -> u32 {
+    n as u32
+}
 
 /// Why a cpulist was rejected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -54,7 +62,8 @@ impl CpuSet {
     }
 
     /// Removes `cpu`; returns whether it was present.
-    pub fn remove(&mut self, cpu: u32) -> bool {
+    #[cfg(test)]
+    pub(crate) fn remove(&mut self, cpu: u32) -> bool {
         let (w, b) = ((cpu / 64) as usize, cpu % 64);
         let present = self.contains(cpu);
         if present {
@@ -64,15 +73,18 @@ impl CpuSet {
         present
     }
 
+    /// Whether `cpu` is in the set.
     pub fn contains(&self, cpu: u32) -> bool {
         let (w, b) = ((cpu / 64) as usize, cpu % 64);
         self.words.get(w).is_some_and(|x| x & (1 << b) != 0)
     }
 
+    /// Number of CPUs in the set.
     pub fn len(&self) -> usize {
         self.words.iter().map(|w| w.count_ones() as usize).sum()
     }
 
+    /// Whether the set holds no CPU.
     pub fn is_empty(&self) -> bool {
         self.words.is_empty()
     }
@@ -82,6 +94,9 @@ impl CpuSet {
         self.iter().next()
     }
 
+    /// The CPU ids, ascending.
+    // Word `i` exists only for a u32 CPU id in it, so `i * 64` fits a u32.
+    #[allow(clippy::cast_possible_truncation)]
     pub fn iter(&self) -> impl Iterator<Item = u32> + '_ {
         self.words.iter().enumerate().flat_map(|(i, &w)| {
             let mut bits = w;
@@ -108,22 +123,27 @@ impl CpuSet {
         out
     }
 
+    /// CPUs in either set.
     pub fn union(&self, other: &Self) -> Self {
         self.zip_with(other, |a, b| a | b)
     }
 
+    /// CPUs in both sets.
     pub fn intersection(&self, other: &Self) -> Self {
         self.zip_with(other, |a, b| a & b)
     }
 
+    /// CPUs of this set that are not in `other`.
     pub fn difference(&self, other: &Self) -> Self {
         self.zip_with(other, |a, b| a & !b)
     }
 
+    /// Whether every CPU of this set is in `other`.
     pub fn is_subset(&self, other: &Self) -> bool {
         self.difference(other).is_empty()
     }
 
+    /// Whether the sets share no CPU.
     pub fn is_disjoint(&self, other: &Self) -> bool {
         self.intersection(other).is_empty()
     }
@@ -172,7 +192,7 @@ impl CpuSet {
     }
 
     /// Parses a hexadecimal cpumask such as `Cpus_allowed: ff,ffffffff`.
-    pub fn parse_mask(s: &str) -> Result<Self, CpuListError> {
+    pub(crate) fn parse_mask(s: &str) -> Result<Self, CpuListError> {
         let mut set = Self::new();
         let groups: Vec<&str> = s.trim().split(',').collect();
         for (i, g) in groups.iter().rev().enumerate() {
@@ -186,7 +206,12 @@ impl CpuSet {
             let v = u32::from_str_radix(g, 16).map_err(|_| bad("not a 32-bit hex group"))?;
             for b in 0..32 {
                 if v & (1 << b) != 0 {
-                    let cpu = i as u32 * 32 + b;
+                    // Group `i` holds CPUs 32 i .. 32 i + 31; past u32, it
+                    // is out of range like any id above MAX_CPU_ID.
+                    let cpu = u32::try_from(i)
+                        .ok()
+                        .and_then(|i| i.checked_mul(32))
+                        .map_or(u32::MAX, |base| base + b);
                     if cpu > MAX_CPU_ID {
                         return Err(bad("CPU id out of range"));
                     }
@@ -203,7 +228,7 @@ impl CpuSet {
     }
 
     /// Builds a set from API input, rejecting ids above `MAX_CPU_ID`.
-    pub fn try_from_ids(ids: &[u32]) -> Result<Self, CpuListError> {
+    pub(crate) fn try_from_ids(ids: &[u32]) -> Result<Self, CpuListError> {
         let mut set = Self::new();
         for &c in ids {
             if c > MAX_CPU_ID {

@@ -30,43 +30,66 @@ use crate::topology::{Topology, TopologyError};
 /// Why the daemon stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
+    /// The host topology could not be read from sysfs.
     #[error("host topology: {0}")]
     Topology(#[from] TopologyError),
+    /// A listener (socket, TCP, metrics) could not be set up.
     #[error("{0}")]
     Listen(#[from] ListenError),
+    /// `placement.reserved_cpus` names CPUs that are not online.
     #[error("reserved CPUs {reserved} are not all online (online: {online})")]
-    Reserved { reserved: String, online: String },
+    Reserved {
+        /// The reserved CPUs, as a cpulist.
+        reserved: String,
+        /// The online CPUs, as a cpulist.
+        online: String,
+    },
+    /// The gRPC server failed.
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// The reflection service could not be built.
     #[error("gRPC reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    /// The agent's core failed to load or to start.
     #[error("{0}")]
     Core(#[from] AgentError),
     /// The checkpoint could not be read or moved aside at start: the file,
     /// the cause, and what to do.
     #[error("cannot start: {source}; {fix}")]
     Checkpoint {
+        /// What reading or moving the checkpoint returned.
         source: crate::state::CheckpointError,
+        /// What the operator can do.
         fix: String,
     },
     /// The state directory cannot be created or written.
     #[error("cannot start: state directory {}: {what}: {source}; {fix}", dir.display())]
     StateDir {
+        /// The state directory.
         dir: std::path::PathBuf,
+        /// The step that failed (create, write).
         what: &'static str,
+        /// What the step returned.
         source: std::io::Error,
+        /// What the operator can do.
         fix: String,
     },
+    /// A group named in the access settings does not exist.
     #[error("{0}")]
     Access(#[from] crate::access::UnknownGroup),
+    /// The reconcile thread could not be started.
     #[error("reconcile thread: {0}")]
     ReconcileThread(std::io::Error),
+    /// The SIGTERM or SIGINT handler could not be installed.
     #[error("signal handler: {0}")]
     Signal(std::io::Error),
+    /// The mutual TLS files of the TCP listener could not be loaded.
     #[error("TCP mutual TLS: {0}")]
     Tls(#[from] crate::tls::TlsError),
+    /// The fleet consumer store could not be read.
     #[error("fleet: {0}; to start anyway, move the file aside")]
     FleetStore(#[from] crate::fleet::ConsumerStoreError),
+    /// The fleet reporter thread could not be started.
     #[error("fleet reporter thread: {0}")]
     FleetThread(std::io::Error),
 }
@@ -172,14 +195,14 @@ fn monotonic_ms() -> u64 {
 /// the cost of one small read per pass: `devices/system/cpu/online`. When
 /// its text changes, the whole topology is read again and handed to the
 /// core, which checks every placement against it.
-pub struct TopologyProbe {
+pub(crate) struct TopologyProbe {
     sysfs: std::path::PathBuf,
     online: Option<String>,
     reserved: usize,
 }
 
 impl TopologyProbe {
-    pub fn new(sysfs: std::path::PathBuf, reserved: usize) -> Self {
+    pub(crate) fn new(sysfs: std::path::PathBuf, reserved: usize) -> Self {
         let online = std::fs::read_to_string(sysfs.join("devices/system/cpu/online")).ok();
         Self {
             sysfs,
@@ -190,7 +213,7 @@ impl TopologyProbe {
 
     /// Re-reads the topology when the online CPUs changed since the last
     /// check; a read that fails is logged and tried again next pass.
-    pub fn check(&mut self, ctx: &AgentContext) {
+    pub(crate) fn check(&mut self, ctx: &AgentContext) {
         let now = std::fs::read_to_string(self.sysfs.join("devices/system/cpu/online")).ok();
         if now.is_none() || now == self.online {
             return;
@@ -210,7 +233,7 @@ impl TopologyProbe {
 
 /// One reconcile pass ([`crate::reconcile::run_pass`]), recorded for the
 /// watchdog.
-pub fn reconcile_pass(ctx: &AgentContext) {
+pub(crate) fn reconcile_pass(ctx: &AgentContext) {
     crate::reconcile::run_pass(ctx);
     LAST_PASS.store(monotonic_ms(), std::sync::atomic::Ordering::Relaxed);
 }
@@ -613,7 +636,7 @@ pub async fn run(settings: Settings, options: RunOptions) -> Result<(), DaemonEr
             match tokio::time::timeout(SHUTDOWN_GRACE, &mut unix).await {
                 Ok(r) => r.map_err(DaemonError::from),
                 Err(_) => {
-                    tracing::warn!(grace_ms = SHUTDOWN_GRACE.as_millis() as u64, "connections still open after the grace period; closing them");
+                    tracing::warn!(grace_ms = u64::try_from(SHUTDOWN_GRACE.as_millis()).unwrap_or(u64::MAX), "connections still open after the grace period; closing them");
                     Ok(())
                 }
             }

@@ -31,7 +31,7 @@ use crate::ConfidentialClass;
 /// A fuzz target: its name (the directory under `fuzz/corpus/` and
 /// `fuzz/regressions/`, and the file under `fuzz/fuzz_targets/`) and its
 /// check.
-pub type Target = (&'static str, fn(&[u8]));
+pub(crate) type Target = (&'static str, fn(&[u8]));
 
 /// Every fuzz target.
 pub const TARGETS: &[Target] = &[

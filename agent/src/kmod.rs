@@ -10,31 +10,54 @@ use std::path::{Path, PathBuf};
 use crate::cpuset::{CpuListError, CpuSet};
 
 /// The sysfs ABI versions this agent speaks.
-pub const SUPPORTED_ABI: &[u32] = &[1];
+pub(crate) const SUPPORTED_ABI: &[u32] = &[1];
 
 /// Why a module file could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ModuleError {
+    /// A module file could not be read.
     #[error("cannot read {path}: {source}")]
     Read {
+        /// The file.
         path: PathBuf,
+        /// What reading it returned.
         source: std::io::Error,
     },
+    /// A module file could not be written.
     #[error("cannot write {path}: {source}")]
     Write {
+        /// The file.
         path: PathBuf,
+        /// What writing it returned.
         source: std::io::Error,
     },
+    /// A module file holds a value outside the ABI.
     #[error("bad value {value:?} in {path}: {reason}")]
     Value {
+        /// The file.
         path: PathBuf,
+        /// The value read.
         value: String,
+        /// What is wrong with it.
         reason: &'static str,
     },
+    /// A module file holds a bad cpulist.
     #[error("bad cpulist in {path}: {source}")]
-    CpuList { path: PathBuf, source: CpuListError },
+    CpuList {
+        /// The file.
+        path: PathBuf,
+        /// What the cpulist parser reported.
+        source: CpuListError,
+    },
+    /// The module speaks an ABI version this agent does not.
     #[error("sevflush ABI version {found} is not supported (this agent speaks {supported:?})")]
-    AbiMismatch { found: u32, supported: Vec<u32> },
+    AbiMismatch {
+        /// The module's ABI version.
+        found: u32,
+        /// The versions this agent speaks.
+        supported: Vec<u32>,
+    },
+    /// The module's sysfs directory does not exist.
     #[error("the sevflush module is not loaded ({0} does not exist)")]
     Absent(PathBuf),
 }
@@ -43,23 +66,36 @@ pub enum ModuleError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ModuleState {
+    /// No `/sys/kernel/sevflush` directory.
     Absent,
+    /// Loaded, with an ABI version this agent speaks.
     Loaded,
+    /// Loaded, with an ABI version this agent does not speak.
     AbiMismatch,
+    /// Loaded, but a file could not be read or parsed.
     Error,
 }
 
 /// Module state and global counters.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct ModuleStatus {
+    /// Whether the module's features are available.
     pub state: ModuleState,
+    /// `abi_version` (0 when it could not be read).
     pub abi_version: u32,
+    /// `mode`: `observe` or `targeted` (empty when not read).
     pub mode: String,
+    /// `flushes_total`: targeted flushes.
     pub flushes_total: u64,
+    /// `flushed_cpus_total`: CPUs flushed by targeted flushes.
     pub flushed_cpus_total: u64,
+    /// `full_flushes_total`: flushes wider than a VM's dirty set.
     pub full_flushes_total: u64,
+    /// `scrubs_total`: flushes asked for through `vms/<id>/scrub`.
     pub scrubs_total: u64,
+    /// `scrubbed_cpus_total`: CPUs flushed by scrubs.
     pub scrubbed_cpus_total: u64,
+    /// What kept the state from `Loaded` (empty when loaded).
     pub message: String,
 }
 
@@ -81,16 +117,23 @@ impl ModuleStatus {
 
 /// One VM record of the module.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct ModuleVm {
-    pub id: u64,
-    pub pid: u32,
-    pub dirty_cpus: CpuSet,
-    pub ran_cpus: CpuSet,
-    pub flushes: u64,
-    pub flushed_cpus: u64,
-    pub confidential: String,
+pub(crate) struct ModuleVm {
+    /// The record's id (its directory under `vms/`).
+    pub(crate) id: u64,
+    /// `pid`: the process that created the VM.
+    pub(crate) pid: u32,
+    /// `dirty_cpus`: CPUs that entered the guest since their last flush.
+    pub(crate) dirty_cpus: CpuSet,
+    /// `ran_cpus`: CPUs that ever entered the guest while the module was loaded.
+    pub(crate) ran_cpus: CpuSet,
+    /// `flushes`: targeted flushes of this VM.
+    pub(crate) flushes: u64,
+    /// `flushed_cpus`: CPUs flushed by those flushes.
+    pub(crate) flushed_cpus: u64,
+    /// `confidential`: the label the agent wrote.
+    pub(crate) confidential: String,
     /// `None` when the module does not export `unknown_past`.
-    pub unknown_past: Option<bool>,
+    pub(crate) unknown_past: Option<bool>,
 }
 
 /// Reads the module's sysfs tree.
@@ -102,16 +145,23 @@ pub struct ModuleReader {
 /// A fault in the content of one module file, before its path is attached
 /// (see [`ValueError::at`]).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ValueError {
+pub(crate) enum ValueError {
+    /// A value outside the ABI.
     #[error("bad value {value:?}: {reason}")]
-    Value { value: String, reason: &'static str },
+    Value {
+        /// The value read.
+        value: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// A bad cpulist.
     #[error("bad cpulist: {0}")]
     CpuList(#[from] CpuListError),
 }
 
 impl ValueError {
     /// The [`ModuleError`] for this fault in the file at `path`.
-    pub fn at(self, path: PathBuf) -> ModuleError {
+    pub(crate) fn at(self, path: PathBuf) -> ModuleError {
         match self {
             Self::Value { value, reason } => ModuleError::Value {
                 path,
@@ -124,12 +174,12 @@ impl ValueError {
 }
 
 /// The value of a sysfs file: its text without trailing newlines.
-pub fn file_value(text: &str) -> &str {
+pub(crate) fn file_value(text: &str) -> &str {
     text.trim_end_matches('\n')
 }
 
 /// Parses an unsigned counter file (`flushes_total`, `vms/<id>/flushes`, ...).
-pub fn parse_u64(text: &str) -> Result<u64, ValueError> {
+pub(crate) fn parse_u64(text: &str) -> Result<u64, ValueError> {
     let v = file_value(text);
     v.parse().map_err(|_| ValueError::Value {
         value: v.to_string(),
@@ -139,7 +189,7 @@ pub fn parse_u64(text: &str) -> Result<u64, ValueError> {
 
 /// Parses `abi_version`; whether the version is supported is checked by
 /// [`ModuleReader::abi_version`].
-pub fn parse_abi_version(text: &str) -> Result<u32, ValueError> {
+pub(crate) fn parse_abi_version(text: &str) -> Result<u32, ValueError> {
     let v = parse_u64(text)?;
     u32::try_from(v).map_err(|_| ValueError::Value {
         value: v.to_string(),
@@ -148,7 +198,7 @@ pub fn parse_abi_version(text: &str) -> Result<u32, ValueError> {
 }
 
 /// Parses `mode`: `observe` or `targeted`.
-pub fn parse_mode(text: &str) -> Result<String, ValueError> {
+pub(crate) fn parse_mode(text: &str) -> Result<String, ValueError> {
     match file_value(text) {
         m @ ("observe" | "targeted") => Ok(m.to_string()),
         m => Err(ValueError::Value {
@@ -159,7 +209,7 @@ pub fn parse_mode(text: &str) -> Result<String, ValueError> {
 }
 
 /// Parses `vms/<id>/pid`.
-pub fn parse_pid(text: &str) -> Result<u32, ValueError> {
+pub(crate) fn parse_pid(text: &str) -> Result<u32, ValueError> {
     let v = parse_u64(text)?;
     u32::try_from(v).map_err(|_| ValueError::Value {
         value: v.to_string(),
@@ -168,17 +218,17 @@ pub fn parse_pid(text: &str) -> Result<u32, ValueError> {
 }
 
 /// Parses a cpulist file (`vms/<id>/dirty_cpus`, `vms/<id>/ran_cpus`).
-pub fn parse_cpulist(text: &str) -> Result<CpuSet, ValueError> {
+pub(crate) fn parse_cpulist(text: &str) -> Result<CpuSet, ValueError> {
     Ok(CpuSet::parse(file_value(text))?)
 }
 
 /// Parses `vms/<id>/unknown_past`: `1` is true, anything else false.
-pub fn parse_unknown_past(text: &str) -> bool {
+pub(crate) fn parse_unknown_past(text: &str) -> bool {
     file_value(text) == "1"
 }
 
 /// The record id of a `vms/` entry name, when it is one.
-pub fn parse_record_name(name: &str) -> Option<u64> {
+pub(crate) fn parse_record_name(name: &str) -> Option<u64> {
     name.parse().ok()
 }
 
@@ -194,7 +244,7 @@ impl ModuleError {
     /// was read: the module was unloaded (sysfs answers ENODEV for an open
     /// file of a removed kobject, ENOENT afterwards) or, for a VM record,
     /// the VM was destroyed.
-    pub fn is_vanished(&self) -> bool {
+    pub(crate) fn is_vanished(&self) -> bool {
         match self {
             Self::Absent(_) => true,
             Self::Read { source, .. } => {
@@ -228,12 +278,8 @@ impl ModuleReader {
         Self { dir: dir.into() }
     }
 
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     /// Reads and checks `abi_version`.
-    pub fn abi_version(&self) -> Result<u32, ModuleError> {
+    pub(crate) fn abi_version(&self) -> Result<u32, ModuleError> {
         if !self.dir.exists() {
             return Err(ModuleError::Absent(self.dir.clone()));
         }
@@ -265,7 +311,7 @@ impl ModuleReader {
 
     /// The module's state; never fails: problems become the state and its
     /// message.
-    pub fn status(&self) -> ModuleStatus {
+    pub(crate) fn status(&self) -> ModuleStatus {
         match self.abi_version().and_then(|abi| self.read_status(abi)) {
             Ok(s) => s,
             Err(e @ ModuleError::Absent(_)) => {
@@ -287,7 +333,7 @@ impl ModuleReader {
     /// Every VM record (`vms/<id>/`), ordered by id. A record that vanishes
     /// while it is read (its VM was destroyed) is left out; the module
     /// vanishing as a whole is `Absent`.
-    pub fn vm_records(&self) -> Result<Vec<ModuleVm>, ModuleError> {
+    pub(crate) fn vm_records(&self) -> Result<Vec<ModuleVm>, ModuleError> {
         let absent = |e: ModuleError| {
             if e.is_vanished() {
                 ModuleError::Absent(self.dir.clone())
@@ -324,7 +370,7 @@ impl ModuleReader {
     }
 
     /// One VM record.
-    pub fn vm_record(&self, id: u64) -> Result<ModuleVm, ModuleError> {
+    pub(crate) fn vm_record(&self, id: u64) -> Result<ModuleVm, ModuleError> {
         let rel = |f: &str| format!("vms/{id}/{f}");
         let n = |f: &str| read_u64(&self.dir.join(rel(f)));
         let pid = read_parsed(&self.dir.join(rel("pid")), parse_pid)?;
@@ -350,7 +396,7 @@ impl ModuleReader {
     }
 
     /// Writes the agent's classification to `vms/<id>/confidential`.
-    pub fn set_confidential(
+    pub(crate) fn set_confidential(
         &self,
         id: u64,
         class: crate::types::ConfidentialClass,
@@ -361,19 +407,21 @@ impl ModuleReader {
     }
 
     /// Asks the module to flush the VM's dirty set now (`vms/<id>/scrub`).
-    pub fn scrub(&self, id: u64) -> Result<(), ModuleError> {
+    pub(crate) fn scrub(&self, id: u64) -> Result<(), ModuleError> {
         let path = self.dir.join(format!("vms/{id}/scrub"));
         std::fs::write(&path, "1\n").map_err(|source| ModuleError::Write { path, source })
     }
 
     /// Reads a cpulist file of a VM record (`dirty_cpus`, `ran_cpus`).
-    pub fn read_cpulist(&self, rel: &str) -> Result<CpuSet, ModuleError> {
+    pub(crate) fn read_cpulist(&self, rel: &str) -> Result<CpuSet, ModuleError> {
         read_parsed(&self.dir.join(rel), parse_cpulist)
     }
 }
 
 /// Writes sevflush ABI v1 trees for tests and benchmarks that run against
-/// a fake host root (as `discovery::fake_procfs` does for procfs).
+/// a fake host root (as `discovery::fake_procfs` does for procfs); not in
+/// the daemon's build.
+#[cfg(any(test, feature = "testing"))]
 pub mod fake_tree {
     use std::io;
     use std::path::Path;
@@ -536,8 +584,16 @@ mod tests {
                     let stage = base.join(format!("stage-{i}"));
                     fake_tree::write_globals(&stage, "targeted", [1, 2, 3, 4, 5]).unwrap();
                     for id in 1..=8u64 {
-                        fake_tree::write_record(&stage, id, 1000 + id as u32, "0-3", "0-7", id, id)
-                            .unwrap();
+                        fake_tree::write_record(
+                            &stage,
+                            id,
+                            1000 + u32::try_from(id).unwrap(),
+                            "0-3",
+                            "0-7",
+                            id,
+                            id,
+                        )
+                        .unwrap();
                     }
                     std::fs::rename(&stage, &live).unwrap();
                     std::thread::sleep(std::time::Duration::from_micros(300));
@@ -571,7 +627,7 @@ mod tests {
                     assert!(rs.len() <= 8);
                     for r in rs {
                         records += 1;
-                        assert_eq!(r.pid, 1000 + r.id as u32);
+                        assert_eq!(r.pid, 1000 + u32::try_from(r.id).unwrap());
                         assert_eq!(r.dirty_cpus, CpuSet::range(0, 3));
                         assert_eq!(r.ran_cpus, CpuSet::range(0, 7));
                         assert_eq!((r.flushes, r.flushed_cpus), (r.id, r.id));

@@ -1,14 +1,14 @@
 //! sevplace agent library: topology, placement, enforcement and the API of
 //! `sevplaced`, and the client side used by `sevplacectl`.
 
-pub mod access;
-pub mod api;
-pub mod authority;
+pub(crate) mod access;
+pub(crate) mod api;
+pub(crate) mod authority;
 pub mod cgroup;
 pub mod client;
-pub mod conditions;
+pub(crate) mod conditions;
 pub mod config;
-pub mod cpuset;
+pub(crate) mod cpuset;
 pub mod ctl;
 pub mod daemon;
 pub mod discovery;
@@ -17,10 +17,10 @@ pub mod fleet;
 pub mod fuzzing;
 pub mod kmod;
 pub mod metrics;
-pub mod notify;
+pub(crate) mod notify;
 pub mod placement;
 pub mod reconcile;
-pub mod server;
+pub(crate) mod server;
 pub mod simulate;
 /// The skip helper of every test (tests/src/skip.rs).
 #[cfg(test)]
@@ -29,7 +29,7 @@ pub(crate) mod skip;
 pub mod state;
 pub mod tls;
 pub mod topology;
-pub mod types;
+pub(crate) mod types;
 
 pub use cpuset::CpuSet;
 pub use types::{ConfidentialClass, VmId};

@@ -14,69 +14,103 @@ use crate::topology::Topology;
 
 /// Labels of `sevplace_build_info`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct BuildLabels {
-    pub version: String,
+pub(crate) struct BuildLabels {
+    /// The crate version.
+    pub(crate) version: String,
 }
 
 /// Labels of `sevplace_cpus`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct CpuStateLabels {
+pub(crate) struct CpuStateLabels {
     /// `online`, `isolated` or `reserved`.
-    pub state: String,
+    pub(crate) state: String,
 }
 
 /// Labels of the gRPC request metrics.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct GrpcLabels {
-    pub method: String,
-    pub code: String,
+pub(crate) struct GrpcLabels {
+    /// The RPC's name (`GetHost`, ...).
+    pub(crate) method: String,
+    /// The gRPC code as tonic's `Code` names it (`Ok`, `NotFound`, ...).
+    pub(crate) code: String,
 }
 
 /// Labels of the gRPC latency histogram.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct MethodLabels {
-    pub method: String,
+pub(crate) struct MethodLabels {
+    /// The RPC's name (`GetHost`, ...).
+    pub(crate) method: String,
 }
 
 /// `phase` of a reconcile pass: `scan` (reading procfs) or
 /// `compare_and_act` (matching intents, pinning, module sync).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct PhaseLabels {
-    pub phase: String,
+pub(crate) struct PhaseLabels {
+    /// `scan` or `compare_and_act`.
+    pub(crate) phase: String,
 }
 
 /// Every metric the agent exports, registered once.
 pub struct Metrics {
     registry: Registry,
-    pub cpus: Family<CpuStateLabels, Gauge>,
-    pub l3_domains: Gauge,
-    pub numa_nodes: Gauge,
-    pub grpc_requests: Family<GrpcLabels, Counter>,
-    pub grpc_duration: Family<MethodLabels, Histogram>,
-    pub reconcile_phase_duration: Family<PhaseLabels, Histogram>,
-    pub confidential_pool_l3_domains: Gauge,
-    pub drift_corrections: Family<ReasonLabels, Counter>,
+    /// `sevplace_cpus` (gauge).
+    pub(crate) cpus: Family<CpuStateLabels, Gauge>,
+    /// `sevplace_l3_domains` (gauge).
+    pub(crate) l3_domains: Gauge,
+    /// `sevplace_numa_nodes` (gauge).
+    pub(crate) numa_nodes: Gauge,
+    /// `sevplace_grpc_requests_total` (counter).
+    pub(crate) grpc_requests: Family<GrpcLabels, Counter>,
+    /// `sevplace_grpc_request_duration_seconds` (histogram).
+    pub(crate) grpc_duration: Family<MethodLabels, Histogram>,
+    /// `sevplace_reconcile_phase_duration_seconds` (histogram).
+    pub(crate) reconcile_phase_duration: Family<PhaseLabels, Histogram>,
+    /// `sevplace_confidential_pool_l3_domains` (gauge).
+    pub(crate) confidential_pool_l3_domains: Gauge,
+    /// `sevplace_drift_corrections_total` (counter).
+    pub(crate) drift_corrections: Family<ReasonLabels, Counter>,
+    /// `sevplace_pin_failures_total` (counter).
     pub pin_failures: Family<ReasonLabels, Counter>,
-    pub vms_failing_pins: Gauge,
-    pub vms_unplaceable: Gauge,
-    pub reconcile_duration: Histogram,
-    pub reconcile_lock_wait: Histogram,
-    pub condition: Family<ConditionLabels, Gauge>,
+    /// `sevplace_vms_failing_pins` (gauge).
+    pub(crate) vms_failing_pins: Gauge,
+    /// `sevplace_vms_unplaceable` (gauge).
+    pub(crate) vms_unplaceable: Gauge,
+    /// `sevplace_reconcile_duration_seconds` (histogram).
+    pub(crate) reconcile_duration: Histogram,
+    /// `sevplace_reconcile_lock_wait_seconds` (histogram).
+    pub(crate) reconcile_lock_wait: Histogram,
+    /// `sevplace_condition` (gauge).
+    pub(crate) condition: Family<ConditionLabels, Gauge>,
+    /// `sevplace_checkpoint_write_failures_total` (counter).
     pub checkpoint_write_failures: Counter,
-    pub tls_handshakes: Family<HandshakeLabels, Counter>,
-    pub audit_events: Family<AuditLabels, Counter>,
-    pub vm_dirty_cpus: Family<VmLabels, Gauge>,
-    pub vm_ran_cpus: Family<VmLabels, Gauge>,
-    pub vm_vcpus: Family<VmLabels, Gauge>,
-    pub vm_flushes: Family<VmLabels, Counter>,
-    pub vm_flushed_cpus: Family<VmLabels, Counter>,
-    pub kmod_flushes: Family<KindLabels, Counter>,
-    pub kmod_flushed_cpus: Family<KindLabels, Counter>,
-    pub kmod_info: Family<KmodLabels, Gauge>,
-    pub kmod_loaded: Gauge,
-    pub confidential_vms: Gauge,
-    pub fleet_syncs: Family<ResultLabels, Counter>,
-    pub fleet_sync_duration: Histogram,
+    /// `sevplace_tls_handshakes_total` (counter).
+    pub(crate) tls_handshakes: Family<HandshakeLabels, Counter>,
+    /// `sevplace_audit_events_total` (counter).
+    pub(crate) audit_events: Family<AuditLabels, Counter>,
+    /// `sevplace_vm_dirty_cpus` (gauge).
+    pub(crate) vm_dirty_cpus: Family<VmLabels, Gauge>,
+    /// `sevplace_vm_ran_cpus` (gauge).
+    pub(crate) vm_ran_cpus: Family<VmLabels, Gauge>,
+    /// `sevplace_vm_vcpus` (gauge).
+    pub(crate) vm_vcpus: Family<VmLabels, Gauge>,
+    /// `sevplace_vm_flushes_total` (counter).
+    pub(crate) vm_flushes: Family<VmLabels, Counter>,
+    /// `sevplace_vm_flushed_cpus_total` (counter).
+    pub(crate) vm_flushed_cpus: Family<VmLabels, Counter>,
+    /// `sevplace_kmod_flushes_total` (counter).
+    pub(crate) kmod_flushes: Family<KindLabels, Counter>,
+    /// `sevplace_kmod_flushed_cpus_total` (counter).
+    pub(crate) kmod_flushed_cpus: Family<KindLabels, Counter>,
+    /// `sevplace_kmod_info` (gauge).
+    pub(crate) kmod_info: Family<KmodLabels, Gauge>,
+    /// `sevplace_kmod_loaded` (gauge).
+    pub(crate) kmod_loaded: Gauge,
+    /// `sevplace_confidential_vms` (gauge).
+    pub(crate) confidential_vms: Gauge,
+    /// `sevplace_fleet_syncs_total` (counter).
+    pub(crate) fleet_syncs: Family<ResultLabels, Counter>,
+    /// `sevplace_fleet_sync_duration_seconds` (histogram).
+    pub(crate) fleet_sync_duration: Histogram,
     /// Last module readings, to turn module counters into increments.
     last: std::sync::Mutex<CounterReadings>,
 }
@@ -85,33 +119,44 @@ pub struct Metrics {
 /// are removed.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
 pub struct VmLabels {
+    /// The VM's key.
     pub vm: String,
+    /// Its confidential class, or `unknown`.
     pub confidential: String,
 }
 
 /// Labels of module flush counters: `targeted`, `full` or `scrub`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct KindLabels {
-    pub kind: String,
+pub(crate) struct KindLabels {
+    /// `targeted`, `full` or `scrub`.
+    pub(crate) kind: String,
 }
 
 /// Labels of `sevplace_kmod_info`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct KmodLabels {
-    pub abi: String,
-    pub mode: String,
-    pub state: String,
+pub(crate) struct KmodLabels {
+    /// The module's ABI version.
+    pub(crate) abi: String,
+    /// The module's mode (`observe`, `targeted`).
+    pub(crate) mode: String,
+    /// The module's state (`loaded`, `absent`, ...).
+    pub(crate) state: String,
 }
 
 /// One VM's module figures, for [`Metrics::set_vms`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmFigures {
+    /// The VM's labels.
     pub labels: VmLabels,
+    /// vCPU threads of the VM.
     pub vcpus: u32,
     /// `None` when the module does not track the VM.
     pub dirty_cpus: Option<usize>,
+    /// CPUs in the module's `ran_cpus`; `None` when the module does not track the VM.
     pub ran_cpus: Option<usize>,
+    /// The module's `flushes` of the VM; `None` when it does not track the VM.
     pub flushes: Option<u64>,
+    /// The module's `flushed_cpus` of the VM; `None` when it does not track the VM.
     pub flushed_cpus: Option<u64>,
 }
 
@@ -140,33 +185,39 @@ fn advance(counter: &Counter, last: u64, reading: u64) {
 /// `timeout`, or `closed` (the connection ended before the handshake, as a
 /// TCP probe does).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct HandshakeLabels {
-    pub result: String,
+pub(crate) struct HandshakeLabels {
+    /// `ok`, `refused`, `timeout` or `closed`.
+    pub(crate) result: String,
 }
 
 /// Labels of `sevplace_audit_events_total`: the mutating RPC and its
 /// result (`ok` or the gRPC code name).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct AuditLabels {
-    pub rpc: String,
-    pub result: String,
+pub(crate) struct AuditLabels {
+    /// The mutating RPC (`PlaceVm`, `ReleaseVm`, `ScrubVm`).
+    pub(crate) rpc: String,
+    /// `ok` or the gRPC code name.
+    pub(crate) result: String,
 }
 
 /// Labels of `sevplace_condition`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ConditionLabels {
-    pub condition: String,
+pub(crate) struct ConditionLabels {
+    /// The condition's name.
+    pub(crate) condition: String,
 }
 
 /// Labels of `sevplace_fleet_syncs_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ResultLabels {
-    pub result: String,
+pub(crate) struct ResultLabels {
+    /// `ok` or `error`.
+    pub(crate) result: String,
 }
 
 /// Labels of `sevplace_drift_corrections_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
+    /// The reason's name.
     pub reason: String,
 }
 
@@ -176,6 +227,7 @@ fn latency_buckets() -> Histogram {
 }
 
 impl Metrics {
+    /// Registers every metric, with the build info set.
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("sevplace");
         let build = Family::<BuildLabels, Gauge>::default();
@@ -392,7 +444,7 @@ impl Metrics {
     }
 
     /// Sets the topology gauges.
-    pub fn set_topology(&self, topo: &Topology, reserved: usize) {
+    pub(crate) fn set_topology(&self, topo: &Topology, reserved: usize) {
         let set = |state: &str, v: usize| {
             self.cpus
                 .get_or_create(&CpuStateLabels {
@@ -505,7 +557,7 @@ impl Metrics {
     }
 
     /// Records one phase of a reconcile pass (`scan`, `compare_and_act`).
-    pub fn observe_reconcile_phase(&self, phase: &str, elapsed: Duration) {
+    pub(crate) fn observe_reconcile_phase(&self, phase: &str, elapsed: Duration) {
         self.reconcile_phase_duration
             .get_or_create(&PhaseLabels {
                 phase: phase.to_string(),
@@ -514,7 +566,7 @@ impl Metrics {
     }
 
     /// Counts one sync to Placement and its time.
-    pub fn observe_fleet_sync(&self, ok: bool, elapsed: Duration) {
+    pub(crate) fn observe_fleet_sync(&self, ok: bool, elapsed: Duration) {
         self.fleet_syncs
             .get_or_create(&ResultLabels {
                 result: if ok { "ok" } else { "error" }.to_string(),
@@ -524,7 +576,7 @@ impl Metrics {
     }
 
     /// Sets `sevplace_condition{condition}`.
-    pub fn set_condition(&self, kind: crate::conditions::ConditionKind, raised: bool) {
+    pub(crate) fn set_condition(&self, kind: crate::conditions::ConditionKind, raised: bool) {
         self.condition
             .get_or_create(&ConditionLabels {
                 condition: kind.as_str().to_string(),
@@ -547,7 +599,7 @@ impl Metrics {
     }
 
     /// Counts one answered mutating call by RPC and result.
-    pub fn observe_audit(&self, rpc: &str, result: &str) {
+    pub(crate) fn observe_audit(&self, rpc: &str, result: &str) {
         self.audit_events
             .get_or_create(&AuditLabels {
                 rpc: rpc.to_string(),
@@ -572,7 +624,7 @@ impl Metrics {
     }
 
     /// Every metric in the OpenMetrics text format.
-    pub fn encode_openmetrics(&self) -> String {
+    pub(crate) fn encode_openmetrics(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
@@ -612,7 +664,7 @@ fn series_key(line: &str) -> String {
 /// the same from scrape to scrape (the encoder walks hash maps). A stable
 /// sort keeps the lines of one series (histogram buckets, sum, count) in
 /// the encoder's order.
-pub fn sort_series(text: &str) -> String {
+pub(crate) fn sort_series(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut run: Vec<&str> = Vec::new();
     let flush = |run: &mut Vec<&str>, out: &mut String| {
@@ -639,7 +691,7 @@ pub fn sort_series(text: &str) -> String {
 /// `x` becomes `x_total` (its samples already carry the suffix), `info`
 /// families become gauges named `x_info`, and `# UNIT` and `# EOF` lines,
 /// which 0.0.4 does not have, are dropped.
-pub fn openmetrics_to_prometheus(text: &str) -> String {
+pub(crate) fn openmetrics_to_prometheus(text: &str) -> String {
     let mut kinds = std::collections::HashMap::new();
     for line in text.lines() {
         if let Some(rest) = line.strip_prefix("# TYPE ") {

@@ -7,14 +7,14 @@ use std::time::Duration;
 
 /// Where notifications go, from the environment systemd sets.
 #[derive(Debug, Clone)]
-pub struct Notifier {
+pub(crate) struct Notifier {
     socket: Option<String>,
     watchdog: Option<Duration>,
 }
 
 impl Notifier {
     /// From `NOTIFY_SOCKET` and `WATCHDOG_USEC`/`WATCHDOG_PID`.
-    pub fn from_env() -> Self {
+    pub(crate) fn from_env() -> Self {
         let socket = std::env::var("NOTIFY_SOCKET")
             .ok()
             .filter(|s| !s.is_empty());
@@ -31,7 +31,7 @@ impl Notifier {
     }
 
     /// The watchdog period systemd expects, if it armed one.
-    pub fn watchdog(&self) -> Option<Duration> {
+    pub(crate) fn watchdog(&self) -> Option<Duration> {
         self.watchdog
     }
 
@@ -51,21 +51,21 @@ impl Notifier {
     }
 
     /// `READY=1`: the socket is bound and the first reconcile pass is done.
-    pub fn ready(&self) {
+    pub(crate) fn ready(&self) {
         if let Err(e) = self.send("READY=1\nSTATUS=serving") {
             tracing::warn!(error = %e, "sd_notify READY failed");
         }
     }
 
     /// `WATCHDOG=1`.
-    pub fn watchdog_ping(&self) {
+    pub(crate) fn watchdog_ping(&self) {
         if let Err(e) = self.send("WATCHDOG=1") {
             tracing::warn!(error = %e, "sd_notify WATCHDOG failed");
         }
     }
 
     /// `STOPPING=1`.
-    pub fn stopping(&self) {
+    pub(crate) fn stopping(&self) {
         let _ = self.send("STOPPING=1");
     }
 }

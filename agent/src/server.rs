@@ -22,21 +22,31 @@ use crate::metrics::Metrics;
 /// Why a listener could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum ListenError {
+    /// Another daemon holds the socket's lock: the socket, then the lock file.
     #[error("another sevplaced is running on {0} (lock {1} is held); refusing to take its socket")]
     AlreadyRunning(PathBuf, PathBuf),
+    /// The socket path holds a file that is not a socket.
     #[error("{0} exists and is not a socket; refusing to remove it")]
     NotASocket(PathBuf),
+    /// A file operation on the socket, its directory or its lock failed.
     #[error("{what} {path}: {source}")]
     Io {
+        /// The operation.
         what: &'static str,
+        /// The file it was on.
         path: PathBuf,
+        /// What it returned.
         source: std::io::Error,
     },
+    /// `server.socket_group` names no group.
     #[error("unknown group {0:?} for the socket")]
     UnknownGroup(String),
+    /// A TCP address could not be bound.
     #[error("cannot bind {addr}: {source}")]
     Bind {
+        /// The address.
         addr: String,
+        /// What binding returned.
         source: std::io::Error,
     },
 }
@@ -52,7 +62,7 @@ fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> 
 /// A bound Unix socket and the lock that makes this daemon its only owner.
 /// Dropping it removes the socket file; the lock file stays, so a starting
 /// daemon never locks an unlinked file.
-pub struct OwnedSocket {
+pub(crate) struct OwnedSocket {
     path: PathBuf,
     _lock: Flock<fs::File>,
 }
@@ -60,7 +70,7 @@ pub struct OwnedSocket {
 impl OwnedSocket {
     /// Takes `<path>.lock`, replaces a stale socket (one nobody answers on),
     /// binds, and applies `mode` and `group`.
-    pub fn bind(
+    pub(crate) fn bind(
         path: &Path,
         mode: u32,
         group: Option<&str>,
@@ -131,7 +141,7 @@ impl OwnedSocket {
         Ok((owned, listener))
     }
 
-    pub fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.path
     }
 }
@@ -147,7 +157,7 @@ impl Drop for OwnedSocket {
 }
 
 /// Binds the TCP listener of `/metrics`.
-pub async fn bind_tcp(addr: std::net::SocketAddr) -> Result<TcpListener, ListenError> {
+pub(crate) async fn bind_tcp(addr: std::net::SocketAddr) -> Result<TcpListener, ListenError> {
     TcpListener::bind(addr)
         .await
         .map_err(|source| ListenError::Bind {
@@ -196,7 +206,7 @@ async fn metrics_response(
 }
 
 /// Serves `/metrics` until `shutdown` turns true.
-pub async fn serve_metrics(
+pub(crate) async fn serve_metrics(
     listener: TcpListener,
     metrics: Arc<Metrics>,
     mut shutdown: watch::Receiver<bool>,

@@ -37,7 +37,7 @@ use crate::config::TlsSettings;
 
 /// How long a TCP client may take to finish the TLS handshake; a stalled
 /// client is dropped after it.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Handshakes in progress at once; the accept loop waits for a slot, so a
 /// flood of stalled clients queues in the kernel's backlog instead of
@@ -51,24 +51,37 @@ const FAILURE_WARN_INTERVAL: Duration = Duration::from_secs(60);
 /// Why TLS could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
+    /// A certificate or key file could not be read.
     #[error("cannot read {what} {path}: {source}")]
     Read {
+        /// What the file is (CA, certificate, key).
         what: &'static str,
+        /// The file.
         path: PathBuf,
+        /// What reading it returned.
         source: io::Error,
     },
+    /// A file holds no usable PEM item of its kind.
     #[error("{what} {path}: {reason}")]
     Pem {
+        /// What the file is (CA, certificate, key).
         what: &'static str,
+        /// The file.
         path: PathBuf,
+        /// What is wrong with its content.
         reason: String,
     },
+    /// The key is not the certificate's.
     #[error("key {key} does not match the certificate {cert}: {reason}")]
     KeyMismatch {
+        /// The key file.
         key: PathBuf,
+        /// The certificate file.
         cert: PathBuf,
+        /// What rustls reported.
         reason: String,
     },
+    /// rustls refused the configuration.
     #[error("TLS setup: {0}")]
     Setup(String),
 }
@@ -97,7 +110,7 @@ fn pem_error(what: &'static str, path: &Path, reason: impl ToString) -> TlsError
 
 /// Every certificate of a PEM file; at least one, each a parseable X.509
 /// certificate.
-pub fn load_certs(
+pub(crate) fn load_certs(
     what: &'static str,
     path: &Path,
 ) -> Result<Vec<CertificateDer<'static>>, TlsError> {
@@ -121,7 +134,10 @@ pub fn load_certs(
 }
 
 /// The private key of a PEM file (PKCS#8, PKCS#1 or SEC1).
-pub fn load_key(what: &'static str, path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+pub(crate) fn load_key(
+    what: &'static str,
+    path: &Path,
+) -> Result<PrivateKeyDer<'static>, TlsError> {
     let bytes = read(what, path)?;
     PrivateKeyDer::from_pem_slice(&bytes)
         .map_err(|e| pem_error(what, path, format!("no usable private key: {e}")))
@@ -157,7 +173,7 @@ fn check_key_pair(
 
 /// The names a client certificate identifies: its SAN DNS names, or its
 /// subject CNs when it has no DNS SAN; lower case.
-pub fn cert_names(der: &[u8]) -> Result<Vec<String>, String> {
+pub(crate) fn cert_names(der: &[u8]) -> Result<Vec<String>, String> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| e.to_string())?;
     let mut names = Vec::new();
     if let Ok(Some(san)) = cert.subject_alternative_name() {
@@ -247,7 +263,7 @@ impl ClientCertVerifier for NameCheckingVerifier {
 /// The server's TLS config from the settings: reads and checks every file
 /// (a missing or garbage file, or a key that does not match the
 /// certificate, is an error naming the file). HTTP/2 only (ALPN `h2`).
-pub fn server_config(s: &TlsSettings) -> Result<Arc<ServerConfig>, TlsError> {
+pub(crate) fn server_config(s: &TlsSettings) -> Result<Arc<ServerConfig>, TlsError> {
     let provider = provider();
     let chain = load_certs("server certificate (server.tls_cert)", &s.cert)?;
     let key = load_key("server key (server.tls_key)", &s.key)?;
@@ -310,22 +326,16 @@ pub fn client_config(ca: &Path, cert: &Path, key: &Path) -> Result<Arc<ClientCon
 /// Who is on the other end of a TLS connection; tonic puts it into every
 /// request's extensions.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TlsPeerInfo {
-    pub remote_addr: Option<SocketAddr>,
+pub(crate) struct TlsPeerInfo {
+    pub(crate) remote_addr: Option<SocketAddr>,
     /// The names of the client's certificate ([`cert_names`]).
-    pub names: Arc<[String]>,
+    pub(crate) names: Arc<[String]>,
 }
 
 /// A server-side TLS connection whose handshake finished, with its peer.
-pub struct MtlsStream {
+pub(crate) struct MtlsStream {
     inner: tokio_rustls::server::TlsStream<TcpStream>,
     peer: TlsPeerInfo,
-}
-
-impl MtlsStream {
-    pub fn peer(&self) -> &TlsPeerInfo {
-        &self.peer
-    }
 }
 
 impl tonic::transport::server::Connected for MtlsStream {
@@ -412,7 +422,7 @@ impl FailureLog {
 /// with `handshake_timeout`; only finished handshakes come out of the
 /// stream, so a failing or stalled client never reaches (or stops) the
 /// gRPC server. The loop ends when the stream is dropped.
-pub fn incoming(
+pub(crate) fn incoming(
     listener: TcpListener,
     config: Arc<ServerConfig>,
     handshake_timeout: Duration,

@@ -16,19 +16,33 @@ use crate::cpuset::{CpuListError, CpuSet};
 /// Why the topology could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum TopologyError {
+    /// A sysfs file could not be read.
     #[error("cannot read {path}: {source}")]
     Read {
+        /// The file.
         path: PathBuf,
+        /// What reading it returned.
         source: std::io::Error,
     },
+    /// A sysfs file holds a bad cpulist.
     #[error("bad cpulist in {path}: {source}")]
-    CpuList { path: PathBuf, source: CpuListError },
+    CpuList {
+        /// The file.
+        path: PathBuf,
+        /// What the cpulist parser reported.
+        source: CpuListError,
+    },
+    /// A sysfs file holds a value that is not what the kernel writes there.
     #[error("bad value {value:?} in {path}: {reason}")]
     Value {
+        /// The file.
         path: PathBuf,
+        /// The value read.
         value: String,
+        /// What is wrong with it.
         reason: &'static str,
     },
+    /// The host root has no online CPU.
     #[error("no online CPUs under {0}")]
     NoCpus(PathBuf),
 }
@@ -36,24 +50,31 @@ pub enum TopologyError {
 /// One online logical CPU.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Cpu {
-    pub id: u32,
+    /// Kernel CPU id.
+    pub(crate) id: u32,
     /// Index into [`Topology::cores`].
     pub core: usize,
     /// Index into [`Topology::l3_domains`].
-    pub l3: usize,
+    pub(crate) l3: usize,
     /// NUMA node id.
-    pub numa: u32,
-    pub package: u32,
+    pub(crate) numa: u32,
+    /// Physical package (socket) id.
+    pub(crate) package: u32,
 }
 
 /// One physical core: the SMT siblings that share it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Core {
-    pub index: usize,
+    /// Position in [`Topology::cores`].
+    pub(crate) index: usize,
+    /// Online SMT siblings of the core.
     pub cpus: CpuSet,
+    /// Index into [`Topology::l3_domains`].
     pub l3: usize,
-    pub numa: u32,
-    pub package: u32,
+    /// NUMA node id.
+    pub(crate) numa: u32,
+    /// Physical package (socket) id.
+    pub(crate) package: u32,
 }
 
 /// The CPUs that share one L3 cache (a CCX on AMD EPYC).
@@ -64,17 +85,19 @@ pub struct L3Domain {
     /// Online CPUs of the domain.
     pub cpus: CpuSet,
     /// Indices into [`Topology::cores`].
-    pub cores: Vec<usize>,
+    pub(crate) cores: Vec<usize>,
     /// NUMA node of the domain's lowest CPU.
-    pub numa: u32,
-    pub package: u32,
+    pub(crate) numa: u32,
+    /// Physical package (socket) of the domain's lowest CPU.
+    pub(crate) package: u32,
     /// False when sysfs had no L3 entry and the package stood in for it.
-    pub from_cache_info: bool,
+    pub(crate) from_cache_info: bool,
 }
 
 /// One NUMA node.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct NumaNode {
+    /// NUMA node id.
     pub id: u32,
     /// Online CPUs of the node.
     pub cpus: CpuSet,
@@ -85,12 +108,17 @@ pub struct NumaNode {
 /// The host's CPU topology.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Topology {
+    /// Online CPUs.
     pub online: CpuSet,
+    /// Online CPUs the kernel lists in `devices/system/cpu/isolated` (`isolcpus`).
     pub isolated: CpuSet,
     /// Online CPUs, ascending by id.
-    pub cpus: Vec<Cpu>,
+    pub(crate) cpus: Vec<Cpu>,
+    /// Physical cores, ordered by lowest CPU id.
     pub cores: Vec<Core>,
+    /// L3 domains, ordered by lowest CPU id.
     pub l3_domains: Vec<L3Domain>,
+    /// NUMA nodes, ascending by id.
     pub numa_nodes: Vec<NumaNode>,
     /// `cpu id -> index into cpus`.
     #[serde(skip)]
@@ -361,7 +389,12 @@ impl Topology {
     /// isolated set, and, when `cache_info` is false, no L3 entries (domains
     /// fall back to packages). Reproduces what sysfs shows for such a host,
     /// so named topologies can stand for fixtures with offline CPUs.
-    pub fn with_changes(&self, offline: &CpuSet, isolated: &CpuSet, cache_info: bool) -> Self {
+    pub(crate) fn with_changes(
+        &self,
+        offline: &CpuSet,
+        isolated: &CpuSet,
+        cache_info: bool,
+    ) -> Self {
         let online = self.online.difference(offline);
         let numa: BTreeMap<u32, u32> = self
             .cpus
@@ -393,12 +426,12 @@ impl Topology {
     }
 
     /// Number of SMT threads of the widest core.
-    pub fn threads_per_core(&self) -> usize {
+    pub(crate) fn threads_per_core(&self) -> usize {
         self.cores.iter().map(|c| c.cpus.len()).max().unwrap_or(1)
     }
 
     /// L3 domains (indices) that hold any CPU of `set`.
-    pub fn l3_domains_of(&self, set: &CpuSet) -> Vec<usize> {
+    pub(crate) fn l3_domains_of(&self, set: &CpuSet) -> Vec<usize> {
         let mut out: Vec<usize> = set
             .iter()
             .filter_map(|c| self.cpu(c))
@@ -410,7 +443,7 @@ impl Topology {
     }
 
     /// All CPUs of the given L3 domains.
-    pub fn cpus_of_l3(&self, domains: &[usize]) -> CpuSet {
+    pub(crate) fn cpus_of_l3(&self, domains: &[usize]) -> CpuSet {
         domains
             .iter()
             .filter_map(|&d| self.l3_domains.get(d))

@@ -13,15 +13,19 @@ pub struct VmId(String);
 /// Why a VM id was rejected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum VmIdError {
+    /// Empty id.
     #[error("vm_id is empty")]
     Empty,
+    /// Id longer than 128 bytes.
     #[error("vm_id is longer than 128 bytes")]
     TooLong,
+    /// Id with a character outside `[A-Za-z0-9._:-]`.
     #[error("vm_id contains {0:?}; allowed are letters, digits and . _ : -")]
     BadChar(char),
 }
 
 impl VmId {
+    /// Validates `s` as a VM id.
     pub fn new(s: impl Into<String>) -> Result<Self, VmIdError> {
         let s = s.into();
         if s.is_empty() {
@@ -39,7 +43,8 @@ impl VmId {
         Ok(Self(s))
     }
 
-    pub fn as_str(&self) -> &str {
+    /// The id as text.
+    pub(crate) fn as_str(&self) -> &str {
         &self.0
     }
 }
@@ -69,7 +74,7 @@ impl fmt::Display for VmId {
 /// for it, so an orchestrator id never reads as a process key
 /// ([`VmKey::parse`], [`VmKey::named`]).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum VmKey {
+pub(crate) enum VmKey {
     /// The orchestrator's id (never of the form `pid-<N>`).
     Named(VmId),
     /// The pid of a VM process no orchestrator named.
@@ -77,13 +82,15 @@ pub enum VmKey {
 }
 
 /// The wire prefix of a process key.
-pub const PROCESS_KEY_PREFIX: &str = "pid-";
+pub(crate) const PROCESS_KEY_PREFIX: &str = "pid-";
 
 /// Why a string is not a VM key.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum VmKeyError {
+pub(crate) enum VmKeyError {
+    /// Not a valid VM id.
     #[error(transparent)]
     Id(#[from] VmIdError),
+    /// An orchestrator id of the `pid-<N>` form, which names processes only.
     #[error(
         "vm_id {0:?} has the form pid-<N>, which names a VM by its process; choose another id"
     )]
@@ -105,7 +112,7 @@ fn process_key_pid(s: &str) -> Option<u32> {
 impl VmKey {
     /// A key from its wire form: `pid-<N>` is a process key, anything
     /// else a valid [`VmId`].
-    pub fn parse(s: &str) -> Result<Self, VmIdError> {
+    pub(crate) fn parse(s: &str) -> Result<Self, VmIdError> {
         match process_key_pid(s) {
             Some(pid) => Ok(Self::Process(pid)),
             None => VmId::new(s).map(Self::Named),
@@ -114,7 +121,7 @@ impl VmKey {
 
     /// An orchestrator's id for a new VM: a valid [`VmId`] that does not
     /// read as a process key.
-    pub fn named(s: &str) -> Result<VmId, VmKeyError> {
+    pub(crate) fn named(s: &str) -> Result<VmId, VmKeyError> {
         if process_key_pid(s).is_some() {
             return Err(VmKeyError::ReservedForProcess(s.to_string()));
         }
@@ -123,7 +130,7 @@ impl VmKey {
 
     /// The key of an intent stored under `id`: process keys are stored as
     /// their wire form.
-    pub fn of_id(id: &VmId) -> Self {
+    pub(crate) fn of_id(id: &VmId) -> Self {
         match process_key_pid(id.as_str()) {
             Some(pid) => Self::Process(pid),
             None => Self::Named(id.clone()),
@@ -131,7 +138,7 @@ impl VmKey {
     }
 
     /// The id an intent of this key is stored under.
-    pub fn to_id(&self) -> VmId {
+    pub(crate) fn to_id(&self) -> VmId {
         match self {
             Self::Named(id) => id.clone(),
             Self::Process(pid) => VmId(format!("{PROCESS_KEY_PREFIX}{pid}")),
@@ -165,15 +172,16 @@ pub enum ConfidentialClass {
 }
 
 impl ConfidentialClass {
-    pub const ALL: [Self; 4] = [Self::None, Self::Sev, Self::SevEs, Self::SevSnp];
+    pub(crate) const ALL: [Self; 4] = [Self::None, Self::Sev, Self::SevEs, Self::SevSnp];
 
+    /// Every class, plain first.
     /// Whether the class belongs in the confidential pool.
-    pub fn is_confidential(self) -> bool {
+    pub(crate) fn is_confidential(self) -> bool {
         self != Self::None
     }
 
     /// The name used on the command line, in sysfs and in metrics labels.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::None => "none",
             Self::Sev => "sev",

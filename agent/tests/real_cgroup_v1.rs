@@ -142,7 +142,8 @@ impl Workers {
             let tx = tx.clone();
             let stop = Arc::clone(&stop);
             handles.push(std::thread::spawn(move || {
-                tx.send(nix::unistd::gettid().as_raw() as u32).unwrap();
+                tx.send(u32::try_from(nix::unistd::gettid().as_raw()).unwrap())
+                    .unwrap();
                 while !stop.load(Ordering::Relaxed) {
                     let t = Instant::now();
                     while t.elapsed() < Duration::from_micros(300) {
@@ -288,7 +289,7 @@ fn v1_cpuset_errors_are_typed() {
     assert!(err.to_string().contains("empty/tasks"), "{err}");
 
     // ESRCH: a thread that has exited.
-    let dead = std::thread::spawn(|| nix::unistd::gettid().as_raw() as u32)
+    let dead = std::thread::spawn(|| u32::try_from(nix::unistd::gettid().as_raw()).unwrap())
         .join()
         .unwrap();
     let ok = format!("{base}/ok");

@@ -16,6 +16,13 @@ fn comment(file: &FileDescriptorProto, path: &[i32]) -> Option<String> {
     (!c.is_empty()).then(|| c.lines().map(str::trim).collect::<Vec<_>>().join(" "))
 }
 
+/// Index `i` of an element as a step of a source-code-info path (paths
+/// are `int32`); an index past `i32::MAX` becomes `i32::MAX`, a path that
+/// names no comment, so the element is reported as undocumented.
+fn path_index(i: usize) -> i32 {
+    i32::try_from(i).unwrap_or(i32::MAX)
+}
+
 struct Writer<'a> {
     file: &'a FileDescriptorProto,
     out: String,
@@ -42,7 +49,7 @@ impl Writer<'_> {
                 .push_str("| field | type | description |\n|---|---|---|\n");
             for (i, f) in m.field.iter().enumerate() {
                 let mut p = path.clone();
-                p.extend([2, i as i32]);
+                p.extend([2, path_index(i)]);
                 let fd = self.doc(&p, &format!("{name}.{}", f.name()));
                 let label = if f.label() == prost_types::field_descriptor_proto::Label::Repeated {
                     "repeated "
@@ -58,7 +65,8 @@ impl Writer<'_> {
                 let oneof = f
                     .oneof_index
                     .filter(|_| !f.proto3_optional())
-                    .and_then(|i| m.oneof_decl.get(i as usize))
+                    .and_then(|i| usize::try_from(i).ok())
+                    .and_then(|i| m.oneof_decl.get(i))
                     .map(|o| format!(" (oneof `{}`)", o.name()))
                     .unwrap_or_default();
                 self.out.push_str(&format!(
@@ -78,7 +86,7 @@ impl Writer<'_> {
         ));
         for (i, v) in e.value.iter().enumerate() {
             let mut p = path.clone();
-            p.extend([2, i as i32]);
+            p.extend([2, path_index(i)]);
             let vd = self.doc(&p, &format!("{}.{}", e.name(), v.name()));
             self.out
                 .push_str(&format!("| `{}` | {} | {vd} |\n", v.name(), v.number()));
@@ -112,11 +120,11 @@ pub fn markdown(descriptor_set: &[u8]) -> Result<(String, Undocumented), prost::
             file.package()
         ));
         for (si, s) in file.service.iter().enumerate() {
-            let d = w.doc(&[6, si as i32], s.name());
+            let d = w.doc(&[6, path_index(si)], s.name());
             w.out.push_str(&format!("### service `{}`\n\n{d}\n\n| rpc | request | response | description |\n|---|---|---|---|\n", s.name()));
             for (mi, m) in s.method.iter().enumerate() {
                 let md = w.doc(
-                    &[6, si as i32, 2, mi as i32],
+                    &[6, path_index(si), 2, path_index(mi)],
                     &format!("{}.{}", s.name(), m.name()),
                 );
                 let stream = if m.server_streaming() { "stream " } else { "" };
@@ -131,11 +139,11 @@ pub fn markdown(descriptor_set: &[u8]) -> Result<(String, Undocumented), prost::
         }
         w.out.push_str("## Enums\n\n");
         for (i, e) in file.enum_type.iter().enumerate() {
-            w.enumeration(e, vec![5, i as i32]);
+            w.enumeration(e, vec![5, path_index(i)]);
         }
         w.out.push_str("## Messages\n\n");
         for (i, m) in file.message_type.iter().enumerate() {
-            w.message(m, vec![4, i as i32], "");
+            w.message(m, vec![4, path_index(i)], "");
         }
         out.push_str(&w.out);
         missing.extend(w.missing);

@@ -1,6 +1,10 @@
 //! Harness of the end-to-end tests: finds the real binaries and runs
 //! `sevplaced` on a temporary socket, state directory and metrics port.
 
+// A test harness, not a library with users: its items are documented where
+// a test needs to know more than the name says.
+#![allow(missing_docs)]
+
 pub mod openstack;
 
 use std::net::TcpListener;

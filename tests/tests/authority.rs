@@ -35,7 +35,7 @@ enum Answer {
 }
 
 fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
-    let len = payload.len() as u32;
+    let len = u32::try_from(payload.len()).expect("a frame payload fits in u32");
     let mut f = len.to_be_bytes()[1..].to_vec();
     f.extend([kind, flags]);
     f.extend(stream.to_be_bytes());
@@ -46,17 +46,18 @@ fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
 /// An HPACK integer with an `n`-bit prefix (RFC 7541 section 5.1).
 fn hpack_int(out: &mut Vec<u8>, first: u8, n: u32, mut v: usize) {
     let max = (1usize << n) - 1;
+    let byte = |x: usize| u8::try_from(x).expect("below 256");
     if v < max {
-        out.push(first | (v as u8));
+        out.push(first | byte(v));
         return;
     }
-    out.push(first | (max as u8));
+    out.push(first | byte(max));
     v -= max;
     while v >= 128 {
-        out.push(((v % 128) as u8) | 0x80);
+        out.push(byte(v % 128) | 0x80);
         v /= 128;
     }
-    out.push(v as u8);
+    out.push(byte(v));
 }
 
 /// A header block of literal fields without indexing, new names, no

@@ -52,9 +52,9 @@ fn auto_mode_places_confidential_vms() {
             .as_array()
             .unwrap()
             .iter()
-            .map(|c| c.as_u64().unwrap() as u32)
+            .map(|c| u32::try_from(c.as_u64().unwrap()).unwrap())
             .collect();
-        let tid = vm.vcpu_tid(v["index"].as_u64().unwrap() as u32);
+        let tid = vm.vcpu_tid(u32::try_from(v["index"].as_u64().unwrap()).unwrap());
         assert_eq!(cpus_allowed(vm.pid, tid), want);
     }
 

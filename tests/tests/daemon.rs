@@ -71,7 +71,7 @@ fn get_host_health_metrics_and_sigterm() {
         .find(|s| s.labels.get("state") == Some("online"))
         .expect("sevplace_cpus{state=online}");
     assert!(
-        matches!(online.value, prometheus_parse::Value::Gauge(v) if v as usize == real.online.len())
+        matches!(online.value, prometheus_parse::Value::Gauge(v) if v == real.online.len() as f64)
     );
     let gethost = find("sevplace_grpc_requests_total")
         .find(|s| s.labels.get("method") == Some("GetHost") && s.labels.get("code") == Some("Ok"))

@@ -546,7 +546,7 @@ fn real_v1_cpuset_refusal_is_reported_retried_and_healed() {
             set
         );
         assert_eq!(
-            &sevplace_tests::cpus_allowed(vm.pid, vm.vcpu_tid(i as u32)),
+            &sevplace_tests::cpus_allowed(vm.pid, vm.vcpu_tid(u32::try_from(i).unwrap())),
             set
         );
     }

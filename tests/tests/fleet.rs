@@ -815,7 +815,7 @@ fn fleet_scheduler_places_concurrent_bursts_without_over_allocation() {
         "confidential domains in use: {conf_domains} for {conf_cpus} confidential CPUs (at least {} domains of {largest})",
         conf_cpus.div_ceil(largest)
     );
-    assert!(conf_domains as usize >= conf_cpus.div_ceil(largest));
+    assert!(usize::try_from(conf_domains).unwrap() >= conf_cpus.div_ceil(largest));
 
     // Releases through the scheduler: the claims go, the domains free up.
     for ((id, ..), _, _) in acked.iter().step_by(2) {
@@ -873,6 +873,9 @@ fn sync_seconds(h: &Host) -> (f64, f64) {
     )
 }
 
+// (len - 1) * q with q in 0..=1, rounded, is a whole index in 0..len: the
+// cast neither truncates nor drops a sign.
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
 fn percentile(sorted: &[Duration], q: f64) -> Duration {
     let i = ((sorted.len() as f64 - 1.0) * q).round() as usize;
     sorted.get(i).copied().unwrap_or_default()

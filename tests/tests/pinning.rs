@@ -35,14 +35,36 @@ fn vcpu_sets(vm: &serde_json::Value) -> Vec<sevplace::CpuSet> {
         .as_array()
         .expect("vcpus")
         .iter()
-        .map(|v| {
-            v["cpus"]
-                .as_array()
-                .expect("cpus")
-                .iter()
-                .map(|c| c.as_u64().expect("cpu") as u32)
-                .collect()
-        })
+        .map(|v| cpu_ids(&v["cpus"]).into_iter().collect())
+        .collect()
+}
+
+/// The daemon on the genoa-2x96-nps1 fixture host (room for every VM of the
+/// kill -9 bursts), its state and socket in `dir`.
+fn start_on_fixture_host(dir: tempfile::TempDir) -> Daemon {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../agent/tests/fixtures/genoa-2x96-nps1");
+    let root = root.to_str().unwrap().to_string();
+    Daemon::start_in(dir, &["--host-root", &root], &[])
+}
+
+/// The CPUs of the placement in a PlaceVm answer (none when it has no
+/// placement).
+fn placed_cpus(resp: tonic::Response<pb::PlaceVmResponse>) -> Vec<u32> {
+    resp.into_inner()
+        .vm
+        .and_then(|v| v.placement)
+        .map(|p| p.cpus)
+        .unwrap_or_default()
+}
+
+/// The CPU ids of a JSON array of numbers (a `cpus` field of sevplacectl's
+/// `--json` output).
+fn cpu_ids(cpus: &serde_json::Value) -> Vec<u32> {
+    cpus.as_array()
+        .expect("cpus")
+        .iter()
+        .map(|c| u32::try_from(c.as_u64().expect("cpu")).expect("a u32 CPU id"))
         .collect()
 }
 
@@ -77,7 +99,7 @@ fn place_pin_drift_exit() {
     let sets = vcpu_sets(vmj);
     assert_eq!(sets.len(), 2);
     for (i, set) in sets.iter().enumerate() {
-        let tid = vm.vcpu_tid(i as u32);
+        let tid = vm.vcpu_tid(u32::try_from(i).unwrap());
         assert_eq!(&cpus_allowed(vm.pid, tid), set, "vCPU {i}");
         for _ in 0..10 {
             if let Some(c) = last_cpu(vm.pid, tid) {
@@ -143,10 +165,7 @@ fn place_pin_drift_exit() {
 
 #[test]
 fn kill9_during_place_burst_keeps_every_acknowledged_placement() {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../agent/tests/fixtures/genoa-2x96-nps1");
-    let root = root.to_str().unwrap().to_string();
-    let d = Daemon::start_in(tempfile::tempdir().unwrap(), &["--host-root", &root], &[]);
+    let d = start_on_fixture_host(tempfile::tempdir().unwrap());
     let socket = d.socket.clone();
     // A burst of PlaceVm for VMs that are not running yet (PENDING), from
     // several threads; the daemon is killed in the middle of it.
@@ -178,12 +197,7 @@ fn kill9_during_place_burst_keeps_every_acknowledged_placement() {
                         .await;
                     match r {
                         Ok(resp) => {
-                            let cpus = resp
-                                .into_inner()
-                                .vm
-                                .and_then(|v| v.placement)
-                                .map(|p| p.cpus)
-                                .unwrap_or_default();
+                            let cpus = placed_cpus(resp);
                             acked.lock().unwrap().push((id, cpus));
                         }
                         Err(_) => return,
@@ -204,17 +218,12 @@ fn kill9_during_place_burst_keeps_every_acknowledged_placement() {
     let acked = acked.lock().unwrap().clone();
     assert!(!acked.is_empty());
 
-    let d = Daemon::start_in(dir, &["--host-root", &root], &[]);
+    let d = start_on_fixture_host(dir);
     let listed = json(&d.ctl(&["--json", "vms"]));
     let vms = listed["vms"].as_array().unwrap();
     let mut seen = sevplace::CpuSet::new();
     for v in vms {
-        let cpus: Vec<u32> = v["placement"]["cpus"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|c| c.as_u64().unwrap() as u32)
-            .collect();
+        let cpus = cpu_ids(&v["placement"]["cpus"]);
         for c in &cpus {
             assert!(seen.insert(*c), "CPU {c} given twice");
         }
@@ -224,12 +233,7 @@ fn kill9_during_place_burst_keeps_every_acknowledged_placement() {
             .iter()
             .find(|v| v["vmId"] == id.as_str())
             .unwrap_or_else(|| panic!("acknowledged {id} lost"));
-        let got: Vec<u32> = v["placement"]["cpus"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|c| c.as_u64().unwrap() as u32)
-            .collect();
+        let got = cpu_ids(&v["placement"]["cpus"]);
         assert_eq!(&got, cpus, "{id} changed across the restart");
         assert_eq!(v["state"], "VM_STATE_PENDING");
     }
@@ -255,12 +259,7 @@ fn kill9_during_place_burst_keeps_every_acknowledged_placement() {
         "--confidential",
         class,
     ]));
-    let got: Vec<u32> = again["vm"]["placement"]["cpus"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c.as_u64().unwrap() as u32)
-        .collect();
+    let got = cpu_ids(&again["vm"]["placement"]["cpus"]);
     assert_eq!(&got, cpus);
 }
 
@@ -272,12 +271,7 @@ fn listed_cpus(d: &Daemon) -> std::collections::BTreeMap<String, Vec<u32>> {
         .unwrap()
         .iter()
         .map(|v| {
-            let cpus = v["placement"]["cpus"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|c| c.as_u64().unwrap() as u32)
-                .collect();
+            let cpus = cpu_ids(&v["placement"]["cpus"]);
             (v["vmId"].as_str().unwrap().to_string(), cpus)
         })
         .collect()
@@ -292,10 +286,7 @@ fn listed_cpus(d: &Daemon) -> std::collections::BTreeMap<String, Vec<u32>> {
 fn kill9_during_group_commits_of_64_clients_loses_no_acknowledged_call() {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::{Arc, Mutex};
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../agent/tests/fixtures/genoa-2x96-nps1");
-    let root = root.to_str().unwrap().to_string();
-    let d = Daemon::start_in(tempfile::tempdir().unwrap(), &["--host-root", &root], &[]);
+    let d = start_on_fixture_host(tempfile::tempdir().unwrap());
     let placed = Arc::new(Mutex::new(Vec::<(String, Vec<u32>)>::new()));
     let released = Arc::new(Mutex::new(Vec::<String>::new()));
     // Releases sent, acknowledged or not: an unanswered one may be durable.
@@ -333,12 +324,7 @@ fn kill9_during_group_commits_of_64_clients_loses_no_acknowledged_call() {
                     .await;
                 match r {
                     Ok(resp) => {
-                        let cpus = resp
-                            .into_inner()
-                            .vm
-                            .and_then(|v| v.placement)
-                            .map(|p| p.cpus)
-                            .unwrap_or_default();
+                        let cpus = placed_cpus(resp);
                         placed.lock().unwrap().push((id, cpus));
                         acks.fetch_add(1, Ordering::SeqCst);
                     }
@@ -382,7 +368,7 @@ fn kill9_during_group_commits_of_64_clients_loses_no_acknowledged_call() {
     let releasing = releasing.lock().unwrap().clone();
     assert!(!placed.is_empty());
 
-    let d = Daemon::start_in(dir, &["--host-root", &root], &[]);
+    let d = start_on_fixture_host(dir);
     let listed = listed_cpus(&d);
     let mut seen = sevplace::CpuSet::new();
     for (id, cpus) in &listed {
@@ -415,12 +401,7 @@ fn kill9_during_group_commits_of_64_clients_loses_no_acknowledged_call() {
         "--confidential",
         "none",
     ]));
-    let got: Vec<u32> = again["vm"]["placement"]["cpus"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c.as_u64().unwrap() as u32)
-        .collect();
+    let got = cpu_ids(&again["vm"]["placement"]["cpus"]);
     assert_eq!(&got, cpus, "an identical retry after the restart");
 }
 

@@ -14,7 +14,7 @@ use crate::metrics::Metrics;
 /// The caller of an audited call, as one log field: `uid=0 gid=0 pid=42`
 /// on the Unix socket, `tls=orchestrator addr=10.0.0.1:50000` on mutual
 /// TLS, `tcp` on plaintext TCP.
-pub struct Caller<'a>(pub &'a Peer);
+pub(crate) struct Caller<'a>(pub &'a Peer);
 
 impl fmt::Display for Caller<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -40,7 +40,7 @@ impl fmt::Display for Caller<'_> {
 
 /// The `result` label and log field: `ok`, or the gRPC code name
 /// (`PermissionDenied`, `NotFound`, ...).
-pub fn result_name(outcome: Result<(), &Status>) -> String {
+pub(crate) fn result_name(outcome: Result<(), &Status>) -> String {
     match outcome {
         Ok(()) => "ok".into(),
         Err(s) => format!("{:?}", s.code()),
@@ -52,7 +52,7 @@ pub fn result_name(outcome: Result<(), &Status>) -> String {
 /// (from SO_PEERCRED); `transport="tls"` with `client` (the certificate's
 /// names) and `addr`; `transport="tcp"` (plaintext, no identity). `error`
 /// is the message of a failed call, empty on success.
-pub fn record(
+pub(crate) fn record(
     metrics: &Metrics,
     rpc: &'static str,
     vm_id: &str,

@@ -5,7 +5,7 @@ use sevplace_proto::v1 as pb;
 
 use std::time::SystemTime;
 
-use crate::cpuset::CpuSet;
+use crate::cpuset::{count_u32, CpuSet};
 use crate::kmod::{ModuleState, ModuleStatus, ModuleVm};
 use crate::placement::{Placement, Pool};
 use crate::reconcile::events::{Event, EventKind};
@@ -13,11 +13,11 @@ use crate::reconcile::{AgentCore, ClassSource, VmState, VmView};
 use crate::topology::Topology;
 use crate::types::ConfidentialClass;
 
-pub fn cpus(set: &CpuSet) -> Vec<u32> {
+pub(crate) fn cpus(set: &CpuSet) -> Vec<u32> {
     set.to_vec()
 }
 
-pub fn class_to_pb(c: ConfidentialClass) -> pb::ConfidentialClass {
+pub(crate) fn class_to_pb(c: ConfidentialClass) -> pb::ConfidentialClass {
     match c {
         ConfidentialClass::None => pb::ConfidentialClass::None,
         ConfidentialClass::Sev => pb::ConfidentialClass::Sev,
@@ -27,7 +27,7 @@ pub fn class_to_pb(c: ConfidentialClass) -> pb::ConfidentialClass {
 }
 
 /// `None` for UNSPECIFIED (the agent classifies the VM itself).
-pub fn class_from_pb(c: pb::ConfidentialClass) -> Option<ConfidentialClass> {
+pub(crate) fn class_from_pb(c: pb::ConfidentialClass) -> Option<ConfidentialClass> {
     match c {
         pb::ConfidentialClass::Unspecified => None,
         pb::ConfidentialClass::None => Some(ConfidentialClass::None),
@@ -39,7 +39,7 @@ pub fn class_from_pb(c: pb::ConfidentialClass) -> Option<ConfidentialClass> {
 
 /// Topology message; `pool_of(domain)` and `free_of(domain)` come from the
 /// placement state.
-pub fn topology(
+pub(crate) fn topology(
     t: &Topology,
     pool_of: impl Fn(usize) -> pb::Pool,
     free_of: impl Fn(usize) -> CpuSet,
@@ -47,13 +47,13 @@ pub fn topology(
     pb::Topology {
         online_cpus: cpus(&t.online),
         isolated_cpus: cpus(&t.isolated),
-        threads_per_core: t.threads_per_core() as u32,
-        core_count: t.cores.len() as u32,
+        threads_per_core: count_u32(t.threads_per_core()),
+        core_count: count_u32(t.cores.len()),
         l3_domains: t
             .l3_domains
             .iter()
             .map(|d| pb::L3Domain {
-                index: d.index as u32,
+                index: count_u32(d.index),
                 cpus: cpus(&d.cpus),
                 numa_node: d.numa,
                 package: d.package,
@@ -67,13 +67,13 @@ pub fn topology(
             .map(|n| pb::NumaNode {
                 id: n.id,
                 cpus: cpus(&n.cpus),
-                l3_domains: n.l3_domains.iter().map(|&i| i as u32).collect(),
+                l3_domains: indices(&n.l3_domains),
             })
             .collect(),
     }
 }
 
-pub fn module_status(s: &ModuleStatus) -> pb::ModuleStatus {
+pub(crate) fn module_status(s: &ModuleStatus) -> pb::ModuleStatus {
     let state = match s.state {
         ModuleState::Absent => pb::ModuleState::Absent,
         ModuleState::Loaded => pb::ModuleState::Loaded,
@@ -108,22 +108,26 @@ fn pool(p: Pool) -> pb::Pool {
     }
 }
 
-fn indices(v: &[usize]) -> Vec<u32> {
-    v.iter().map(|&i| i as u32).collect()
+/// The CPUs of each vCPU, by vCPU index.
+fn vcpu_placements(vcpu_cpus: &[CpuSet]) -> Vec<pb::VcpuPlacement> {
+    vcpu_cpus
+        .iter()
+        .enumerate()
+        .map(|(i, s)| pb::VcpuPlacement {
+            index: count_u32(i),
+            cpus: cpus(s),
+        })
+        .collect()
 }
 
-pub fn placement(p: &Placement) -> pb::Placement {
+fn indices(v: &[usize]) -> Vec<u32> {
+    v.iter().map(|&i| count_u32(i)).collect()
+}
+
+pub(crate) fn placement(p: &Placement) -> pb::Placement {
     pb::Placement {
         cpus: cpus(&p.cpus),
-        vcpus: p
-            .vcpu_cpus
-            .iter()
-            .enumerate()
-            .map(|(i, s)| pb::VcpuPlacement {
-                index: i as u32,
-                cpus: cpus(s),
-            })
-            .collect(),
+        vcpus: vcpu_placements(&p.vcpu_cpus),
         l3_domains: indices(&p.l3_domains),
         numa_nodes: p.numa_nodes.clone(),
         pool: pool(p.pool) as i32,
@@ -137,14 +141,13 @@ fn state(s: VmState) -> pb::VmState {
         VmState::Placed => pb::VmState::Placed,
         VmState::Drifted => pb::VmState::Drifted,
         VmState::Unmanaged => pb::VmState::Unmanaged,
-        VmState::Exited => pb::VmState::Exited,
         VmState::Unplaceable => pb::VmState::Unplaceable,
     }
 }
 
 /// Flush tracking of a VM from its module record: the blast radius of the
 /// next flush is every L3 domain that holds a dirty CPU.
-pub fn flush_status(topo: &Topology, record: Option<&ModuleVm>) -> pb::FlushStatus {
+pub(crate) fn flush_status(topo: &Topology, record: Option<&ModuleVm>) -> pb::FlushStatus {
     let Some(r) = record else {
         return pb::FlushStatus::default();
     };
@@ -155,12 +158,12 @@ pub fn flush_status(topo: &Topology, record: Option<&ModuleVm>) -> pb::FlushStat
         ran_cpus: cpus(&r.ran_cpus),
         flushes: r.flushes,
         flushed_cpus: r.flushed_cpus,
-        blast_radius_l3_domains: domains.len() as u32,
-        blast_radius_cpus: topo.cpus_of_l3(&domains).len() as u32,
+        blast_radius_l3_domains: count_u32(domains.len()),
+        blast_radius_cpus: count_u32(topo.cpus_of_l3(&domains).len()),
     }
 }
 
-pub fn vm(topo: &Topology, v: &VmView, record: Option<&ModuleVm>) -> pb::Vm {
+pub(crate) fn vm(topo: &Topology, v: &VmView, record: Option<&ModuleVm>) -> pb::Vm {
     pb::Vm {
         vm_id: v.key.to_string(),
         pid: v.pid.unwrap_or(0),
@@ -204,7 +207,7 @@ pub fn vm(topo: &Topology, v: &VmView, record: Option<&ModuleVm>) -> pb::Vm {
 }
 
 /// GetHost from the core: topology, pools, capacity, module status.
-pub fn host(core: &AgentCore) -> pb::Host {
+pub(crate) fn host(core: &AgentCore) -> pb::Host {
     let topo = core.topology();
     let reserved = &core.reservations().host;
     let conf = core.placements().confidential_domains();
@@ -251,12 +254,12 @@ pub fn host(core: &AgentCore) -> pb::Host {
             })
             .collect(),
         module: Some(module_status(&core.module_status())),
-        vm_count: core.vm_count() as u32,
+        vm_count: count_u32(core.vm_count()),
         conditions: core.conditions().iter().map(condition).collect(),
     }
 }
 
-pub fn condition(c: &crate::conditions::Condition) -> pb::Condition {
+pub(crate) fn condition(c: &crate::conditions::Condition) -> pb::Condition {
     use crate::conditions::ConditionKind as K;
     let t = match c.kind {
         K::CheckpointWriteFailing => pb::ConditionType::CheckpointWriteFailing,
@@ -274,7 +277,7 @@ pub fn condition(c: &crate::conditions::Condition) -> pb::Condition {
     }
 }
 
-pub fn event(e: &Event) -> pb::Event {
+pub(crate) fn event(e: &Event) -> pb::Event {
     use pb::event::Kind;
     let kind = match &e.kind {
         EventKind::Placed {
@@ -284,14 +287,7 @@ pub fn event(e: &Event) -> pb::Event {
         } => Kind::Placed(pb::VmPlaced {
             placement: Some(pb::Placement {
                 cpus: cpus(c),
-                vcpus: vcpu_cpus
-                    .iter()
-                    .enumerate()
-                    .map(|(i, s)| pb::VcpuPlacement {
-                        index: i as u32,
-                        cpus: cpus(s),
-                    })
-                    .collect(),
+                vcpus: vcpu_placements(vcpu_cpus),
                 l3_domains: indices(l3_domains),
                 ..Default::default()
             }),

@@ -2,8 +2,8 @@
 //! the agent core's operations off the async threads, and converts results
 //! and errors (gRPC status codes with field details).
 
-pub mod audit;
-pub mod convert;
+pub(crate) mod audit;
+pub(crate) mod convert;
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -23,7 +23,7 @@ use crate::state::{PlacementRequest, VmSelector};
 use crate::types::{VmId, VmKey};
 
 /// The gRPC service implementation.
-pub struct SevplaceApi {
+pub(crate) struct SevplaceApi {
     ctx: Arc<AgentContext>,
     /// The fleet reporter's consumer store and wake-up; `None` when
     /// `[fleet]` is off.
@@ -40,7 +40,7 @@ fn invalid(field: &str, reason: impl Into<String>) -> Status {
 }
 
 /// Maps core errors to gRPC status codes: the one place that knows both.
-pub fn status_of(e: AgentError) -> Status {
+pub(crate) fn status_of(e: AgentError) -> Status {
     match e {
         e @ (AgentError::BadField { .. }
         | AgentError::ReservedVmId(_)
@@ -80,7 +80,7 @@ fn vm_id(s: &str) -> Result<VmId, Status> {
 }
 
 /// Validates a PlaceVm request.
-pub fn place_call(r: &pb::PlaceVmRequest) -> Result<PlaceCall, Status> {
+pub(crate) fn place_call(r: &pb::PlaceVmRequest) -> Result<PlaceCall, Status> {
     let selector = match r.selector.as_ref().and_then(|s| s.selector.as_ref()) {
         None => None,
         Some(pb::vm_selector::Selector::Pid(p)) => Some(VmSelector::Process {
@@ -125,7 +125,7 @@ pub fn place_call(r: &pb::PlaceVmRequest) -> Result<PlaceCall, Status> {
 
 /// Validates PlaceVm's Placement consumer; one is refused where fleet
 /// reporting is off (nobody would keep its allocation true).
-pub fn placement_consumer(
+pub(crate) fn placement_consumer(
     r: &pb::PlaceVmRequest,
     fleet_on: bool,
 ) -> Result<Option<crate::fleet::Consumer>, Status> {
@@ -145,12 +145,16 @@ pub fn placement_consumer(
 const PAGE_TOKEN_PREFIX: &str = "after:";
 
 impl SevplaceApi {
-    pub fn new(ctx: Arc<AgentContext>) -> Self {
+    #[cfg(test)]
+    pub(crate) fn new(ctx: Arc<AgentContext>) -> Self {
         Self { ctx, fleet: None }
     }
 
     /// With fleet reporting: PlaceVm records Placement consumers in `link`.
-    pub fn with_fleet(ctx: Arc<AgentContext>, link: Option<Arc<crate::fleet::FleetLink>>) -> Self {
+    pub(crate) fn with_fleet(
+        ctx: Arc<AgentContext>,
+        link: Option<Arc<crate::fleet::FleetLink>>,
+    ) -> Self {
         Self { ctx, fleet: link }
     }
 
@@ -434,7 +438,7 @@ impl SevplaceService for SevplaceApi {
                             && (filter.states.is_empty() || filter.states.contains(&vm.state))
                     })
                     .collect();
-                let total = matching.len() as u32;
+                let total = crate::cpuset::count_u32(matching.len());
                 let page: Vec<pb::Vm> = matching
                     .into_iter()
                     .filter(|vm| {

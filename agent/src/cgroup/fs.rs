@@ -11,7 +11,7 @@ use crate::CpuSet;
 /// Writes `value` to `file` in one `write(2)` (cgroupfs takes one value per
 /// write; `std::fs::write` issues one) and appends it to `log`. `on_thread`:
 /// the value is a thread or process id, so ENOENT means it is gone.
-pub fn write(
+pub(crate) fn write(
     file: &Path,
     value: &str,
     on_thread: bool,
@@ -28,13 +28,13 @@ pub fn write(
 }
 
 /// Reads `file` whole.
-pub fn read(file: &Path) -> Result<String, CgroupError> {
+pub(crate) fn read(file: &Path) -> Result<String, CgroupError> {
     std::fs::read_to_string(file)
         .map_err(|e| CgroupError::from_io(Target::File(file.to_path_buf()), "", false, e))
 }
 
 /// Reads a cpulist file (`cpuset.cpus`, `cpuset.mems`, effective sets).
-pub fn read_set(file: &Path) -> Result<CpuSet, CgroupError> {
+pub(crate) fn read_set(file: &Path) -> Result<CpuSet, CgroupError> {
     let text = read(file)?;
     CpuSet::parse(text.trim()).map_err(|e| CgroupError::Malformed {
         target: Target::File(file.to_path_buf()),
@@ -43,7 +43,7 @@ pub fn read_set(file: &Path) -> Result<CpuSet, CgroupError> {
 }
 
 /// Creates the cgroup directory `dir`; `Ok(false)` when it exists.
-pub fn mkdir(dir: &Path) -> Result<bool, CgroupError> {
+pub(crate) fn mkdir(dir: &Path) -> Result<bool, CgroupError> {
     match std::fs::create_dir(dir) {
         Ok(()) => Ok(true),
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
@@ -59,7 +59,7 @@ pub fn mkdir(dir: &Path) -> Result<bool, CgroupError> {
 /// Removes the cgroup `dir` and its child cgroups, children first; a
 /// missing directory is not an error.
 #[cfg(any(test, feature = "testing"))]
-pub fn remove_dir_tree(dir: &Path) -> Result<(), CgroupError> {
+pub(crate) fn remove_dir_tree(dir: &Path) -> Result<(), CgroupError> {
     let io_err =
         |dir: &Path, e| CgroupError::from_io(Target::File(dir.to_path_buf()), "", false, e);
     let entries = match std::fs::read_dir(dir) {

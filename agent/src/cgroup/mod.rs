@@ -17,25 +17,24 @@
 //! procfs readback of what the kernel enforces is
 //! `discovery::read_thread_cpus_allowed`.
 
-pub mod affinity;
-pub mod fs;
-pub mod v1;
-pub mod v2;
+pub(crate) mod affinity;
+pub(crate) mod fs;
+pub(crate) mod v1;
+pub(crate) mod v2;
 
 use std::fmt;
 use std::path::{Component, Path, PathBuf};
 
 use crate::CpuSet;
 
-pub use affinity::{get_thread_affinity, set_thread_affinity, SchedAffinity, ThreadAffinity};
-
-/// The cgroupfs mount point used when none is configured.
-pub const DEFAULT_CGROUP_ROOT: &str = "/sys/fs/cgroup";
+pub use affinity::{get_thread_affinity, set_thread_affinity};
+pub use affinity::{SchedAffinity, ThreadAffinity};
 
 /// `cpuset.cpus`: the configured CPUs of a cgroup (same name in v1 and v2).
-pub const CPUSET_CPUS: &str = "cpuset.cpus";
+pub(crate) const CPUSET_CPUS: &str = "cpuset.cpus";
 /// `cgroup.procs`: whole processes of a cgroup (same name in v1 and v2).
-pub const CGROUP_PROCS: &str = "cgroup.procs";
+#[cfg(any(test, feature = "testing"))]
+pub(crate) const CGROUP_PROCS: &str = "cgroup.procs";
 
 /// Which cgroup hierarchy holds the cpuset controller, or which one a path
 /// belongs to.
@@ -87,12 +86,18 @@ fn written(value: &str) -> String {
 pub enum CgroupError {
     /// The thread or process exited (ESRCH, or ENOENT on a thread).
     #[error("{target}: thread or process is gone")]
-    VmGone { target: Target },
+    VmGone {
+        /// What was acted on.
+        target: Target,
+    },
     /// EACCES or EPERM (delegation, containers, not root).
     #[error("{target}: permission denied{}: {source}", written(.value))]
     Permission {
+        /// What was acted on.
         target: Target,
+        /// The value written (empty for a read).
         value: String,
+        /// What the kernel returned.
         source: std::io::Error,
     },
     /// The set is not allowed here: EINVAL (no online CPU, not a cpulist,
@@ -101,43 +106,69 @@ pub enum CgroupError {
     /// [`v1`] tells it apart from a permission error).
     #[error("{target}: invalid CPU set {value:?}: {reason}")]
     InvalidSet {
+        /// What was acted on.
         target: Target,
+        /// The value written.
         value: String,
+        /// Why the kernel or the v1 rule refused it.
         reason: String,
     },
     /// EBUSY: a child still uses CPUs being removed, or a v2 cgroup with
     /// processes cannot enable controllers ("no internal processes").
     #[error("{target}: busy{}: {source}", written(.value))]
     Busy {
+        /// What was acted on.
         target: Target,
+        /// The value written (empty for a read).
         value: String,
+        /// What the kernel returned.
         source: std::io::Error,
     },
     /// ENOSPC: v1 attach to a cgroup whose `cpuset.cpus` or `cpuset.mems`
     /// is empty.
     #[error("{target}: cpuset.cpus or cpuset.mems is empty{}: {source}", written(.value))]
     NoSpace {
+        /// What was acted on.
         target: Target,
+        /// The value written (empty for a read).
         value: String,
+        /// What the kernel returned.
         source: std::io::Error,
     },
     /// The cgroup directory or file does not exist (ENOENT, not on a thread).
     #[error("{target}: no such cgroup or file")]
-    Missing { target: Target },
+    Missing {
+        /// What was acted on.
+        target: Target,
+    },
     /// No cpuset controller under the root.
     #[error("no cpuset controller under {root}: neither {root}/cgroup.controllers (v2) nor {root}/cpuset/cpuset.cpus (v1) is usable")]
-    NoCpuset { root: PathBuf },
+    NoCpuset {
+        /// The cgroupfs root searched.
+        root: PathBuf,
+    },
     /// A cgroup path with `..` or other non-normal components.
     #[error("cgroup path {path:?} must be absolute within the hierarchy, without '..'")]
-    BadPath { path: String },
+    BadPath {
+        /// The path given.
+        path: String,
+    },
     /// A file with unexpected content.
     #[error("{target}: {what}")]
-    Malformed { target: Target, what: String },
+    Malformed {
+        /// What was read.
+        target: Target,
+        /// What is wrong with the content.
+        what: String,
+    },
     /// Any other I/O error.
     #[error("{target}{}: {source}", written(.value))]
     Io {
+        /// What was acted on.
         target: Target,
+        /// The value written (empty for a read).
         value: String,
+        /// What the kernel returned.
         source: std::io::Error,
     },
 }
@@ -183,7 +214,7 @@ impl CgroupError {
     }
 
     /// A short stable name of the error kind, for metrics labels.
-    pub fn kind(&self) -> &'static str {
+    pub(crate) fn kind(&self) -> &'static str {
         match self {
             Self::VmGone { .. } => "gone",
             Self::Permission { .. } => "permission",
@@ -206,7 +237,7 @@ impl CgroupError {
 
 /// Whether `cgroup.subtree_control` enables `cpuset` (its words may carry
 /// a `+`).
-pub fn lists_cpuset(text: &str) -> bool {
+pub(crate) fn lists_cpuset(text: &str) -> bool {
     text.split_whitespace()
         .any(|w| w.trim_start_matches('+') == "cpuset")
 }
@@ -214,7 +245,7 @@ pub fn lists_cpuset(text: &str) -> bool {
 /// Parses a thread or process id list (`tasks`, `cgroup.threads`,
 /// `cgroup.procs`): one id per line, blank lines skipped; the error names
 /// the first line that is not an id.
-pub fn parse_thread_ids(text: &str) -> Result<Vec<u32>, String> {
+pub(crate) fn parse_thread_ids(text: &str) -> Result<Vec<u32>, String> {
     text.lines()
         .filter(|l| !l.trim().is_empty())
         .map(|l| {
@@ -229,14 +260,14 @@ pub fn parse_thread_ids(text: &str) -> Result<Vec<u32>, String> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CgroupHost {
     /// The hierarchy that holds the cpuset controller.
-    pub hierarchy: Hierarchy,
+    pub(crate) hierarchy: Hierarchy,
     /// The directory of the hierarchy's root cgroup.
     pub mount: PathBuf,
 }
 
 impl CgroupHost {
     /// Detects the cpuset hierarchy under `root` (see the module docs).
-    pub fn detect(root: impl AsRef<Path>) -> Result<Self, CgroupError> {
+    pub(crate) fn detect(root: impl AsRef<Path>) -> Result<Self, CgroupError> {
         let root = root.as_ref();
         if root.join(v2::CGROUP_CONTROLLERS).is_file() {
             return Ok(Self {
@@ -270,9 +301,9 @@ impl CgroupHost {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CgroupWrite {
     /// The file written.
-    pub file: PathBuf,
+    pub(crate) file: PathBuf,
     /// The value written.
-    pub value: String,
+    pub(crate) value: String,
 }
 
 /// Whether a cgroup holds whole processes or single threads (v2 only; v1
@@ -294,7 +325,7 @@ pub struct CpusetWriter {
 
 impl CpusetWriter {
     /// A writer for the hierarchy `host` describes.
-    pub fn new(host: CgroupHost) -> Self {
+    pub(crate) fn new(host: CgroupHost) -> Self {
         Self { host }
     }
 
@@ -420,7 +451,7 @@ impl CpusetWriter {
     /// requested CPU is widened first, top-down ([`v1::ensure`]); v2 takes
     /// any set (the effective set is the intersection with the parent's).
     /// A missing cgroup is `Missing`, never created.
-    pub fn set_cpus_within_parents(
+    pub(crate) fn set_cpus_within_parents(
         &self,
         cgroup: &str,
         cpus: &CpuSet,

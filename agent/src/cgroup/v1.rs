@@ -14,16 +14,16 @@ use super::{fs, CgroupError, CgroupWrite, CPUSET_CPUS};
 use crate::CpuSet;
 
 /// `cpuset.mems`: the memory nodes of a cgroup.
-pub const CPUSET_MEMS: &str = "cpuset.mems";
+pub(crate) const CPUSET_MEMS: &str = "cpuset.mems";
 /// `cpuset.effective_cpus`: the CPUs in effect (v1 spelling).
-pub const CPUSET_EFFECTIVE_CPUS: &str = "cpuset.effective_cpus";
+pub(crate) const CPUSET_EFFECTIVE_CPUS: &str = "cpuset.effective_cpus";
 /// `tasks`: thread ids of a cgroup; writing a tid moves that thread.
-pub const TASKS: &str = "tasks";
+pub(crate) const TASKS: &str = "tasks";
 
 /// Writes a cpulist to `dir/file` (`cpuset.cpus` or `cpuset.mems`). v1
 /// answers EACCES when the set is not a subset of the parent's; that case
 /// is reported as `InvalidSet` naming the parent's set.
-pub fn write_set(
+pub(crate) fn write_set(
     mount: &Path,
     dir: &Path,
     file: &str,
@@ -58,7 +58,7 @@ pub fn write_set(
 /// Creates every cgroup of `chain` (the directories from the mount's child
 /// down to the target) and gives the target `cpus` and `mems` (`None`: its
 /// parent's nodes), ancestors first (module docs).
-pub fn ensure(
+pub(crate) fn ensure(
     mount: &Path,
     chain: &[PathBuf],
     cpus: &CpuSet,

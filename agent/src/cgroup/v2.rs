@@ -5,27 +5,33 @@
 //! parent enables `+cpuset` for it; then `cpuset.cpus` is written. Threads
 //! move through `cgroup.threads`, processes through `cgroup.procs`.
 
+#[cfg(any(test, feature = "testing"))]
 use std::path::{Path, PathBuf};
 
+#[cfg(any(test, feature = "testing"))]
 use super::{fs, lists_cpuset, CgroupError, CgroupKind, CgroupWrite, CPUSET_CPUS};
+#[cfg(any(test, feature = "testing"))]
 use crate::CpuSet;
 
 /// `cgroup.controllers`: the controllers available in a cgroup; its
 /// presence at the root marks a unified mount.
-pub const CGROUP_CONTROLLERS: &str = "cgroup.controllers";
+pub(crate) const CGROUP_CONTROLLERS: &str = "cgroup.controllers";
 /// `cgroup.subtree_control`: the controllers a cgroup delegates.
-pub const CGROUP_SUBTREE_CONTROL: &str = "cgroup.subtree_control";
+#[cfg(any(test, feature = "testing"))]
+pub(crate) const CGROUP_SUBTREE_CONTROL: &str = "cgroup.subtree_control";
 /// `cgroup.type`: `domain`, `domain threaded` or `threaded`.
-pub const CGROUP_TYPE: &str = "cgroup.type";
+#[cfg(any(test, feature = "testing"))]
+pub(crate) const CGROUP_TYPE: &str = "cgroup.type";
 /// `cgroup.threads`: thread ids of a cgroup; writing a tid moves it.
-pub const CGROUP_THREADS: &str = "cgroup.threads";
+pub(crate) const CGROUP_THREADS: &str = "cgroup.threads";
 /// `cpuset.cpus.effective`: the CPUs in effect (v2 spelling).
-pub const CPUSET_CPUS_EFFECTIVE: &str = "cpuset.cpus.effective";
+pub(crate) const CPUSET_CPUS_EFFECTIVE: &str = "cpuset.cpus.effective";
 
 /// Creates every cgroup of `chain` (the directories from the mount's child
 /// down to the target), delegates cpuset down to the target and gives it
 /// `cpus` (module docs). A `Threaded` target is made `threaded` first.
-pub fn ensure(
+#[cfg(any(test, feature = "testing"))]
+pub(crate) fn ensure(
     mount: &Path,
     chain: &[PathBuf],
     cpus: &CpuSet,

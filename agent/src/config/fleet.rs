@@ -3,18 +3,25 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::{bad, get_string, ConfigError};
+use super::{bad, get_string, int_in, ConfigError};
 
 /// Settings of the `[fleet]` section, validated.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct FleetSettings {
-    pub placement_url: String,
-    pub auth: FleetAuth,
-    pub host_name: String,
-    pub root: RootChoice,
-    pub sync_period: Duration,
-    pub retry_period: Duration,
-    pub request_timeout: Duration,
+pub(crate) struct FleetSettings {
+    /// `fleet.placement_url`: the Placement endpoint.
+    pub(crate) placement_url: String,
+    /// How the client authenticates.
+    pub(crate) auth: FleetAuth,
+    /// `fleet.host_name`: host part of the provider names.
+    pub(crate) host_name: String,
+    /// Which provider is the root of this host's tree.
+    pub(crate) root: RootChoice,
+    /// `fleet.sync_period_ms`: time between two syncs.
+    pub(crate) sync_period: Duration,
+    /// `fleet.retry_ms`: time before a failed sync is tried again.
+    pub(crate) retry_period: Duration,
+    /// `fleet.request_timeout_ms`: time limit of one request.
+    pub(crate) request_timeout: Duration,
 }
 
 /// How the client authenticates.
@@ -25,15 +32,18 @@ pub enum FleetAuth {
     /// A Keystone v3 application credential: a token is issued by
     /// `POST {keystone_url}/v3/auth/tokens` and renewed after a 401.
     ApplicationCredential {
+        /// `fleet.keystone_url`.
         keystone_url: String,
+        /// `fleet.application_credential_id`.
         id: String,
+        /// `fleet.application_credential_secret_file`.
         secret_file: PathBuf,
     },
 }
 
 /// Which provider is the root of this host's tree.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub enum RootChoice {
+pub(crate) enum RootChoice {
     /// A provider named after the host, created by the agent when missing.
     Own,
     /// An existing provider (a Nova compute node) by name.
@@ -43,7 +53,7 @@ pub enum RootChoice {
 }
 
 /// The host name for provider names: the configured one or the kernel's.
-pub fn default_host_name() -> String {
+pub(crate) fn default_host_name() -> String {
     nix::unistd::gethostname()
         .ok()
         .and_then(|h| h.into_string().ok())
@@ -53,10 +63,7 @@ pub fn default_host_name() -> String {
 
 /// The `[fleet]` section: off, or a URL and exactly one way to
 /// authenticate.
-pub(super) fn settings(
-    cfg: &config::Config,
-    int_in: &dyn Fn(&str, i64, i64) -> Result<i64, ConfigError>,
-) -> Result<Option<FleetSettings>, ConfigError> {
+pub(super) fn settings(cfg: &config::Config) -> Result<Option<FleetSettings>, ConfigError> {
     let enabled = cfg
         .get_bool("fleet.enabled")
         .map_err(|e| bad("fleet.enabled", e))?;
@@ -69,9 +76,9 @@ pub(super) fn settings(
     let host = s("fleet.host_name")?;
     let root_name = s("fleet.root_provider_name")?;
     let root_uuid = s("fleet.root_provider_uuid")?;
-    let sync_period = int_in("fleet.sync_period_ms", 1000, 86_400_000)? as u64;
-    let retry = int_in("fleet.retry_ms", 100, 3_600_000)? as u64;
-    let timeout = int_in("fleet.request_timeout_ms", 100, 600_000)? as u64;
+    let sync_period: u64 = int_in(cfg, "fleet.sync_period_ms", 1000, 86_400_000)?;
+    let retry: u64 = int_in(cfg, "fleet.retry_ms", 100, 3_600_000)?;
+    let timeout: u64 = int_in(cfg, "fleet.request_timeout_ms", 100, 600_000)?;
     if !enabled {
         return Ok(None);
     }

@@ -10,47 +10,73 @@ use std::path::{Path, PathBuf};
 
 use crate::cpuset::CpuSet;
 
-pub mod fleet;
+pub(crate) mod fleet;
 
 /// The embedded defaults; also the list of known keys.
-pub const DEFAULTS_TOML: &str = include_str!("defaults.toml");
+pub(crate) const DEFAULTS_TOML: &str = include_str!("defaults.toml");
 
 /// Default config file.
-pub const DEFAULT_CONFIG_FILE: &str = "/etc/sevplace/sevplaced.toml";
+pub(crate) const DEFAULT_CONFIG_FILE: &str = "/etc/sevplace/sevplaced.toml";
 
 /// Prefix of environment overrides: `SEVPLACE__SERVER__SOCKET`.
-pub const ENV_PREFIX: &str = "SEVPLACE";
+pub(crate) const ENV_PREFIX: &str = "SEVPLACE";
 
 /// Why the settings could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// A key that no setting has.
     #[error("unknown config key `{key}` (from {origin})")]
-    UnknownKey { key: String, origin: String },
+    UnknownKey {
+        /// The key, dotted (`server.socket`).
+        key: String,
+        /// Where it came from (a file, the environment).
+        origin: String,
+    },
+    /// A value that the key does not take.
     #[error("bad value for config key `{key}`: {reason}")]
-    BadValue { key: String, reason: String },
+    BadValue {
+        /// The key, dotted.
+        key: String,
+        /// What is wrong with the value.
+        reason: String,
+    },
+    /// The config file could not be read.
     #[error("cannot read config file {path}: {source}")]
     File {
+        /// The file.
         path: PathBuf,
+        /// What reading it returned.
         source: std::io::Error,
     },
+    /// The config crate could not merge or parse the sources.
     #[error("config: {0}")]
     Load(#[from] config::ConfigError),
+    /// TCP is on without the mutual TLS files or `insecure_tcp`.
     #[error(
         "server.listen_tcp is set, and TCP is served with mutual TLS only: set {missing} \
          (or server.insecure_tcp = true for plaintext read-only TCP)"
     )]
-    TcpNeedsTls { missing: String },
+    TcpNeedsTls {
+        /// The TLS keys left unset.
+        missing: String,
+    },
+    /// `insecure_tcp` is set together with TLS files.
     #[error(
         "server.insecure_tcp = true conflicts with {set}: TCP is either plaintext or mutual TLS"
     )]
-    InsecureWithTls { set: String },
+    InsecureWithTls {
+        /// The TLS keys that are set.
+        set: String,
+    },
 }
 
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
+    /// Human-readable lines.
     Text,
+    /// One JSON object a line.
     Json,
 }
 
@@ -61,7 +87,9 @@ pub enum LogColor {
     /// Only when stderr is a terminal (never into a file, a pipe or the
     /// journal).
     Auto,
+    /// Always.
     Always,
+    /// Never.
     Never,
 }
 
@@ -84,59 +112,79 @@ fn serialize_octal<S: serde::Serializer>(mode: &u32, s: S) -> Result<S::Ok, S::E
 /// Mutual TLS of the TCP listener: paths are read (and checked) when the
 /// daemon starts, by [`crate::tls::server_config`].
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct TlsSettings {
+pub(crate) struct TlsSettings {
     /// Server certificate chain, PEM, leaf first.
-    pub cert: PathBuf,
+    pub(crate) cert: PathBuf,
     /// Private key of `cert`, PEM.
-    pub key: PathBuf,
+    pub(crate) key: PathBuf,
     /// CAs that sign client certificates, PEM bundle.
-    pub client_ca: PathBuf,
+    pub(crate) client_ca: PathBuf,
     /// Admitted client names (lower case); empty: every certificate the CA
     /// signed.
-    pub allowed_clients: Vec<String>,
+    pub(crate) allowed_clients: Vec<String>,
     /// Client names that may make mutating calls (lower case).
-    pub admin_clients: Vec<String>,
+    pub(crate) admin_clients: Vec<String>,
 }
 
 /// Validated settings.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Settings {
-    pub socket: PathBuf,
+    /// `server.socket`: path of the gRPC Unix socket.
+    pub(crate) socket: PathBuf,
+    /// `server.socket_mode`: permission bits of the socket.
     #[serde(serialize_with = "serialize_octal")]
-    pub socket_mode: u32,
-    pub socket_group: Option<String>,
-    pub read_group: Option<String>,
-    pub admin_group: Option<String>,
-    pub max_message_bytes: usize,
-    pub max_concurrent_streams: u32,
-    pub request_timeout_ms: u64,
-    pub scrub_min_interval_ms: u64,
-    pub listen_tcp: Option<SocketAddr>,
+    pub(crate) socket_mode: u32,
+    /// `server.socket_group`: group that owns the socket.
+    pub(crate) socket_group: Option<String>,
+    /// `server.read_group`: group whose members may make read-only calls.
+    pub(crate) read_group: Option<String>,
+    /// `server.admin_group`: group whose members may also make mutating calls.
+    pub(crate) admin_group: Option<String>,
+    /// `server.max_message_bytes`: largest request accepted.
+    pub(crate) max_message_bytes: usize,
+    /// `server.max_concurrent_streams`: concurrent calls per connection.
+    pub(crate) max_concurrent_streams: u32,
+    /// `server.request_timeout_ms`: time limit of one call until its answer starts.
+    pub(crate) request_timeout_ms: u64,
+    /// `server.scrub_min_interval_ms`: least time between two ScrubVm of one VM.
+    pub(crate) scrub_min_interval_ms: u64,
+    /// `server.listen_tcp`: the TCP address to serve on, if any.
+    pub(crate) listen_tcp: Option<SocketAddr>,
     /// mTLS of `listen_tcp`; `None` with `listen_tcp` set means
     /// `insecure_tcp` (plaintext, read-only).
-    pub tls: Option<TlsSettings>,
-    pub insecure_tcp: bool,
-    pub metrics_addr: Option<SocketAddr>,
-    pub host_root: PathBuf,
-    pub state_dir: PathBuf,
-    pub reserved_cpus: CpuSet,
+    pub(crate) tls: Option<TlsSettings>,
+    /// `server.insecure_tcp`: TCP without TLS, read-only calls only.
+    pub(crate) insecure_tcp: bool,
+    /// `metrics.addr`: the address of the `/metrics` HTTP server, if any.
+    pub(crate) metrics_addr: Option<SocketAddr>,
+    /// `host.root`: prefix of every host path the agent reads or writes.
+    pub(crate) host_root: PathBuf,
+    /// `state.dir`: directory of the intent checkpoint.
+    pub(crate) state_dir: PathBuf,
+    /// `placement.reserved_cpus`: CPUs kept for the host, never given to VMs.
+    pub(crate) reserved_cpus: CpuSet,
     /// Plain dedicated VMs get whole cores too (no SMT sharing between
     /// plain VMs).
-    pub whole_cores_for_plain_vms: bool,
-    pub reconcile_period_ms: u64,
+    pub(crate) whole_cores_for_plain_vms: bool,
+    /// `reconcile.period_ms`: time between two reconcile passes.
+    pub(crate) reconcile_period_ms: u64,
     /// Passes between two full procfs rescans.
-    pub full_rescan_every: u32,
-    pub auto_place_confidential: bool,
+    pub(crate) full_rescan_every: u32,
+    /// `reconcile.auto_place_confidential`: place confidential VMs that no call placed.
+    pub(crate) auto_place_confidential: bool,
+    /// `log.format`.
     pub log_format: LogFormat,
+    /// `log.color`.
     pub log_color: LogColor,
+    /// `log.level`: a tracing filter (`info`, `sevplace=debug`).
     pub log_level: String,
     /// `[fleet]`; `None` when reporting is off.
-    pub fleet: Option<fleet::FleetSettings>,
+    pub(crate) fleet: Option<fleet::FleetSettings>,
 }
 
 impl Settings {
     /// A host path under `host_root`: `host_path("/sys")`.
-    pub fn host_path(&self, abs: &str) -> PathBuf {
+    pub(crate) fn host_path(&self, abs: &str) -> PathBuf {
         self.host_root.join(abs.trim_start_matches('/'))
     }
 }
@@ -144,18 +192,24 @@ impl Settings {
 /// Overrides given as command-line flags; `None` leaves the value alone.
 #[derive(Debug, Clone, Default)]
 pub struct FlagOverrides {
+    /// `--socket`.
     pub socket: Option<PathBuf>,
+    /// `--listen-tcp`.
     pub listen_tcp: Option<String>,
+    /// `--metrics-addr`.
     pub metrics_addr: Option<String>,
+    /// `--host-root`.
     pub host_root: Option<PathBuf>,
+    /// `--state-dir`.
     pub state_dir: Option<PathBuf>,
+    /// `--log-format`.
     pub log_format: Option<String>,
 }
 
 /// The default state directory for this user: `/var/lib/sevplace` for
 /// root, else `$XDG_STATE_HOME/sevplace` or `$HOME/.local/state/sevplace`
 /// (`None` without either variable). `env` is the process environment.
-pub fn default_state_dir(is_root: bool, env: &[(String, String)]) -> Option<PathBuf> {
+pub(crate) fn default_state_dir(is_root: bool, env: &[(String, String)]) -> Option<PathBuf> {
     if is_root {
         return Some(PathBuf::from("/var/lib/sevplace"));
     }
@@ -171,7 +225,7 @@ pub fn default_state_dir(is_root: bool, env: &[(String, String)]) -> Option<Path
 
 /// The default socket path for this user: `/run/sevplace/sevplaced.sock`
 /// for root, else under `$XDG_RUNTIME_DIR` or `/tmp/sevplace-UID`.
-pub fn default_socket() -> PathBuf {
+pub(crate) fn default_socket() -> PathBuf {
     let uid = nix::unistd::Uid::effective();
     if uid.is_root() {
         return PathBuf::from("/run/sevplace/sevplaced.sock");
@@ -307,6 +361,26 @@ pub(crate) fn get_string(cfg: &config::Config, key: &str) -> Result<String, Conf
     cfg.get_string(key).map_err(|e| ConfigError::BadValue {
         key: key.to_string(),
         reason: e.to_string(),
+    })
+}
+
+/// The integer setting `key`, checked against `lo..=hi`, in the type the
+/// setting is kept in (every range fits its type).
+fn int_in<T: TryFrom<i64>>(
+    cfg: &config::Config,
+    key: &str,
+    lo: i64,
+    hi: i64,
+) -> Result<T, ConfigError> {
+    let v = cfg.get_int(key).map_err(|e| bad(key, e))?;
+    if !(lo..=hi).contains(&v) {
+        return Err(bad(key, format!("{v} is outside {lo}..={hi}")));
+    }
+    T::try_from(v).map_err(|_| {
+        bad(
+            key,
+            format!("{v} does not fit in {}", std::any::type_name::<T>()),
+        )
     })
 }
 
@@ -455,27 +529,11 @@ fn validate(cfg: &config::Config, env: &[(String, String)]) -> Result<Settings, 
     }
     let reserved = get_string(cfg, "placement.reserved_cpus")?;
     let reserved_cpus = CpuSet::parse(&reserved).map_err(|e| bad("placement.reserved_cpus", e))?;
-    let period = cfg
-        .get_int("reconcile.period_ms")
-        .map_err(|e| bad("reconcile.period_ms", e))?;
-    if !(100..=3_600_000).contains(&period) {
-        return Err(bad(
-            "reconcile.period_ms",
-            format!("{period} is outside 100..=3600000"),
-        ));
-    }
-    let int_in = |key: &str, lo: i64, hi: i64| -> Result<i64, ConfigError> {
-        let v = cfg.get_int(key).map_err(|e| bad(key, e))?;
-        if (lo..=hi).contains(&v) {
-            Ok(v)
-        } else {
-            Err(bad(key, format!("{v} is outside {lo}..={hi}")))
-        }
-    };
-    let max_message_bytes = int_in("server.max_message_bytes", 1024, 64 << 20)? as usize;
-    let max_concurrent_streams = int_in("server.max_concurrent_streams", 1, 10_000)? as u32;
-    let request_timeout_ms = int_in("server.request_timeout_ms", 100, 3_600_000)? as u64;
-    let scrub_min_interval_ms = int_in("server.scrub_min_interval_ms", 0, 3_600_000)? as u64;
+    let period: u64 = int_in(cfg, "reconcile.period_ms", 100, 3_600_000)?;
+    let max_message_bytes: usize = int_in(cfg, "server.max_message_bytes", 1024, 64 << 20)?;
+    let max_concurrent_streams: u32 = int_in(cfg, "server.max_concurrent_streams", 1, 10_000)?;
+    let request_timeout_ms: u64 = int_in(cfg, "server.request_timeout_ms", 100, 3_600_000)?;
+    let scrub_min_interval_ms: u64 = int_in(cfg, "server.scrub_min_interval_ms", 0, 3_600_000)?;
     let log_format = match get_string(cfg, "log.format")?.as_str() {
         "text" => LogFormat::Text,
         "json" => LogFormat::Json,
@@ -496,7 +554,7 @@ fn validate(cfg: &config::Config, env: &[(String, String)]) -> Result<Settings, 
     tracing_subscriber::EnvFilter::try_new(&log_level).map_err(|e| bad("log.level", e))?;
     let listen_tcp = optional_addr(cfg, "server.listen_tcp")?;
     let (tls, insecure_tcp) = tcp_security(cfg, listen_tcp)?;
-    let fleet = fleet::settings(cfg, &int_in)?;
+    let fleet = fleet::settings(cfg)?;
     Ok(Settings {
         fleet,
         socket,
@@ -518,8 +576,8 @@ fn validate(cfg: &config::Config, env: &[(String, String)]) -> Result<Settings, 
         whole_cores_for_plain_vms: cfg
             .get_bool("placement.whole_cores_for_plain_vms")
             .map_err(|e| bad("placement.whole_cores_for_plain_vms", e))?,
-        reconcile_period_ms: period as u64,
-        full_rescan_every: int_in("reconcile.full_rescan_every", 1, 10_000)? as u32,
+        reconcile_period_ms: period,
+        full_rescan_every: int_in(cfg, "reconcile.full_rescan_every", 1, 10_000)?,
         auto_place_confidential: cfg
             .get_bool("reconcile.auto_place_confidential")
             .map_err(|e| bad("reconcile.auto_place_confidential", e))?,

@@ -29,25 +29,25 @@ const REQUERIES: usize = 3;
 
 /// Where Placement is and where each host's sevplaced listens.
 #[derive(Args, Debug)]
-pub struct FleetArgs {
+pub(crate) struct FleetArgs {
     /// Placement endpoint, e.g. http://placement.example:8778.
     #[arg(long, value_name = "URL")]
-    pub placement_url: String,
+    pub(crate) placement_url: String,
     /// File holding the Keystone token sent as X-Auth-Token.
     #[arg(long, value_name = "FILE")]
-    pub token_file: PathBuf,
+    pub(crate) token_file: PathBuf,
     /// TOML file mapping host names to their sevplaced (docs/fleet.md).
     #[arg(long, value_name = "FILE")]
-    pub hosts: PathBuf,
+    pub(crate) hosts: PathBuf,
     /// Timeout of each Placement call, in seconds.
     #[arg(long, value_name = "SECONDS", default_value_t = 30)]
-    pub timeout: u64,
+    pub(crate) timeout: u64,
     #[command(subcommand)]
-    pub command: FleetCommand,
+    pub(crate) command: FleetCommand,
 }
 
 #[derive(Subcommand, Debug)]
-pub enum FleetCommand {
+pub(crate) enum FleetCommand {
     /// Choose a host through Placement, claim, and place the VM there.
     Place {
         /// The VM's id (vm_id) on its host.
@@ -91,32 +91,32 @@ pub enum FleetCommand {
 /// How to reach one host's sevplaced.
 #[derive(Debug, Clone, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct HostAddress {
+pub(crate) struct HostAddress {
     /// Unix socket (an agent on this machine).
-    pub socket: Option<PathBuf>,
+    pub(crate) socket: Option<PathBuf>,
     /// `host:port` of the agent's TCP listener (mutual TLS).
-    pub tcp: Option<String>,
+    pub(crate) tcp: Option<String>,
     /// Name the agent's certificate is valid for (default: the host part of
     /// `tcp`).
-    pub server_name: Option<String>,
+    pub(crate) server_name: Option<String>,
 }
 
 /// The hosts file: TLS material for every TCP host, and the hosts by the
 /// name they report to Placement as.
 #[derive(Debug, Clone, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct HostsFile {
-    pub ca: Option<PathBuf>,
-    pub cert: Option<PathBuf>,
-    pub key: Option<PathBuf>,
+pub(crate) struct HostsFile {
+    pub(crate) ca: Option<PathBuf>,
+    pub(crate) cert: Option<PathBuf>,
+    pub(crate) key: Option<PathBuf>,
     #[serde(default)]
-    pub hosts: BTreeMap<String, HostAddress>,
+    pub(crate) hosts: BTreeMap<String, HostAddress>,
 }
 
 impl HostsFile {
     /// Reads and checks `path`: every host has exactly one of `socket` and
     /// `tcp`, and TCP hosts have the TLS material.
-    pub fn load(path: &Path) -> Result<Self, CtlError> {
+    pub(crate) fn load(path: &Path) -> Result<Self, CtlError> {
         let bad = |m: String| CtlError::Hosts(format!("{}: {m}", path.display()));
         let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
         let file: HostsFile = toml::from_str(&text).map_err(|e| bad(e.to_string()))?;
@@ -257,7 +257,7 @@ fn held_l3(allocations: &Value) -> Vec<String> {
 }
 
 /// Runs a `fleet` command.
-pub async fn run(args: FleetArgs, json_out: bool) -> Result<(), CtlError> {
+pub(crate) async fn run(args: FleetArgs, json_out: bool) -> Result<(), CtlError> {
     let hosts = HostsFile::load(&args.hosts)?;
     let placement = PlacementClient::new(
         &args.placement_url,

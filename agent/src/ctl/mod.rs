@@ -1,7 +1,7 @@
 //! `sevplacectl`: the command-line client. Commands print a human table by
 //! default and one JSON document (protobuf JSON mapping) with `--json`.
 
-pub mod fleet;
+pub(crate) mod fleet;
 pub mod render;
 
 use std::path::PathBuf;
@@ -22,37 +22,37 @@ use crate::types::ConfidentialClass;
 pub struct Cli {
     /// Unix socket of sevplaced (default: the daemon's default for this user).
     #[arg(long, value_name = "PATH", help_heading = "Connection")]
-    pub socket: Option<PathBuf>,
+    pub(crate) socket: Option<PathBuf>,
     /// Call sevplaced over TCP at this address (host:port) instead of the
     /// Unix socket; needs --ca, --cert and --key (mutual TLS), or --insecure.
     #[arg(long, value_name = "ADDR", help_heading = "Connection")]
-    pub tcp: Option<String>,
+    pub(crate) tcp: Option<String>,
     /// With --tcp: PEM bundle of the CAs that sign the daemon's certificate.
     #[arg(long, value_name = "FILE", help_heading = "Connection")]
-    pub ca: Option<PathBuf>,
+    pub(crate) ca: Option<PathBuf>,
     /// With --tcp: client certificate (PEM) whose name the daemon admits.
     #[arg(long, value_name = "FILE", help_heading = "Connection")]
-    pub cert: Option<PathBuf>,
+    pub(crate) cert: Option<PathBuf>,
     /// With --tcp: private key (PEM) of --cert.
     #[arg(long, value_name = "FILE", help_heading = "Connection")]
-    pub key: Option<PathBuf>,
+    pub(crate) key: Option<PathBuf>,
     /// With --tcp: the name the daemon's certificate must be valid for
     /// (default: the host part of ADDR).
     #[arg(long, value_name = "NAME", help_heading = "Connection")]
-    pub server_name: Option<String>,
+    pub(crate) server_name: Option<String>,
     /// With --tcp: plaintext TCP, for a daemon with server.insecure_tcp.
     #[arg(long, help_heading = "Connection")]
-    pub insecure: bool,
+    pub(crate) insecure: bool,
     /// Print JSON instead of a table: one document, or one line per refresh
     /// (top) or event (watch); errors as one JSON object on stderr.
     #[arg(long, global = true)]
     pub json: bool,
     #[command(subcommand)]
-    pub command: Command,
+    pub(crate) command: Command,
 }
 
 #[derive(Subcommand, Debug)]
-pub enum Command {
+pub(crate) enum Command {
     /// Host topology, pools, capacity and module status.
     Host,
     /// List VMs.
@@ -147,20 +147,28 @@ pub enum Command {
 /// Why a command failed.
 #[derive(Debug, thiserror::Error)]
 pub enum CtlError {
+    /// The daemon could not be reached.
     #[error("{0}")]
     Connect(#[from] client::ConnectError),
+    /// The daemon answered the call with an error.
     #[error("{}: {}", code_name(.0.code()), .0.message())]
     Rpc(#[from] tonic::Status),
+    /// The simulation could not run.
     #[error("{0}")]
     Simulate(#[from] crate::simulate::SimError),
+    /// The command line asks for something the command cannot do.
     #[error("{0}")]
     Usage(String),
+    /// The answer could not be printed as JSON.
     #[error("cannot encode JSON: {0}")]
     Json(#[from] serde_json::Error),
+    /// A call to OpenStack Placement failed.
     #[error("Placement: {0}")]
     Fleet(#[from] crate::fleet::FleetError),
+    /// The hosts file of `fleet` could not be read or holds a bad entry.
     #[error("{0}")]
     Hosts(String),
+    /// No host of the fleet has room for the VM.
     #[error("{0}")]
     NoRoom(String),
 }
@@ -173,7 +181,7 @@ impl CtlError {
     /// A short name of the failure for `--json` errors: the gRPC code of an
     /// RPC error, else `connect`, `simulate`, `usage`, `json`, `placement`,
     /// `hosts` or `no-room`.
-    pub fn code(&self) -> String {
+    pub(crate) fn code(&self) -> String {
         match self {
             CtlError::Connect(_) => "connect".into(),
             CtlError::Rpc(s) => code_name(s.code()),
@@ -311,7 +319,7 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
             let all = list_all(&mut c, classes).await?;
             if cli.json {
                 print_json(&pb::ListVmsResponse {
-                    total_size: all.len() as u32,
+                    total_size: crate::cpuset::count_u32(all.len()),
                     vms: all,
                     next_page_token: String::new(),
                 })?;

@@ -7,7 +7,7 @@ use sevplace_proto::v1 as pb;
 use crate::cpuset::CpuSet;
 
 /// `repeated uint32` CPU ids as a cpulist; `-` when empty.
-pub fn cpulist(ids: &[u32]) -> String {
+pub(crate) fn cpulist(ids: &[u32]) -> String {
     let s = ids.iter().copied().collect::<CpuSet>().to_string();
     if s.is_empty() {
         "-".into()
@@ -17,7 +17,7 @@ pub fn cpulist(ids: &[u32]) -> String {
 }
 
 /// A process id; `-` for none (0: a placement whose VM has no process).
-pub fn pid(p: u32) -> String {
+pub(crate) fn pid(p: u32) -> String {
     if p == 0 {
         "-".into()
     } else {
@@ -32,7 +32,7 @@ fn enum_name<E: std::fmt::Debug>(v: Result<E, prost::UnknownEnumValue>) -> Strin
     }
 }
 
-pub fn class(c: i32) -> String {
+pub(crate) fn class(c: i32) -> String {
     match pb::ConfidentialClass::try_from(c) {
         Ok(pb::ConfidentialClass::SevEs) => "sev-es".into(),
         Ok(pb::ConfidentialClass::SevSnp) => "sev-snp".into(),
@@ -41,7 +41,7 @@ pub fn class(c: i32) -> String {
 }
 
 /// `sevplacectl host`.
-pub fn host(h: &pb::Host) -> String {
+pub(crate) fn host(h: &pb::Host) -> String {
     let mut o = String::new();
     let _ = writeln!(o, "host        {}", h.hostname);
     let _ = writeln!(o, "agent       {}", h.agent_version);
@@ -153,7 +153,7 @@ pub fn host(h: &pb::Host) -> String {
 }
 
 /// `sevplacectl vms`.
-pub fn vms(vms: &[pb::Vm]) -> String {
+pub(crate) fn vms(vms: &[pb::Vm]) -> String {
     let mut o = String::new();
     let _ = writeln!(
         o,
@@ -192,7 +192,7 @@ pub fn vms(vms: &[pb::Vm]) -> String {
 }
 
 /// `sevplacectl vm ID`.
-pub fn vm(vm: &pb::Vm) -> String {
+pub(crate) fn vm(vm: &pb::Vm) -> String {
     let mut o = String::new();
     let _ = writeln!(o, "vm          {}", vm.vm_id);
     let _ = writeln!(o, "pid         {}", pid(vm.pid));
@@ -249,7 +249,7 @@ pub fn vm(vm: &pb::Vm) -> String {
 }
 
 /// One line per event for `sevplacectl watch`.
-pub fn event(e: &pb::Event) -> String {
+pub(crate) fn event(e: &pb::Event) -> String {
     use pb::event::Kind;
     let what = match &e.kind {
         Some(Kind::Placed(p)) => format!(
@@ -300,24 +300,27 @@ pub const EVENT_HEADER: &str = "   SEQ  VM                       EVENT      DETA
 /// One row of `sevplacectl top`.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct TopRow {
-    pub vm_id: String,
-    pub pid: u32,
-    pub class: String,
-    pub state: String,
-    pub vcpus: u32,
-    pub pinned: String,
-    pub dirty: String,
+pub(crate) struct TopRow {
+    pub(crate) vm_id: String,
+    pub(crate) pid: u32,
+    pub(crate) class: String,
+    pub(crate) state: String,
+    pub(crate) vcpus: u32,
+    pub(crate) pinned: String,
+    pub(crate) dirty: String,
     /// Dirty CPUs; `None` when the module does not track the VM.
-    pub dirty_count: Option<u32>,
+    pub(crate) dirty_count: Option<u32>,
     /// L3 domains the next flush disturbs; `None` when not tracked.
-    pub blast_l3: Option<u32>,
+    pub(crate) blast_l3: Option<u32>,
     /// Targeted flushes per second since the previous refresh.
-    pub flushes_per_second: Option<f64>,
+    pub(crate) flushes_per_second: Option<f64>,
 }
 
 /// Rows for `top`; `prev` is the previous snapshot and the time since it.
-pub fn top_rows(vms: &[pb::Vm], prev: Option<(std::time::Duration, &[pb::Vm])>) -> Vec<TopRow> {
+pub(crate) fn top_rows(
+    vms: &[pb::Vm],
+    prev: Option<(std::time::Duration, &[pb::Vm])>,
+) -> Vec<TopRow> {
     vms.iter()
         .map(|vm| {
             let flush = vm.flush.clone().unwrap_or_default();
@@ -345,7 +348,9 @@ pub fn top_rows(vms: &[pb::Vm], prev: Option<(std::time::Duration, &[pb::Vm])>) 
                 } else {
                     "-".into()
                 },
-                dirty_count: flush.tracked.then_some(flush.dirty_cpus.len() as u32),
+                dirty_count: flush
+                    .tracked
+                    .then_some(u32::try_from(flush.dirty_cpus.len()).unwrap_or(u32::MAX)),
                 blast_l3: flush.tracked.then_some(flush.blast_radius_l3_domains),
                 flushes_per_second: rate,
             }
@@ -354,7 +359,7 @@ pub fn top_rows(vms: &[pb::Vm], prev: Option<(std::time::Duration, &[pb::Vm])>) 
 }
 
 /// The `top` screen.
-pub fn top(h: &pb::Host, rows: &[TopRow]) -> String {
+pub(crate) fn top(h: &pb::Host, rows: &[TopRow]) -> String {
     let mut o = String::new();
     let m = h.module.clone().unwrap_or_default();
     let _ = writeln!(

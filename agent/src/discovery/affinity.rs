@@ -18,7 +18,7 @@ use crate::CpuSet;
 const AFFINITY_MASK_WORDS: usize = 8192 / 64;
 
 /// Reads the affinity mask of one thread.
-pub trait AffinityReader: std::fmt::Debug + Send + Sync {
+pub(crate) trait AffinityReader: std::fmt::Debug + Send + Sync {
     /// The CPUs thread `tid` of process `pid` may run on. `Gone` when the
     /// thread exited.
     fn cpus_allowed(&self, proc_root: &Path, pid: u32, tid: u32) -> Result<CpuSet, ProcReadError>;
@@ -28,12 +28,12 @@ pub trait AffinityReader: std::fmt::Debug + Send + Sync {
 /// host's `/proc`. Returns the task's `cpus_mask`, which is what
 /// `Cpus_allowed_list` in `status` shows.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct SchedGetaffinity;
+pub(crate) struct SchedGetaffinity;
 
 /// `Cpus_allowed_list` from `task/<tid>/status`: for fixture trees, whose
 /// tids are not threads of this host.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct StatusFile;
+pub(crate) struct StatusFile;
 
 impl AffinityReader for SchedGetaffinity {
     fn cpus_allowed(&self, proc_root: &Path, pid: u32, tid: u32) -> Result<CpuSet, ProcReadError> {
@@ -55,7 +55,7 @@ impl AffinityReader for StatusFile {
 
 /// Which reader a procfs root calls for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AffinitySource {
+pub(crate) enum AffinitySource {
     /// The root is a procfs mount: `sched_getaffinity`.
     Syscall,
     /// The root is a fixture directory: `status` files.
@@ -66,7 +66,7 @@ impl AffinitySource {
     /// [`Self::Syscall`] when `proc_root` is a mounted procfs, else
     /// [`Self::StatusFile`] (also when the root cannot be examined: the
     /// status files then report the error per thread).
-    pub fn for_root(proc_root: &Path) -> Self {
+    pub(crate) fn for_root(proc_root: &Path) -> Self {
         match nix::sys::statfs::statfs(proc_root) {
             Ok(fs) if fs.filesystem_type() == nix::sys::statfs::PROC_SUPER_MAGIC => Self::Syscall,
             _ => Self::StatusFile,
@@ -74,7 +74,7 @@ impl AffinitySource {
     }
 
     /// The reader for this source.
-    pub fn reader(self) -> std::sync::Arc<dyn AffinityReader> {
+    pub(crate) fn reader(self) -> std::sync::Arc<dyn AffinityReader> {
         match self {
             Self::Syscall => std::sync::Arc::new(SchedGetaffinity),
             Self::StatusFile => std::sync::Arc::new(StatusFile),

@@ -36,11 +36,13 @@ pub enum LibvirtLayout {
 /// A libvirt domain's machine cgroup, found from one of its threads' paths.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct LibvirtCgroup {
+    /// The hierarchy the path was read from.
     pub hierarchy: Hierarchy,
+    /// Which of libvirt's layouts the path has.
     pub layout: LibvirtLayout,
     /// The machine cgroup: `/machine.slice/machine-qemu\x2d1\x2dvm1.scope`
     /// or `/machine/vm1.libvirt-qemu`.
-    pub machine_path: String,
+    pub(crate) machine_path: String,
     /// libvirt's domain id (`qemu-ID-NAME`), when the name carries one.
     pub domain_id: Option<u32>,
     /// The domain name as the cgroup spells it (unescaped; libvirt shortens
@@ -50,7 +52,7 @@ pub struct LibvirtCgroup {
 
 impl LibvirtCgroup {
     /// The cgroup that holds the `vcpuN`, `emulator` and `iothreadN` children.
-    pub fn thread_parent(&self) -> String {
+    pub(crate) fn thread_parent(&self) -> String {
         match self.layout {
             LibvirtLayout::ScopeWithLibvirtDir => format!("{}/libvirt", self.machine_path),
             LibvirtLayout::Scope | LibvirtLayout::Partition => self.machine_path.clone(),
@@ -63,7 +65,7 @@ impl LibvirtCgroup {
     }
 
     /// libvirt's cgroup of the emulator threads.
-    pub fn emulator_path(&self) -> String {
+    pub(crate) fn emulator_path(&self) -> String {
         format!("{}/emulator", self.thread_parent())
     }
 }
@@ -74,7 +76,7 @@ pub struct CgroupLocation {
     /// Path in the v1 hierarchy that has the `cpuset` controller.
     pub v1_cpuset: Option<String>,
     /// Path in the v2 unified hierarchy (`0::PATH`).
-    pub unified: Option<String>,
+    pub(crate) unified: Option<String>,
     /// The libvirt machine cgroup, when a path matches a libvirt layout (the
     /// cpuset hierarchy is checked first).
     pub libvirt: Option<LibvirtCgroup>,
@@ -84,8 +86,8 @@ pub struct CgroupLocation {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("line {line_no}: {line:?} is not ID:CONTROLLERS:PATH")]
 pub struct CgroupFileError {
-    pub line_no: usize,
-    pub line: String,
+    pub(crate) line_no: usize,
+    pub(crate) line: String,
 }
 
 /// Parses the text of `/proc/<pid>/cgroup` (or `.../task/<tid>/cgroup`).
@@ -126,7 +128,7 @@ pub fn parse_proc_cgroup(text: &str) -> Result<CgroupLocation, CgroupFileError> 
 }
 
 /// Decodes systemd's `\xHH` escapes (`machine-qemu\x2d1\x2dvm1.scope`).
-pub fn systemd_unescape(s: &str) -> String {
+pub(crate) fn systemd_unescape(s: &str) -> String {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -199,7 +201,7 @@ pub fn parse_libvirt_path(path: &str, hierarchy: Hierarchy) -> Option<LibvirtCgr
 }
 
 /// The vCPU index of a libvirt `vcpuN` cgroup path, if it is one.
-pub fn libvirt_vcpu_index(path: &str) -> Option<u32> {
+pub(crate) fn libvirt_vcpu_index(path: &str) -> Option<u32> {
     path.rsplit('/').next()?.strip_prefix("vcpu")?.parse().ok()
 }
 

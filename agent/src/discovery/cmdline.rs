@@ -29,21 +29,21 @@
 use crate::ConfidentialClass;
 
 /// SEV guest policy bit that requests SEV-ES.
-pub const SEV_POLICY_ES: u64 = 0x4;
+pub(crate) const SEV_POLICY_ES: u64 = 0x4;
 
 /// What a command line says about a guest.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Classification {
+pub(crate) struct Classification {
     /// The confidential class, or `None` when the program is not recognised.
-    pub class: Option<ConfidentialClass>,
+    pub(crate) class: Option<ConfidentialClass>,
     /// `NAME` from `-name guest=NAME` or `-name NAME`.
-    pub guest_name: Option<String>,
+    pub(crate) guest_name: Option<String>,
     /// The `id` of the SEV object that decided the class.
-    pub sev_object_id: Option<String>,
+    pub(crate) sev_object_id: Option<String>,
     /// The SEV policy of that object, when given.
-    pub sev_policy: Option<u64>,
+    pub(crate) sev_policy: Option<u64>,
     /// Whether the command line is recognisably QEMU's.
-    pub is_qemu: bool,
+    pub(crate) is_qemu: bool,
 }
 
 /// One `-object` from the command line.
@@ -178,7 +178,7 @@ fn option_values<'a>(args: &'a [String], names: &[&str]) -> Vec<&'a str> {
 
 /// Splits the text of `/proc/<pid>/cmdline` (NUL-terminated arguments)
 /// into arguments; empty arguments are dropped.
-pub fn parse_proc_cmdline(text: &str) -> Vec<String> {
+pub(crate) fn parse_proc_cmdline(text: &str) -> Vec<String> {
     text.split('\0')
         .filter(|s| !s.is_empty())
         .map(str::to_string)
@@ -187,7 +187,7 @@ pub fn parse_proc_cmdline(text: &str) -> Vec<String> {
 
 /// Classifies a VMM command line (`argv`, program first). Pure; see the
 /// module documentation for the rules.
-pub fn classify_cmdline(args: &[String]) -> Classification {
+pub(crate) fn classify_cmdline(args: &[String]) -> Classification {
     let mut out = Classification::default();
     let program = args
         .first()

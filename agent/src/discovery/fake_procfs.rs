@@ -9,21 +9,26 @@ use std::path::{Path, PathBuf};
 
 /// One thread of a fake process.
 #[derive(Debug, Clone)]
-pub struct FakeThread {
-    pub tid: u32,
-    pub comm: String,
+pub(crate) struct FakeThread {
+    /// Thread id.
+    pub(crate) tid: u32,
+    /// `comm` (stat field 2).
+    pub(crate) comm: String,
     /// `PF_*` flags (stat field 9).
-    pub flags: u64,
-    pub cpus_allowed: String,
-    pub last_cpu: u32,
+    pub(crate) flags: u64,
+    /// `Cpus_allowed_list` of `task/<tid>/status`, a cpulist.
+    pub(crate) cpus_allowed: String,
+    /// The CPU the thread last ran on (stat field 39).
+    pub(crate) last_cpu: u32,
     /// Content of `task/<tid>/cgroup`.
-    pub cgroup: String,
+    pub(crate) cgroup: String,
     /// Content of `task/<tid>/syscall`.
-    pub syscall: String,
+    pub(crate) syscall: String,
 }
 
 impl FakeThread {
-    pub fn new(tid: u32, comm: &str) -> Self {
+    /// A thread `tid` named `comm` on CPUs 0-3, in the root cgroup, running.
+    pub(crate) fn new(tid: u32, comm: &str) -> Self {
         Self {
             tid,
             comm: comm.to_string(),
@@ -39,15 +44,18 @@ impl FakeThread {
 /// One fake process.
 #[derive(Debug, Clone)]
 pub struct FakeProcess {
-    pub pid: u32,
-    pub start_time: u64,
-    pub cmdline: Vec<String>,
+    /// Process id.
+    pub(crate) pid: u32,
+    /// Stat field 22 (start time in clock ticks).
+    pub(crate) start_time: u64,
+    /// Arguments of `<pid>/cmdline`.
+    pub(crate) cmdline: Vec<String>,
     /// Content of `<pid>/cgroup`.
     pub cgroup: String,
     /// `(fd number, link target)`.
-    pub fds: Vec<(u32, String)>,
+    pub(crate) fds: Vec<(u32, String)>,
     /// Threads; the one with `tid == pid` is the main thread.
-    pub threads: Vec<FakeThread>,
+    pub(crate) threads: Vec<FakeThread>,
 }
 
 impl FakeProcess {
@@ -92,7 +100,13 @@ impl FakeProcess {
 }
 
 /// Renders a stat line with the given fields (others zero).
-pub fn stat_line(pid: u32, comm: &str, flags: u64, start_time: u64, last_cpu: u32) -> String {
+pub(crate) fn stat_line(
+    pid: u32,
+    comm: &str,
+    flags: u64,
+    start_time: u64,
+    last_cpu: u32,
+) -> String {
     // Fields 3..=52; index i holds field i + 3.
     let mut f: Vec<String> = vec!["0".to_string(); 50];
     f[0] = "S".to_string();
@@ -133,7 +147,12 @@ pub fn write_process(root: &Path, p: &FakeProcess) -> io::Result<PathBuf> {
 }
 
 /// Writes (or rewrites) one thread of process `pid`.
-pub fn write_thread(root: &Path, pid: u32, start_time: u64, t: &FakeThread) -> io::Result<()> {
+pub(crate) fn write_thread(
+    root: &Path,
+    pid: u32,
+    start_time: u64,
+    t: &FakeThread,
+) -> io::Result<()> {
     let tdir = root
         .join(pid.to_string())
         .join("task")

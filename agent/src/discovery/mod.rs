@@ -35,12 +35,14 @@
 //! level); an entry that cannot be parsed is skipped with a `warn!` naming
 //! its path.
 
-pub mod affinity;
-pub mod cgroup_path;
-pub mod cmdline;
+pub(crate) mod affinity;
+pub(crate) mod cgroup_path;
+pub(crate) mod cmdline;
+// Test and benchmark helper: left out of the daemon's build.
+#[cfg(any(test, feature = "testing"))]
 pub mod fake_procfs;
-pub mod pidfd;
-pub mod procfs;
+pub(crate) mod pidfd;
+pub(crate) mod procfs;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -49,14 +51,14 @@ use affinity::{AffinityReader, AffinitySource};
 pub use cgroup_path::{
     parse_libvirt_path, parse_proc_cgroup, CgroupLocation, LibvirtCgroup, LibvirtLayout,
 };
-pub use cmdline::{classify_cmdline, Classification};
+pub(crate) use cmdline::{classify_cmdline, Classification};
 pub use pidfd::VmExitWatch;
 use procfs::{LossyText, ProcReadError};
 
 use crate::{ConfidentialClass, CpuSet};
 
 /// The procfs root used when none is configured.
-pub const DEFAULT_PROC_ROOT: &str = "/proc";
+pub(crate) const DEFAULT_PROC_ROOT: &str = "/proc";
 
 /// How a vCPU thread's index was found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -75,37 +77,47 @@ pub enum VcpuMatch {
 pub struct VcpuThread {
     /// KVM's vCPU index (`kvm-vcpu:N`, QEMU's `CPU N/KVM`).
     pub index: u32,
+    /// Thread id.
     pub tid: u32,
+    /// The thread's `comm`.
     pub comm: String,
     /// `Cpus_allowed_list` from `task/<tid>/status`.
     pub cpus_allowed: CpuSet,
     /// The CPU the thread last ran on (stat field 39).
-    pub last_cpu: Option<u32>,
+    pub(crate) last_cpu: Option<u32>,
     /// The thread's own cgroups (libvirt puts each vCPU in `vcpuN`).
     pub cgroup: CgroupLocation,
+    /// How the thread was matched to its index.
     pub matched_by: VcpuMatch,
 }
 
 /// A non-vCPU thread of a VM (emulator, I/O, RCU, worker threads of the VMM).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ThreadInfo {
+    /// Thread id.
     pub tid: u32,
+    /// The thread's `comm`.
     pub comm: String,
-    pub cpus_allowed: CpuSet,
-    pub last_cpu: Option<u32>,
+    /// `Cpus_allowed_list` from `task/<tid>/status`.
+    pub(crate) cpus_allowed: CpuSet,
+    /// The CPU the thread last ran on (stat field 39).
+    pub(crate) last_cpu: Option<u32>,
     /// `false` for io_uring workers and tasks with `PF_NO_SETAFFINITY`:
     /// their CPUs follow the cgroup, `sched_setaffinity` is refused.
-    pub affinity_settable: bool,
+    pub(crate) affinity_settable: bool,
 }
 
 /// A KVM VM process found in procfs.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DiscoveredVm {
+    /// Process id.
     pub pid: u32,
     /// Stat field 22 of the process: with `pid`, identifies it across pid reuse.
     pub start_time: u64,
-    pub comm: String,
-    pub cmdline: Vec<String>,
+    /// The process's `comm`.
+    pub(crate) comm: String,
+    /// The process's command line, one argument an element.
+    pub(crate) cmdline: Vec<String>,
     /// vCPU indices KVM knows, from the `kvm-vcpu:N` fds, ascending.
     pub vcpu_fds: Vec<u32>,
     /// vCPU threads whose index was found, by index.
@@ -137,24 +149,24 @@ impl DiscoveredVm {
 
 /// A process skipped by a scan because its procfs files could not be parsed.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SkippedEntry {
-    pub pid: u32,
+pub(crate) struct SkippedEntry {
+    pub(crate) pid: u32,
     /// The error, naming the file.
-    pub error: String,
+    pub(crate) error: String,
 }
 
 /// The result of [`VmScanner::scan_with_outcome`].
 #[derive(Debug, Clone, Default)]
-pub struct ScanOutcome {
-    pub vms: Vec<DiscoveredVm>,
+pub(crate) struct ScanOutcome {
+    pub(crate) vms: Vec<DiscoveredVm>,
     /// Process directories looked at.
-    pub processes: usize,
+    pub(crate) processes: usize,
     /// Processes that exited during the scan (normal).
-    pub exited: usize,
+    pub(crate) exited: usize,
     /// Processes whose fds could not be read (EACCES/EPERM: not root).
-    pub not_readable: usize,
+    pub(crate) not_readable: usize,
     /// Processes skipped for garbage or I/O errors (each logged with `warn!`).
-    pub skipped: Vec<SkippedEntry>,
+    pub(crate) skipped: Vec<SkippedEntry>,
 }
 
 /// Errors from discovery.
@@ -163,25 +175,47 @@ pub enum DiscoveryError {
     /// The procfs root itself cannot be listed.
     #[error("cannot list procfs root {path}: {source}")]
     ProcRoot {
+        /// The procfs root.
         path: PathBuf,
+        /// What listing it returned.
         source: std::io::Error,
     },
     /// The process exited (or its pid now names another process).
     #[error("process {pid} is gone ({path})")]
-    VmGone { pid: u32, path: PathBuf },
+    VmGone {
+        /// The process.
+        pid: u32,
+        /// Its procfs directory.
+        path: PathBuf,
+    },
     /// The process holds no `kvm-vm` fd.
     #[error("process {pid} is not a KVM VM: no anon_inode:kvm-vm fd under {path}")]
-    NotAVm { pid: u32, path: PathBuf },
+    NotAVm {
+        /// The process.
+        pid: u32,
+        /// Its `fd` directory.
+        path: PathBuf,
+    },
     /// EACCES/EPERM on a procfs file.
     #[error("{path}: permission denied")]
-    Permission { path: PathBuf },
+    Permission {
+        /// The file.
+        path: PathBuf,
+    },
     /// A procfs file with unexpected content.
     #[error("{path}: {what}")]
-    Malformed { path: PathBuf, what: String },
+    Malformed {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with the content.
+        what: String,
+    },
     /// Any other I/O error.
     #[error("{path}: {source}")]
     Io {
+        /// The file.
         path: PathBuf,
+        /// What reading it returned.
         source: std::io::Error,
     },
 }
@@ -203,7 +237,7 @@ impl DiscoveryError {
 }
 
 /// Passes between two full rescans when none is configured.
-pub const DEFAULT_FULL_RESCAN_EVERY: u32 = 10;
+pub(crate) const DEFAULT_FULL_RESCAN_EVERY: u32 = 10;
 
 /// Passes after its first sighting during which a process that holds no
 /// `kvm-vm` fd is inspected again (a VMM opens its VM fd shortly after it
@@ -233,7 +267,7 @@ pub struct VmScanner {
 /// time, last CPU); after them it is read again at the next full rescan.
 /// QEMU names a vCPU thread right after creating it, so a thread first seen
 /// under its parent's name shows its own name on a later sighting.
-pub const THREAD_STAT_READS: u32 = 3;
+pub(crate) const THREAD_STAT_READS: u32 = 3;
 
 /// What earlier scans learned.
 #[derive(Debug, Default)]
@@ -300,13 +334,6 @@ impl VmScanner {
         }
     }
 
-    /// Reads thread affinity from `source` whatever the root is (tests that
-    /// compare both readers on one tree).
-    pub fn with_affinity_source(mut self, source: AffinitySource) -> Self {
-        self.affinity = source.reader();
-        self
-    }
-
     /// Sets the passes between two full rescans (1: every scan is full).
     pub fn with_full_rescan_every(mut self, every: u32) -> Self {
         self.full_rescan_every = every.max(1);
@@ -318,7 +345,8 @@ impl VmScanner {
         self.cache.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn proc_root(&self) -> &Path {
+    /// The procfs root the scanner reads (`<host root>/proc`).
+    pub(crate) fn proc_root(&self) -> &Path {
         &self.proc_root
     }
 
@@ -330,7 +358,7 @@ impl VmScanner {
 
     /// [`Self::scan`], also reporting what was skipped (for metrics and
     /// events).
-    pub fn scan_with_outcome(&self) -> Result<ScanOutcome, DiscoveryError> {
+    pub(crate) fn scan_with_outcome(&self) -> Result<ScanOutcome, DiscoveryError> {
         // The names of the root are enough to compare with the known set;
         // `procfs::process::all_processes_with_root` would open every
         // process directory on every pass.
@@ -830,7 +858,7 @@ impl ThreadRecord {
 }
 
 /// The vCPU index in a QEMU vCPU thread name `CPU N/KVM`.
-pub fn qemu_vcpu_index(comm: &str) -> Option<u32> {
+pub(crate) fn qemu_vcpu_index(comm: &str) -> Option<u32> {
     comm.strip_prefix("CPU ")?
         .strip_suffix("/KVM")?
         .parse()

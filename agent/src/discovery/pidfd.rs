@@ -17,8 +17,6 @@ use super::{DiscoveryError, VmScanner};
 /// An open pidfd of a VM process.
 #[derive(Debug)]
 pub struct VmExitWatch {
-    pid: u32,
-    start_time: u64,
     fd: OwnedFd,
 }
 
@@ -56,19 +54,7 @@ impl VmExitWatch {
         if !scanner.is_same_process(pid, start_time)? {
             return Err(DiscoveryError::VmGone { pid, path });
         }
-        Ok(Self {
-            pid,
-            start_time,
-            fd,
-        })
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.pid
-    }
-
-    pub fn start_time(&self) -> u64 {
-        self.start_time
+        Ok(Self { fd })
     }
 
     /// Whether the process has exited (non-blocking poll of the pidfd).
@@ -85,7 +71,7 @@ impl VmExitWatch {
 
     /// Completes when the process exits. Needs a tokio runtime with I/O
     /// enabled.
-    pub async fn exited(self) -> std::io::Result<()> {
+    pub(crate) async fn exited(self) -> std::io::Result<()> {
         // SAFETY: the OwnedFd moves into the AsyncFd and stays open for its
         // whole lifetime, as registration requires.
         let afd = unsafe {

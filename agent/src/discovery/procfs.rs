@@ -7,48 +7,48 @@ use std::path::{Path, PathBuf};
 use crate::CpuSet;
 
 /// `PF_KTHREAD` in `/proc/<pid>/stat` field 9 (flags): a kernel thread.
-pub const PF_KTHREAD: u64 = 0x0020_0000;
+pub(crate) const PF_KTHREAD: u64 = 0x0020_0000;
 /// `PF_USER_WORKER`: a kernel worker attached to a user process (KVM's
 /// `kvm-nx-lpage-re` recovery thread is one on kernels >= 6.13), listed in
 /// `/proc/<pid>/task/` beside the process's own threads.
-pub const PF_USER_WORKER: u64 = 0x0000_4000;
+pub(crate) const PF_USER_WORKER: u64 = 0x0000_4000;
 
 /// `PF_IO_WORKER`: an io_uring worker (`iou-wrk-*`) of a user process
 /// (QEMU with `aio=io_uring`); listed among the process's threads.
-pub const PF_IO_WORKER: u64 = 0x0000_0010;
+pub(crate) const PF_IO_WORKER: u64 = 0x0000_0010;
 /// `PF_NO_SETAFFINITY`: `sched_setaffinity` on this task fails with EINVAL.
-pub const PF_NO_SETAFFINITY: u64 = 0x0400_0000;
+pub(crate) const PF_NO_SETAFFINITY: u64 = 0x0400_0000;
 
 /// Names of KVM's kernel worker threads that can appear among a VM
 /// process's tasks; they are never vCPUs.
-pub const KVM_WORKER_PREFIXES: [&str; 2] = ["kvm-nx-lpage-re", "kvm-pit"];
+pub(crate) const KVM_WORKER_PREFIXES: [&str; 2] = ["kvm-nx-lpage-re", "kvm-pit"];
 
 /// The fields of `/proc/<pid>/stat` (or `task/<tid>/stat`) that discovery
 /// uses.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TaskStat {
+pub(crate) struct TaskStat {
     /// Field 2, between the first `(` and the last `)`.
-    pub comm: String,
+    pub(crate) comm: String,
     /// Field 3.
-    pub state: char,
+    pub(crate) state: char,
     /// Field 9: `PF_*` flags.
-    pub flags: u64,
+    pub(crate) flags: u64,
     /// Field 22: start time in clock ticks after boot; with the pid it
     /// identifies a process across pid reuse.
-    pub start_time: u64,
+    pub(crate) start_time: u64,
     /// Field 39: the CPU the task last ran on.
-    pub last_cpu: Option<u32>,
+    pub(crate) last_cpu: Option<u32>,
 }
 
 impl TaskStat {
     /// Whether `sched_setaffinity` can change this task's CPUs (io_uring
     /// workers and some kernel workers refuse it).
-    pub fn affinity_settable(&self) -> bool {
+    pub(crate) fn affinity_settable(&self) -> bool {
         self.flags & (PF_NO_SETAFFINITY | PF_IO_WORKER) == 0
     }
 
     /// A kernel thread, or a kernel worker attached to a user process.
-    pub fn is_kernel_worker(&self) -> bool {
+    pub(crate) fn is_kernel_worker(&self) -> bool {
         self.flags & (PF_KTHREAD | PF_USER_WORKER) != 0
             || KVM_WORKER_PREFIXES.iter().any(|p| self.comm.starts_with(p))
     }
@@ -63,7 +63,7 @@ impl TaskStat {
 /// without that shape is reported as malformed. The comm field may contain
 /// spaces and parentheses (QEMU's `CPU 0/KVM`); fields are counted after
 /// the last `)`.
-pub fn parse_stat(text: &str) -> Result<TaskStat, String> {
+pub(crate) fn parse_stat(text: &str) -> Result<TaskStat, String> {
     let line = text.trim();
     let bytes = line.as_bytes();
     let open = line.find('(').ok_or("no '(' before comm")?;
@@ -100,7 +100,7 @@ impl From<::procfs::process::Stat> for TaskStat {
 /// ([`::procfs::process::Process::read`]); the files discovery parses
 /// itself (`cmdline`, `cgroup`, `syscall`, `stat`) are read this way.
 #[derive(Debug, Clone)]
-pub struct LossyText(pub String);
+pub(crate) struct LossyText(pub String);
 
 impl ::procfs::FromRead for LossyText {
     fn from_read<R: std::io::Read>(mut r: R) -> ::procfs::ProcResult<Self> {
@@ -111,7 +111,7 @@ impl ::procfs::FromRead for LossyText {
 }
 
 /// A `procfs` crate error for a read of `path`, classified.
-pub fn from_procfs_error(path: &Path, e: ::procfs::ProcError) -> ProcReadError {
+pub(crate) fn from_procfs_error(path: &Path, e: ::procfs::ProcError) -> ProcReadError {
     let path = path.to_path_buf();
     match e {
         ::procfs::ProcError::NotFound(_) => ProcReadError::Gone { path },
@@ -125,7 +125,7 @@ pub fn from_procfs_error(path: &Path, e: ::procfs::ProcError) -> ProcReadError {
 }
 
 /// Extracts `Cpus_allowed_list` from the text of a status file.
-pub fn parse_status_cpus_allowed(text: &str) -> Result<CpuSet, String> {
+pub(crate) fn parse_status_cpus_allowed(text: &str) -> Result<CpuSet, String> {
     let line = text
         .lines()
         .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
@@ -134,7 +134,7 @@ pub fn parse_status_cpus_allowed(text: &str) -> Result<CpuSet, String> {
 }
 
 /// The vCPU index of a `kvm-vcpu:N` fd link target, if it is one.
-pub fn vcpu_fd_index(link_target: &str) -> Option<u32> {
+pub(crate) fn vcpu_fd_index(link_target: &str) -> Option<u32> {
     link_target
         .strip_prefix("anon_inode:kvm-vcpu:")?
         .parse()
@@ -142,19 +142,19 @@ pub fn vcpu_fd_index(link_target: &str) -> Option<u32> {
 }
 
 /// Whether an fd link target is a KVM VM.
-pub fn is_vm_fd(link_target: &str) -> bool {
+pub(crate) fn is_vm_fd(link_target: &str) -> bool {
     link_target == "anon_inode:kvm-vm"
 }
 
 /// `KVM_RUN` ioctl request number (`_IO(0xAE, 0x80)`).
-pub const KVM_RUN: u64 = 0xAE80;
+pub(crate) const KVM_RUN: u64 = 0xAE80;
 /// `ioctl` system call number on x86-64.
-pub const SYS_IOCTL_X86_64: u64 = 16;
+pub(crate) const SYS_IOCTL_X86_64: u64 = 16;
 
 /// Parses `/proc/<pid>/task/<tid>/syscall`; returns the fd when the thread
 /// is blocked in `ioctl(fd, KVM_RUN)`. A thread executing (in the guest or
 /// in user space) reads `running` and gives `None`.
-pub fn parse_syscall_kvm_run_fd(text: &str) -> Option<u32> {
+pub(crate) fn parse_syscall_kvm_run_fd(text: &str) -> Option<u32> {
     let mut f = text.split_whitespace();
     let nr: u64 = f.next()?.parse().ok()?;
     if nr != SYS_IOCTL_X86_64 {
@@ -170,7 +170,7 @@ pub fn parse_syscall_kvm_run_fd(text: &str) -> Option<u32> {
 }
 
 /// Path of `/proc/<pid>/task/<tid>/<file>` under `proc_root`.
-pub fn task_file(proc_root: &Path, pid: u32, tid: u32, file: &str) -> PathBuf {
+pub(crate) fn task_file(proc_root: &Path, pid: u32, tid: u32, file: &str) -> PathBuf {
     proc_root
         .join(pid.to_string())
         .join("task")
@@ -180,7 +180,7 @@ pub fn task_file(proc_root: &Path, pid: u32, tid: u32, file: &str) -> PathBuf {
 
 /// Why a procfs read failed, classified for the caller.
 #[derive(Debug, thiserror::Error)]
-pub enum ProcReadError {
+pub(crate) enum ProcReadError {
     /// The task exited (ENOENT or ESRCH).
     #[error("{path}: task is gone")]
     Gone { path: PathBuf },
@@ -210,28 +210,32 @@ impl ProcReadError {
 /// errno values used to classify I/O errors (Linux numbering, from nix).
 pub(crate) mod libc_errno {
     use nix::errno::Errno;
-    pub const ENOENT: i32 = Errno::ENOENT as i32;
-    pub const ESRCH: i32 = Errno::ESRCH as i32;
-    pub const EACCES: i32 = Errno::EACCES as i32;
-    pub const EPERM: i32 = Errno::EPERM as i32;
+    pub(crate) const ENOENT: i32 = Errno::ENOENT as i32;
+    pub(crate) const ESRCH: i32 = Errno::ESRCH as i32;
+    pub(crate) const EACCES: i32 = Errno::EACCES as i32;
+    pub(crate) const EPERM: i32 = Errno::EPERM as i32;
 }
 
 /// Reads a procfs file to a string.
-pub fn read_text(path: &Path) -> Result<String, ProcReadError> {
+pub(crate) fn read_text(path: &Path) -> Result<String, ProcReadError> {
     std::fs::read_to_string(path).map_err(|e| ProcReadError::from_io(path, e))
 }
 
 /// Reads a procfs file whose content the process sets (its command line,
 /// a thread's name in `stat`) and need not be UTF-8; bytes that are not
 /// UTF-8 become U+FFFD.
-pub fn read_text_lossy(path: &Path) -> Result<String, ProcReadError> {
+pub(crate) fn read_text_lossy(path: &Path) -> Result<String, ProcReadError> {
     std::fs::read(path)
         .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
         .map_err(|e| ProcReadError::from_io(path, e))
 }
 
 /// Reads and parses `task/<tid>/stat` of process `pid`.
-pub fn read_task_stat(proc_root: &Path, pid: u32, tid: u32) -> Result<TaskStat, ProcReadError> {
+pub(crate) fn read_task_stat(
+    proc_root: &Path,
+    pid: u32,
+    tid: u32,
+) -> Result<TaskStat, ProcReadError> {
     let path = task_file(proc_root, pid, tid, "stat");
     let text = read_text_lossy(&path)?;
     parse_stat(&text).map_err(|what| ProcReadError::Malformed { path, what })
@@ -239,14 +243,22 @@ pub fn read_task_stat(proc_root: &Path, pid: u32, tid: u32) -> Result<TaskStat, 
 
 /// Reads a thread's `Cpus_allowed_list` (its affinity mask, which also
 /// reflects its cpuset).
-pub fn read_cpus_allowed(proc_root: &Path, pid: u32, tid: u32) -> Result<CpuSet, ProcReadError> {
+pub(crate) fn read_cpus_allowed(
+    proc_root: &Path,
+    pid: u32,
+    tid: u32,
+) -> Result<CpuSet, ProcReadError> {
     let path = task_file(proc_root, pid, tid, "status");
     let text = read_text(&path)?;
     parse_status_cpus_allowed(&text).map_err(|what| ProcReadError::Malformed { path, what })
 }
 
 /// Reads the CPU a thread last ran on (stat field 39).
-pub fn read_last_cpu(proc_root: &Path, pid: u32, tid: u32) -> Result<Option<u32>, ProcReadError> {
+pub(crate) fn read_last_cpu(
+    proc_root: &Path,
+    pid: u32,
+    tid: u32,
+) -> Result<Option<u32>, ProcReadError> {
     Ok(read_task_stat(proc_root, pid, tid)?.last_cpu)
 }
 

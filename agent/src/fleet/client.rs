@@ -9,59 +9,86 @@ use std::time::Duration;
 use serde_json::Value;
 
 /// Microversion sent on every call.
-pub const MICROVERSION: &str = "placement 1.39";
+pub(crate) const MICROVERSION: &str = "placement 1.39";
 
-pub use crate::config::fleet::FleetAuth;
+pub(crate) use crate::config::fleet::FleetAuth;
 
 /// Why a Placement call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum FleetError {
+    /// The request did not get an answer.
     #[error("{method} {path}: {reason}")]
     Transport {
+        /// The HTTP method.
         method: &'static str,
+        /// The path under the Placement URL.
         path: String,
+        /// What the HTTP client reported.
         reason: String,
     },
+    /// Placement answered with an error status.
     #[error("{method} {path}: HTTP {status} {code}: {detail}")]
     Status {
+        /// The HTTP method.
         method: &'static str,
+        /// The path under the Placement URL.
         path: String,
+        /// The HTTP status.
         status: u16,
         /// Placement's error code (`placement.concurrent_update`, ...).
         code: String,
+        /// Placement's error detail.
         detail: String,
     },
+    /// The answer is not the JSON the call expects.
     #[error("{method} {path}: answer is not the JSON expected: {reason}")]
     Body {
+        /// The HTTP method.
         method: &'static str,
+        /// The path under the Placement URL.
         path: String,
+        /// What is missing or malformed.
         reason: String,
     },
+    /// A token or credential file could not be read.
     #[error("cannot read {path}: {source}")]
     CredentialFile {
+        /// The file.
         path: PathBuf,
+        /// What reading it returned.
         source: std::io::Error,
     },
+    /// A token or credential file is empty.
     #[error("{path} is empty")]
-    EmptyCredential { path: PathBuf },
+    EmptyCredential {
+        /// The file.
+        path: PathBuf,
+    },
+    /// Keystone answered without a token.
     #[error("Keystone at {url} issued no token: {reason}")]
-    Keystone { url: String, reason: String },
+    Keystone {
+        /// The Keystone URL.
+        url: String,
+        /// What Keystone answered.
+        reason: String,
+    },
+    /// The provider tree in Placement cannot be made to match this host.
     #[error("{0}")]
     Tree(String),
 }
 
 impl FleetError {
     /// A 409 because a generation moved (re-read and retry).
-    pub fn is_generation_conflict(&self) -> bool {
+    pub(crate) fn is_generation_conflict(&self) -> bool {
         matches!(self, Self::Status { status: 409, code, .. } if code == "placement.concurrent_update")
     }
 
     /// A 409 for any other reason (capacity exceeded, in use).
-    pub fn is_conflict(&self) -> bool {
+    pub(crate) fn is_conflict(&self) -> bool {
         matches!(self, Self::Status { status: 409, .. })
     }
 
-    pub fn is_not_found(&self) -> bool {
+    pub(crate) fn is_not_found(&self) -> bool {
         matches!(self, Self::Status { status: 404, .. })
     }
 }
@@ -99,6 +126,7 @@ fn error_parts(body: &str) -> (String, String) {
 }
 
 impl PlacementClient {
+    /// A client of the Placement API at `base`, authenticating with `auth`; each request may take at most `timeout`.
     pub fn new(base: &str, auth: FleetAuth, timeout: Duration) -> Self {
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .timeout_global(Some(timeout))
@@ -111,10 +139,6 @@ impl PlacementClient {
             auth,
             token: Mutex::new(None),
         }
-    }
-
-    pub fn base(&self) -> &str {
-        &self.base
     }
 
     fn issue_token(&self) -> Result<String, FleetError> {
@@ -162,7 +186,7 @@ impl PlacementClient {
 
     /// One call; `Ok((status, body))` for 2xx, a typed error otherwise. A
     /// 401 renews the token once.
-    pub fn call(
+    pub(crate) fn call(
         &self,
         method: &'static str,
         path: &str,
@@ -231,20 +255,23 @@ impl PlacementClient {
             .header("Accept", "application/json")
     }
 
+    /// `GET path`: the JSON answer, or the error.
     pub fn get(&self, path: &str) -> Result<Value, FleetError> {
         self.call("GET", path, None).map(|(_, v)| v)
     }
 
+    /// `PUT path` with `body`: the JSON answer, or the error.
     pub fn put(&self, path: &str, body: &Value) -> Result<Value, FleetError> {
         self.call("PUT", path, Some(body)).map(|(_, v)| v)
     }
 
+    /// `POST path` with `body`: the JSON answer, or the error.
     pub fn post(&self, path: &str, body: &Value) -> Result<Value, FleetError> {
         self.call("POST", path, Some(body)).map(|(_, v)| v)
     }
 
     /// DELETE; a 404 (already gone) is success.
-    pub fn delete(&self, path: &str) -> Result<(), FleetError> {
+    pub(crate) fn delete(&self, path: &str) -> Result<(), FleetError> {
         match self.call("DELETE", path, None) {
             Ok(_) => Ok(()),
             Err(e) if e.is_not_found() => Ok(()),

@@ -11,26 +11,44 @@ use super::tree::Consumer;
 use crate::types::VmId;
 
 /// File name inside the state directory.
-pub const FILE_NAME: &str = "fleet-consumers.json";
+pub(crate) const FILE_NAME: &str = "fleet-consumers.json";
 const VERSION: u32 = 1;
 
 /// Why the store could not be read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum ConsumerStoreError {
+    /// The store file could not be read.
     #[error("cannot read {path}: {source}")]
     Read {
+        /// The store file.
         path: PathBuf,
+        /// What reading it returned.
         source: std::io::Error,
     },
+    /// The store file could not be written.
     #[error("cannot write {path}: {source}")]
     Write {
+        /// The store file.
         path: PathBuf,
+        /// What writing it returned.
         source: std::io::Error,
     },
+    /// The file's content is not a consumer store.
     #[error("{path} is not a fleet consumer file: {reason}")]
-    Corrupt { path: PathBuf, reason: String },
+    Corrupt {
+        /// The store file.
+        path: PathBuf,
+        /// What is wrong with the content.
+        reason: String,
+    },
+    /// The file has a version this agent does not know.
     #[error("{path} has version {found}; this agent knows version {VERSION}")]
-    Version { path: PathBuf, found: u32 },
+    Version {
+        /// The store file.
+        path: PathBuf,
+        /// The version in the file.
+        found: u32,
+    },
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -46,7 +64,7 @@ struct FileFormat {
 
 /// The consumers, in memory and on disk.
 #[derive(Debug)]
-pub struct ConsumerStore {
+pub(crate) struct ConsumerStore {
     path: PathBuf,
     by_vm: BTreeMap<VmId, Consumer>,
     retired: Vec<Consumer>,
@@ -54,7 +72,7 @@ pub struct ConsumerStore {
 
 impl ConsumerStore {
     /// Loads the file in `dir` (missing: no consumers).
-    pub fn load(dir: &Path) -> Result<Self, ConsumerStoreError> {
+    pub(crate) fn load(dir: &Path) -> Result<Self, ConsumerStoreError> {
         let path = dir.join(FILE_NAME);
         let text = match std::fs::read_to_string(&path) {
             Ok(t) => t,
@@ -121,21 +139,27 @@ impl ConsumerStore {
         Ok(())
     }
 
-    pub fn consumers(&self) -> &BTreeMap<VmId, Consumer> {
+    /// The consumer of each VM, by VM id.
+    pub(crate) fn consumers(&self) -> &BTreeMap<VmId, Consumer> {
         &self.by_vm
     }
 
-    pub fn retired(&self) -> &[Consumer] {
+    pub(crate) fn retired(&self) -> &[Consumer] {
         &self.retired
     }
 
-    pub fn get(&self, vm: &VmId) -> Option<&Consumer> {
+    /// The consumer of `vm`.
+    pub(crate) fn get(&self, vm: &VmId) -> Option<&Consumer> {
         self.by_vm.get(vm)
     }
 
     /// Records `vm`'s consumer (written before the call returns). A
     /// different consumer recorded before for `vm` is retired.
-    pub fn record(&mut self, vm: &VmId, consumer: Consumer) -> Result<(), ConsumerStoreError> {
+    pub(crate) fn record(
+        &mut self,
+        vm: &VmId,
+        consumer: Consumer,
+    ) -> Result<(), ConsumerStoreError> {
         let before = (self.by_vm.clone(), self.retired.clone());
         if let Some(old) = self.by_vm.insert(vm.clone(), consumer.clone()) {
             if old != consumer {
@@ -150,7 +174,7 @@ impl ConsumerStore {
     }
 
     /// Drops `vm`'s consumer without retiring it (a PlaceVm that failed).
-    pub fn unrecord(&mut self, vm: &VmId) -> Result<(), ConsumerStoreError> {
+    pub(crate) fn unrecord(&mut self, vm: &VmId) -> Result<(), ConsumerStoreError> {
         if self.by_vm.remove(vm).is_some() {
             self.save()?;
         }
@@ -158,7 +182,7 @@ impl ConsumerStore {
     }
 
     /// Forgets consumers whose allocations on this host are gone.
-    pub fn forget(&mut self, uuids: &[String]) -> Result<(), ConsumerStoreError> {
+    pub(crate) fn forget(&mut self, uuids: &[String]) -> Result<(), ConsumerStoreError> {
         let before = self.by_vm.len() + self.retired.len();
         self.by_vm.retain(|_, c| !uuids.contains(&c.uuid));
         self.retired.retain(|c| !uuids.contains(&c.uuid));

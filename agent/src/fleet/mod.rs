@@ -9,11 +9,11 @@
 //! hold it ([`sync::Reporter`]) without the lock. PlaceVm never waits for
 //! Placement.
 
-pub mod client;
-pub mod consumers;
-pub mod scheduler;
-pub mod sync;
-pub mod tree;
+pub(crate) mod client;
+pub(crate) mod consumers;
+pub(crate) mod scheduler;
+pub(crate) mod sync;
+pub(crate) mod tree;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -25,14 +25,16 @@ use crate::conditions::ConditionKind;
 use crate::reconcile::AgentContext;
 use crate::types::VmId;
 
-pub use crate::config::fleet::{default_host_name, FleetAuth, FleetSettings, RootChoice};
-pub use client::{FleetError, PlacementClient};
-pub use consumers::{ConsumerStore, ConsumerStoreError};
-pub use sync::{Reporter, SyncOutcome};
-pub use tree::{Consumer, FlushMode, HostFacts, SevSupport};
+pub use crate::config::fleet::FleetAuth;
+pub(crate) use crate::config::fleet::FleetSettings;
+pub(crate) use client::FleetError;
+pub use client::PlacementClient;
+pub(crate) use consumers::{ConsumerStore, ConsumerStoreError};
+pub(crate) use sync::Reporter;
+pub(crate) use tree::{Consumer, FlushMode, HostFacts, SevSupport};
 
 /// What the API and the reporter share.
-pub struct FleetLink {
+pub(crate) struct FleetLink {
     store: Mutex<ConsumerStore>,
     wake: SyncSender<()>,
 }
@@ -40,12 +42,12 @@ pub struct FleetLink {
 impl FleetLink {
     /// The consumer store, for PlaceVm (taken while the core is locked, so
     /// a snapshot sees the consumer and the placement together).
-    pub fn store(&self) -> std::sync::MutexGuard<'_, ConsumerStore> {
+    pub(crate) fn store(&self) -> std::sync::MutexGuard<'_, ConsumerStore> {
         self.store.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Asks the reporter for a sync; never blocks.
-    pub fn wake(&self) {
+    pub(crate) fn wake(&self) {
         let _ = self.wake.try_send(());
     }
 }
@@ -59,7 +61,7 @@ fn param_on(path: &Path) -> bool {
 
 /// The SEV classes the host's KVM offers, from
 /// `<params>/{sev,sev_es,sev_snp}` (`/sys/module/kvm_amd/parameters`).
-pub fn read_sev_support(params: &Path) -> SevSupport {
+pub(crate) fn read_sev_support(params: &Path) -> SevSupport {
     SevSupport {
         sev: param_on(&params.join("sev")),
         sev_es: param_on(&params.join("sev_es")),
@@ -68,22 +70,24 @@ pub fn read_sev_support(params: &Path) -> SevSupport {
 }
 
 /// The reporter's thread and its link.
-pub struct FleetReporter {
-    pub link: Arc<FleetLink>,
+pub(crate) struct FleetReporter {
+    pub(crate) link: Arc<FleetLink>,
     stop: Arc<AtomicBool>,
 }
 
 impl FleetReporter {
     /// Stops the thread after its current sync (it is not joined: a sync
     /// blocked on an unreachable Placement ends at its request timeout).
-    pub fn stop(&self) {
+    pub(crate) fn stop(&self) {
         self.stop.store(true, Ordering::Relaxed);
         self.link.wake();
     }
 }
 
 /// Loads the consumer store from `state_dir`.
-pub fn link(state_dir: &Path) -> Result<(Arc<FleetLink>, mpsc::Receiver<()>), ConsumerStoreError> {
+pub(crate) fn link(
+    state_dir: &Path,
+) -> Result<(Arc<FleetLink>, mpsc::Receiver<()>), ConsumerStoreError> {
     let store = ConsumerStore::load(state_dir)?;
     let (tx, rx) = mpsc::sync_channel(1);
     Ok((
@@ -96,7 +100,7 @@ pub fn link(state_dir: &Path) -> Result<(Arc<FleetLink>, mpsc::Receiver<()>), Co
 }
 
 /// Starts the reporter thread.
-pub fn spawn(
+pub(crate) fn spawn(
     settings: FleetSettings,
     kvm_params: PathBuf,
     ctx: Arc<AgentContext>,
@@ -216,7 +220,7 @@ fn run(
 }
 
 /// Validates a PlaceVm consumer: a UUID and non-empty project and user ids.
-pub fn consumer_from_parts(
+pub(crate) fn consumer_from_parts(
     uuid: &str,
     project_id: &str,
     user_id: &str,
@@ -250,7 +254,7 @@ pub fn consumer_from_parts(
 
 /// Records `vm`'s consumer before PlaceVm acts; returns what to restore if
 /// the placement fails.
-pub fn record_consumer(
+pub(crate) fn record_consumer(
     link: &FleetLink,
     vm: &VmId,
     consumer: Consumer,
@@ -262,7 +266,7 @@ pub fn record_consumer(
 }
 
 /// Undoes [`record_consumer`] after a failed PlaceVm.
-pub fn restore_consumer(link: &FleetLink, vm: &VmId, before: Option<Consumer>) {
+pub(crate) fn restore_consumer(link: &FleetLink, vm: &VmId, before: Option<Consumer>) {
     let mut store = link.store();
     let r = match before {
         Some(c) => store.record(vm, c),

@@ -23,18 +23,18 @@ use super::tree::{
 use crate::types::ConfidentialClass;
 
 /// Most L3 domains one VM is spread over.
-pub const MAX_SPREAD: u32 = 8;
+pub(crate) const MAX_SPREAD: u32 = 8;
 
 /// What a VM asks of the fleet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FleetAsk {
-    pub vcpus: u32,
-    pub class: ConfidentialClass,
+pub(crate) struct FleetAsk {
+    pub(crate) vcpus: u32,
+    pub(crate) class: ConfidentialClass,
 }
 
 /// A stage of the preference order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Stage {
+pub(crate) enum Stage {
     /// One domain already in the VM's pool.
     Pool,
     /// One empty domain (with its open token).
@@ -55,14 +55,14 @@ impl std::fmt::Display for Stage {
 
 /// One `GET /allocation_candidates` query.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CandidateQuery {
-    pub stage: Stage,
+pub(crate) struct CandidateQuery {
+    pub(crate) stage: Stage,
     /// The query string, without `?`.
-    pub query: String,
+    pub(crate) query: String,
 }
 
 /// The pool trait of a class's domains.
-pub fn pool_trait(class: ConfidentialClass) -> &'static str {
+pub(crate) fn pool_trait(class: ConfidentialClass) -> &'static str {
     if class.is_confidential() {
         POOL_CONFIDENTIAL
     } else {
@@ -72,7 +72,7 @@ pub fn pool_trait(class: ConfidentialClass) -> &'static str {
 
 /// Traits the root (the host) must have: managed by sevplace, and the
 /// class's os-traits SEV trait.
-pub fn required_root_traits(class: ConfidentialClass) -> Vec<&'static str> {
+pub(crate) fn required_root_traits(class: ConfidentialClass) -> Vec<&'static str> {
     let mut t = vec![MANAGED_TRAIT];
     match class {
         ConfidentialClass::None => {}
@@ -84,13 +84,13 @@ pub fn required_root_traits(class: ConfidentialClass) -> Vec<&'static str> {
 }
 
 /// `n` split into `k` amounts that differ by at most one, largest first.
-pub fn split(n: u32, k: u32) -> Vec<u32> {
+pub(crate) fn split(n: u32, k: u32) -> Vec<u32> {
     (0..k).map(|i| n / k + u32::from(i < n % k)).collect()
 }
 
 /// The queries, in preference order. A VM of `n` vCPUs is spread over at
 /// most `min(n, MAX_SPREAD)` domains.
-pub fn queries(ask: FleetAsk) -> Vec<CandidateQuery> {
+pub(crate) fn queries(ask: FleetAsk) -> Vec<CandidateQuery> {
     let n = ask.vcpus;
     let root = format!(
         "root_required={}",
@@ -127,19 +127,19 @@ pub fn queries(ask: FleetAsk) -> Vec<CandidateQuery> {
 
 /// One candidate of Placement's answer.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Candidate {
+pub(crate) struct Candidate {
     /// The `allocations` object of its allocation request, claimed as is.
-    pub allocations: Map<String, Value>,
+    pub(crate) allocations: Map<String, Value>,
     /// Providers that get `CUSTOM_SEVPLACE_PCPU`, sorted.
-    pub l3: Vec<String>,
+    pub(crate) l3: Vec<String>,
     /// CPUs left free on those providers after the claim.
-    pub leftover: u64,
+    pub(crate) leftover: u64,
 }
 
 /// Why Placement's answer is not what the scheduler reads.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("allocation candidates: {0}")]
-pub struct AnswerError(pub String);
+pub(crate) struct AnswerError(pub String);
 
 fn amount(v: &Value, class: &str) -> u64 {
     v["resources"][class].as_u64().unwrap_or(0)
@@ -149,7 +149,7 @@ fn amount(v: &Value, class: &str) -> u64 {
 /// the chosen domains, then the fewest domains, then by provider UUID
 /// (deterministic). A candidate spread over domains of different NUMA
 /// nodes (different parents) is dropped.
-pub fn rank(answer: &Value) -> Result<Vec<Candidate>, AnswerError> {
+pub(crate) fn rank(answer: &Value) -> Result<Vec<Candidate>, AnswerError> {
     let requests = answer["allocation_requests"]
         .as_array()
         .ok_or_else(|| AnswerError("no allocation_requests array".into()))?;
@@ -195,7 +195,7 @@ pub fn rank(answer: &Value) -> Result<Vec<Candidate>, AnswerError> {
 }
 
 /// The host of an L3 provider named `<host>_l3_<index>`.
-pub fn host_of_l3(provider_name: &str) -> Option<&str> {
+pub(crate) fn host_of_l3(provider_name: &str) -> Option<&str> {
     let (host, index) = provider_name.rsplit_once("_l3_")?;
     (!host.is_empty() && !index.is_empty() && index.bytes().all(|b| b.is_ascii_digit()))
         .then_some(host)
@@ -204,7 +204,7 @@ pub fn host_of_l3(provider_name: &str) -> Option<&str> {
 /// The consumer UUID the scheduler gives VM `vm_id` when none is named: a
 /// name-based UUID (RFC 9562 version 8, from SHA-256 of the id), so
 /// `fleet release ID` finds the claim `fleet place ID` made.
-pub fn consumer_uuid(vm_id: &str) -> String {
+pub(crate) fn consumer_uuid(vm_id: &str) -> String {
     let d = ring::digest::digest(
         &ring::digest::SHA256,
         format!("sevplace-fleet-consumer:{vm_id}").as_bytes(),
@@ -225,7 +225,7 @@ pub fn consumer_uuid(vm_id: &str) -> String {
 }
 
 /// The claim body for `PUT /allocations/{consumer}` of a new consumer.
-pub fn claim_body(candidate: &Candidate, project_id: &str, user_id: &str) -> Value {
+pub(crate) fn claim_body(candidate: &Candidate, project_id: &str, user_id: &str) -> Value {
     serde_json::json!({
         "allocations": candidate.allocations,
         "consumer_generation": null,

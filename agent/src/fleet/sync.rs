@@ -18,7 +18,7 @@ use super::tree::{self, DesiredTree, L3Provider};
 /// Retries of one write after generation conflicts.
 const GENERATION_RETRIES: usize = 8;
 
-pub use crate::config::fleet::RootChoice;
+pub(crate) use crate::config::fleet::RootChoice;
 
 /// A provider as listed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,8 +43,62 @@ fn provider_info(v: &Value) -> Option<ProviderInfo> {
 struct ProviderState {
     generation: u64,
     traits: BTreeSet<String>,
-    /// class -> (total, reserved)
-    inventories: BTreeMap<String, (u64, u64)>,
+    inventories: Inventories,
+}
+
+/// Inventories of one provider: class -> (total, reserved).
+type Inventories = BTreeMap<String, (u64, u64)>;
+
+/// One part of a provider's state that one PUT replaces whole (see
+/// [`Reporter::put_part`]).
+struct ProviderPart<T> {
+    /// The path under `/resource_providers/{uuid}/`, also the body's key.
+    path: &'static str,
+    /// What an error message calls the part.
+    label: &'static str,
+    /// The part within a provider's state.
+    field: fn(&mut ProviderState) -> &mut T,
+    /// The part as the PUT body carries it.
+    body: fn(&T) -> Value,
+}
+
+/// A provider's traits.
+const TRAITS: ProviderPart<BTreeSet<String>> = ProviderPart {
+    path: "traits",
+    label: "traits",
+    field: traits_of,
+    body: traits_json,
+};
+
+/// A provider's inventories.
+const INVENTORIES: ProviderPart<Inventories> = ProviderPart {
+    path: "inventories",
+    label: "inventory",
+    field: inventories_of,
+    body: inventories_json,
+};
+
+fn traits_of(s: &mut ProviderState) -> &mut BTreeSet<String> {
+    &mut s.traits
+}
+
+fn traits_json(traits: &BTreeSet<String>) -> Value {
+    json!(traits)
+}
+
+fn inventories_of(s: &mut ProviderState) -> &mut Inventories {
+    &mut s.inventories
+}
+
+fn inventories_json(want: &Inventories) -> Value {
+    let mut inv = serde_json::Map::new();
+    for (class, (total, reserved)) in want {
+        inv.insert(
+            class.clone(),
+            json!({ "total": total, "reserved": reserved }),
+        );
+    }
+    Value::Object(inv)
 }
 
 /// A consumer's allocations as read: provider UUID -> class -> amount.
@@ -58,21 +112,21 @@ struct ConsumerState {
 
 /// What one sync did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct SyncOutcome {
+pub(crate) struct SyncOutcome {
     /// Writes made (0 when Placement already held the tree).
-    pub writes: usize,
+    pub(crate) writes: usize,
     /// Consumers of gone VMs whose allocations were removed: the store can
     /// forget them.
-    pub forgotten: Vec<String>,
+    pub(crate) forgotten: Vec<String>,
     /// Consumers whose allocation Placement refused (no room): their CPUs
     /// are counted in `reserved` until a later sync succeeds.
-    pub unpublished: Vec<String>,
+    pub(crate) unpublished: Vec<String>,
     /// Problems that did not stop the sync (a stale provider in use).
-    pub warnings: Vec<String>,
+    pub(crate) warnings: Vec<String>,
 }
 
 /// Keeps Placement true for one host.
-pub struct Reporter {
+pub(crate) struct Reporter {
     client: PlacementClient,
     root: RootChoice,
     classes_ready: bool,
@@ -113,7 +167,8 @@ fn allocations_json(a: &Allocations) -> Value {
 }
 
 impl Reporter {
-    pub fn new(client: PlacementClient, root: RootChoice) -> Self {
+    /// A reporter that writes through `client`, under the root provider `root` chooses.
+    pub(crate) fn new(client: PlacementClient, root: RootChoice) -> Self {
         Self {
             client,
             root,
@@ -123,12 +178,8 @@ impl Reporter {
         }
     }
 
-    pub fn client(&self) -> &PlacementClient {
-        &self.client
-    }
-
     /// Forgets what was read, so the next sync reads everything again.
-    pub fn forget_cache(&mut self) {
+    pub(crate) fn forget_cache(&mut self) {
         self.known.clear();
         self.consumers.clear();
     }
@@ -286,32 +337,44 @@ impl Reporter {
         }
     }
 
-    /// Sets the traits of `uuid` with `make(current)`, retrying generation
-    /// conflicts.
-    fn set_traits(
+    /// Sets one part of provider `uuid` (its traits or its inventories) to
+    /// `make(current part)`: a PUT naming the provider generation; on a
+    /// 409 for a moved generation, a fresh read and another PUT, at most
+    /// `GENERATION_RETRIES` more times. Returns the provider's generation
+    /// after the write, or the one read when the part already holds the
+    /// wanted value.
+    fn put_part<T: Clone + PartialEq>(
         &mut self,
         uuid: &str,
         generation: u64,
-        make: impl Fn(&BTreeSet<String>) -> BTreeSet<String>,
+        part: &ProviderPart<T>,
+        make: impl Fn(&T) -> T,
         writes: &mut usize,
     ) -> Result<u64, FleetError> {
         let mut generation = generation;
         for attempt in 0..=GENERATION_RETRIES {
             let mut s = self.state(uuid, generation)?;
-            let want = make(&s.traits);
-            if want == s.traits {
+            let current = (part.field)(&mut s);
+            let want = make(current);
+            if want == *current {
                 return Ok(s.generation);
             }
+            let mut body = serde_json::Map::new();
+            body.insert(part.path.to_string(), (part.body)(&want));
+            body.insert(
+                "resource_provider_generation".to_string(),
+                json!(s.generation),
+            );
             *writes += 1;
             match self.client.put(
-                &format!("/resource_providers/{uuid}/traits"),
-                &json!({ "traits": want, "resource_provider_generation": s.generation }),
+                &format!("/resource_providers/{uuid}/{}", part.path),
+                &Value::Object(body),
             ) {
                 Ok(v) => {
                     s.generation = v["resource_provider_generation"]
                         .as_u64()
                         .unwrap_or(s.generation + 1);
-                    s.traits = want;
+                    *(part.field)(&mut s) = want;
                     let g = s.generation;
                     self.known.insert(uuid.to_string(), s);
                     return Ok(g);
@@ -324,53 +387,8 @@ impl Reporter {
             }
         }
         Err(FleetError::Tree(format!(
-            "traits of {uuid}: generation kept moving"
-        )))
-    }
-
-    fn set_inventory(
-        &mut self,
-        uuid: &str,
-        generation: u64,
-        want: &BTreeMap<String, (u64, u64)>,
-        writes: &mut usize,
-    ) -> Result<u64, FleetError> {
-        let mut generation = generation;
-        for attempt in 0..=GENERATION_RETRIES {
-            let mut s = self.state(uuid, generation)?;
-            if &s.inventories == want {
-                return Ok(s.generation);
-            }
-            let mut inv = serde_json::Map::new();
-            for (class, (total, reserved)) in want {
-                inv.insert(
-                    class.clone(),
-                    json!({ "total": total, "reserved": reserved }),
-                );
-            }
-            *writes += 1;
-            match self.client.put(
-                &format!("/resource_providers/{uuid}/inventories"),
-                &json!({ "inventories": inv, "resource_provider_generation": s.generation }),
-            ) {
-                Ok(v) => {
-                    s.generation = v["resource_provider_generation"]
-                        .as_u64()
-                        .unwrap_or(s.generation + 1);
-                    s.inventories = want.clone();
-                    let g = s.generation;
-                    self.known.insert(uuid.to_string(), s);
-                    return Ok(g);
-                }
-                Err(e) if e.is_generation_conflict() && attempt < GENERATION_RETRIES => {
-                    self.known.remove(uuid);
-                    generation = u64::MAX;
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        Err(FleetError::Tree(format!(
-            "inventory of {uuid}: generation kept moving"
+            "{} of {uuid}: generation kept moving",
+            part.label
         )))
     }
 
@@ -486,7 +504,7 @@ impl Reporter {
         )
     }
 
-    fn l3_inventory(p: &L3Provider, extra_reserved: u32) -> BTreeMap<String, (u64, u64)> {
+    fn l3_inventory(p: &L3Provider, extra_reserved: u32) -> Inventories {
         BTreeMap::from([
             (
                 tree::PCPU_CLASS.to_string(),
@@ -503,7 +521,7 @@ impl Reporter {
     }
 
     /// One sync. `gone`: consumers of VMs the agent no longer holds.
-    pub fn sync(
+    pub(crate) fn sync(
         &mut self,
         want: &DesiredTree,
         gone: &[tree::Consumer],
@@ -560,9 +578,10 @@ impl Reporter {
 
         // Traits.
         let ours = want.root_traits.clone();
-        self.set_traits(
+        self.put_part(
             &root.uuid,
             root.generation,
+            &TRAITS,
             |cur| tree::merged_root_traits(cur, &ours),
             &mut writes,
         )?;
@@ -570,8 +589,15 @@ impl Reporter {
             let uuid = &l3_uuid[&l3.index];
             let g = generations.get(uuid).copied().unwrap_or(u64::MAX);
             let pool = l3.pool_trait.to_string();
-            let g = self.set_traits(uuid, g, |_| BTreeSet::from([pool.clone()]), &mut writes)?;
-            let g = self.set_inventory(uuid, g, &Self::l3_inventory(l3, 0), &mut writes)?;
+            let g = self.put_part(
+                uuid,
+                g,
+                &TRAITS,
+                |_| BTreeSet::from([pool.clone()]),
+                &mut writes,
+            )?;
+            let inventory = Self::l3_inventory(l3, 0);
+            let g = self.put_part(uuid, g, &INVENTORIES, |_| inventory.clone(), &mut writes)?;
             generations.insert(uuid.clone(), g);
         }
 
@@ -599,7 +625,8 @@ impl Reporter {
             if let Some(n) = extra.get(&l3.index) {
                 let uuid = &l3_uuid[&l3.index];
                 let g = generations.get(uuid).copied().unwrap_or(u64::MAX);
-                self.set_inventory(uuid, g, &Self::l3_inventory(l3, *n), &mut writes)?;
+                let inventory = Self::l3_inventory(l3, *n);
+                self.put_part(uuid, g, &INVENTORIES, |_| inventory.clone(), &mut writes)?;
             }
         }
         for c in gone {

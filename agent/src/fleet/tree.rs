@@ -16,32 +16,32 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::cpuset::CpuSet;
-use crate::placement::{PlacementState, Pool, Reservations};
+use crate::placement::{PlacementState, Reservations};
 use crate::topology::Topology;
 use crate::types::VmId;
 
 /// Resource class of the CPUs of one L3 domain.
-pub const PCPU_CLASS: &str = "CUSTOM_SEVPLACE_PCPU";
+pub(crate) const PCPU_CLASS: &str = "CUSTOM_SEVPLACE_PCPU";
 /// Resource class of the token that opens an empty domain.
-pub const OPEN_CLASS: &str = "CUSTOM_SEVPLACE_L3_OPEN";
+pub(crate) const OPEN_CLASS: &str = "CUSTOM_SEVPLACE_L3_OPEN";
 /// Trait of every root provider a sevplaced reports.
-pub const MANAGED_TRAIT: &str = "CUSTOM_SEVPLACE_MANAGED";
+pub(crate) const MANAGED_TRAIT: &str = "CUSTOM_SEVPLACE_MANAGED";
 /// Pool traits of L3 providers.
-pub const POOL_CONFIDENTIAL: &str = "CUSTOM_SEVPLACE_POOL_CONFIDENTIAL";
-pub const POOL_GENERAL: &str = "CUSTOM_SEVPLACE_POOL_GENERAL";
-pub const POOL_EMPTY: &str = "CUSTOM_SEVPLACE_POOL_EMPTY";
+pub(crate) const POOL_CONFIDENTIAL: &str = "CUSTOM_SEVPLACE_POOL_CONFIDENTIAL";
+pub(crate) const POOL_GENERAL: &str = "CUSTOM_SEVPLACE_POOL_GENERAL";
+pub(crate) const POOL_EMPTY: &str = "CUSTOM_SEVPLACE_POOL_EMPTY";
 /// os-traits names of the SEV classes.
-pub const SEV_TRAIT: &str = "HW_CPU_X86_AMD_SEV";
-pub const SEV_ES_TRAIT: &str = "HW_CPU_X86_AMD_SEV_ES";
-pub const SEV_SNP_TRAIT: &str = "HW_CPU_X86_AMD_SEV_SNP";
+pub(crate) const SEV_TRAIT: &str = "HW_CPU_X86_AMD_SEV";
+pub(crate) const SEV_ES_TRAIT: &str = "HW_CPU_X86_AMD_SEV_ES";
+pub(crate) const SEV_SNP_TRAIT: &str = "HW_CPU_X86_AMD_SEV_SNP";
 /// Flush mode traits of the root: what a reclaim of a confidential VM on
 /// this host flushes.
-pub const FLUSH_TARGETED: &str = "CUSTOM_SEVPLACE_FLUSH_TARGETED";
-pub const FLUSH_OBSERVE: &str = "CUSTOM_SEVPLACE_FLUSH_OBSERVE";
-pub const FLUSH_STOCK: &str = "CUSTOM_SEVPLACE_FLUSH_STOCK";
+pub(crate) const FLUSH_TARGETED: &str = "CUSTOM_SEVPLACE_FLUSH_TARGETED";
+pub(crate) const FLUSH_OBSERVE: &str = "CUSTOM_SEVPLACE_FLUSH_OBSERVE";
+pub(crate) const FLUSH_STOCK: &str = "CUSTOM_SEVPLACE_FLUSH_STOCK";
 
 /// Custom traits the agent creates before use.
-pub const CUSTOM_TRAITS: [&str; 7] = [
+pub(crate) const CUSTOM_TRAITS: [&str; 7] = [
     MANAGED_TRAIT,
     POOL_CONFIDENTIAL,
     POOL_GENERAL,
@@ -51,25 +51,25 @@ pub const CUSTOM_TRAITS: [&str; 7] = [
     FLUSH_STOCK,
 ];
 /// Custom resource classes the agent creates before use.
-pub const CUSTOM_CLASSES: [&str; 2] = [PCPU_CLASS, OPEN_CLASS];
+pub(crate) const CUSTOM_CLASSES: [&str; 2] = [PCPU_CLASS, OPEN_CLASS];
 
 /// Whether a trait is one the agent manages on a root provider (the rest of
 /// a Nova compute node's traits are left alone).
-pub fn is_managed_root_trait(t: &str) -> bool {
+pub(crate) fn is_managed_root_trait(t: &str) -> bool {
     t.starts_with("CUSTOM_SEVPLACE_") || [SEV_TRAIT, SEV_ES_TRAIT, SEV_SNP_TRAIT].contains(&t)
 }
 
 /// Which SEV classes the host's KVM offers (kvm_amd parameters).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct SevSupport {
-    pub sev: bool,
-    pub sev_es: bool,
-    pub sev_snp: bool,
+pub(crate) struct SevSupport {
+    pub(crate) sev: bool,
+    pub(crate) sev_es: bool,
+    pub(crate) sev_snp: bool,
 }
 
 /// What the host's flushes of confidential VMs do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FlushMode {
+pub(crate) enum FlushMode {
     /// sevflush in `targeted` mode: only the VM's dirty CPUs are flushed.
     Targeted,
     /// sevflush loaded in `observe` mode: stock flushes, tracked.
@@ -80,7 +80,7 @@ pub enum FlushMode {
 
 impl FlushMode {
     /// From the module's state and `mode` file.
-    pub fn from_module(loaded: bool, mode: &str) -> Self {
+    pub(crate) fn from_module(loaded: bool, mode: &str) -> Self {
         match (loaded, mode.trim()) {
             (true, "targeted") => Self::Targeted,
             (true, _) => Self::Observe,
@@ -88,7 +88,7 @@ impl FlushMode {
         }
     }
 
-    pub fn trait_name(self) -> &'static str {
+    pub(crate) fn trait_name(self) -> &'static str {
         match self {
             Self::Targeted => FLUSH_TARGETED,
             Self::Observe => FLUSH_OBSERVE,
@@ -99,30 +99,30 @@ impl FlushMode {
 
 /// A Placement consumer named in PlaceVm.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Consumer {
+pub(crate) struct Consumer {
     /// Consumer UUID, lower case, hyphenated.
-    pub uuid: String,
-    pub project_id: String,
-    pub user_id: String,
+    pub(crate) uuid: String,
+    pub(crate) project_id: String,
+    pub(crate) user_id: String,
 }
 
 /// Names of this host's providers.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ProviderNames {
-    pub host: String,
+pub(crate) struct ProviderNames {
+    pub(crate) host: String,
 }
 
 impl ProviderNames {
-    pub fn numa(&self, node: u32) -> String {
+    pub(crate) fn numa(&self, node: u32) -> String {
         format!("{}_numa{node}", self.host)
     }
 
-    pub fn l3(&self, index: usize) -> String {
+    pub(crate) fn l3(&self, index: usize) -> String {
         format!("{}_l3_{index}", self.host)
     }
 
     /// Whether `name` is a child provider name of this host (NUMA or L3).
-    pub fn is_child(&self, name: &str) -> bool {
+    pub(crate) fn is_child(&self, name: &str) -> bool {
         name.strip_prefix(&self.host).is_some_and(|rest| {
             rest.strip_prefix("_numa")
                 .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
@@ -135,47 +135,47 @@ impl ProviderNames {
 
 /// One L3 provider as it must be.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct L3Provider {
-    pub name: String,
-    pub index: usize,
-    pub numa: u32,
-    pub total: u32,
-    pub reserved: u32,
+pub(crate) struct L3Provider {
+    pub(crate) name: String,
+    pub(crate) index: usize,
+    pub(crate) numa: u32,
+    pub(crate) total: u32,
+    pub(crate) reserved: u32,
     /// `reserved` of the open token: 1 once the domain holds a VM.
-    pub open_reserved: u32,
-    pub pool_trait: &'static str,
+    pub(crate) open_reserved: u32,
+    pub(crate) pool_trait: &'static str,
 }
 
 /// A consumer's allocation as it must be: CPUs per L3 domain index.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DesiredAllocation {
-    pub vm_id: VmId,
-    pub consumer: Consumer,
-    pub per_l3: BTreeMap<usize, u32>,
+pub(crate) struct DesiredAllocation {
+    pub(crate) vm_id: VmId,
+    pub(crate) consumer: Consumer,
+    pub(crate) per_l3: BTreeMap<usize, u32>,
 }
 
 /// The whole tree and the allocations of this host's consumers.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DesiredTree {
-    pub names: ProviderNames,
-    pub root_traits: BTreeSet<String>,
+pub(crate) struct DesiredTree {
+    pub(crate) names: ProviderNames,
+    pub(crate) root_traits: BTreeSet<String>,
     /// `(name, node)` of each NUMA provider, by node.
-    pub numa: Vec<(String, u32)>,
-    pub l3: Vec<L3Provider>,
+    pub(crate) numa: Vec<(String, u32)>,
+    pub(crate) l3: Vec<L3Provider>,
     /// By consumer UUID.
-    pub allocations: BTreeMap<String, DesiredAllocation>,
+    pub(crate) allocations: BTreeMap<String, DesiredAllocation>,
 }
 
 /// Everything about the host the tree depends on besides placements.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HostFacts {
-    pub host_name: String,
-    pub sev: SevSupport,
-    pub flush: FlushMode,
+pub(crate) struct HostFacts {
+    pub(crate) host_name: String,
+    pub(crate) sev: SevSupport,
+    pub(crate) flush: FlushMode,
 }
 
 /// The root's traits: managed, SEV classes the host supports, flush mode.
-pub fn root_traits(facts: &HostFacts) -> BTreeSet<String> {
+pub(crate) fn root_traits(facts: &HostFacts) -> BTreeSet<String> {
     let mut t = BTreeSet::from([
         MANAGED_TRAIT.to_string(),
         facts.flush.trait_name().to_string(),
@@ -194,7 +194,10 @@ pub fn root_traits(facts: &HostFacts) -> BTreeSet<String> {
 
 /// The root's traits after the agent's update: the traits others set (a
 /// Nova compute node's) stay, the managed ones become `ours`.
-pub fn merged_root_traits(current: &BTreeSet<String>, ours: &BTreeSet<String>) -> BTreeSet<String> {
+pub(crate) fn merged_root_traits(
+    current: &BTreeSet<String>,
+    ours: &BTreeSet<String>,
+) -> BTreeSet<String> {
     current
         .iter()
         .filter(|t| !is_managed_root_trait(t))
@@ -210,7 +213,7 @@ fn count(set: &CpuSet) -> u32 {
 /// Computes the tree. `consumers` maps VMs to their Placement consumers;
 /// a consumer whose VM holds no placement gets no desired allocation (the
 /// reporter deletes its allocation).
-pub fn desired(
+pub(crate) fn desired(
     facts: &HostFacts,
     topo: &Topology,
     placements: &PlacementState,
@@ -288,15 +291,5 @@ pub fn desired(
         root_traits: root_traits(facts),
         l3,
         allocations,
-    }
-}
-
-/// The pool of a domain by its trait, for reports.
-pub fn pool_of_trait(t: &str) -> Option<Option<Pool>> {
-    match t {
-        POOL_CONFIDENTIAL => Some(Some(Pool::Confidential)),
-        POOL_GENERAL => Some(Some(Pool::General)),
-        POOL_EMPTY => Some(None),
-        _ => None,
     }
 }

@@ -44,7 +44,7 @@ use crate::topology::Topology;
 use crate::types::{ConfidentialClass, VmId};
 use occupancy::Occupancy;
 
-pub use rebuild::{rebuild, Decided, Misfit};
+pub(crate) use rebuild::{rebuild, Decided};
 pub use select::{capacity, place};
 
 /// Which pool a VM belongs to.
@@ -52,7 +52,7 @@ pub use select::{capacity, place};
     Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
 )]
 #[serde(rename_all = "kebab-case")]
-pub enum Pool {
+pub(crate) enum Pool {
     /// sev, sev-es and sev-snp VMs: whole L3 domains set aside for them.
     Confidential,
     /// Every other VM.
@@ -60,7 +60,7 @@ pub enum Pool {
 }
 
 impl Pool {
-    pub fn of(class: ConfidentialClass) -> Self {
+    pub(crate) fn of(class: ConfidentialClass) -> Self {
         if class.is_confidential() {
             Self::Confidential
         } else {
@@ -68,7 +68,7 @@ impl Pool {
         }
     }
 
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::Confidential => "confidential",
             Self::General => "general",
@@ -86,8 +86,11 @@ impl fmt::Display for Pool {
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PlacementRequest {
+    /// The VM.
     pub vm_id: VmId,
+    /// vCPUs of the VM.
     pub vcpus: u32,
+    /// The VM's confidential class, which decides its pool.
     pub class: ConfidentialClass,
     /// True: one CPU per vCPU, pinned, on cores of its own. False: shared
     /// (overcommitted), the vCPUs float over the VM's set.
@@ -99,11 +102,12 @@ pub struct PlacementRequest {
 impl PlacementRequest {
     /// Whether the VM gets cores of its own: dedicated VMs, and sev-snp VMs
     /// always (an SNP guest never shares a physical core with another VM).
-    pub fn exclusive_cores(&self) -> bool {
+    pub(crate) fn exclusive_cores(&self) -> bool {
         self.dedicated || self.class == ConfidentialClass::SevSnp
     }
 
-    pub fn pool(&self) -> Pool {
+    /// The pool of the VM's class.
+    pub(crate) fn pool(&self) -> Pool {
         Pool::of(self.class)
     }
 }
@@ -112,40 +116,43 @@ impl PlacementRequest {
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Placement {
-    pub vm_id: VmId,
+    /// The VM.
+    pub(crate) vm_id: VmId,
     /// Every CPU the VM may run on (for exclusive VMs holding whole cores:
     /// all CPUs of its cores; for plain VMs sharing cores: the threads it
     /// holds).
-    pub cpus: CpuSet,
+    pub(crate) cpus: CpuSet,
     /// One entry per vCPU: a single CPU for dedicated VMs, `cpus` for
     /// floating ones.
-    pub vcpu_cpus: Vec<CpuSet>,
+    pub(crate) vcpu_cpus: Vec<CpuSet>,
     /// L3 domains used, as indices into `Topology::l3_domains`, in the order
     /// the vCPUs fill them.
-    pub l3_domains: Vec<usize>,
+    pub(crate) l3_domains: Vec<usize>,
     /// vCPUs counted against each domain of `l3_domains` (same order).
-    pub vcpus_per_domain: Vec<u32>,
+    pub(crate) vcpus_per_domain: Vec<u32>,
     /// Physical cores used, as indices into `Topology::cores`: held whole
     /// by an exclusive VM, or shared with other floating VMs.
-    pub cores: Vec<usize>,
+    pub(crate) cores: Vec<usize>,
     /// vCPUs counted against each core of `cores` (same order).
-    pub vcpus_per_core: Vec<u32>,
+    pub(crate) vcpus_per_core: Vec<u32>,
     /// NUMA nodes of `l3_domains`, ascending.
-    pub numa_nodes: Vec<u32>,
-    pub pool: Pool,
+    pub(crate) numa_nodes: Vec<u32>,
+    /// The pool the VM is placed in.
+    pub(crate) pool: Pool,
     /// The VM holds whole cores of its own (dedicated or sev-snp).
-    pub exclusive: bool,
+    pub(crate) exclusive: bool,
     /// The VM was placed in an L3 domain that also holds VMs of the other
     /// pool (a non-confidential VM in a confidential domain, or the reverse),
     /// because no other room existed.
-    pub shares_confidential_domain: bool,
+    pub(crate) shares_confidential_domain: bool,
     /// The request this placement answers.
-    pub request: PlacementRequest,
+    pub(crate) request: PlacementRequest,
 }
 
 impl Placement {
     /// Whether the VM spans NUMA nodes (the last resort).
-    pub fn spans_numa_nodes(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn spans_numa_nodes(&self) -> bool {
         self.numa_nodes.len() > 1
     }
 }
@@ -225,11 +232,13 @@ impl PartialEq for PlacementState {
 impl Eq for PlacementState {}
 
 impl PlacementState {
+    /// No placements.
     pub fn new() -> Self {
         Self::default()
     }
 
-    pub fn get(&self, vm: &VmId) -> Option<&Placement> {
+    /// The placement of `vm`.
+    pub(crate) fn get(&self, vm: &VmId) -> Option<&Placement> {
         self.placements.get(vm)
     }
 
@@ -238,10 +247,12 @@ impl PlacementState {
         self.placements.values()
     }
 
+    /// Number of placements.
     pub fn len(&self) -> usize {
         self.placements.len()
     }
 
+    /// Whether there is no placement.
     pub fn is_empty(&self) -> bool {
         self.placements.is_empty()
     }
@@ -281,12 +292,13 @@ impl PlacementState {
     }
 
     /// Removes a VM's placement; its CPUs are free again.
-    pub fn release(&mut self, vm: &VmId) -> Option<Placement> {
+    pub(crate) fn release(&mut self, vm: &VmId) -> Option<Placement> {
         let p = self.placements.remove(vm)?;
         self.occupancy.remove(&p);
         Some(p)
     }
 
+    /// Which CPUs, cores and domains the placements use.
     pub(crate) fn occupancy(&self) -> &Occupancy {
         &self.occupancy
     }
@@ -305,7 +317,7 @@ impl PlacementState {
 
     /// The confidential pool: L3 domains that hold a confidential VM,
     /// ascending.
-    pub fn confidential_domains(&self) -> Vec<usize> {
+    pub(crate) fn confidential_domains(&self) -> Vec<usize> {
         let slot = Pool::Confidential.slot();
         self.occupancy
             .domain_vms
@@ -322,9 +334,9 @@ impl PlacementState {
 #[serde(rename_all = "camelCase")]
 pub struct FreeCpus {
     /// Free CPUs in confidential pool domains and in empty domains.
-    pub confidential: u32,
+    pub(crate) confidential: u32,
     /// Free CPUs in domains without confidential VMs.
-    pub general: u32,
+    pub(crate) general: u32,
 }
 
 impl fmt::Display for FreeCpus {
@@ -340,43 +352,60 @@ impl fmt::Display for FreeCpus {
 /// Why a VM could not be placed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PlaceError {
+    /// The host has too few free CPUs of the pool for the request.
     #[error(
         "not enough capacity for {requested} {kind} vCPUs of class {class}: {free}",
         kind = if *dedicated { "dedicated" } else { "shared" }
     )]
     NotEnoughCapacity {
+        /// The class asked for.
         class: ConfidentialClass,
+        /// Whether the vCPUs were asked as dedicated (whole CPUs each).
         dedicated: bool,
+        /// vCPUs asked for.
         requested: u32,
+        /// What the host has free for the class.
         free: FreeCpus,
     },
+    /// A request field is out of range.
     #[error("invalid request: {field}: {reason}")]
-    InvalidRequest { field: &'static str, reason: String },
+    InvalidRequest {
+        /// The field.
+        field: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The request contradicts what the engine holds for the VM.
     #[error("conflict for VM {vm_id}: {reason}")]
-    Conflict { vm_id: VmId, reason: String },
+    Conflict {
+        /// The VM.
+        vm_id: VmId,
+        /// What contradicts.
+        reason: String,
+    },
 }
 
 /// How many more VMs of one size fit.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct SizeFit {
-    pub vcpus: u32,
-    pub count: u32,
+pub(crate) struct SizeFit {
+    pub(crate) vcpus: u32,
+    pub(crate) count: u32,
 }
 
 /// Room for one confidential class.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct ClassCapacity {
-    pub class: ConfidentialClass,
-    pub pool: Pool,
+pub(crate) struct ClassCapacity {
+    pub(crate) class: ConfidentialClass,
+    pub(crate) pool: Pool,
     /// CPUs a dedicated VM of this class could use without mixing pools.
-    pub free_cpus: u32,
+    pub(crate) free_cpus: u32,
     /// For each common size: dedicated VMs that would still be placed, one
     /// after the other, without mixing pools.
-    pub fits: Vec<SizeFit>,
+    pub(crate) fits: Vec<SizeFit>,
     /// vCPUs of the largest dedicated VM placeable without mixing pools.
-    pub largest_vm: u32,
+    pub(crate) largest_vm: u32,
 }
 
 /// What the host can still take, per class, from the same engine that
@@ -384,12 +413,12 @@ pub struct ClassCapacity {
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct CapacitySummary {
-    pub classes: Vec<ClassCapacity>,
+    pub(crate) classes: Vec<ClassCapacity>,
     /// The confidential pool: L3 domains holding a confidential VM.
-    pub confidential_domains: Vec<usize>,
+    pub(crate) confidential_domains: Vec<usize>,
     /// L3 domains with no VM at all.
-    pub empty_domains: Vec<usize>,
+    pub(crate) empty_domains: Vec<usize>,
 }
 
 /// Sizes reported by `capacity`.
-pub const COMMON_SIZES: [u32; 6] = [1, 2, 4, 8, 16, 32];
+pub(crate) const COMMON_SIZES: [u32; 6] = [1, 2, 4, 8, 16, 32];

@@ -35,12 +35,12 @@ impl Pool {
 pub(crate) struct Occupancy {
     /// CPUs held by exclusive VMs (whole cores, or single threads of plain
     /// VMs that share a core with another plain VM).
-    pub held: CpuSet,
+    pub(crate) held: CpuSet,
     /// Floating vCPUs per core index, by pool. No trailing all-zero entry,
     /// so equal occupancies compare equal.
-    pub core_load: Vec<PerPool>,
+    pub(crate) core_load: Vec<PerPool>,
     /// VMs per L3 domain index, by pool. No trailing all-zero entry.
-    pub domain_vms: Vec<PerPool>,
+    pub(crate) domain_vms: Vec<PerPool>,
 }
 
 fn bump(v: &mut Vec<PerPool>, at: usize, slot: usize, n: u32, add: bool) {

@@ -10,33 +10,33 @@
 use std::collections::BTreeMap;
 
 use super::{Placement, PlacementRequest, PlacementState, Pool, Reservations};
-use crate::cpuset::CpuSet;
+use crate::cpuset::{count_u32, CpuSet};
 use crate::topology::Topology;
 
 /// What the checkpoint holds of one decision, in CPU ids.
 #[derive(Debug, Clone, Copy)]
-pub struct Decided<'a> {
+pub(crate) struct Decided<'a> {
     /// Every CPU the VM may run on.
-    pub cpus: &'a CpuSet,
+    pub(crate) cpus: &'a CpuSet,
     /// One set per vCPU, by index.
-    pub vcpu_cpus: &'a [CpuSet],
+    pub(crate) vcpu_cpus: &'a [CpuSet],
     /// The VM's CPUs grouped by the L3 domain they were in when decided,
     /// in the order the vCPUs fill them; empty when not recorded (format
     /// version 1), then the topology's grouping is taken as is.
-    pub l3_groups: &'a [CpuSet],
+    pub(crate) l3_groups: &'a [CpuSet],
     /// NUMA node ids of those L3 domains, ascending; empty when not
     /// recorded (a version 1 intent without its engine placement).
-    pub numa_nodes: &'a [u32],
+    pub(crate) numa_nodes: &'a [u32],
     /// The VM was placed in a domain of the other pool.
-    pub shares_confidential_domain: bool,
+    pub(crate) shares_confidential_domain: bool,
 }
 
 /// Why a stored decision does not describe the topology.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Misfit {
+pub(crate) struct Misfit {
     /// CPUs of the decision that are not online (empty when all are).
-    pub missing: CpuSet,
-    pub reason: String,
+    pub(crate) missing: CpuSet,
+    pub(crate) reason: String,
 }
 
 fn misfit(reason: String) -> Misfit {
@@ -54,7 +54,7 @@ fn misfit(reason: String) -> Misfit {
 /// the VMs rebuilt before, and what is left on the cores up to what they
 /// carry at most, then on the last core. The VM's CPU set and its total
 /// stay exactly as decided.
-pub fn rebuild(
+pub(crate) fn rebuild(
     topo: &Topology,
     placed: &PlacementState,
     reservations: &Reservations,
@@ -139,7 +139,7 @@ pub fn rebuild(
         cores
             .iter()
             .map(|&ci| {
-                let n = (topo.cores[ci].cpus.len() as u32).min(left);
+                let n = count_u32(topo.cores[ci].cpus.len()).min(left);
                 left -= n;
                 n
             })
@@ -226,11 +226,13 @@ fn floating_counts(
     let capacity: Vec<u32> = cores
         .iter()
         .map(|&ci| {
-            let usable = topo.cores[ci]
-                .cpus
-                .iter()
-                .filter(|&c| !reservations.host.contains(c) && !topo.isolated.contains(c))
-                .count() as u32;
+            let usable = count_u32(
+                topo.cores[ci]
+                    .cpus
+                    .iter()
+                    .filter(|&c| !reservations.host.contains(c) && !topo.isolated.contains(c))
+                    .count(),
+            );
             usable * reservations.shared_vcpus_per_cpu
         })
         .collect();

@@ -9,7 +9,7 @@ use super::{
     CapacitySummary, ClassCapacity, FreeCpus, PlaceError, Placement, PlacementRequest,
     PlacementState, Pool, Reservations, SizeFit, COMMON_SIZES,
 };
-use crate::cpuset::CpuSet;
+use crate::cpuset::{count_u32, CpuSet};
 use crate::topology::Topology;
 use crate::types::{ConfidentialClass, VmId};
 
@@ -814,7 +814,7 @@ pub fn capacity(
 ) -> CapacitySummary {
     let view = HostView::build(topo, state, reservations);
     let free = view.free_cpus();
-    let online = topo.online.len() as u32;
+    let online = count_u32(topo.online.len());
     let mut classes: Vec<ClassCapacity> = Vec::new();
     for class in ConfidentialClass::ALL {
         let pool = Pool::of(class);
@@ -871,7 +871,7 @@ pub(super) fn capacity_reference(
 ) -> CapacitySummary {
     let view = HostView::build(topo, state, reservations);
     let free = view.free_cpus();
-    let online = topo.online.len() as u32;
+    let online = count_u32(topo.online.len());
     let classes = ConfidentialClass::ALL
         .into_iter()
         .map(|class| {
@@ -942,7 +942,7 @@ pub(super) fn view_digest(
     out.extend(
         v.cores
             .iter()
-            .map(|c| vec![c.index as u32, c.free, c.load[0], c.load[1]]),
+            .map(|c| vec![count_u32(c.index), c.free, c.load[0], c.load[1]]),
     );
     out
 }

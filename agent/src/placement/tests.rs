@@ -589,12 +589,12 @@ fn check_invariants(
             .filter(|(c, _)| **c == core.index)
             .map(|(_, n)| *n)
             .sum();
-        let cap = core
-            .cpus
-            .difference(&res.host)
-            .difference(&topo.isolated)
-            .len() as u32
-            * res.shared_vcpus_per_cpu;
+        let cap = crate::cpuset::count_u32(
+            core.cpus
+                .difference(&res.host)
+                .difference(&topo.isolated)
+                .len(),
+        ) * res.shared_vcpus_per_cpu;
         prop_assert!(load <= cap, "core {} load {load} > {cap}", core.index);
     }
     // Floating load never exceeds a domain's capacity.
@@ -606,12 +606,12 @@ fn check_invariants(
             .filter(|(x, _)| **x == d.index)
             .map(|(_, n)| *n)
             .sum();
-        let cap = d
-            .cpus
-            .difference(&res.host)
-            .difference(&topo.isolated)
-            .len() as u32
-            * res.shared_vcpus_per_cpu;
+        let cap = crate::cpuset::count_u32(
+            d.cpus
+                .difference(&res.host)
+                .difference(&topo.isolated)
+                .len(),
+        ) * res.shared_vcpus_per_cpu;
         prop_assert!(load <= cap, "domain {} load {load} > {cap}", d.index);
     }
     Ok(())

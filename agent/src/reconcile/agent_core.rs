@@ -27,10 +27,13 @@ use crate::cgroup::ThreadAffinity;
 
 /// Host access of the core.
 pub struct HostAccess {
+    /// Reads VM processes from procfs.
     pub scanner: VmScanner,
     /// `None` when the host has no usable cpuset hierarchy: affinity only.
     pub cgroups: Option<CpusetWriter>,
+    /// Reads the sevflush module's sysfs tree.
     pub module: ModuleReader,
+    /// Sets the CPUs of a thread (`sched_setaffinity`, or a fake in tests).
     pub affinity: Arc<dyn ThreadAffinity>,
 }
 
@@ -68,7 +71,8 @@ pub struct AgentCore {
     /// `(pid, start_time)` of VMs auto placement could not place; tried
     /// once, so a full host does not log every pass.
     pub(super) auto_failed: BTreeSet<(u32, u64)>,
-    pub events: Arc<EventBus>,
+    /// The broadcast of the core's events.
+    pub(crate) events: Arc<EventBus>,
     pub(super) metrics: Arc<Metrics>,
     pub(super) capacity_cache: CapacityCache,
     pub(super) conditions: Conditions,
@@ -122,7 +126,7 @@ impl AgentCore {
 
     /// Adopts a new topology (CPU hotplug, SMT toggled) and checks every
     /// intent's placement against it.
-    pub fn set_topology(&mut self, topology: Arc<Topology>) {
+    pub(crate) fn set_topology(&mut self, topology: Arc<Topology>) {
         if *topology == *self.topology {
             return;
         }
@@ -245,34 +249,39 @@ impl AgentCore {
     }
 
     /// Turns auto placement of discovered confidential VMs on or off.
-    pub fn set_auto_place(&mut self, on: bool) {
+    pub(crate) fn set_auto_place(&mut self, on: bool) {
         self.auto_place = on;
     }
 
-    pub fn topology(&self) -> &Topology {
+    /// The host topology the core places on.
+    pub(crate) fn topology(&self) -> &Topology {
         &self.topology
     }
 
-    pub fn reservations(&self) -> &Reservations {
+    /// What the host keeps from VMs, and the overcommit of floating vCPUs.
+    pub(crate) fn reservations(&self) -> &Reservations {
         &self.reservations
     }
 
-    pub fn placements(&self) -> &PlacementState {
+    /// The placements the engine holds.
+    pub(crate) fn placements(&self) -> &PlacementState {
         &self.placements
     }
 
     /// The sevflush module's state and counters.
-    pub fn module_status(&self) -> ModuleStatus {
+    pub(crate) fn module_status(&self) -> ModuleStatus {
         self.host.module.status()
     }
 
     /// The module's VM records; none when the module is absent or
     /// unusable (the `ModuleUnusable` condition says why).
-    pub fn module_records(&self) -> Vec<ModuleVm> {
+    pub(crate) fn module_records(&self) -> Vec<ModuleVm> {
         self.host.module.vm_records().unwrap_or_default()
     }
 
-    pub fn checkpoint(&self) -> &Checkpoint {
+    /// The newest decided checkpoint (durable, or staged for the next write).
+    #[cfg(test)]
+    pub(crate) fn checkpoint(&self) -> &Checkpoint {
         &self.checkpoint
     }
 
@@ -306,7 +315,7 @@ impl AgentCore {
     }
 
     /// The log the API waits on off the core's lock.
-    pub fn log(&self) -> Arc<GroupCommit> {
+    pub(crate) fn log(&self) -> Arc<GroupCommit> {
         self.log.clone()
     }
 
@@ -405,7 +414,7 @@ impl AgentCore {
 
     /// Raises (`Err`) or clears (`Ok`) a condition, logging and exporting
     /// the change.
-    pub fn set_condition(&mut self, kind: ConditionKind, result: Result<(), String>) {
+    pub(crate) fn set_condition(&mut self, kind: ConditionKind, result: Result<(), String>) {
         let change = match result {
             Ok(()) => self.conditions.clear(kind),
             Err(message) => self.conditions.raise(kind, message, SystemTime::now()),
@@ -427,12 +436,12 @@ impl AgentCore {
     }
 
     /// The raised conditions.
-    pub fn conditions(&self) -> Vec<Condition> {
+    pub(crate) fn conditions(&self) -> Vec<Condition> {
         self.conditions.list()
     }
 
     /// Records a failed host scan (the pass did not run).
-    pub fn scan_failed(&mut self, message: String) {
+    pub(crate) fn scan_failed(&mut self, message: String) {
         self.set_condition(ConditionKind::HostScanFailing, Err(message));
     }
 }

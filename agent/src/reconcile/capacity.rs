@@ -23,7 +23,7 @@ impl CapacityCache {
 impl AgentCore {
     /// Capacity summary from the engine, computed once per checkpoint
     /// generation.
-    pub fn capacity(&self) -> CapacitySummary {
+    pub(crate) fn capacity(&self) -> CapacitySummary {
         let generation = self.checkpoint.generation;
         let mut cache = self
             .capacity_cache

@@ -11,21 +11,21 @@ use super::events::EventBus;
 use super::priority::{CallGuard, PriorityMutex};
 
 /// What the service reads and acts on.
-pub struct AgentContext {
-    pub core: Arc<PriorityMutex<AgentCore>>,
-    pub access: AccessPolicy,
-    pub events: Arc<EventBus>,
-    pub metrics: Arc<Metrics>,
+pub(crate) struct AgentContext {
+    pub(crate) core: Arc<PriorityMutex<AgentCore>>,
+    pub(crate) access: AccessPolicy,
+    pub(crate) events: Arc<EventBus>,
+    pub(crate) metrics: Arc<Metrics>,
 }
 
 impl AgentContext {
     /// The core for an API call (behind a waiting reconcile pass).
-    pub fn lock(&self) -> CallGuard<'_, AgentCore> {
+    pub(crate) fn lock(&self) -> CallGuard<'_, AgentCore> {
         self.core.lock()
     }
 
     /// The core for the reconcile loop (ahead of queued calls).
-    pub fn lock_first(&self) -> MutexGuard<'_, AgentCore> {
+    pub(crate) fn lock_first(&self) -> MutexGuard<'_, AgentCore> {
         self.core.lock_first()
     }
 }

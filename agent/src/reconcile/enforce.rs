@@ -28,6 +28,7 @@ use super::events::DriftReason;
 /// One thread whose allowed CPUs differ from its placement.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ThreadFix {
+    /// The thread.
     pub tid: u32,
     /// vCPU index, `None` for an emulator thread.
     pub vcpu: Option<u32>,
@@ -37,24 +38,29 @@ pub struct ThreadFix {
     /// A non-vCPU thread other than the main thread: its exit is not the
     /// VM's exit.
     pub helper: bool,
+    /// The CPUs the thread is allowed now.
     pub observed: CpuSet,
+    /// The CPUs the placement gives it.
     pub desired: CpuSet,
+    /// Why they differ.
     pub reason: DriftReason,
 }
 
 /// What [`apply`] did with one fix.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Applied {
-    /// The thread holds its set; `cgroup_rewritten`: its cgroup had to be
-    /// written too.
-    Pinned { cgroup_rewritten: bool },
+    /// The thread holds its set.
+    Pinned {
+        /// Whether its cgroup had to be written too.
+        cgroup_rewritten: bool,
+    },
     /// A helper thread exited before it was pinned (the VM lives on).
     HelperGone,
 }
 
 /// CPUs for vCPU `index`: its own set, or the VM's union for a vCPU the
 /// placement has no entry for (more threads than requested vCPUs).
-pub fn vcpu_set(record: &PlacementRecord, index: u32) -> CpuSet {
+pub(crate) fn vcpu_set(record: &PlacementRecord, index: u32) -> CpuSet {
     usize::try_from(index)
         .ok()
         .and_then(|i| record.vcpu_cpus.get(i))
@@ -79,7 +85,7 @@ fn path_in(loc: &CgroupLocation, hierarchy: Hierarchy) -> Option<&str> {
 /// sits in one whose N is `index` (a vCPU thread still in `emulator`, as
 /// during libvirt's start-up, has none: writing `emulator` would narrow
 /// every emulator thread).
-pub fn libvirt_vcpu_cgroup(
+pub(crate) fn libvirt_vcpu_cgroup(
     loc: &CgroupLocation,
     index: u32,
     hierarchy: Option<Hierarchy>,
@@ -92,7 +98,10 @@ pub fn libvirt_vcpu_cgroup(
 
 /// libvirt's `emulator` cgroup of `vm` in `hierarchy`, when `vm` is a
 /// libvirt domain there.
-pub fn libvirt_emulator_cgroup(vm: &DiscoveredVm, hierarchy: Option<Hierarchy>) -> Option<String> {
+pub(crate) fn libvirt_emulator_cgroup(
+    vm: &DiscoveredVm,
+    hierarchy: Option<Hierarchy>,
+) -> Option<String> {
     let lv = vm.cgroup.libvirt.as_ref()?;
     hierarchy
         .filter(|h| *h == lv.hierarchy)

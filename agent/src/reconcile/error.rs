@@ -19,19 +19,30 @@ const UNCLASSIFIED: &str = "unspecified, and no VM process was found to classify
 pub enum AgentError {
     /// A request field holds a value the agent does not take.
     #[error("invalid {field}: {reason}")]
-    BadField { field: &'static str, reason: String },
+    BadField {
+        /// The field.
+        field: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// PlaceVm under an id of the form `pid-<N>` for another process.
     #[error("invalid vm_id: {0} {RESERVED_FOR_PROCESS}")]
     ReservedVmId(VmId),
     /// The selector's pid is a process, but not a KVM VM.
     #[error("invalid selector.pid: process {pid} is not a KVM VM")]
-    NotAVm { pid: u32 },
+    NotAVm {
+        /// The process named.
+        pid: u32,
+    },
     /// PlaceVm without a class, and no process to classify.
     #[error("invalid confidential_class: {UNCLASSIFIED}")]
     Unclassified,
     /// The selector's pid names no process.
     #[error("no process with pid {pid}")]
-    NoSuchProcess { pid: u32 },
+    NoSuchProcess {
+        /// The process named.
+        pid: u32,
+    },
     /// No VM, managed or unmanaged, has this key.
     #[error("no VM {0:?}")]
     NoSuchVm(String),
@@ -50,7 +61,12 @@ pub enum AgentError {
     SelectorUnresolved(String),
     /// The selector names a VM another intent holds.
     #[error("the selector names {process}, which is VM {holder}")]
-    HeldByOther { process: String, holder: VmId },
+    HeldByOther {
+        /// The process, as the selector names it.
+        process: String,
+        /// The VM that holds it.
+        holder: VmId,
+    },
     /// The VM exited while its threads were being pinned; the placement
     /// was released.
     #[error("VM {0} exited while it was being pinned; its placement was released")]
@@ -63,14 +79,24 @@ pub enum AgentError {
     ModuleUnreadable(ModuleError),
     /// The sevflush module has no record of the VM.
     #[error("the sevflush module does not track VM {vm} (pid {pid})")]
-    NotTrackedByModule { vm: String, pid: u32 },
+    NotTrackedByModule {
+        /// The VM.
+        vm: String,
+        /// Its process.
+        pid: u32,
+    },
+    /// The checkpoint could not be written.
     #[error("the intent could not be saved, nothing was changed: {0}")]
     Checkpoint(#[from] CheckpointError),
+    /// The host scan failed.
     #[error("host scan failed: {0}")]
     Discovery(#[from] DiscoveryError),
+    /// ScrubVm of a VM scrubbed less than `server.scrub_min_interval_ms` ago.
     #[error("VM {vm} was scrubbed less than the minimum interval ago; retry in {} ms", retry_after.as_millis().max(1))]
     ScrubTooSoon {
+        /// The VM.
         vm: String,
+        /// How long until the VM may be scrubbed again.
         retry_after: std::time::Duration,
     },
     /// The module refused or failed the scrub.
@@ -81,7 +107,7 @@ pub enum AgentError {
 impl AgentError {
     /// The request field at fault and why, for the errors that are a bad
     /// value of one request field.
-    pub fn field_violation(&self) -> Option<(&'static str, String)> {
+    pub(crate) fn field_violation(&self) -> Option<(&'static str, String)> {
         match self {
             Self::BadField { field, reason } => Some((field, reason.clone())),
             Self::ReservedVmId(id) => Some(("vm_id", format!("{id} {RESERVED_FOR_PROCESS}"))),

@@ -21,7 +21,8 @@ pub enum DriftReason {
 }
 
 impl DriftReason {
-    pub fn as_str(self) -> &'static str {
+    /// The reason as the API and the metrics name it (`thread_moved`, ...).
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::ThreadMoved => "thread_moved",
             Self::NewThread => "new_thread",
@@ -32,33 +33,53 @@ impl DriftReason {
 
 /// What happened.
 #[derive(Debug, Clone, PartialEq)]
-pub enum EventKind {
+pub(crate) enum EventKind {
+    /// The VM was placed.
     Placed {
+        /// Every CPU of the placement.
         cpus: CpuSet,
+        /// The CPUs of each vCPU, by index.
         vcpu_cpus: Vec<CpuSet>,
+        /// The L3 domains used, as indices into `Topology::l3_domains`.
         l3_domains: Vec<usize>,
     },
+    /// The VM's placement was released.
     Released {
+        /// The CPUs it held.
         cpus: CpuSet,
     },
+    /// A thread's CPUs differed from the placement and were set again.
     Drift {
+        /// Why they differed.
         reason: DriftReason,
+        /// The thread.
         tid: u32,
+        /// The CPUs the thread had.
         observed: CpuSet,
+        /// The CPUs it was given.
         enforced: CpuSet,
     },
+    /// The VM's process exited.
     Exited {
+        /// The process.
         pid: u32,
     },
+    /// A VM process was found that no intent holds.
     Discovered {
+        /// The process.
         pid: u32,
+        /// Its class from the command line, when one was found.
         class: Option<ConfidentialClass>,
+        /// Its vCPU threads found.
         vcpus: u32,
     },
     /// The topology changed under a placement; the engine chose `new`.
     Replaced {
+        /// The CPUs the VM held before.
         old_cpus: CpuSet,
+        /// The new placement.
         new: Box<crate::placement::Placement>,
+        /// Why the old placement no longer fit.
         reason: String,
     },
 }
@@ -66,10 +87,14 @@ pub enum EventKind {
 /// One event.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Event {
-    pub sequence: u64,
-    pub time: SystemTime,
-    pub vm_id: String,
-    pub kind: EventKind,
+    /// Position in the agent's event stream, from 1, without gaps.
+    pub(crate) sequence: u64,
+    /// When the event was published.
+    pub(crate) time: SystemTime,
+    /// The VM's key (`vm_id`, or `pid-<N>` for an unmanaged VM).
+    pub(crate) vm_id: String,
+    /// What happened.
+    pub(crate) kind: EventKind,
 }
 
 /// Numbers events and fans them out; a subscriber that falls more than
@@ -80,6 +105,7 @@ pub struct EventBus {
 }
 
 impl EventBus {
+    /// A bus whose subscribers may fall at most `capacity` events behind.
     pub fn new(capacity: usize) -> Self {
         let (tx, _) = broadcast::channel(capacity.max(1));
         Self {
@@ -89,7 +115,7 @@ impl EventBus {
     }
 
     /// Publishes an event; never blocks.
-    pub fn publish(&self, vm_id: &str, kind: EventKind) -> Event {
+    pub(crate) fn publish(&self, vm_id: &str, kind: EventKind) -> Event {
         let ev = Event {
             sequence: self.sequence.fetch_add(1, Ordering::Relaxed) + 1,
             time: SystemTime::now(),
@@ -101,7 +127,8 @@ impl EventBus {
         ev
     }
 
-    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+    /// A receiver of every event published from now on.
+    pub(crate) fn subscribe(&self) -> broadcast::Receiver<Event> {
         self.tx.subscribe()
     }
 }

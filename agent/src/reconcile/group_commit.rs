@@ -32,7 +32,7 @@ struct Slot {
 
 /// What a caller waits on before it answers.
 #[derive(Debug, Clone)]
-pub struct Ticket(TicketState);
+pub(crate) struct Ticket(TicketState);
 
 #[derive(Debug, Clone)]
 enum TicketState {
@@ -43,7 +43,7 @@ enum TicketState {
 
 impl Ticket {
     /// A ticket for an answer that depends on no staged decision.
-    pub fn durable() -> Self {
+    pub(crate) fn durable() -> Self {
         Self(TicketState::Done(Ok(())))
     }
 }
@@ -69,7 +69,7 @@ struct Log {
 
 /// The checkpoint's writer and the callers waiting on it.
 #[derive(Debug)]
-pub struct GroupCommit {
+pub(crate) struct GroupCommit {
     store: CheckpointStore,
     /// Taken only by the leader, one at a time (`Log::writing`).
     writer: Mutex<CheckpointWriter>,
@@ -80,19 +80,22 @@ pub struct GroupCommit {
 /// What the core needs to catch up with the log: see
 /// [`GroupCommit::state`].
 #[derive(Debug, Clone)]
-pub struct LogState {
-    pub epoch: u64,
-    pub durable: Arc<Checkpoint>,
-    pub last_failure: Option<Arc<CheckpointError>>,
+pub(crate) struct LogState {
+    pub(crate) epoch: u64,
+    pub(crate) durable: Arc<Checkpoint>,
+    pub(crate) last_failure: Option<Arc<CheckpointError>>,
     /// Writes attempted so far.
-    pub writes: u64,
+    // Read by this module's tests only.
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub(crate) writes: u64,
     /// Writes that rewrote the snapshot (the rest appended to the journal).
-    pub snapshots: u64,
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub(crate) snapshots: u64,
 }
 
 impl GroupCommit {
     /// A log whose durable checkpoint is `durable` (as loaded from `store`).
-    pub fn new(store: CheckpointStore, durable: Arc<Checkpoint>) -> Self {
+    pub(crate) fn new(store: CheckpointStore, durable: Arc<Checkpoint>) -> Self {
         Self {
             writer: Mutex::new(CheckpointWriter::new(store.clone())),
             store,
@@ -111,17 +114,13 @@ impl GroupCommit {
         }
     }
 
-    pub fn store(&self) -> &CheckpointStore {
-        &self.store
-    }
-
     fn lock(&self) -> MutexGuard<'_, Log> {
         // Nothing panics under this lock; a poisoned one is still consistent.
         self.log.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The epoch, the durable checkpoint and the last write's error.
-    pub fn state(&self) -> LogState {
+    pub(crate) fn state(&self) -> LogState {
         let log = self.lock();
         LogState {
             epoch: log.epoch,
@@ -135,7 +134,7 @@ impl GroupCommit {
     /// Stages `next`, decided in `epoch`, as the checkpoint to write. A
     /// stage for an epoch a failed write has ended is refused: it was
     /// decided on top of a decision that is not on disk.
-    pub fn stage(&self, epoch: u64, next: Arc<Checkpoint>) -> Ticket {
+    pub(crate) fn stage(&self, epoch: u64, next: Arc<Checkpoint>) -> Ticket {
         let mut log = self.lock();
         if epoch != log.epoch {
             return Self::refused(&log);
@@ -148,7 +147,7 @@ impl GroupCommit {
     /// A ticket for an answer read from the staged state at `generation`
     /// (an identical retry, a NOT_FOUND): it is given once that state is
     /// durable, so no answer reveals a decision that a failed write undoes.
-    pub fn covering(&self, epoch: u64, generation: u64) -> Ticket {
+    pub(crate) fn covering(&self, epoch: u64, generation: u64) -> Ticket {
         let mut log = self.lock();
         if epoch != log.epoch {
             return Self::refused(&log);
@@ -183,7 +182,7 @@ impl GroupCommit {
     /// Blocks until a write covering `ticket` is durable, writing the newest
     /// staged checkpoint itself when no write is in flight. Needs no lock
     /// of the core, so it may be called with or without it.
-    pub fn wait(&self, ticket: &Ticket) -> Result<(), CheckpointError> {
+    pub(crate) fn wait(&self, ticket: &Ticket) -> Result<(), CheckpointError> {
         let slot = match &ticket.0 {
             TicketState::Done(outcome) => return outcome.clone().map_err(|e| copy_error(&e)),
             TicketState::Waiting(slot) => slot,

@@ -13,16 +13,16 @@ use crate::types::VmId;
 
 /// The outcome of matching every intent against one scan.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct IntentMatches {
+pub(crate) struct IntentMatches {
     /// The pid each matched intent names.
-    pub matched: BTreeMap<VmId, u32>,
+    pub(crate) matched: BTreeMap<VmId, u32>,
     /// Why an intent is matched to no VM although its selector names some.
-    pub problems: BTreeMap<VmId, String>,
+    pub(crate) problems: BTreeMap<VmId, String>,
 }
 
 impl IntentMatches {
     /// One line naming every problem, for the condition; `None` if none.
-    pub fn summary(&self) -> Option<String> {
+    pub(crate) fn summary(&self) -> Option<String> {
         if self.problems.is_empty() {
             return None;
         }
@@ -41,7 +41,7 @@ impl IntentMatches {
 
 /// Matches `intents` (in checkpoint order, by vm_id) to the VMs of `scan`.
 /// A VM goes to the first intent that names it alone.
-pub fn match_intents(
+pub(crate) fn match_intents(
     intents: &[std::sync::Arc<IntentRecord>],
     scan: &BTreeMap<u32, DiscoveredVm>,
 ) -> IntentMatches {

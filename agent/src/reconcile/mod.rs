@@ -32,23 +32,24 @@ mod context;
 pub mod enforce;
 mod error;
 pub mod events;
-pub mod group_commit;
-pub mod matching;
+pub(crate) mod group_commit;
+pub(crate) mod matching;
 mod module_sync;
 mod pass;
 mod place;
 pub mod priority;
-pub mod refit;
+pub(crate) mod refit;
 mod scrub;
 mod views;
 
 pub use agent_core::{AgentCore, HostAccess};
-pub use context::AgentContext;
-pub use error::AgentError;
-pub use pass::{run_pass, PassReport};
-pub use place::{PlaceCall, PlaceDecision, ReleaseDecision};
-pub use scrub::Scrubbed;
-pub use views::{ClassSource, VmState, VmView};
+pub(crate) use context::AgentContext;
+pub(crate) use error::AgentError;
+pub(crate) use pass::run_pass;
+#[cfg(test)]
+use pass::PassReport;
+pub use place::PlaceCall;
+pub(crate) use views::{ClassSource, VmState, VmView};
 
 #[cfg(test)]
 mod tests;

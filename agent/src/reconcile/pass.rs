@@ -20,10 +20,10 @@ use super::place::PlaceCall;
 /// What one reconcile pass did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct PassReport {
-    pub vms_seen: usize,
-    pub corrections: usize,
-    pub released: Vec<String>,
-    pub errors: Vec<String>,
+    pub(crate) vms_seen: usize,
+    pub(crate) corrections: usize,
+    pub(crate) released: Vec<String>,
+    pub(crate) errors: Vec<String>,
 }
 
 /// One reconcile pass, on the calling thread: the scan runs without the
@@ -32,7 +32,7 @@ pub struct PassReport {
 /// `sevplace_reconcile_duration_seconds` times the whole pass (scan, lock
 /// wait, compare and act); the phase histogram splits scan from compare and
 /// act.
-pub fn run_pass(ctx: &AgentContext) {
+pub(crate) fn run_pass(ctx: &AgentContext) {
     let started = Instant::now();
     let scanner = ctx.lock_first().scanner();
     let scanned = scanner.scan();
@@ -58,7 +58,7 @@ pub fn run_pass(ctx: &AgentContext) {
 impl AgentCore {
     /// `(pid, start_time)` of every running VM process the agent manages,
     /// for exit watches.
-    pub fn managed_processes(&self) -> Vec<(u32, u64)> {
+    pub(crate) fn managed_processes(&self) -> Vec<(u32, u64)> {
         self.runtime
             .values()
             .filter_map(|r| r.observed.as_ref())
@@ -76,7 +76,7 @@ impl AgentCore {
             .cloned()
             .collect();
         for vm in candidates {
-            let vcpus = vm.vcpu_fds.len().max(vm.vcpus.len()) as u32;
+            let vcpus = crate::cpuset::count_u32(vm.vcpu_fds.len().max(vm.vcpus.len()));
             let vm_id = VmKey::Process(vm.pid).to_id();
             let call = PlaceCall {
                 vm_id: vm_id.clone(),
@@ -190,7 +190,7 @@ impl AgentCore {
                     EventKind::Discovered {
                         pid: *pid,
                         class: vm.class,
-                        vcpus: vm.vcpus.len() as u32,
+                        vcpus: crate::cpuset::count_u32(vm.vcpus.len()),
                     },
                 );
             }

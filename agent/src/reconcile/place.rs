@@ -31,18 +31,21 @@ use super::views::{ClassSource, VmState, VmView};
 /// `placement::PlacementRequest` adds the VM id and the resolved class.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PlaceCall {
+    /// The orchestrator's id of the VM.
     pub vm_id: VmId,
     /// `None`: wait for a VM whose libvirt domain or guest name is `vm_id`.
     pub selector: Option<VmSelector>,
+    /// The request fields.
     pub request: state::PlacementRequest,
+    /// `validate_only`: decide and answer, but change nothing.
     pub validate_only: bool,
 }
 
 /// A PlaceVm decided under the core's lock: answered by
 /// [`AgentCore::finish_place`] once `ticket` is durable.
 #[derive(Debug)]
-pub struct PlaceDecision {
-    pub ticket: Ticket,
+pub(crate) struct PlaceDecision {
+    pub(crate) ticket: Ticket,
     outcome: Result<PlaceOutcome, AgentError>,
 }
 
@@ -66,8 +69,8 @@ enum PlaceOutcome {
 /// A ReleaseVm decided under the core's lock: answered by
 /// [`AgentCore::finish_release`] once `ticket` is durable.
 #[derive(Debug)]
-pub struct ReleaseDecision {
-    pub ticket: Ticket,
+pub(crate) struct ReleaseDecision {
+    pub(crate) ticket: Ticket,
     outcome: Result<Released, AgentError>,
 }
 
@@ -157,7 +160,7 @@ impl AgentCore {
     /// The first half of PlaceVm (idempotent by vm_id): decided against the
     /// decided state, so no CPU is given twice; a new intent is staged.
     /// Every answer read from staged state waits for it to be durable.
-    pub fn decide_place(&mut self, call: PlaceCall) -> PlaceDecision {
+    pub(crate) fn decide_place(&mut self, call: PlaceCall) -> PlaceDecision {
         self.sync_with_log();
         let outcome = self.decide_place_outcome(call);
         let ticket = match &outcome {
@@ -174,7 +177,7 @@ impl AgentCore {
     /// success publishes the placement, pins the VM when it runs and
     /// answers; on failure the decision was rolled back and the caller gets
     /// the write's error (UNAVAILABLE, retryable).
-    pub fn finish_place(
+    pub(crate) fn finish_place(
         &mut self,
         decision: PlaceDecision,
         written: Result<(), CheckpointError>,
@@ -428,20 +431,21 @@ impl AgentCore {
     }
 
     /// ReleaseVm, waiting for its write under the lock.
-    pub fn release(&mut self, vm_id: &VmId) -> Result<CpuSet, AgentError> {
+    #[cfg(test)]
+    pub(crate) fn release(&mut self, vm_id: &VmId) -> Result<CpuSet, AgentError> {
         self.release_internal(vm_id, false)
     }
 
     /// The first half of ReleaseVm: the intent is removed from the decided
     /// state and its CPUs are free for the next decision; NOT_FOUND when
     /// the decided state has no such intent.
-    pub fn decide_release(&mut self, vm_id: &VmId) -> ReleaseDecision {
+    pub(crate) fn decide_release(&mut self, vm_id: &VmId) -> ReleaseDecision {
         self.sync_with_log();
         self.decide_release_for(vm_id, false)
     }
 
     /// The second half of ReleaseVm, once the decision's write has ended.
-    pub fn finish_release(
+    pub(crate) fn finish_release(
         &mut self,
         decision: ReleaseDecision,
         written: Result<(), CheckpointError>,

@@ -36,6 +36,7 @@ fn take<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl<T> PriorityMutex<T> {
+    /// A lock around `value`.
     pub fn new(value: T) -> Self {
         Self {
             calls: Mutex::new(()),

@@ -22,34 +22,34 @@ use crate::types::VmId;
 
 /// A placement moved to new CPUs.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Replaced {
+pub(crate) struct Replaced {
     /// The CPUs of the decision that no longer fit.
-    pub old_cpus: CpuSet,
-    pub new: Placement,
+    pub(crate) old_cpus: CpuSet,
+    pub(crate) new: Placement,
     /// Why the old one no longer fit.
-    pub reason: String,
+    pub(crate) reason: String,
 }
 /// An intent no placement fits on this topology.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Unplaceable {
+pub(crate) struct Unplaceable {
     /// CPUs of its last placement that the host lacks (empty when all are
     /// present but the domains they form changed).
-    pub missing: CpuSet,
+    pub(crate) missing: CpuSet,
     /// Why the old placement no longer fits, and why no new one does.
-    pub reason: String,
+    pub(crate) reason: String,
 }
 
 /// The outcome of checking every intent against a topology.
 #[derive(Debug, Clone, Default)]
-pub struct Refit {
+pub(crate) struct Refit {
     /// The engine state on this topology: placements that stayed or moved.
-    pub placements: PlacementState,
-    pub replaced: BTreeMap<VmId, Replaced>,
-    pub unplaceable: BTreeMap<VmId, Unplaceable>,
+    pub(crate) placements: PlacementState,
+    pub(crate) replaced: BTreeMap<VmId, Replaced>,
+    pub(crate) unplaceable: BTreeMap<VmId, Unplaceable>,
     /// Placements the engine chose again on the very same CPUs: only their
     /// topology indices (domains, cores) changed. Not a move: no event.
     /// With the reason the old placement no longer matched the topology.
-    pub reindexed: BTreeMap<VmId, (Placement, String)>,
+    pub(crate) reindexed: BTreeMap<VmId, (Placement, String)>,
 }
 
 /// A decision that does not fit the topology as stored, and why.
@@ -62,7 +62,7 @@ struct Moving {
 }
 
 /// Rebuilds the engine state from every intent's decision on `topo`.
-pub fn refit(
+pub(crate) fn refit(
     topo: &Topology,
     res: &Reservations,
     intents: &[std::sync::Arc<IntentRecord>],

@@ -47,27 +47,27 @@ impl ScrubAdmission {
 
 /// What a scrub flushed and how long the module took.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Scrubbed {
+pub(crate) struct Scrubbed {
     /// The VM's dirty CPUs before the scrub.
-    pub flushed_cpus: CpuSet,
-    pub took: Duration,
+    pub(crate) flushed_cpus: CpuSet,
+    pub(crate) took: Duration,
 }
 
 impl AgentCore {
     /// Sets the shortest time between two scrubs of one VM (zero: no limit).
-    pub fn set_scrub_min_interval(&mut self, d: Duration) {
+    pub(crate) fn set_scrub_min_interval(&mut self, d: Duration) {
         self.scrubs.min_interval = d;
     }
 
     /// Admits a scrub of `vm` at `now`, or says how long to wait: scrubs of
     /// one VM are at least the configured interval apart.
-    pub fn admit_scrub(&mut self, vm: &VmId, now: Instant) -> Result<(), Duration> {
+    pub(crate) fn admit_scrub(&mut self, vm: &VmId, now: Instant) -> Result<(), Duration> {
         self.scrubs.admit(vm, now)
     }
 
     /// ScrubVm: flushes the dirty CPUs of the VM `id` (`pid-N` for an
     /// unmanaged VM) through the module.
-    pub fn scrub(&mut self, id: &str) -> Result<Scrubbed, AgentError> {
+    pub(crate) fn scrub(&mut self, id: &str) -> Result<Scrubbed, AgentError> {
         let view = self
             .view(id)
             .ok_or_else(|| AgentError::NoSuchVm(id.to_string()))?;

@@ -728,10 +728,10 @@ impl ThreadAffinity for FailingAffinity {
 }
 
 mod libc_errno {
-    pub const EACCES: i32 = 13;
-    pub const EBUSY: i32 = 16;
-    pub const ENOSPC: i32 = 28;
-    pub const EINVAL: i32 = 22;
+    pub(crate) const EACCES: i32 = 13;
+    pub(crate) const EBUSY: i32 = 16;
+    pub(crate) const ENOSPC: i32 = 28;
+    pub(crate) const EINVAL: i32 = 22;
 }
 
 #[test]

@@ -11,19 +11,18 @@ use super::agent_core::AgentCore;
 
 /// Lifecycle of a VM as the agent sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum VmState {
+pub(crate) enum VmState {
     Pending,
     Placed,
     Drifted,
     Unmanaged,
-    Exited,
     /// Kept, but no placement fits the current topology.
     Unplaceable,
 }
 
 /// Where a VM's class came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ClassSource {
+pub(crate) enum ClassSource {
     Orchestrator,
     CommandLine,
     Unknown,
@@ -32,33 +31,33 @@ pub enum ClassSource {
 /// A VM as reported by GetVm and ListVms.
 #[derive(Debug, Clone)]
 pub struct VmView {
-    pub key: VmKey,
+    pub(crate) key: VmKey,
     /// The VM's process, when one is running.
-    pub pid: Option<u32>,
-    pub libvirt_domain: Option<String>,
-    pub class: Option<ConfidentialClass>,
-    pub class_source: ClassSource,
-    pub state: VmState,
-    pub vcpus: u32,
+    pub(crate) pid: Option<u32>,
+    pub(crate) libvirt_domain: Option<String>,
+    pub(crate) class: Option<ConfidentialClass>,
+    pub(crate) class_source: ClassSource,
+    pub(crate) state: VmState,
+    pub(crate) vcpus: u32,
     /// Whole cores of its own (false: shared, floating vCPUs). Unmanaged
     /// VMs report true: the agent shares nothing of theirs.
-    pub dedicated: bool,
-    pub placement: Option<Placement>,
-    pub threads: Vec<crate::discovery::VcpuThread>,
-    pub placed_at: Option<SystemTime>,
+    pub(crate) dedicated: bool,
+    pub(crate) placement: Option<Placement>,
+    pub(crate) threads: Vec<crate::discovery::VcpuThread>,
+    pub(crate) placed_at: Option<SystemTime>,
     /// Set while the intent is unplaceable.
-    pub unplaceable: Option<super::refit::Unplaceable>,
+    pub(crate) unplaceable: Option<super::refit::Unplaceable>,
 }
 
 impl AgentCore {
     /// One VM by its wire id (`pid-N` for VMs known by process only).
-    pub fn view(&self, vm_id: &str) -> Option<VmView> {
+    pub(crate) fn view(&self, vm_id: &str) -> Option<VmView> {
         self.view_key(&VmKey::parse(vm_id).ok()?)
     }
 
     /// One VM by key: a process key names an unmanaged VM, or the intent
     /// auto placement made for it; a named key names an intent.
-    pub fn view_key(&self, key: &VmKey) -> Option<VmView> {
+    pub(crate) fn view_key(&self, key: &VmKey) -> Option<VmView> {
         if let VmKey::Process(pid) = key {
             if let Some(vm) = self.unmanaged.get(pid) {
                 return Some(Self::unmanaged_view(vm));
@@ -109,7 +108,7 @@ impl AgentCore {
                 ClassSource::Unknown
             },
             state: VmState::Unmanaged,
-            vcpus: vm.vcpus.len() as u32,
+            vcpus: crate::cpuset::count_u32(vm.vcpus.len()),
             dedicated: true,
             placement: None,
             threads: vm.vcpus.clone(),
@@ -119,7 +118,7 @@ impl AgentCore {
     }
 
     /// Every VM, ordered by id.
-    pub fn views(&self) -> Vec<VmView> {
+    pub(crate) fn views(&self) -> Vec<VmView> {
         let mut out: Vec<VmView> = self
             .checkpoint
             .intents
@@ -132,7 +131,7 @@ impl AgentCore {
     }
 
     /// Number of VMs known.
-    pub fn vm_count(&self) -> usize {
+    pub(crate) fn vm_count(&self) -> usize {
         self.checkpoint.intents.len() + self.unmanaged.len()
     }
 }

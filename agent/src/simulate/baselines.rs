@@ -18,7 +18,7 @@ use crate::types::{ConfidentialClass, VmId};
     Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
 )]
 #[serde(rename_all = "kebab-case")]
-pub enum PlacementModelKind {
+pub(crate) enum PlacementModelKind {
     /// Every vCPU may run on every usable host CPU (no pinning).
     Floating,
     /// kubelet static CPU manager: exclusive CPUs from
@@ -30,9 +30,9 @@ pub enum PlacementModelKind {
 }
 
 impl PlacementModelKind {
-    pub const ALL: [Self; 3] = [Self::Floating, Self::KubeletStatic, Self::Sevplace];
+    pub(crate) const ALL: [Self; 3] = [Self::Floating, Self::KubeletStatic, Self::Sevplace];
 
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::Floating => "floating",
             Self::KubeletStatic => "kubelet-static",
@@ -43,28 +43,27 @@ impl PlacementModelKind {
 
 /// What the simulator asks a model to place.
 #[derive(Debug, Clone)]
-pub struct VmSpec {
-    pub vm: VmId,
-    pub vcpus: u32,
-    pub class: ConfidentialClass,
-    pub dedicated: bool,
+pub(crate) struct VmSpec {
+    pub(crate) vm: VmId,
+    pub(crate) vcpus: u32,
+    pub(crate) class: ConfidentialClass,
+    pub(crate) dedicated: bool,
 }
 
 /// Where an admitted VM's vCPUs may run.
 #[derive(Debug, Clone)]
-pub struct Admitted {
+pub(crate) struct Admitted {
     /// Allowed CPUs per vCPU; `None` means "the model's shared pool now"
     /// (it changes as exclusive allocations come and go).
-    pub per_vcpu: Vec<Option<CpuSet>>,
+    pub(crate) per_vcpu: Vec<Option<CpuSet>>,
     /// The VM's own CPUs, when it holds them exclusively.
-    pub exclusive: Option<CpuSet>,
+    pub(crate) exclusive: Option<CpuSet>,
     /// The engine reported mixing pools in an L3 domain.
-    pub shares_confidential_domain: bool,
+    pub(crate) shares_confidential_domain: bool,
 }
 
 /// A placement model.
-pub trait PlacementModel {
-    fn kind(&self) -> PlacementModelKind;
+pub(crate) trait PlacementModel {
     /// Places a VM, or `None` when it does not fit.
     fn admit(&mut self, vm: &VmSpec) -> Option<Admitted>;
     fn release(&mut self, vm: &VmId);
@@ -74,7 +73,7 @@ pub trait PlacementModel {
 
 /// The scheduler left alone: all usable CPUs for everyone.
 #[derive(Debug, Clone)]
-pub struct Floating {
+pub(crate) struct Floating {
     usable: CpuSet,
     vcpus: BTreeMap<VmId, u32>,
 }
@@ -82,7 +81,7 @@ pub struct Floating {
 impl Floating {
     /// Usable: online, not reserved, not isolated (the scheduler does not
     /// balance onto isolated CPUs).
-    pub fn new(topo: &Topology, res: &Reservations) -> Self {
+    pub(crate) fn new(topo: &Topology, res: &Reservations) -> Self {
         Self {
             usable: topo.online.difference(&res.host).difference(&topo.isolated),
             vcpus: BTreeMap::new(),
@@ -91,10 +90,6 @@ impl Floating {
 }
 
 impl PlacementModel for Floating {
-    fn kind(&self) -> PlacementModelKind {
-        PlacementModelKind::Floating
-    }
-
     fn admit(&mut self, vm: &VmSpec) -> Option<Admitted> {
         let used: u32 = self.vcpus.values().sum();
         if (used + vm.vcpus) as usize > self.usable.len() {
@@ -122,7 +117,7 @@ impl PlacementModel for Floating {
 /// (usable CPUs minus every exclusive set); the container, not each vCPU,
 /// is confined, so a dedicated VM's vCPUs float within its exclusive set.
 #[derive(Debug, Clone)]
-pub struct KubeletStatic<'t> {
+pub(crate) struct KubeletStatic<'t> {
     topo: &'t Topology,
     usable: CpuSet,
     exclusive: BTreeMap<VmId, CpuSet>,
@@ -130,7 +125,7 @@ pub struct KubeletStatic<'t> {
 }
 
 impl<'t> KubeletStatic<'t> {
-    pub fn new(topo: &'t Topology, res: &Reservations) -> Self {
+    pub(crate) fn new(topo: &'t Topology, res: &Reservations) -> Self {
         Self {
             topo,
             usable: topo.online.difference(&res.host),
@@ -141,10 +136,6 @@ impl<'t> KubeletStatic<'t> {
 }
 
 impl PlacementModel for KubeletStatic<'_> {
-    fn kind(&self) -> PlacementModelKind {
-        PlacementModelKind::KubeletStatic
-    }
-
     fn admit(&mut self, vm: &VmSpec) -> Option<Admitted> {
         // Node allocatable: the sum of requests stays within usable CPUs.
         let requested: u32 = self.requests.values().sum();
@@ -181,14 +172,14 @@ impl PlacementModel for KubeletStatic<'_> {
 
 /// The sevplace engine, through `PlacementState::place`.
 #[derive(Debug, Clone)]
-pub struct Sevplace<'t> {
+pub(crate) struct Sevplace<'t> {
     topo: &'t Topology,
     res: Reservations,
     state: PlacementState,
 }
 
 impl<'t> Sevplace<'t> {
-    pub fn new(topo: &'t Topology, res: &Reservations) -> Self {
+    pub(crate) fn new(topo: &'t Topology, res: &Reservations) -> Self {
         Self {
             topo,
             res: res.clone(),
@@ -196,16 +187,12 @@ impl<'t> Sevplace<'t> {
         }
     }
 
-    pub fn state(&self) -> &PlacementState {
+    pub(crate) fn state(&self) -> &PlacementState {
         &self.state
     }
 }
 
 impl PlacementModel for Sevplace<'_> {
-    fn kind(&self) -> PlacementModelKind {
-        PlacementModelKind::Sevplace
-    }
-
     fn admit(&mut self, vm: &VmSpec) -> Option<Admitted> {
         let req = PlacementRequest {
             vm_id: vm.vm.clone(),
@@ -487,7 +474,7 @@ impl<'t> Accumulator<'t> {
 /// one uncore cache if one has exactly enough free cores, then whole cores,
 /// then single threads filling partly used cores first. `None` when
 /// `available` is too small.
-pub fn take_by_topology_numa_packed(
+pub(crate) fn take_by_topology_numa_packed(
     topo: &Topology,
     available: &CpuSet,
     num_cpus: usize,

@@ -20,19 +20,21 @@
 //! candidate choice and the fleet counters.
 
 use std::collections::BTreeSet;
-use std::fmt::Write as _;
 use std::path::Path;
 use std::time::Instant;
 
 use super::baselines::{Admitted, Floating, KubeletStatic, PlacementModel, Sevplace, VmSpec};
-use super::{expand, topology_from_arg, FlushPolicy, Run, SimError, Stat, Step, Trace, VmInfo};
+use super::{
+    expand, render_table, topology_from_arg, Column, FlushPolicy, Run, SimError, Stat, Step, Trace,
+    VmInfo,
+};
 use crate::cpuset::CpuSet;
 use crate::fleet::scheduler::{Stage, MAX_SPREAD};
 use crate::placement::{PlacementState, Pool, Reservations};
 use crate::topology::Topology;
 
 /// Topologies a bare host count cycles over.
-pub const FLEET_TOPOLOGIES: [&str; 4] = [
+pub(crate) const FLEET_TOPOLOGIES: [&str; 4] = [
     "genoa-2x96-nps1",
     "milan-64c",
     "genoa-2x96-nps4",
@@ -40,34 +42,55 @@ pub const FLEET_TOPOLOGIES: [&str; 4] = [
 ];
 
 /// Most hosts one `--fleet` describes.
-pub const MAX_FLEET_HOSTS: usize = 100_000;
+pub(crate) const MAX_FLEET_HOSTS: usize = 100_000;
 
 /// Why a `--fleet` argument is not a fleet.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FleetSpecError {
+    /// No hosts.
     #[error("--fleet is empty: give a host count (1000) or TOPOLOGY:COUNT entries (genoa-2x96-nps1:600,milan-64c:400)")]
     Empty,
+    /// An entry without a host count.
     #[error("--fleet entry {entry:?}: expected TOPOLOGY:COUNT (a topology name or host root, a colon, a host count)")]
-    NoCount { entry: String },
+    NoCount {
+        /// The entry.
+        entry: String,
+    },
+    /// An entry whose host count is not a whole number from 1.
     #[error("--fleet entry {entry:?}: {count:?} is not a host count (a whole number from 1)")]
-    BadCount { entry: String, count: String },
+    BadCount {
+        /// The entry.
+        entry: String,
+        /// Its count.
+        count: String,
+    },
+    /// A topology listed twice.
     #[error("--fleet: topology {topology} is listed twice")]
-    Duplicate { topology: String },
+    Duplicate {
+        /// The topology.
+        topology: String,
+    },
+    /// More hosts than the simulator takes.
     #[error("--fleet: {hosts} hosts; the simulator takes at most {max}")]
-    TooMany { hosts: usize, max: usize },
+    TooMany {
+        /// The hosts asked for.
+        hosts: usize,
+        /// The most it takes.
+        max: usize,
+    },
 }
 
 /// A fleet: its topologies (names or host roots, as given) and, per host
 /// in fleet order, the index of its topology.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FleetSpec {
-    pub topologies: Vec<String>,
-    pub hosts: Vec<usize>,
+pub(crate) struct FleetSpec {
+    pub(crate) topologies: Vec<String>,
+    pub(crate) hosts: Vec<usize>,
 }
 
 impl FleetSpec {
     /// Hosts per topology, in the order of `topologies`.
-    pub fn counts(&self) -> Vec<usize> {
+    pub(crate) fn counts(&self) -> Vec<usize> {
         let mut c = vec![0; self.topologies.len()];
         for &t in &self.hosts {
             c[t] += 1;
@@ -91,7 +114,7 @@ fn host_count(entry: &str, count: &str) -> Result<usize, FleetSpecError> {
 /// entries, hosts numbered entry by entry (`a:2,b:1` is a, a, b).
 /// TOPOLOGY is a named topology or a host root; the count follows the last
 /// colon, so a root may contain colons.
-pub fn parse_fleet_spec(arg: &str) -> Result<FleetSpec, FleetSpecError> {
+pub(crate) fn parse_fleet_spec(arg: &str) -> Result<FleetSpec, FleetSpecError> {
     let arg = arg.trim();
     if arg.is_empty() {
         return Err(FleetSpecError::Empty);
@@ -154,18 +177,18 @@ pub fn parse_fleet_spec(arg: &str) -> Result<FleetSpec, FleetSpecError> {
 /// One L3 domain as Placement sees it (`crate::fleet::tree::desired`):
 /// free = its CPUs minus the CPUs the agent uses there; the pool trait.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct DomainRoom {
-    pub domain: usize,
-    pub numa: u32,
-    pub free: u32,
+pub(crate) struct DomainRoom {
+    pub(crate) domain: usize,
+    pub(crate) numa: u32,
+    pub(crate) free: u32,
     /// `None`: empty (no VM).
-    pub pool: Option<Pool>,
+    pub(crate) pool: Option<Pool>,
 }
 
 /// The L3 room of a host whose engine holds `state`, by the reporter's
 /// rule: a domain holding a confidential VM is confidential, one holding
 /// any other VM general, else empty.
-pub fn domain_rooms(
+pub(crate) fn domain_rooms(
     topo: &Topology,
     state: &PlacementState,
     res: &Reservations,
@@ -202,7 +225,7 @@ pub fn domain_rooms(
 /// [`crate::fleet::scheduler::split`]; best = fewest CPUs left free on
 /// them. Returns the CPUs left free, or `None` when no NUMA node has such
 /// `k` domains.
-pub fn best_spread(rooms: &[DomainRoom], pool: Pool, n: u32, k: u32) -> Option<u32> {
+pub(crate) fn best_spread(rooms: &[DomainRoom], pool: Pool, n: u32, k: u32) -> Option<u32> {
     if k < 2 || n < k {
         return None;
     }
@@ -244,7 +267,7 @@ pub fn best_spread(rooms: &[DomainRoom], pool: Pool, n: u32, k: u32) -> Option<u
 /// domains first (`sizes_desc` sorted descending): ceil(vcpus / CPUs per
 /// domain) on a fleet of one domain size. `None` when the fleet is too
 /// small.
-pub fn lower_bound_domains(sizes_desc: &[u32], vcpus: u64) -> Option<u64> {
+pub(crate) fn lower_bound_domains(sizes_desc: &[u32], vcpus: u64) -> Option<u64> {
     let mut held = 0u64;
     for (i, &s) in sizes_desc.iter().enumerate() {
         if held >= vcpus {
@@ -258,7 +281,7 @@ pub fn lower_bound_domains(sizes_desc: &[u32], vcpus: u64) -> Option<u64> {
 /// CPUs given twice among one host's admitted VMs: CPUs in more than one
 /// exclusive set, plus CPUs of an exclusive set inside a pinned or
 /// floating set of another VM.
-pub fn cpus_given_twice<'a>(admitted: impl IntoIterator<Item = &'a Admitted>) -> usize {
+pub(crate) fn cpus_given_twice<'a>(admitted: impl IntoIterator<Item = &'a Admitted>) -> usize {
     let mut held = CpuSet::new();
     let mut twice = CpuSet::new();
     let mut others: Vec<CpuSet> = Vec::new();
@@ -337,7 +360,7 @@ impl RoomIndex {
     Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
 )]
 #[serde(rename_all = "kebab-case")]
-pub enum FleetModelKind {
+pub(crate) enum FleetModelKind {
     /// First host with enough free CPUs; vCPUs float over the host.
     NovaLike,
     /// First host whose kubelet static CPU manager admits the VM.
@@ -347,9 +370,9 @@ pub enum FleetModelKind {
 }
 
 impl FleetModelKind {
-    pub const ALL: [Self; 3] = [Self::NovaLike, Self::KubeletStatic, Self::Sevplace];
+    pub(crate) const ALL: [Self; 3] = [Self::NovaLike, Self::KubeletStatic, Self::Sevplace];
 
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::NovaLike => "nova-like",
             Self::KubeletStatic => "kubelet-static",
@@ -361,19 +384,19 @@ impl FleetModelKind {
 /// Confidential domains in use against the lower bound, at one moment.
 #[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct Packing {
+pub(crate) struct Packing {
     /// Arrivals replayed so far.
-    pub arrivals: usize,
-    pub confidential_vcpus: u64,
+    pub(crate) arrivals: usize,
+    pub(crate) confidential_vcpus: u64,
     /// L3 domains where a confidential VM may run.
-    pub domains_in_use: u64,
+    pub(crate) domains_in_use: u64,
     /// The fewest domains that hold `confidential_vcpus`.
-    pub lower_bound: u64,
+    pub(crate) lower_bound: u64,
 }
 
 impl Packing {
     /// In use over the lower bound (1.0 with nothing confidential).
-    pub fn ratio(&self) -> f64 {
+    pub(crate) fn ratio(&self) -> f64 {
         if self.lower_bound == 0 {
             1.0
         } else {
@@ -385,136 +408,126 @@ impl Packing {
 /// Samples of [`Packing`] during one model's run.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct PackingSummary {
+pub(crate) struct PackingSummary {
     /// At the first rejection (the fleet full for the first time).
-    pub at_first_rejection: Option<Packing>,
+    pub(crate) at_first_rejection: Option<Packing>,
     /// At the end of the trace.
-    pub at_end: Packing,
+    pub(crate) at_end: Packing,
     /// Mean and maximum of in use / lower bound over the samples taken
     /// before the first rejection (every 1/200 of the arrivals).
-    pub mean_ratio_before_first_rejection: f64,
-    pub max_ratio_before_first_rejection: f64,
-    pub samples_before_first_rejection: usize,
+    pub(crate) mean_ratio_before_first_rejection: f64,
+    pub(crate) max_ratio_before_first_rejection: f64,
+    pub(crate) samples_before_first_rejection: usize,
 }
 
 /// Invariants counted during one model's run.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct FleetChecks {
+pub(crate) struct FleetChecks {
     /// CPUs given twice on one host, summed over samples and hosts.
-    pub cpus_given_twice: u64,
+    pub(crate) cpus_given_twice: u64,
     /// Plain VMs placed in a confidential domain while another host had a
     /// general or empty domain with room for them.
-    pub plain_in_confidential_while_room: u64,
+    pub(crate) plain_in_confidential_while_room: u64,
     /// Reclaims whose flushed set missed a CPU of the limit.
-    pub reclaims_below_limit: u64,
+    pub(crate) reclaims_below_limit: u64,
 }
 
 /// Which stage of the reference scheduler placed the sevplace model's VMs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct StageCounts {
-    pub pool: u32,
-    pub empty: u32,
-    pub spread: u32,
+pub(crate) struct StageCounts {
+    pub(crate) pool: u32,
+    pub(crate) empty: u32,
+    pub(crate) spread: u32,
     /// Candidates whose host engine refused (the next one was tried).
-    pub host_refusals: u32,
+    pub(crate) host_refusals: u32,
 }
 
 /// Results of one fleet model.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct FleetModelResult {
-    pub model: FleetModelKind,
-    pub vms_before_first_rejection: u32,
-    pub admitted: u32,
-    pub rejected: u32,
+pub(crate) struct FleetModelResult {
+    pub(crate) model: FleetModelKind,
+    pub(crate) vms_before_first_rejection: u32,
+    pub(crate) admitted: u32,
+    pub(crate) rejected: u32,
     /// Reclaims that flushed (sev and sev-es VMs), under the sevplace
     /// flush policy.
-    pub reclaims: u64,
-    pub l3_domains_disturbed: Stat,
+    pub(crate) reclaims: u64,
+    pub(crate) l3_domains_disturbed: Stat,
     /// vCPUs of plain VMs resident in a disturbed domain, per reclaim.
-    pub non_confidential_vcpus_hit: Stat,
-    pub confidential_domains: PackingSummary,
+    pub(crate) non_confidential_vcpus_hit: Stat,
+    pub(crate) confidential_domains: PackingSummary,
     /// Placements the engine reported as mixing pools in a domain.
-    pub mixed_pool_placements: u32,
-    pub stages: StageCounts,
-    pub checks: FleetChecks,
+    pub(crate) mixed_pool_placements: u32,
+    pub(crate) stages: StageCounts,
+    pub(crate) checks: FleetChecks,
     /// Wall time of this model's replay.
-    pub run_seconds: f64,
+    pub(crate) run_seconds: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct FleetTopologyCount {
-    pub topology: String,
-    pub hosts: usize,
+pub(crate) struct FleetTopologyCount {
+    pub(crate) topology: String,
+    pub(crate) hosts: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct FleetSummary {
+pub(crate) struct FleetSummary {
     /// The `--fleet` argument.
-    pub spec: String,
-    pub hosts: usize,
-    pub cpus: usize,
-    pub l3_domains: usize,
-    pub topologies: Vec<FleetTopologyCount>,
+    pub(crate) spec: String,
+    pub(crate) hosts: usize,
+    pub(crate) cpus: usize,
+    pub(crate) l3_domains: usize,
+    pub(crate) topologies: Vec<FleetTopologyCount>,
 }
 
 /// The whole fleet result.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct FleetReport {
-    pub trace: String,
-    pub fleet: FleetSummary,
-    pub arrivals: usize,
-    pub reclaim_events: u64,
-    pub migration_events: u64,
-    pub models: Vec<FleetModelResult>,
+pub(crate) struct FleetReport {
+    pub(crate) trace: String,
+    pub(crate) fleet: FleetSummary,
+    pub(crate) arrivals: usize,
+    pub(crate) reclaim_events: u64,
+    pub(crate) migration_events: u64,
+    pub(crate) models: Vec<FleetModelResult>,
 }
 
 impl FleetReport {
-    pub fn model(&self, kind: FleetModelKind) -> Option<&FleetModelResult> {
-        self.models.iter().find(|m| m.model == kind)
-    }
-
     /// A table for humans; columns as in `docs/benchmarks.md`.
-    pub fn to_table(&self) -> String {
-        let mut out = String::new();
+    pub(crate) fn to_table(&self) -> String {
         let f = &self.fleet;
-        let _ = writeln!(
-            out,
+        let title = format!(
             "trace {} on fleet {} ({} hosts, {} CPUs, {} L3 domains): {} arrivals, {} reclaim events, {} migrations; flush policy sevplace",
             self.trace, f.spec, f.hosts, f.cpus, f.l3_domains, self.arrivals, self.reclaim_events, self.migration_events
         );
-        let _ = writeln!(
-            out,
-            "{:<15} {:>6} {:>8} {:>8} {:>11} {:>16} {:>19} {:>15} {:>5} {:>6} {:>8}",
-            "MODEL",
-            "FIT",
-            "REJECTED",
-            "RECLAIMS",
-            "L3 mean/p99",
-            "NONCONF mean/p99",
-            "CONF-L3 FULL/BOUND",
-            "xBOUND mean/max",
-            "MIXED",
-            "TWICE",
-            "TIME s"
-        );
-        for m in &self.models {
+        let columns = [
+            Column::left("MODEL", 15),
+            Column::right("FIT", 6),
+            Column::right("REJECTED", 8),
+            Column::right("RECLAIMS", 8),
+            Column::right("L3 mean/p99", 11),
+            Column::right("NONCONF mean/p99", 16),
+            Column::right("CONF-L3 FULL/BOUND", 19),
+            Column::right("xBOUND mean/max", 15),
+            Column::right("MIXED", 5),
+            Column::right("TWICE", 6),
+            Column::right("TIME s", 8),
+        ];
+        let rows = self.models.iter().map(|m| {
             let full = m.confidential_domains.at_first_rejection.map_or_else(
                 || "-".to_string(),
                 |p| format!("{}/{}", p.domains_in_use, p.lower_bound),
             );
-            let _ = writeln!(
-                out,
-                "{:<15} {:>6} {:>8} {:>8} {:>11} {:>16} {:>19} {:>15} {:>5} {:>6} {:>8.2}",
-                m.model.as_str(),
-                m.vms_before_first_rejection,
-                m.rejected,
-                m.reclaims,
+            vec![
+                m.model.as_str().to_string(),
+                m.vms_before_first_rejection.to_string(),
+                m.rejected.to_string(),
+                m.reclaims.to_string(),
                 format!(
                     "{:.2}/{}",
                     m.l3_domains_disturbed.mean, m.l3_domains_disturbed.p99
@@ -529,12 +542,12 @@ impl FleetReport {
                     m.confidential_domains.mean_ratio_before_first_rejection,
                     m.confidential_domains.max_ratio_before_first_rejection
                 ),
-                m.mixed_pool_placements,
-                m.checks.cpus_given_twice,
-                m.run_seconds,
-            );
-        }
-        out
+                m.mixed_pool_placements.to_string(),
+                m.checks.cpus_given_twice.to_string(),
+                format!("{:.2}", m.run_seconds),
+            ]
+        });
+        render_table(&title, &columns, rows)
     }
 }
 
@@ -889,7 +902,7 @@ impl<'t> FleetRun<'t> {
 /// Replays `trace` over the fleet `spec` (`topologies[i]` is the topology
 /// `spec.topologies[i]` names; `spec_arg` is the argument as given, for
 /// the report) through every fleet model.
-pub fn simulate_fleet(
+pub(crate) fn simulate_fleet(
     spec_arg: &str,
     spec: &FleetSpec,
     topologies: &[Topology],

@@ -2,40 +2,49 @@
 //! [`shipped_trace_specs`] (the `shipped_traces_are_current` test rewrites
 //! them when `SEVPLACE_REGENERATE_TRACES=1`).
 
+#[cfg(test)]
 use super::rng::XorShift;
+#[cfg(test)]
 use super::trace::{Event, Trace};
+#[cfg(test)]
 use crate::types::{ConfidentialClass, VmId};
 
 /// Parameters of a generated trace.
+// Only `generate_trace`, which tests run, reads the generator's parameters.
+#[cfg_attr(not(test), allow(dead_code))]
 #[derive(Debug, Clone)]
 pub struct TraceSpec {
+    /// The trace's name.
     pub name: &'static str,
-    pub description: &'static str,
+    pub(crate) description: &'static str,
     /// File name under `agent/traces/` (the extension picks the format).
     pub file: &'static str,
     /// Fixture the trace is meant for.
     pub topology: &'static str,
-    pub seed: u64,
-    pub duration: f64,
+    pub(crate) seed: u64,
+    pub(crate) duration: f64,
     /// VMs arriving at time 0 (a host that is already busy).
-    pub initial_vms: u32,
+    pub(crate) initial_vms: u32,
     /// Arrivals per second after time 0.
-    pub arrival_rate: f64,
+    pub(crate) arrival_rate: f64,
     /// Mean lifetime in seconds (exponential); `None`: VMs never leave.
-    pub mean_lifetime: Option<f64>,
+    pub(crate) mean_lifetime: Option<f64>,
     /// Fraction of VMs that are confidential; of those, sev : sev-es :
     /// sev-snp is 2 : 1 : 1.
-    pub confidential_fraction: f64,
+    pub(crate) confidential_fraction: f64,
     /// Sizes in vCPUs and their weights.
-    pub sizes: &'static [(u32, u32)],
+    pub(crate) sizes: &'static [(u32, u32)],
     /// Fraction of VMs with dedicated CPUs.
-    pub dedicated_fraction: f64,
+    pub(crate) dedicated_fraction: f64,
     /// Reclaims per second of each confidential VM.
-    pub reclaim_rate: f64,
+    pub(crate) reclaim_rate: f64,
     /// vCPU migrations per second of each VM.
-    pub migration_rate: f64,
+    pub(crate) migration_rate: f64,
 }
 
+// below(total) is less than total, a u32: the cast cannot truncate.
+#[allow(clippy::cast_possible_truncation)]
+#[cfg(test)]
 fn weighted(rng: &mut XorShift, sizes: &[(u32, u32)]) -> u32 {
     let total: u32 = sizes.iter().map(|s| s.1).sum();
     let mut x = rng.below(total as usize) as u32;
@@ -48,8 +57,10 @@ fn weighted(rng: &mut XorShift, sizes: &[(u32, u32)]) -> u32 {
     sizes.last().map_or(1, |s| s.0)
 }
 
-/// Builds the trace described by `spec`.
-pub fn generate_trace(spec: &TraceSpec) -> Trace {
+/// Builds the trace described by `spec` (run by the test that keeps the
+/// shipped traces current).
+#[cfg(test)]
+pub(crate) fn generate_trace(spec: &TraceSpec) -> Trace {
     let mut rng = XorShift::new(spec.seed);
     let mut arrivals = Vec::new();
     let mut t = 0.0;

@@ -15,8 +15,8 @@
 //! - After a flush, the dirty set restarts with the CPUs the vCPUs sit on,
 //!   since they enter the guest again right away.
 
-pub mod baselines;
-pub mod fleet;
+pub(crate) mod baselines;
+pub(crate) mod fleet;
 mod generate;
 mod rng;
 mod trace;
@@ -25,16 +25,17 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-pub use baselines::{PlacementModel, PlacementModelKind};
-pub use fleet::{
-    parse_fleet_spec, run_fleet_simulate_cli, simulate_fleet, FleetModelKind, FleetReport,
-    FleetSpec, FleetSpecError,
-};
-pub use generate::{generate_trace, shipped_fleet_trace_specs, shipped_trace_specs, TraceSpec};
-pub use rng::XorShift;
-pub use trace::{Event, Format, Trace};
+pub(crate) use baselines::{PlacementModel, PlacementModelKind};
+pub use fleet::run_fleet_simulate_cli;
+pub(crate) use fleet::FleetSpecError;
+#[cfg(test)]
+use generate::generate_trace;
+pub use generate::{shipped_fleet_trace_specs, shipped_trace_specs, TraceSpec};
+pub(crate) use rng::XorShift;
+pub use trace::Trace;
+pub(crate) use trace::{Event, Format};
 
-use crate::cpuset::CpuSet;
+use crate::cpuset::{count_u32, CpuSet};
 use crate::placement::Reservations;
 use crate::topology::{Topology, TopologyError};
 use crate::types::{ConfidentialClass, VmId};
@@ -43,28 +44,53 @@ use baselines::{Admitted, Floating, KubeletStatic, Sevplace, VmSpec};
 /// Why a simulation could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum SimError {
+    /// The trace file could not be read.
     #[error("cannot read trace {path}: {source}")]
     Read {
+        /// The trace file.
         path: PathBuf,
+        /// What reading it returned.
         source: std::io::Error,
     },
+    /// The trace is not valid YAML or JSON of the trace format.
     #[error("{origin}{}: {message}", location(*line, *column))]
     Parse {
+        /// The trace file, or the shipped trace's name.
         origin: String,
+        /// Line of the fault, when the parser knows it.
         line: Option<usize>,
+        /// Column of the fault, when the parser knows it.
         column: Option<usize>,
+        /// What the parser reported.
         message: String,
     },
+    /// A trace entry holds a value out of range.
     #[error("{origin}: {field}: {reason}")]
     Invalid {
+        /// The trace file, or the shipped trace's name.
         origin: String,
+        /// The entry and field.
         field: String,
+        /// What is wrong with the value.
         reason: String,
     },
+    /// `--topology` is neither a host root nor a named topology.
     #[error("unknown topology {arg:?}: not a directory with a sys/ tree, nor one of {known}")]
-    UnknownTopology { arg: String, known: String },
+    UnknownTopology {
+        /// The argument.
+        arg: String,
+        /// The named topologies.
+        known: String,
+    },
+    /// The host root given as `--topology` could not be read.
     #[error("topology {arg}: {source}")]
-    Topology { arg: String, source: TopologyError },
+    Topology {
+        /// The argument.
+        arg: String,
+        /// What reading the topology returned.
+        source: TopologyError,
+    },
+    /// `--fleet` is not a fleet.
     #[error(transparent)]
     Fleet(#[from] FleetSpecError),
 }
@@ -82,7 +108,7 @@ fn location(line: Option<usize>, column: Option<usize>) -> String {
     Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
 )]
 #[serde(rename_all = "kebab-case")]
-pub enum FlushPolicy {
+pub(crate) enum FlushPolicy {
     /// `wbinvd_on_all_cpus()`: every online CPU.
     Stock,
     /// Linux 6.17 `have_run_cpus` (seed v4): every CPU that ever ran the VM.
@@ -92,9 +118,9 @@ pub enum FlushPolicy {
 }
 
 impl FlushPolicy {
-    pub const ALL: [Self; 3] = [Self::Stock, Self::HaveRunCpus, Self::Sevplace];
+    pub(crate) const ALL: [Self; 3] = [Self::Stock, Self::HaveRunCpus, Self::Sevplace];
 
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::Stock => "stock",
             Self::HaveRunCpus => "have-run-cpus",
@@ -105,20 +131,23 @@ impl FlushPolicy {
 
 /// Simulation settings.
 #[derive(Debug, Clone, Default)]
-pub struct SimOptions {
-    pub reservations: Reservations,
+pub(crate) struct SimOptions {
+    pub(crate) reservations: Reservations,
 }
 
 /// Mean, 99th percentile and maximum of a per-reclaim count.
 #[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct Stat {
-    pub mean: f64,
-    pub p99: f64,
-    pub max: u32,
+pub(crate) struct Stat {
+    pub(crate) mean: f64,
+    pub(crate) p99: f64,
+    pub(crate) max: u32,
 }
 
 impl Stat {
+    // The rank, ceil(0.99 n) for n samples, is a non-negative whole number
+    // at most n: the float-to-usize cast neither truncates nor drops a sign.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
     fn of(samples: &mut [u32]) -> Self {
         if samples.is_empty() {
             return Self::default();
@@ -139,65 +168,70 @@ impl Stat {
 /// Invariant checks counted during the run.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct Checks {
+pub(crate) struct Checks {
     /// Reclaims whose flushed set missed a CPU of the limit (unsafe).
-    pub reclaims_below_limit: u64,
+    pub(crate) reclaims_below_limit: u64,
     /// Reclaims of VMs with exclusive CPUs that flushed a CPU outside them.
-    pub reclaims_outside_exclusive_cpus: u64,
+    pub(crate) reclaims_outside_exclusive_cpus: u64,
 }
 
 /// Results of one (placement model, flush policy) pair.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct Combination {
-    pub placement: PlacementModelKind,
-    pub flush: FlushPolicy,
+pub(crate) struct Combination {
+    pub(crate) placement: PlacementModelKind,
+    pub(crate) flush: FlushPolicy,
     /// Reclaims that flushed (sev and sev-es VMs).
-    pub reclaims: u64,
-    pub flushed_cpus: Stat,
-    pub l3_domains_disturbed: Stat,
+    pub(crate) reclaims: u64,
+    pub(crate) flushed_cpus: Stat,
+    pub(crate) l3_domains_disturbed: Stat,
     /// vCPUs of non-confidential VMs resident in a disturbed L3 domain.
-    pub non_confidential_vcpus_hit: Stat,
+    pub(crate) non_confidential_vcpus_hit: Stat,
     /// CPUs that entered the VM since its last flush.
-    pub limit_cpus: Stat,
+    pub(crate) limit_cpus: Stat,
     /// Mean flushed CPUs over mean limit.
-    pub flushed_over_limit: f64,
+    pub(crate) flushed_over_limit: f64,
     /// Arrivals placed before the first rejection.
-    pub vms_before_first_rejection: u32,
-    pub admitted: u32,
-    pub rejected: u32,
+    pub(crate) vms_before_first_rejection: u32,
+    pub(crate) admitted: u32,
+    pub(crate) rejected: u32,
     /// Placements the engine reported as mixing pools in an L3 domain.
-    pub mixed_pool_placements: u32,
+    pub(crate) mixed_pool_placements: u32,
     /// Of those, placements made before the first rejection (while the
     /// host still had room for every VM).
-    pub mixed_pool_placements_before_first_rejection: u32,
-    pub checks: Checks,
+    pub(crate) mixed_pool_placements_before_first_rejection: u32,
+    pub(crate) checks: Checks,
 }
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct TopologySummary {
-    pub name: String,
-    pub cpus: usize,
-    pub l3_domains: usize,
-    pub numa_nodes: usize,
+pub(crate) struct TopologySummary {
+    pub(crate) name: String,
+    pub(crate) cpus: usize,
+    pub(crate) l3_domains: usize,
+    pub(crate) numa_nodes: usize,
 }
 
 /// The whole result.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct Report {
-    pub trace: String,
-    pub topology: TopologySummary,
-    pub arrivals: usize,
+pub(crate) struct Report {
+    pub(crate) trace: String,
+    pub(crate) topology: TopologySummary,
+    pub(crate) arrivals: usize,
     /// Reclaim events, including those of VMs that flush nothing.
-    pub reclaim_events: u64,
-    pub migration_events: u64,
-    pub combinations: Vec<Combination>,
+    pub(crate) reclaim_events: u64,
+    pub(crate) migration_events: u64,
+    pub(crate) combinations: Vec<Combination>,
 }
 
 impl Report {
-    pub fn combination(&self, p: PlacementModelKind, f: FlushPolicy) -> Option<&Combination> {
+    #[cfg(test)]
+    pub(crate) fn combination(
+        &self,
+        p: PlacementModelKind,
+        f: FlushPolicy,
+    ) -> Option<&Combination> {
         self.combinations
             .iter()
             .find(|c| c.placement == p && c.flush == f)
@@ -207,36 +241,30 @@ impl Report {
     /// L3 domains disturbed and non-confidential vCPUs in those domains per
     /// reclaim; the limit; mean flushed over mean limit; VMs placed before
     /// the first rejection; rejections; placements that mixed pools.
-    pub fn to_table(&self) -> String {
-        let mut out = String::new();
+    pub(crate) fn to_table(&self) -> String {
         let t = &self.topology;
-        let _ = writeln!(
-            out,
+        let title = format!(
             "trace {} on {} ({} CPUs, {} L3 domains, {} NUMA nodes): {} arrivals, {} reclaim events, {} migrations",
             self.trace, t.name, t.cpus, t.l3_domains, t.numa_nodes, self.arrivals, self.reclaim_events, self.migration_events
         );
-        let _ = writeln!(
-            out,
-            "{:<15} {:<14} {:>8} {:>16} {:>12} {:>16} {:>14} {:>7} {:>4} {:>8} {:>5}",
-            "PLACEMENT",
-            "FLUSH",
-            "RECLAIMS",
-            "FLUSHED mean/p99",
-            "L3 mean/p99",
-            "NONCONF mean/p99",
-            "LIMIT mean/p99",
-            "xLIMIT",
-            "FIT",
-            "REJECTED",
-            "MIXED"
-        );
-        for c in &self.combinations {
-            let _ = writeln!(
-                out,
-                "{:<15} {:<14} {:>8} {:>16} {:>12} {:>16} {:>14} {:>7.2} {:>4} {:>8} {:>5}",
-                c.placement.as_str(),
-                c.flush.as_str(),
-                c.reclaims,
+        let columns = [
+            Column::left("PLACEMENT", 15),
+            Column::left("FLUSH", 14),
+            Column::right("RECLAIMS", 8),
+            Column::right("FLUSHED mean/p99", 16),
+            Column::right("L3 mean/p99", 12),
+            Column::right("NONCONF mean/p99", 16),
+            Column::right("LIMIT mean/p99", 14),
+            Column::right("xLIMIT", 7),
+            Column::right("FIT", 4),
+            Column::right("REJECTED", 8),
+            Column::right("MIXED", 5),
+        ];
+        let rows = self.combinations.iter().map(|c| {
+            vec![
+                c.placement.as_str().to_string(),
+                c.flush.as_str().to_string(),
+                c.reclaims.to_string(),
                 format!("{:.1}/{}", c.flushed_cpus.mean, c.flushed_cpus.p99),
                 format!(
                     "{:.2}/{}",
@@ -247,21 +275,79 @@ impl Report {
                     c.non_confidential_vcpus_hit.mean, c.non_confidential_vcpus_hit.p99
                 ),
                 format!("{:.1}/{}", c.limit_cpus.mean, c.limit_cpus.p99),
-                c.flushed_over_limit,
-                c.vms_before_first_rejection,
-                c.rejected,
-                c.mixed_pool_placements,
-            );
-        }
-        out
+                format!("{:.2}", c.flushed_over_limit),
+                c.vms_before_first_rejection.to_string(),
+                c.rejected.to_string(),
+                c.mixed_pool_placements.to_string(),
+            ]
+        });
+        render_table(&title, &columns, rows)
     }
+}
+
+/// A column of a text table: its header, its width, and whether its cells
+/// align left (names) or right (numbers).
+struct Column {
+    header: &'static str,
+    width: usize,
+    left: bool,
+}
+
+impl Column {
+    const fn left(header: &'static str, width: usize) -> Self {
+        Self {
+            header,
+            width,
+            left: true,
+        }
+    }
+
+    const fn right(header: &'static str, width: usize) -> Self {
+        Self {
+            header,
+            width,
+            left: false,
+        }
+    }
+
+    /// Writes `cell` padded to the column's width.
+    fn write_cell(&self, out: &mut String, cell: &str) {
+        let width = self.width;
+        let _ = if self.left {
+            write!(out, "{cell:<width$}")
+        } else {
+            write!(out, "{cell:>width$}")
+        };
+    }
+}
+
+/// The tables of [`Report::to_table`] and [`fleet::FleetReport::to_table`]:
+/// `title` on the first line, then the headers, then one line per row; each
+/// cell is padded to its column's width, cells are one space apart.
+fn render_table(
+    title: &str,
+    columns: &[Column],
+    rows: impl IntoIterator<Item = Vec<String>>,
+) -> String {
+    let mut out = format!("{title}\n");
+    let headers: Vec<String> = columns.iter().map(|c| c.header.to_string()).collect();
+    for row in std::iter::once(headers).chain(rows) {
+        for (i, (column, cell)) in columns.iter().zip(&row).enumerate() {
+            if i > 0 {
+                out.push(' ');
+            }
+            column.write_cell(&mut out, cell);
+        }
+        out.push('\n');
+    }
+    out
 }
 
 // ---- topologies ----
 
 /// Named topologies: the shipped fixtures (`agent/tests/fixtures`), built
 /// from `Topology::synthetic` so the CLI needs no files.
-pub const TOPOLOGY_NAMES: [&str; 7] = [
+pub(crate) const TOPOLOGY_NAMES: [&str; 7] = [
     "milan-64c",
     "genoa-2x96-nps1",
     "genoa-2x96-nps4",
@@ -272,7 +358,7 @@ pub const TOPOLOGY_NAMES: [&str; 7] = [
 ];
 
 /// The named topology, if known.
-pub fn named_topology(name: &str) -> Option<Topology> {
+pub(crate) fn named_topology(name: &str) -> Option<Topology> {
     let t = match name {
         "milan-64c" => Topology::synthetic(1, 8, 8, 2, 1),
         "genoa-2x96-nps1" => Topology::synthetic(2, 12, 8, 2, 1),
@@ -294,7 +380,7 @@ pub fn named_topology(name: &str) -> Option<Topology> {
 
 /// A topology from the command line: a name from [`TOPOLOGY_NAMES`], or a
 /// host root directory (its `sys/` tree is read, as with `--host-root`).
-pub fn topology_from_arg(arg: &str) -> Result<(String, Topology), SimError> {
+pub(crate) fn topology_from_arg(arg: &str) -> Result<(String, Topology), SimError> {
     if let Some(t) = named_topology(arg) {
         return Ok((arg.to_string(), t));
     }
@@ -661,7 +747,7 @@ impl<'a> Run<'a> {
             return;
         };
         let limit = r.dirty.clone();
-        self.limits.push(limit.len() as u32);
+        self.limits.push(count_u32(limit.len()));
         let sets = [&self.topo.online, &r.ran, &r.dirty];
         let exclusive = r.admitted.exclusive.clone();
         let mut results = Vec::with_capacity(3);
@@ -672,7 +758,7 @@ impl<'a> Run<'a> {
                     seen[d] = true;
                 }
             }
-            let domains = seen.iter().filter(|&&s| s).count() as u32;
+            let domains = count_u32(seen.iter().filter(|&&s| s).count());
             let hit: u32 = seen
                 .iter()
                 .zip(&self.nonconf_per_domain)
@@ -681,7 +767,7 @@ impl<'a> Run<'a> {
                 .sum();
             let below = !limit.is_subset(set);
             let outside = exclusive.as_ref().is_some_and(|e| !set.is_subset(e));
-            results.push((set.len() as u32, domains, hit, below, outside));
+            results.push((count_u32(set.len()), domains, hit, below, outside));
         }
         for (s, (flushed, domains, hit, below, outside)) in self.samples.iter_mut().zip(results) {
             s.flushed.push(flushed);
@@ -707,7 +793,11 @@ impl<'a> Run<'a> {
 }
 
 /// Replays `trace` on `topo` for every placement model and flush policy.
-pub fn simulate(topo: &Topology, trace: &Trace, opts: &SimOptions) -> Result<Report, SimError> {
+pub(crate) fn simulate(
+    topo: &Topology,
+    trace: &Trace,
+    opts: &SimOptions,
+) -> Result<Report, SimError> {
     trace.check(&trace.name)?;
     // A VM larger than the host is a mistake in the trace, not a rejection.
     let online = topo.online.len();

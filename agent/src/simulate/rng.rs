@@ -2,10 +2,10 @@
 //! reproducible sequences, not cryptographic quality.
 
 #[derive(Debug, Clone)]
-pub struct XorShift(u64);
+pub(crate) struct XorShift(u64);
 
 impl XorShift {
-    pub fn new(seed: u64) -> Self {
+    pub(crate) fn new(seed: u64) -> Self {
         // SplitMix64 step so that nearby seeds give unrelated streams, and
         // the state is never zero.
         let mut z = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
@@ -15,7 +15,7 @@ impl XorShift {
         Self(if z == 0 { 1 } else { z })
     }
 
-    pub fn next_u64(&mut self) -> u64 {
+    pub(crate) fn next_u64(&mut self) -> u64 {
         let mut x = self.0;
         x ^= x >> 12;
         x ^= x << 25;
@@ -25,7 +25,9 @@ impl XorShift {
     }
 
     /// Uniform in `0..n` (`n > 0`; returns 0 for `n == 0`).
-    pub fn below(&mut self, n: usize) -> usize {
+    // (x * n) >> 64 with x < 2^64 is below n, a usize: no truncation.
+    #[allow(clippy::cast_possible_truncation)]
+    pub(crate) fn below(&mut self, n: usize) -> usize {
         if n == 0 {
             return 0;
         }
@@ -33,12 +35,12 @@ impl XorShift {
     }
 
     /// Uniform in `(0, 1]`.
-    pub fn unit(&mut self) -> f64 {
+    pub(crate) fn unit(&mut self) -> f64 {
         ((self.next_u64() >> 11) + 1) as f64 / (1u64 << 53) as f64
     }
 
     /// Exponential with the given rate (events per second).
-    pub fn exp(&mut self, rate: f64) -> f64 {
+    pub(crate) fn exp(&mut self, rate: f64) -> f64 {
         -self.unit().ln() / rate
     }
 }

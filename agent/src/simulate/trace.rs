@@ -27,15 +27,18 @@ use crate::types::{ConfidentialClass, VmId};
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Trace {
-    pub name: String,
+    /// The trace's name, shown in reports.
+    pub(crate) name: String,
+    /// What the trace models.
     #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub description: String,
+    pub(crate) description: String,
     /// Seed of the scheduler model and of the rate expansion.
     #[serde(default)]
-    pub seed: u64,
+    pub(crate) seed: u64,
     /// End of the trace in seconds; defaults to the last event.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub duration: Option<f64>,
+    pub(crate) duration: Option<f64>,
+    /// The events, in time order.
     pub events: Vec<Event>,
 }
 
@@ -43,27 +46,42 @@ pub struct Trace {
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(try_from = "RawEvent", into = "RawEvent")]
 pub enum Event {
+    /// A VM arrives and asks for a placement.
     Arrive {
+        /// Seconds from the start.
         at: f64,
+        /// The VM.
         vm: VmId,
+        /// Its vCPUs.
         vcpus: u32,
+        /// Its confidential class.
         class: ConfidentialClass,
+        /// Whether it asks for dedicated CPUs.
         dedicated: bool,
         /// Reclaims per second (Poisson), expanded by the simulator.
         reclaim_rate: f64,
         /// vCPU migrations per second (Poisson), expanded by the simulator.
         migration_rate: f64,
     },
+    /// The VM leaves and its CPUs are freed.
     Depart {
+        /// Seconds from the start.
         at: f64,
+        /// The VM.
         vm: VmId,
     },
+    /// KVM reclaims memory of the VM, which makes an SEV VM flush caches.
     Reclaim {
+        /// Seconds from the start.
         at: f64,
+        /// The VM.
         vm: VmId,
     },
+    /// A vCPU of the VM moves to another CPU of its set.
     Migrate {
+        /// Seconds from the start.
         at: f64,
+        /// The VM.
         vm: VmId,
     },
 }
@@ -183,7 +201,8 @@ impl From<Event> for RawEvent {
 }
 
 impl Event {
-    pub fn at(&self) -> f64 {
+    /// Seconds from the start of the trace.
+    pub(crate) fn at(&self) -> f64 {
         match self {
             Self::Arrive { at, .. }
             | Self::Depart { at, .. }
@@ -192,7 +211,8 @@ impl Event {
         }
     }
 
-    pub fn vm(&self) -> &VmId {
+    /// The VM the event is about.
+    pub(crate) fn vm(&self) -> &VmId {
         match self {
             Self::Arrive { vm, .. }
             | Self::Depart { vm, .. }
@@ -242,7 +262,7 @@ impl RawTrace {
 
 /// Trace file format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Format {
+pub(crate) enum Format {
     Json,
     Yaml,
 }
@@ -250,7 +270,7 @@ pub enum Format {
 impl Format {
     /// By extension (`.json`, `.yaml`, `.yml`), else by content: a document
     /// that starts with `{` is JSON.
-    pub fn detect(path: &Path, text: &str) -> Self {
+    pub(crate) fn detect(path: &Path, text: &str) -> Self {
         match path.extension().and_then(|e| e.to_str()) {
             Some("json") => Self::Json,
             Some("yaml" | "yml") => Self::Yaml,
@@ -275,7 +295,7 @@ impl Trace {
     }
 
     /// Parses and checks a trace; `origin` names it in errors.
-    pub fn parse(text: &str, format: Format, origin: &str) -> Result<Self, SimError> {
+    pub(crate) fn parse(text: &str, format: Format, origin: &str) -> Result<Self, SimError> {
         let raw: RawTrace = match format {
             Format::Json => serde_json::from_str(text).map_err(|e| SimError::Parse {
                 origin: origin.to_string(),
@@ -300,7 +320,7 @@ impl Trace {
 
     /// Checks what the type system cannot: times, sizes, rates, and that
     /// each VM arrives once before its other events.
-    pub fn check(&self, origin: &str) -> Result<(), SimError> {
+    pub(crate) fn check(&self, origin: &str) -> Result<(), SimError> {
         let bad = |i: usize, field: &str, reason: String| SimError::Invalid {
             origin: origin.to_string(),
             field: format!("events[{i}].{field}"),
@@ -378,12 +398,13 @@ impl Trace {
     }
 
     /// The end of the trace: `duration`, or the last event.
-    pub fn end(&self) -> f64 {
+    pub(crate) fn end(&self) -> f64 {
         self.duration
             .unwrap_or_else(|| self.events.iter().map(Event::at).fold(0.0, f64::max))
     }
 
-    pub fn to_json(&self) -> String {
+    /// The trace as JSON text, in the trace file format.
+    pub(crate) fn to_json(&self) -> String {
         let mut out = String::from("{\n");
         out += &format!("  \"name\": {},\n", json_str(&self.name));
         if !self.description.is_empty() {
@@ -405,7 +426,7 @@ impl Trace {
     }
 
     /// YAML with one flow mapping per event, so each event is one line.
-    pub fn to_yaml(&self) -> String {
+    pub(crate) fn to_yaml(&self) -> String {
         let mut out = format!("name: {}\n", json_str(&self.name));
         if !self.description.is_empty() {
             out += &format!("description: {}\n", json_str(&self.description));

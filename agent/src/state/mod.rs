@@ -61,34 +61,46 @@ use crate::{ConfidentialClass, CpuSet, VmId};
 
 mod v1;
 
-pub mod journal;
+pub(crate) mod journal;
 
-pub mod selector;
+pub(crate) mod selector;
 
 /// Directory of the checkpoint when none is configured.
-pub const DEFAULT_STATE_DIR: &str = "/var/lib/sevplace";
+pub(crate) const DEFAULT_STATE_DIR: &str = "/var/lib/sevplace";
 /// File name of the checkpoint inside the state directory.
-pub const CHECKPOINT_FILE: &str = "checkpoint.json";
+pub(crate) const CHECKPOINT_FILE: &str = "checkpoint.json";
 /// The `format` field of the document.
-pub const CHECKPOINT_FORMAT: &str = "sevplace-checkpoint";
+pub(crate) const CHECKPOINT_FORMAT: &str = "sevplace-checkpoint";
 /// The newest format version this build reads and the one it writes.
-pub const CHECKPOINT_VERSION: u32 = 3;
+pub(crate) const CHECKPOINT_VERSION: u32 = 3;
 
 /// How the orchestrator identified the VM.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case")]
 pub enum VmSelector {
     /// A process; `start_time` (stat field 22) guards against pid reuse.
-    Process { pid: u32, start_time: Option<u64> },
+    Process {
+        /// The process id.
+        pid: u32,
+        /// Its stat field 22, when the orchestrator gave it.
+        start_time: Option<u64>,
+    },
     /// A libvirt domain by name.
-    LibvirtDomain { name: String },
+    LibvirtDomain {
+        /// The domain's name.
+        name: String,
+    },
     /// A cgroup path (as in `/proc/<pid>/cgroup`).
-    CgroupPath { path: String },
+    CgroupPath {
+        /// The path.
+        path: String,
+    },
 }
 
 /// The request fields of a PlaceVm call.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PlacementRequest {
+    /// vCPUs of the VM.
     pub vcpus: u32,
     /// Declared by the orchestrator; `None`: taken from discovery.
     pub class: Option<ConfidentialClass>,
@@ -130,7 +142,8 @@ pub struct PlacementRecord {
 
 impl PlacementRecord {
     /// Every CPU the placement uses.
-    pub fn all_cpus(&self) -> CpuSet {
+    #[cfg(test)]
+    pub(crate) fn all_cpus(&self) -> CpuSet {
         self.vcpu_cpus
             .iter()
             .chain(self.emulator_cpus.iter())
@@ -160,7 +173,7 @@ impl PlacementRecord {
     }
 
     /// What the engine rebuilds its placement from.
-    pub fn decided(&self) -> crate::placement::Decided<'_> {
+    pub(crate) fn decided(&self) -> crate::placement::Decided<'_> {
         crate::placement::Decided {
             cpus: &self.cpus,
             vcpu_cpus: &self.vcpu_cpus,
@@ -178,8 +191,11 @@ impl PlacementRecord {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "IntentWire", into = "IntentWire")]
 pub struct IntentRecord {
+    /// The orchestrator's id of the VM.
     pub vm_id: VmId,
+    /// Which process the VM is.
     pub selector: VmSelector,
+    /// The request fields.
     pub request: PlacementRequest,
     /// `None` until the engine has chosen (a validate-only request is
     /// never stored).
@@ -188,13 +204,13 @@ pub struct IntentRecord {
 
 impl IntentRecord {
     /// The VM this intent is for.
-    pub fn key(&self) -> VmKey {
+    pub(crate) fn key(&self) -> VmKey {
         VmKey::of_id(&self.vm_id)
     }
 
     /// The engine's request of this intent, with the class it was placed
     /// as; `None` before a decision.
-    pub fn engine_request(&self) -> Option<crate::placement::PlacementRequest> {
+    pub(crate) fn engine_request(&self) -> Option<crate::placement::PlacementRequest> {
         let record = self.placement.as_ref()?;
         Some(crate::placement::PlacementRequest {
             vm_id: self.vm_id.clone(),
@@ -283,18 +299,18 @@ impl Checkpoint {
     }
 
     /// The intent of `vm`.
-    pub fn get(&self, vm: &VmId) -> Option<&IntentRecord> {
+    pub(crate) fn get(&self, vm: &VmId) -> Option<&IntentRecord> {
         let pos = self.position(vm).ok()?;
         Some(&self.intents[pos])
     }
 
     /// Inserts or replaces the intent of `intent.vm_id`; returns the old one.
-    pub fn upsert(&mut self, intent: IntentRecord) -> Option<Arc<IntentRecord>> {
+    pub(crate) fn upsert(&mut self, intent: IntentRecord) -> Option<Arc<IntentRecord>> {
         self.upsert_shared(Arc::new(intent))
     }
 
     /// [`Self::upsert`] of an intent already shared.
-    pub fn upsert_shared(&mut self, intent: Arc<IntentRecord>) -> Option<Arc<IntentRecord>> {
+    pub(crate) fn upsert_shared(&mut self, intent: Arc<IntentRecord>) -> Option<Arc<IntentRecord>> {
         match self.position(&intent.vm_id) {
             Ok(pos) => Some(std::mem::replace(&mut self.intents[pos], intent)),
             Err(pos) => {
@@ -305,7 +321,7 @@ impl Checkpoint {
     }
 
     /// Removes the intent of `vm`.
-    pub fn remove(&mut self, vm: &VmId) -> Option<Arc<IntentRecord>> {
+    pub(crate) fn remove(&mut self, vm: &VmId) -> Option<Arc<IntentRecord>> {
         let pos = self.position(vm).ok()?;
         Some(self.intents.remove(pos))
     }
@@ -316,19 +332,30 @@ impl Checkpoint {
 pub enum CheckpointError {
     /// The file exists but cannot be trusted.
     #[error("checkpoint {path} is corrupt: {what}; it was left untouched: reset the checkpoint to move it aside to {}.bad-<time> and start without intents", path.display())]
-    Corrupt { path: PathBuf, what: String },
+    Corrupt {
+        /// The checkpoint file.
+        path: PathBuf,
+        /// What is wrong with it.
+        what: String,
+    },
     /// Written by a newer sevplace.
     #[error("checkpoint {path} has format version {found}, newer than version {supported} this sevplaced reads; run the newer sevplaced, or reset the checkpoint to move it aside and start without intents", path = path.display())]
     NewerVersion {
+        /// The checkpoint file.
         path: PathBuf,
+        /// The file's format version.
         found: u64,
+        /// The newest version this build reads.
         supported: u32,
     },
     /// An I/O error, with the operation that failed.
     #[error("checkpoint {op} {path}: {source}", path = path.display())]
     Io {
+        /// The operation that failed.
         op: &'static str,
+        /// The file or directory it was on.
         path: PathBuf,
+        /// What it returned.
         source: std::io::Error,
     },
 }
@@ -368,7 +395,7 @@ impl Default for CheckpointStore {
 
 impl CheckpointStore {
     /// A store at an explicit file path.
-    pub fn new(path: impl Into<PathBuf>) -> Self {
+    pub(crate) fn new(path: impl Into<PathBuf>) -> Self {
         Self { path: path.into() }
     }
 
@@ -377,7 +404,9 @@ impl CheckpointStore {
         Self::new(dir.as_ref().join(CHECKPOINT_FILE))
     }
 
-    pub fn path(&self) -> &Path {
+    /// The checkpoint file.
+    #[cfg(test)]
+    pub(crate) fn path(&self) -> &Path {
         &self.path
     }
 
@@ -551,7 +580,7 @@ impl CheckpointStore {
     /// `<file>.journal.bad-<unix seconds>` the same way, and returns the
     /// snapshot's new path (the journal's when only it existed); `None`
     /// when there was neither. No file is ever deleted.
-    pub fn reset(&self) -> Result<Option<PathBuf>, CheckpointError> {
+    pub(crate) fn reset(&self) -> Result<Option<PathBuf>, CheckpointError> {
         let secs = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())

@@ -27,15 +27,15 @@ use super::VmSelector;
 /// Why a selector can never name a VM.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid {field}: {reason}")]
-pub struct InvalidSelector {
+pub(crate) struct InvalidSelector {
     /// The request field, as the API names it.
-    pub field: &'static str,
-    pub reason: String,
+    pub(crate) field: &'static str,
+    pub(crate) reason: String,
 }
 
 /// Checks a selector on its own: an empty or root cgroup path would name
 /// every VM, an empty domain name none.
-pub fn validate(selector: &VmSelector) -> Result<(), InvalidSelector> {
+pub(crate) fn validate(selector: &VmSelector) -> Result<(), InvalidSelector> {
     match selector {
         VmSelector::Process { pid: 0, .. } => Err(InvalidSelector {
             field: "selector.pid",
@@ -67,7 +67,7 @@ pub fn validate(selector: &VmSelector) -> Result<(), InvalidSelector> {
 
 /// What a selector names among the live VMs.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Resolution<'a> {
+pub(crate) enum Resolution<'a> {
     /// No live VM: the intent waits for one.
     None,
     /// Exactly this VM.
@@ -84,7 +84,7 @@ pub enum Resolution<'a> {
 impl Resolution<'_> {
     /// A message naming the matched VMs, for errors, conditions and logs;
     /// `None` for `None` and `One`.
-    pub fn problem(&self, selector: &VmSelector) -> Option<String> {
+    pub(crate) fn problem(&self, selector: &VmSelector) -> Option<String> {
         let names = |vms: &[&DiscoveredVm]| {
             vms.iter()
                 .map(|v| describe(v))
@@ -114,7 +114,7 @@ impl Resolution<'_> {
 }
 
 /// `pid 123 (libvirt domain web, cgroup /machine.slice/...)`.
-pub fn describe(vm: &DiscoveredVm) -> String {
+pub(crate) fn describe(vm: &DiscoveredVm) -> String {
     let mut parts = Vec::new();
     if let Some(d) = &vm.libvirt_domain {
         parts.push(format!("libvirt domain {d}"));
@@ -182,7 +182,7 @@ fn names(selector: &VmSelector, vm: &DiscoveredVm) -> bool {
 }
 
 /// Resolves `selector` among the live VMs `vms`.
-pub fn resolve<'a, I>(selector: &VmSelector, vms: I) -> Resolution<'a>
+pub(crate) fn resolve<'a, I>(selector: &VmSelector, vms: I) -> Resolution<'a>
 where
     I: IntoIterator<Item = &'a DiscoveredVm>,
     I::IntoIter: Clone,
