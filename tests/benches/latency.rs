@@ -225,7 +225,8 @@ fn main() {
     // shares none, so 360 leave room for the others), each call replacing
     // one of them. A write costs what it changes, so these rows match the
     // ones above.
-    let held = if full { 360 } else { 20 };
+    // At least one held VM per client (each client replaces its own).
+    let held = if full { 360 } else { 64 };
     hold(&rt, &d.socket, held);
     for clients in [1u32, 64] {
         let (base50, base99) = measure(&rt, &d.socket, Rpc::Health, clients, total);

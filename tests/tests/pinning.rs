@@ -101,6 +101,16 @@ fn place_pin_drift_exit() {
     for (i, set) in sets.iter().enumerate() {
         let tid = vm.vcpu_tid(u32::try_from(i).unwrap());
         assert_eq!(&cpus_allowed(vm.pid, tid), set, "vCPU {i}");
+        // A thread asleep when its affinity changed keeps its last CPU
+        // until it next runs (the fixture's vCPUs exit to the host once a
+        // second); from its first run on, it runs inside its set.
+        assert!(
+            wait_until(Duration::from_secs(5), || {
+                last_cpu(vm.pid, tid).is_some_and(|c| set.contains(c))
+            }),
+            "vCPU {i} did not run inside {set} within 5 s (last CPU {:?})",
+            last_cpu(vm.pid, tid)
+        );
         for _ in 0..10 {
             if let Some(c) = last_cpu(vm.pid, tid) {
                 assert!(set.contains(c), "vCPU {i} ran on {c}, outside {set}");

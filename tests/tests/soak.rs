@@ -319,10 +319,10 @@ fn soak_mixed_load_and_vm_churn() {
         base.rss_kib, max_rss, base.fds, max_fds, base.threads, max_threads, end.rss_kib, end.fds
     );
     assert!(all_released, "placements left after every VM exited");
-    let intents: Vec<&str> = checkpoint
+    let intents: Vec<String> = checkpoint
         .intents
         .iter()
-        .map(|i| i.vm_id.as_str())
+        .map(|i| i.vm_id.to_string())
         .collect();
     assert!(
         intents.is_empty(),

@@ -70,7 +70,6 @@ struct Log {
 /// The checkpoint's writer and the callers waiting on it.
 #[derive(Debug)]
 pub(crate) struct GroupCommit {
-    store: CheckpointStore,
     /// Taken only by the leader, one at a time (`Log::writing`).
     writer: Mutex<CheckpointWriter>,
     log: Mutex<Log>,
@@ -97,8 +96,7 @@ impl GroupCommit {
     /// A log whose durable checkpoint is `durable` (as loaded from `store`).
     pub(crate) fn new(store: CheckpointStore, durable: Arc<Checkpoint>) -> Self {
         Self {
-            writer: Mutex::new(CheckpointWriter::new(store.clone())),
-            store,
+            writer: Mutex::new(CheckpointWriter::new(store)),
             log: Mutex::new(Log {
                 epoch: 0,
                 durable,

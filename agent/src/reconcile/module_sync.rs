@@ -85,7 +85,7 @@ impl AgentCore {
             vcpus: u32::try_from(vm.vcpus.len()).unwrap_or(u32::MAX),
         };
         let intents = self.checkpoint.intents.iter().map(|i| {
-            let key = VmKey::of_id(&i.vm_id);
+            let key = i.key();
             if let VmKey::Process(pid) = key {
                 if let Some(vm) = self.unmanaged.get(&pid) {
                     return unmanaged_row(vm);

@@ -662,11 +662,6 @@ impl CheckpointWriter {
         self
     }
 
-    /// The store written.
-    pub fn store(&self) -> &CheckpointStore {
-        &self.store
-    }
-
     /// Makes `next` durable, `durable` being the checkpoint the files hold
     /// now (the last one this writer made durable, or the one loaded).
     pub fn write(
