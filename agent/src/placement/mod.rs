@@ -27,8 +27,11 @@
 //! - Shared (overcommitted) VMs float over a set of cores that other shared
 //!   VMs may float over too (each CPU carries up to
 //!   `Reservations::shared_vcpus_per_cpu` floating vCPUs); they fill cores
-//!   that already carry floating vCPUs first. Exclusive cores never carry
-//!   floating vCPUs, and a floating VM's set never changes once placed.
+//!   that already carry floating vCPUs first. No exclusive CPU carries
+//!   floating vCPUs; a general floating VM may use the free threads of a
+//!   core that plain dedicated VMs hold part of, a confidential one only
+//!   cores no exclusive VM holds. A floating VM's set never changes once
+//!   placed.
 
 mod occupancy;
 mod rebuild;

@@ -39,6 +39,8 @@ pub(crate) struct Occupancy {
     /// Floating vCPUs per core index, by pool. No trailing all-zero entry,
     /// so equal occupancies compare equal.
     pub(crate) core_load: Vec<PerPool>,
+    /// Floating sets that contain each CPU id. No trailing zero.
+    pub(crate) floating_sets: Vec<u32>,
     /// VMs per L3 domain index, by pool. No trailing all-zero entry.
     pub(crate) domain_vms: Vec<PerPool>,
 }
@@ -79,6 +81,20 @@ impl Occupancy {
             for (&ci, &n) in p.cores.iter().zip(&p.vcpus_per_core) {
                 bump(&mut self.core_load, ci, slot, n, add);
             }
+            for c in p.cpus.iter() {
+                let at = c as usize;
+                if add {
+                    if self.floating_sets.len() <= at {
+                        self.floating_sets.resize(at + 1, 0);
+                    }
+                    self.floating_sets[at] += 1;
+                } else if let Some(e) = self.floating_sets.get_mut(at) {
+                    *e = e.saturating_sub(1);
+                    while self.floating_sets.last() == Some(&0) {
+                        self.floating_sets.pop();
+                    }
+                }
+            }
         }
         for &d in &p.l3_domains {
             bump(&mut self.domain_vms, d, slot, 1, add);
@@ -98,6 +114,11 @@ impl Occupancy {
 
     pub(crate) fn load_of(&self, core: usize) -> PerPool {
         self.core_load.get(core).copied().unwrap_or([0, 0])
+    }
+
+    /// Whether a floating VM's set contains CPU `cpu`.
+    pub(crate) fn in_floating_set(&self, cpu: u32) -> bool {
+        self.floating_sets.get(cpu as usize).is_some_and(|&n| n > 0)
     }
 
     pub(crate) fn vms_in(&self, domain: usize) -> PerPool {

@@ -50,8 +50,8 @@ fn misfit(reason: String) -> Misfit {
 /// `placed` (the decisions rebuilt before it), or why it no longer fits.
 ///
 /// The floating vCPUs of a shared VM are not stored per core: they are
-/// counted on the VM's cores lowest first, each up to its spare room after
-/// the VMs rebuilt before, and what is left on the cores up to what they
+/// counted on the VM's cores lowest first, each up to its spare room (on
+/// the threads of the VM's set) after the VMs rebuilt before, and what is left on the cores up to what they
 /// carry at most, then on the last core. The VM's CPU set and its total
 /// stay exactly as decided.
 pub(crate) fn rebuild(
@@ -145,7 +145,14 @@ pub(crate) fn rebuild(
             })
             .collect()
     } else {
-        floating_counts(topo, placed, reservations, &cores, request.vcpus)
+        floating_counts(
+            topo,
+            placed,
+            reservations,
+            decided.cpus,
+            &cores,
+            request.vcpus,
+        )
     };
     let mut l3_domains: Vec<usize> = Vec::new();
     let mut vcpus_per_domain: Vec<u32> = Vec::new();
@@ -220,9 +227,12 @@ fn floating_counts(
     topo: &Topology,
     placed: &PlacementState,
     reservations: &Reservations,
+    set: &CpuSet,
     cores: &[usize],
     vcpus: u32,
 ) -> Vec<u32> {
+    // A core counts only the threads of the VM's set: a general VM may float
+    // over the free threads of a core that plain dedicated VMs hold part of.
     let capacity: Vec<u32> = cores
         .iter()
         .map(|&ci| {
@@ -230,7 +240,11 @@ fn floating_counts(
                 topo.cores[ci]
                     .cpus
                     .iter()
-                    .filter(|&c| !reservations.host.contains(c) && !topo.isolated.contains(c))
+                    .filter(|&c| {
+                        set.contains(c)
+                            && !reservations.host.contains(c)
+                            && !topo.isolated.contains(c)
+                    })
                     .count(),
             );
             usable * reservations.shared_vcpus_per_cpu

@@ -4,7 +4,7 @@
 use std::cmp::Reverse;
 use std::ops::Range;
 
-use super::occupancy::PerPool;
+use super::occupancy::{Occupancy, PerPool};
 use super::{
     CapacitySummary, ClassCapacity, FreeCpus, PlaceError, Placement, PlacementRequest,
     PlacementState, Pool, Reservations, SizeFit, COMMON_SIZES,
@@ -47,7 +47,13 @@ struct CoreView {
     threads: u32,
     /// Threads no exclusive VM holds.
     free: u32,
-    /// Floating vCPUs the core carries at most.
+    /// Of those, threads in no floating VM's set.
+    open: u32,
+    /// Of the free threads, those neither reserved nor isolated: the ones a
+    /// floating set may contain.
+    usable: u32,
+    /// Floating vCPUs the core carries at most: `usable` times
+    /// `shared_vcpus_per_cpu`.
     shared_capacity: u32,
     /// Floating vCPUs placed on it, by pool.
     load: PerPool,
@@ -65,21 +71,29 @@ impl CoreView {
         !self.reserved && !self.loaded() && self.threads > 0 && self.free == self.threads
     }
 
-    /// Threads a plain dedicated VM may take: the core carries no floating
-    /// vCPU and no confidential VM holds it (a confidential VM holds every
-    /// thread, so any free thread is next to plain VMs only).
+    /// Threads a plain dedicated VM may take: free threads in no floating
+    /// set, on a core with no reserved CPU and no confidential vCPU (a
+    /// confidential VM holds every thread and confidential floating sets
+    /// every usable one, so such a thread is next to plain VMs only).
     fn free_threads(&self) -> u32 {
-        if self.reserved || self.loaded() {
+        if self.reserved || self.load[Pool::Confidential.slot()] > 0 {
             0
         } else {
-            self.free
+            self.open
         }
     }
 
-    /// Floating vCPUs of `pool` the core can still take: none on a core an
-    /// exclusive VM holds part of or that carries the other pool's vCPUs.
+    /// Floating vCPUs of `pool` the core can still take, on its threads no
+    /// exclusive VM holds: none on a core that carries the other pool's
+    /// vCPUs, and for confidential VMs none on a core an exclusive VM holds
+    /// part of. A general VM may float over the free threads of a core that
+    /// plain dedicated VMs hold part of, as kubelet's shared pool does: only
+    /// plain VMs ever hold part of a core (a confidential VM holds every
+    /// thread, and `rebuild` refuses a restored one that does not).
     fn spare(&self, pool: Pool) -> u32 {
-        if self.free < self.threads || self.load[pool.other().slot()] > 0 {
+        if self.load[pool.other().slot()] > 0
+            || (pool == Pool::Confidential && self.free < self.threads)
+        {
             0
         } else {
             self.shared_capacity
@@ -146,9 +160,9 @@ impl DomainView {
 #[derive(Debug, Clone)]
 struct HostView<'t> {
     topo: &'t Topology,
-    /// CPUs held by exclusive VMs when the view was built (used to name the
-    /// threads a new plain VM gets; `commit` does not update it).
-    held: &'t CpuSet,
+    /// What the placements held when the view was built (used to name the
+    /// threads a new VM gets; `commit` does not update it).
+    occ: &'t Occupancy,
     reservations: &'t Reservations,
     cores: Vec<CoreView>,
     domains: Vec<DomainView>,
@@ -211,23 +225,30 @@ impl<'t> HostView<'t> {
                     continue;
                 };
                 core_at[ci] = cores.len();
-                let (mut threads, mut free, mut shared, mut reserved) = (0u32, 0u32, 0u32, false);
+                let (mut threads, mut free, mut open, mut usable, mut reserved) =
+                    (0u32, 0u32, 0u32, 0u32, false);
                 for c in core.cpus.iter() {
                     threads += 1;
                     let r = reservations.host.contains(c);
                     reserved |= r;
-                    if !occ.held.contains(c) {
-                        free += 1;
+                    if occ.held.contains(c) {
+                        continue;
+                    }
+                    free += 1;
+                    if !occ.in_floating_set(c) {
+                        open += 1;
                     }
                     if !r && !topo.isolated.contains(c) {
-                        shared += 1;
+                        usable += 1;
                     }
                 }
                 cores.push(CoreView {
                     index: ci,
                     threads,
                     free,
-                    shared_capacity: shared * ratio,
+                    open,
+                    usable,
+                    shared_capacity: usable * ratio,
                     load: occ.load_of(ci),
                     reserved,
                 });
@@ -246,7 +267,7 @@ impl<'t> HostView<'t> {
         }
         Self {
             topo,
-            held: &occ.held,
+            occ,
             reservations,
             cores,
             domains,
@@ -334,7 +355,8 @@ impl<'t> HostView<'t> {
     /// the rest fills one, then the threads left on cores other plain VMs
     /// hold part of (fewest first), then threads of free cores; floating
     /// VMs fill cores that already carry floating vCPUs first (packing),
-    /// then free ones.
+    /// then the rest tightest first, so a general VM takes the free threads
+    /// next to plain dedicated VMs before it opens a free core.
     fn take(&self, req: &PlacementRequest, claim: Claim, domains: &[usize], mixes: bool) -> Choice {
         let mut left = req.vcpus;
         let mut takes = Vec::new();
@@ -423,9 +445,27 @@ impl<'t> HostView<'t> {
                     continue;
                 };
                 match claim {
-                    Claim::WholeCores => core.free = 0,
-                    Claim::Threads => core.free = core.free.saturating_sub(n),
-                    Claim::Floating(pool) => core.load[pool.slot()] += n,
+                    Claim::WholeCores => {
+                        core.free = 0;
+                        core.open = 0;
+                        core.usable = 0;
+                        core.shared_capacity = 0;
+                    }
+                    Claim::Threads => {
+                        // The threads taken are not named here (`held` is
+                        // not updated): the core's usable threads shrink as
+                        // if each was usable, which errs on the side of
+                        // less room.
+                        core.free = core.free.saturating_sub(n);
+                        core.open = core.open.saturating_sub(n);
+                        core.usable = core.usable.saturating_sub(n);
+                        core.shared_capacity = core.usable * self.reservations.shared_vcpus_per_cpu;
+                    }
+                    Claim::Floating(pool) => {
+                        // The set takes every usable free thread.
+                        core.load[pool.slot()] += n;
+                        core.open = core.open.min(core.free.saturating_sub(core.usable));
+                    }
                 }
             }
             let d = &mut self.domains[t.domain];
@@ -453,7 +493,7 @@ impl<'t> HostView<'t> {
                     Claim::Threads => {
                         for c in core_cpus
                             .iter()
-                            .filter(|&c| !self.held.contains(c))
+                            .filter(|&c| !self.occ.held.contains(c) && !self.occ.in_floating_set(c))
                             .take(n as usize)
                         {
                             cpus.insert(c);
@@ -462,7 +502,9 @@ impl<'t> HostView<'t> {
                     }
                     Claim::Floating(_) => {
                         for c in core_cpus.iter().filter(|&c| {
-                            !self.reservations.host.contains(c) && !self.topo.isolated.contains(c)
+                            !self.occ.held.contains(c)
+                                && !self.reservations.host.contains(c)
+                                && !self.topo.isolated.contains(c)
                         }) {
                             cpus.insert(c);
                         }
@@ -939,10 +981,15 @@ pub(super) fn view_digest(
             ]
         })
         .collect();
-    out.extend(
-        v.cores
-            .iter()
-            .map(|c| vec![count_u32(c.index), c.free, c.load[0], c.load[1]]),
-    );
+    out.extend(v.cores.iter().map(|c| {
+        vec![
+            count_u32(c.index),
+            c.free,
+            c.open,
+            c.usable,
+            c.load[0],
+            c.load[1],
+        ]
+    }));
     out
 }

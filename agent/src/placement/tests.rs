@@ -90,6 +90,54 @@ fn milan_table() {
 }
 
 #[test]
+fn plain_floating_vms_take_free_threads_next_to_plain_dedicated_vms() {
+    let t = fixture("milan-64c");
+    let res = Reservations::default();
+    run_table(
+        "milan-odd",
+        &t,
+        &res,
+        vec![
+            // One whole core, then one thread of the next.
+            ok(req("a", 3, "none", true), "0-1,64", &[0], false),
+            // The free sibling of that thread before a free core.
+            ok(req("b", 1, "none", false), "65", &[0], false),
+            // That sibling is in b's set now: a dedicated VM takes a thread
+            // of a free core instead.
+            ok(req("c", 1, "none", true), "2", &[0], false),
+            ok(req("d", 1, "none", false), "66", &[0], false),
+            // Confidential VMs never float next to a plain VM's thread.
+            ok(req("e", 1, "sev", false), "56,120", &[7], false),
+        ],
+    );
+    // A thread left by a dedicated VM and in no floating set goes to the
+    // next dedicated VM, though the core carries floating vCPUs.
+    let mut state = PlacementState::new();
+    let place = |state: &mut PlacementState, r| state.place(&t, &res, &r).unwrap().cpus.to_string();
+    assert_eq!(place(&mut state, req("a", 1, "none", true)), "0");
+    assert_eq!(place(&mut state, req("b", 1, "none", false)), "64");
+    state.release(&VmId::new("a").unwrap());
+    assert_eq!(place(&mut state, req("c", 1, "none", true)), "0");
+    // Never to a confidential VM.
+    state.release(&VmId::new("c").unwrap());
+    assert_eq!(place(&mut state, req("d", 2, "sev", true)), "56,120");
+    assert_eq!(place(&mut state, req("e", 2, "sev", false)), "57,121");
+    let whole = Reservations {
+        whole_cores_for_plain: true,
+        ..Reservations::default()
+    };
+    run_table(
+        "milan-odd-whole",
+        &t,
+        &whole,
+        vec![
+            ok(req("a", 3, "none", true), "0-1,64-65", &[0], false),
+            ok(req("b", 1, "none", false), "2,66", &[0], false),
+        ],
+    );
+}
+
+#[test]
 fn placement_json_uses_lower_camel_case() {
     let t = fixture("ci-host-2cpu");
     let p = place(
@@ -529,8 +577,9 @@ fn check_invariants(
                 );
             }
             // No physical core across the confidential boundary, none
-            // between an exclusive VM and a floating one, and none between
-            // a whole-core VM and any other.
+            // between a whole-core VM and any other; an exclusive VM and a
+            // floating one share a core only as plain VMs on threads of
+            // their own.
             let cores_of = |p: &Placement| -> Vec<usize> {
                 let mut v: Vec<usize> = p.cpus.iter().map(|c| topo.cpu(c).unwrap().core).collect();
                 v.dedup();
@@ -545,10 +594,9 @@ fn check_invariants(
                     &a.vm_id,
                     &b.vm_id
                 );
-                prop_assert_eq!(
-                    a.exclusive,
-                    b.exclusive,
-                    "{} and {} share a core, one floating",
+                prop_assert!(
+                    a.exclusive == b.exclusive || a.pool == Pool::General,
+                    "{} and {} share a core, one floating, not plain",
                     &a.vm_id,
                     &b.vm_id
                 );
@@ -580,7 +628,12 @@ fn check_invariants(
         select::view_digest(topo, state, res),
         select::view_digest(topo, &rebuilt, res)
     );
-    // Floating load never exceeds a core's capacity.
+    // Floating load never exceeds a core's capacity (its threads no
+    // exclusive VM holds).
+    let held: CpuSet = all
+        .iter()
+        .filter(|p| p.exclusive)
+        .fold(CpuSet::new(), |s, p| s.union(&p.cpus));
     for core in &topo.cores {
         let load: u32 = all
             .iter()
@@ -593,6 +646,7 @@ fn check_invariants(
             core.cpus
                 .difference(&res.host)
                 .difference(&topo.isolated)
+                .difference(&held)
                 .len(),
         ) * res.shared_vcpus_per_cpu;
         prop_assert!(load <= cap, "core {} load {load} > {cap}", core.index);

@@ -16,6 +16,7 @@
 //!   since they enter the guest again right away.
 
 pub(crate) mod baselines;
+mod bound;
 pub(crate) mod fleet;
 mod generate;
 mod rng;
@@ -40,6 +41,7 @@ use crate::placement::Reservations;
 use crate::topology::{Topology, TopologyError};
 use crate::types::{ConfidentialClass, VmId};
 use baselines::{Admitted, Floating, KubeletStatic, Sevplace, VmSpec};
+use bound::Change;
 
 /// Why a simulation could not run.
 #[derive(Debug, thiserror::Error)]
@@ -185,6 +187,10 @@ pub(crate) struct Combination {
     pub(crate) reclaims: u64,
     pub(crate) flushed_cpus: Stat,
     pub(crate) l3_domains_disturbed: Stat,
+    /// `l3_domains_disturbed` over the reclaims before the first rejection:
+    /// until then every model runs the same VMs, so this compares
+    /// placements on equal terms (later each admits other VMs).
+    pub(crate) l3_domains_disturbed_before_first_rejection: Stat,
     /// vCPUs of non-confidential VMs resident in a disturbed L3 domain.
     pub(crate) non_confidential_vcpus_hit: Stat,
     /// CPUs that entered the VM since its last flush.
@@ -222,6 +228,9 @@ pub(crate) struct Report {
     /// Reclaim events, including those of VMs that flush nothing.
     pub(crate) reclaim_events: u64,
     pub(crate) migration_events: u64,
+    /// The most VMs a placement that keeps confidential VMs on whole cores
+    /// can admit before its first rejection (`bound::whole_core_fit_bound`).
+    pub(crate) whole_core_fit_bound: u32,
     pub(crate) combinations: Vec<Combination>,
 }
 
@@ -244,8 +253,8 @@ impl Report {
     pub(crate) fn to_table(&self) -> String {
         let t = &self.topology;
         let title = format!(
-            "trace {} on {} ({} CPUs, {} L3 domains, {} NUMA nodes): {} arrivals, {} reclaim events, {} migrations",
-            self.trace, t.name, t.cpus, t.l3_domains, t.numa_nodes, self.arrivals, self.reclaim_events, self.migration_events
+            "trace {} on {} ({} CPUs, {} L3 domains, {} NUMA nodes): {} arrivals, {} reclaim events, {} migrations; FIT with confidential VMs on whole cores at most {}",
+            self.trace, t.name, t.cpus, t.l3_domains, t.numa_nodes, self.arrivals, self.reclaim_events, self.migration_events, self.whole_core_fit_bound
         );
         let columns = [
             Column::left("PLACEMENT", 15),
@@ -559,6 +568,8 @@ struct Running {
 struct Samples {
     flushed: Vec<u32>,
     domains: Vec<u32>,
+    /// `domains` of the reclaims before the first rejection.
+    domains_before_first_rejection: Vec<u32>,
     hit: Vec<u32>,
     checks: Checks,
 }
@@ -772,6 +783,9 @@ impl<'a> Run<'a> {
         for (s, (flushed, domains, hit, below, outside)) in self.samples.iter_mut().zip(results) {
             s.flushed.push(flushed);
             s.domains.push(domains);
+            if self.rejected == 0 {
+                s.domains_before_first_rejection.push(domains);
+            }
             s.hit.push(hit);
             s.checks.reclaims_below_limit += u64::from(below);
             s.checks.reclaims_outside_exclusive_cpus += u64::from(outside);
@@ -846,6 +860,9 @@ pub(crate) fn simulate(
                 },
                 flushed_cpus: flushed,
                 l3_domains_disturbed: Stat::of(&mut s.domains),
+                l3_domains_disturbed_before_first_rejection: Stat::of(
+                    &mut s.domains_before_first_rejection,
+                ),
                 non_confidential_vcpus_hit: Stat::of(&mut s.hit),
                 limit_cpus: limit,
                 vms_before_first_rejection: run.before_first_rejection,
@@ -868,6 +885,15 @@ pub(crate) fn simulate(
         arrivals: vms.len(),
         reclaim_events,
         migration_events,
+        whole_core_fit_bound: bound::whole_core_fit_bound(
+            topo,
+            &opts.reservations,
+            steps.iter().filter_map(|&step| match step {
+                Step::Arrive(n) => Some(Change::Arrive(n, &vms[n].spec)),
+                Step::Depart(n) => Some(Change::Depart(n)),
+                Step::Migrate(_) | Step::Reclaim(_) => None,
+            }),
+        ),
         combinations,
     })
 }
