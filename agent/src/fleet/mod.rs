@@ -151,10 +151,15 @@ fn run(
         if stop.load(Ordering::Relaxed) {
             return;
         }
-        // A periodic (or first, or after a failure) sync reads everything
-        // again: it catches changes others made.
-        if failing || last_full.is_none_or(|t| t.elapsed() >= settings.sync_period) {
+        // A sync after a failure reads everything again. A periodic one
+        // reads every consumer's allocations again (changes others made to
+        // them); the providers it checks against the generations of the
+        // tree listing, as every sync does, so one listing covers them.
+        if failing {
             reporter.forget_cache();
+            last_full = Some(Instant::now());
+        } else if last_full.is_none_or(|t| t.elapsed() >= settings.sync_period) {
+            reporter.forget_consumers();
             last_full = Some(Instant::now());
         }
         let start = Instant::now();

@@ -184,6 +184,15 @@ impl Reporter {
         self.consumers.clear();
     }
 
+    /// Forgets the consumers' allocations read, so the next sync reads each
+    /// again. The providers' traits and inventories stay: each sync checks
+    /// them against the generations of the tree listing, which Placement
+    /// moves on every change of a provider's traits, inventories or
+    /// allocations.
+    pub(crate) fn forget_consumers(&mut self) {
+        self.consumers.clear();
+    }
+
     fn ensure_names(&mut self) -> Result<usize, FleetError> {
         if self.classes_ready {
             return Ok(0);

@@ -470,6 +470,15 @@ impl CheckpointStore {
                     what,
                 }
             })?;
+            if replayed.applied + replayed.skipped > 0 {
+                tracing::info!(
+                    journal = %journal.display(),
+                    applied = replayed.applied,
+                    skipped = replayed.skipped,
+                    generation = checkpoint.generation,
+                    "checkpoint journal replayed on the snapshot (skipped records are older than the snapshot)"
+                );
+            }
             if replayed.torn_bytes > 0 {
                 tracing::warn!(
                     journal = %journal.display(),
@@ -536,11 +545,21 @@ impl CheckpointStore {
     /// journal that cannot be emptied is therefore not a failed save (the
     /// snapshot is on disk); it is logged.
     pub fn save(&self, checkpoint: &Checkpoint) -> Result<u64, CheckpointError> {
+        self.snapshot(checkpoint).map(|(bytes, _)| bytes)
+    }
+
+    /// Writes the snapshot, then empties the journal; returns the
+    /// snapshot's size and whether the journal is empty. A journal that
+    /// cannot be emptied is logged, not an error (see [`Self::save`]).
+    fn snapshot(&self, checkpoint: &Checkpoint) -> Result<(u64, bool), CheckpointError> {
         let bytes = self.write_snapshot(checkpoint)?;
-        if let Err(e) = self.truncate_journal() {
-            tracing::warn!(journal = %self.journal_path().display(), error = %e, "cannot empty the checkpoint journal after a snapshot; its records are older than the snapshot and skipped on load");
+        match self.truncate_journal() {
+            Ok(()) => Ok((bytes, true)),
+            Err(e) => {
+                tracing::warn!(journal = %self.journal_path().display(), error = %e, "cannot empty the checkpoint journal after a snapshot; its records are older than the snapshot and skipped on load, and every write is a snapshot until it can be emptied");
+                Ok((bytes, false))
+            }
         }
-        Ok(bytes)
     }
 
     fn write_snapshot(&self, checkpoint: &Checkpoint) -> Result<u64, CheckpointError> {
@@ -683,16 +702,13 @@ impl CheckpointWriter {
                 return Ok(Written::Journal(line.len() as u64));
             }
         }
-        let bytes = self.store.write_snapshot(next)?;
+        let (bytes, emptied) = self.store.snapshot(next)?;
         self.snapshot_len = bytes;
-        match self.store.truncate_journal() {
-            Ok(()) => self.journal_len = Some(0),
-            // The snapshot is durable, so the write succeeded; appends
-            // wait until the journal can be emptied (it may end in a torn
-            // record), every write until then is a snapshot.
-            Err(e) => {
-                tracing::warn!(journal = %self.store.journal_path().display(), error = %e, "cannot empty the checkpoint journal after a snapshot; writing snapshots until it can be")
-            }
+        // The snapshot is durable, so the write succeeded; appends wait
+        // until the journal can be emptied (it may end in a torn record),
+        // every write until then is a snapshot.
+        if emptied {
+            self.journal_len = Some(0);
         }
         Ok(Written::Snapshot(bytes))
     }

@@ -400,6 +400,35 @@ fn writer_in(dir: &std::path::Path) -> (CheckpointStore, CheckpointWriter) {
     (store.clone(), CheckpointWriter::new(store))
 }
 
+/// Files of a writer that wrote `c0` (`sample()`) as the snapshot and then
+/// `c1` (`c0` plus `vm-e`) as one journal record.
+struct OneRecord {
+    _dir: tempfile::TempDir,
+    store: CheckpointStore,
+    w: CheckpointWriter,
+    c1: Checkpoint,
+}
+
+fn one_record() -> OneRecord {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, mut w) = writer_in(dir.path());
+    let c0 = sample();
+    assert!(matches!(
+        w.write(&Checkpoint::default(), &c0).unwrap(),
+        Written::Snapshot(_)
+    ));
+    let c1 = next_of(&c0, |n| {
+        n.upsert(intent("vm-e", 50));
+    });
+    assert!(matches!(w.write(&c0, &c1).unwrap(), Written::Journal(_)));
+    OneRecord {
+        _dir: dir,
+        store,
+        w,
+        c1,
+    }
+}
+
 /// `c` with generation + 1 after `change`.
 fn next_of(c: &Checkpoint, change: impl FnOnce(&mut Checkpoint)) -> Checkpoint {
     let mut n = c.clone();
@@ -487,26 +516,19 @@ fn a_delta_holds_only_the_changed_intents() {
 #[test]
 fn a_torn_last_append_is_ignored() {
     for tail in [&br#"{"crc32":"0000"#[..], &[0u8; 300][..], b"{}\n"] {
-        let dir = tempfile::tempdir().unwrap();
-        let (store, mut w) = writer_in(dir.path());
-        let c0 = sample();
-        w.write(&Checkpoint::default(), &c0).unwrap();
-        let c1 = next_of(&c0, |n| {
-            n.upsert(intent("vm-e", 50));
-        });
-        w.write(&c0, &c1).unwrap();
+        let OneRecord { store, c1, .. } = &one_record();
         let mut f = std::fs::OpenOptions::new()
             .append(true)
             .open(store.journal_path())
             .unwrap();
         std::io::Write::write_all(&mut f, tail).unwrap();
-        assert_eq!(store.load().unwrap(), c1);
+        assert_eq!(&store.load().unwrap(), c1);
 
         let mut w = CheckpointWriter::new(store.clone());
-        let c2 = next_of(&c1, |n| {
+        let c2 = next_of(c1, |n| {
             n.remove(&VmId::new("vm-a").unwrap());
         });
-        assert!(matches!(w.write(&c1, &c2).unwrap(), Written::Snapshot(_)));
+        assert!(matches!(w.write(c1, &c2).unwrap(), Written::Snapshot(_)));
         assert_eq!(std::fs::metadata(store.journal_path()).unwrap().len(), 0);
         let c3 = next_of(&c2, |n| {
             n.upsert(intent("vm-f", 60));
@@ -520,17 +542,15 @@ fn a_torn_last_append_is_ignored() {
 /// journal is corrupt, named with the line.
 #[test]
 fn a_bad_record_before_a_good_one_is_corrupt() {
-    let dir = tempfile::tempdir().unwrap();
-    let (store, mut w) = writer_in(dir.path());
-    let c0 = sample();
-    w.write(&Checkpoint::default(), &c0).unwrap();
-    let c1 = next_of(&c0, |n| {
-        n.upsert(intent("vm-e", 50));
-    });
+    let OneRecord {
+        _dir,
+        store,
+        mut w,
+        c1,
+    } = one_record();
     let c2 = next_of(&c1, |n| {
         n.upsert(intent("vm-f", 60));
     });
-    w.write(&c0, &c1).unwrap();
     w.write(&c1, &c2).unwrap();
     let text = std::fs::read_to_string(store.journal_path()).unwrap();
     let bad = text.replacen("vm-e", "vm-x", 1);
@@ -552,14 +572,9 @@ fn a_bad_record_before_a_good_one_is_corrupt() {
 /// start where the checkpoint is, is corrupt.
 #[test]
 fn records_chain_onto_the_snapshot() {
-    let dir = tempfile::tempdir().unwrap();
-    let (store, mut w) = writer_in(dir.path());
-    let c0 = sample();
-    w.write(&Checkpoint::default(), &c0).unwrap();
-    let c1 = next_of(&c0, |n| {
-        n.upsert(intent("vm-e", 50));
-    });
-    w.write(&c0, &c1).unwrap();
+    let OneRecord {
+        _dir, store, c1, ..
+    } = one_record();
     let journal = std::fs::read(store.journal_path()).unwrap();
     // The snapshot of c1 written, the journal not yet emptied.
     store.save(&c1).unwrap();
