@@ -51,9 +51,9 @@ fn misfit(reason: String) -> Misfit {
 ///
 /// The floating vCPUs of a shared VM are not stored per core: they are
 /// counted on the VM's cores lowest first, each up to its spare room (on
-/// the threads of the VM's set) after the VMs rebuilt before, and what is left on the cores up to what they
-/// carry at most, then on the last core. The VM's CPU set and its total
-/// stay exactly as decided.
+/// the threads of the VM's set) after the VMs rebuilt before, and what is
+/// left on the cores up to what they carry at most, then on the last core.
+/// The VM's CPU set and its total stay exactly as decided.
 pub(crate) fn rebuild(
     topo: &Topology,
     placed: &PlacementState,
