@@ -46,6 +46,7 @@ pub(crate) mod procfs;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use affinity::{AffinityReader, AffinitySource};
 pub use cgroup_path::{
@@ -85,8 +86,10 @@ pub struct VcpuThread {
     pub cpus_allowed: CpuSet,
     /// The CPU the thread last ran on (stat field 39).
     pub(crate) last_cpu: Option<u32>,
-    /// The thread's own cgroups (libvirt puts each vCPU in `vcpuN`).
-    pub cgroup: CgroupLocation,
+    /// The thread's own cgroups (libvirt puts each vCPU in `vcpuN`); the
+    /// process's own value, shared, when the thread sits where the process
+    /// does.
+    pub cgroup: Arc<CgroupLocation>,
     /// How the thread was matched to its index.
     pub matched_by: VcpuMatch,
 }
@@ -133,7 +136,7 @@ pub struct DiscoveredVm {
     /// (`/var/lib/libvirt/` or `/run/libvirt/`).
     pub libvirt_domain: Option<String>,
     /// The cgroups of the main thread.
-    pub cgroup: CgroupLocation,
+    pub cgroup: Arc<CgroupLocation>,
 }
 
 impl DiscoveredVm {
@@ -292,19 +295,23 @@ struct Identity {
     start_time: u64,
     fds: KvmFds,
     cmdline: Vec<String>,
-    cgroup: CgroupLocation,
+    cgroup: Arc<CgroupLocation>,
     classification: Classification,
-    /// tid -> what earlier scans read of the thread.
-    threads: BTreeMap<u32, KnownThread>,
+    /// What earlier scans read of each thread, in tid order (a vector, not
+    /// a map: it is rebuilt in tid order on every listing and holds no
+    /// node slack, the bulk of the scanner's memory on a host of many VMs).
+    threads: Vec<KnownThread>,
 }
 
 /// A thread as earlier scans read it.
 #[derive(Debug, Clone)]
 struct KnownThread {
+    tid: u32,
     /// With the tid, tells a thread that replaced an exited one.
     start_time: u64,
     stat: procfs::TaskStat,
-    cgroup: CgroupLocation,
+    /// Shared with the process's identity when equal to it.
+    cgroup: Arc<CgroupLocation>,
     /// `stat` reads so far (up to [`THREAD_STAT_READS`]).
     stat_reads: u32,
     /// The vCPU index rule 2 found for this thread (it does not change).
@@ -607,9 +614,11 @@ impl VmScanner {
         let cgroup_text = self
             .read_process_file(process, pid, "cgroup")
             .map_err(err)?;
-        let cgroup = parse_proc_cgroup(&cgroup_text).map_err(|e| DiscoveryError::Malformed {
-            path: cgroup_path.clone(),
-            what: e.to_string(),
+        let cgroup = parse_proc_cgroup(&cgroup_text).map(Arc::new).map_err(|e| {
+            DiscoveryError::Malformed {
+                path: cgroup_path.clone(),
+                what: e.to_string(),
+            }
         })?;
         let classification = classify_cmdline(&cmdline);
         let id = Identity {
@@ -618,7 +627,7 @@ impl VmScanner {
             cmdline,
             cgroup,
             classification,
-            threads: BTreeMap::new(),
+            threads: Vec::new(),
         };
         Ok((id, main))
     }
@@ -632,10 +641,10 @@ impl VmScanner {
         id: &mut Identity,
         main: procfs::TaskStat,
     ) -> Result<DiscoveredVm, DiscoveryError> {
-        let threads = self.threads(pid, process, &mut id.threads)?;
+        let threads = self.threads(pid, process, &id.cgroup, &mut id.threads)?;
         let fds = &id.fds;
         let cmdline = id.cmdline.clone();
-        let cgroup = id.cgroup.clone();
+        let cgroup = Arc::clone(&id.cgroup);
         let classification = id.classification.clone();
 
         let mut vcpus: Vec<VcpuThread> = Vec::new();
@@ -673,8 +682,8 @@ impl VmScanner {
             };
             match syscall {
                 Some(index) if t.tid != pid && !vcpus.iter().any(|v| v.index == index) => {
-                    if let Some(known) = id.threads.get_mut(&t.tid) {
-                        known.kvm_run_index = Some(index);
+                    if let Ok(k) = id.threads.binary_search_by_key(&t.tid, |k| k.tid) {
+                        id.threads[k].kvm_run_index = Some(index);
                     }
                     vcpus.push(t.into_vcpu(index, VcpuMatch::KvmRunSyscall));
                 }
@@ -750,7 +759,8 @@ impl VmScanner {
         &self,
         pid: u32,
         process: &::procfs::process::Process,
-        known: &mut BTreeMap<u32, KnownThread>,
+        process_cgroup: &Arc<CgroupLocation>,
+        known: &mut Vec<KnownThread>,
     ) -> Result<Vec<ThreadRecord>, DiscoveryError> {
         let root = &self.proc_root;
         // Names only: `Process::tasks` opens every task directory, and a
@@ -763,63 +773,75 @@ impl VmScanner {
             .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse().ok()))
             .collect();
         tids.sort_unstable();
-        known.retain(|tid, _| tids.binary_search(tid).is_ok());
-        let mut out = Vec::new();
+        // Both lists are in tid order: one merge walk pairs each listed tid
+        // with what was known of it, and drops the threads that exited.
+        let mut previous = std::mem::take(known).into_iter().peekable();
+        let mut kept: Vec<KnownThread> = Vec::with_capacity(tids.len());
+        let mut out = Vec::with_capacity(tids.len());
         for tid in tids {
-            let mut read = || -> Result<Option<ThreadRecord>, ProcReadError> {
-                let entry = match known.remove(&tid) {
+            while previous.next_if(|k| k.tid < tid).is_some() {}
+            let before = previous.next_if(|k| k.tid == tid);
+            let read = || -> Result<(KnownThread, Option<ThreadRecord>), ProcReadError> {
+                let entry = match before {
                     Some(k) if k.stat_reads >= THREAD_STAT_READS => k,
-                    previous => {
+                    before => {
                         let stat = self.read_task_stat(process, pid, tid)?;
-                        match previous {
+                        match before {
                             Some(mut k) if k.start_time == stat.start_time => {
                                 k.stat = stat;
                                 k.stat_reads += 1;
                                 k
                             }
                             // New, or a new thread under an exited one's tid.
-                            _ => KnownThread {
-                                start_time: stat.start_time,
-                                stat,
-                                cgroup: self.read_thread_cgroup(process, pid, tid)?,
-                                stat_reads: 1,
-                                kvm_run_index: None,
-                            },
+                            _ => {
+                                let cgroup = self.read_thread_cgroup(process, pid, tid)?;
+                                KnownThread {
+                                    tid,
+                                    start_time: stat.start_time,
+                                    stat,
+                                    cgroup: if cgroup == **process_cgroup {
+                                        Arc::clone(process_cgroup)
+                                    } else {
+                                        Arc::new(cgroup)
+                                    },
+                                    stat_reads: 1,
+                                    kvm_run_index: None,
+                                }
+                            }
                         }
                     }
                 };
                 if entry.stat.is_kernel_worker() {
-                    known.insert(tid, entry);
-                    return Ok(None);
+                    return Ok((entry, None));
                 }
                 let cpus_allowed = self.affinity.cpus_allowed(root, pid, tid)?;
                 let record = ThreadRecord {
                     tid,
                     stat: entry.stat.clone(),
                     cpus_allowed,
-                    cgroup: entry.cgroup.clone(),
+                    cgroup: Arc::clone(&entry.cgroup),
                     kvm_run_index: entry.kvm_run_index,
                 };
-                known.insert(tid, entry);
-                Ok(Some(record))
+                Ok((entry, Some(record)))
             };
             match read() {
-                Ok(Some(t)) => out.push(t),
-                Ok(None) => {}
+                Ok((entry, record)) => {
+                    kept.push(entry);
+                    out.extend(record);
+                }
                 Err(ProcReadError::Gone { path }) if tid == pid => {
                     return Err(DiscoveryError::VmGone { pid, path });
                 }
                 Err(ProcReadError::Gone { path }) => {
-                    known.remove(&tid);
                     tracing::debug!(pid, tid, path = %path.display(), "thread exited during scan");
                 }
                 Err(e) if tid == pid => return Err(DiscoveryError::from_proc(pid, e)),
                 Err(e) => {
-                    known.remove(&tid);
                     tracing::warn!(pid, tid, error = %e, "skipping unreadable thread");
                 }
             }
         }
+        *known = kept;
         Ok(out)
     }
 }
@@ -829,7 +851,7 @@ struct ThreadRecord {
     tid: u32,
     stat: procfs::TaskStat,
     cpus_allowed: CpuSet,
-    cgroup: CgroupLocation,
+    cgroup: Arc<CgroupLocation>,
     kvm_run_index: Option<u32>,
 }
 

@@ -224,7 +224,7 @@ fn libvirt_v1_partition_layout() {
     write_process(dir.path(), &vm).unwrap();
     let v = VmScanner::new(dir.path()).inspect(800).unwrap();
     assert_eq!(v.libvirt_domain.as_deref(), Some("web1"));
-    let lv = v.cgroup.libvirt.unwrap();
+    let lv = v.cgroup.libvirt.clone().unwrap();
     assert_eq!(lv.hierarchy, Hierarchy::V1Cpuset);
     assert_eq!(lv.vcpu_path(0), "/machine/qemu-2-web1.libvirt-qemu/vcpu0");
 }
@@ -512,4 +512,66 @@ fn known_threads_have_only_their_affinity_read() {
     let rescanned = scanner.scan().unwrap();
     assert_eq!(comm(&rescanned, 301).as_deref(), Some("renamed"));
     assert_eq!(rescanned, VmScanner::new(dir.path()).scan().unwrap());
+}
+
+/// A thread in the process's cgroup shares the process's value (one
+/// allocation per VM, not one per thread); a libvirt vCPU thread in its
+/// own `vcpuN` has its own. Between full rescans the known threads follow
+/// exits and arrivals in any tid position, as a full scan sees them.
+#[test]
+fn thread_cgroups_are_shared_and_known_threads_follow_exits_and_arrivals() {
+    let dir = tempfile::tempdir().unwrap();
+    let machine = "/machine/qemu-2-web1.libvirt-qemu";
+    let mut vm = FakeProcess::qemu_vm(800, 3, &["qemu-system-x86_64", "-name", "guest=web1"]);
+    vm.cgroup = format!("4:cpuset:{machine}/emulator\n0::/\n");
+    for t in &mut vm.threads {
+        t.cgroup = match qemu_vcpu_index(&t.comm) {
+            Some(i) => format!("4:cpuset:{machine}/vcpu{i}\n0::/\n"),
+            None => vm.cgroup.clone(),
+        };
+    }
+    write_process(dir.path(), &vm).unwrap();
+    let scanner = VmScanner::new(dir.path()).with_full_rescan_every(100);
+    let full = || VmScanner::new(dir.path()).scan().unwrap();
+    let first = scanner.scan().unwrap();
+    assert_eq!(first, full());
+    let v = &first[0];
+    for t in &v.vcpus {
+        assert!(!Arc::ptr_eq(&t.cgroup, &v.cgroup), "vCPU {}", t.index);
+        assert_eq!(
+            t.cgroup.v1_cpuset.as_deref(),
+            Some(format!("{machine}/vcpu{}", t.index).as_str())
+        );
+    }
+    // The identity (and the threads it shares its cgroup with) outlives the
+    // pass: the next scan hands out the same allocation.
+    let second = scanner.scan().unwrap();
+    assert!(Arc::ptr_eq(&first[0].cgroup, &second[0].cgroup));
+    // A VM whose threads all sit in its own cgroup holds one value.
+    write_process(dir.path(), &FakeProcess::qemu_vm(700, 2, SEV_ES_QEMU)).unwrap();
+    let flat = VmScanner::new(dir.path()).inspect(700).unwrap();
+    assert!(flat
+        .vcpus
+        .iter()
+        .all(|t| Arc::ptr_eq(&t.cgroup, &flat.cgroup)));
+    std::fs::remove_dir_all(dir.path().join("700")).unwrap();
+    // vCPUs 0 and 1 (tids 802 and 803) exit; a new thread takes tid 803
+    // (reused after wrap-around) and another comes after the known tids.
+    std::fs::remove_dir_all(dir.path().join("800/task/803")).unwrap();
+    let mut between = FakeThread::new(803, "worker");
+    between.cgroup = vm.cgroup.clone();
+    write_thread(dir.path(), 800, vm.start_time, &between).unwrap();
+    std::fs::remove_dir_all(dir.path().join("800/task/802")).unwrap();
+    let mut last = FakeThread::new(900, "late-io");
+    last.cgroup = vm.cgroup.clone();
+    write_thread(dir.path(), 800, vm.start_time, &last).unwrap();
+    let third = scanner.scan().unwrap();
+    assert_eq!(third, full());
+    assert_eq!(
+        third[0].vcpus.iter().map(|v| v.tid).collect::<Vec<_>>(),
+        vec![804],
+        "vCPU 2 alone has its named thread"
+    );
+    let others: Vec<u32> = third[0].other_threads.iter().map(|t| t.tid).collect();
+    assert_eq!(others, vec![800, 801, 803, 900]);
 }
